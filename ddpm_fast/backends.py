@@ -1,0 +1,67 @@
+"""Backend registry: which implementations exist, whether each can run here, and why not.
+
+A backend is a module exposing the ops of ddpm_fast.reference with the same signatures
+(arguments already checked by ddpm_fast.ops) plus ``availability() -> (bool, reason)``.
+
+    auto: CUDA tensor -> "cuda" if built, else "triton"; CPU tensor -> "cpu" if built, else "reference"
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+_MODULES = {
+    "reference": "ddpm_fast.reference",
+    "triton": "ddpm_fast.triton",
+    "cpu": "ddpm_fast.native",
+    "cuda": "ddpm_fast.native",
+}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine or for these inputs; the message says why."""
+
+
+@lru_cache(maxsize=None)
+def _load(name: str):
+    """(module or None, reason it is unavailable or '')."""
+    if name == "reference":
+        return importlib.import_module(_MODULES[name]), ""
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as exc:
+        return None, f"{_MODULES[name]} could not be imported: {exc}"
+    ok, reason = module.availability(name)
+    return (module if ok else None), reason
+
+
+def availability() -> dict:
+    """{backend name: (available, reason if not)} for every known backend."""
+    return {name: (_load(name)[0] is not None, _load(name)[1]) for name in BACKENDS}
+
+
+def check_name(backend) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend: unknown {backend!r}; expected 'auto' or one of {BACKENDS}")
+    return backend
+
+
+def select(backend: str, device_type: str):
+    """The module that runs an op for tensors on ``device_type`` ('cpu', 'cuda', ...)."""
+    check_name(backend)
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+            module = _load(name)[0]
+            if module is not None:
+                return module
+        return _load("reference")[0]
+    module, reason = _load(backend)
+    if module is None:
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
+    if backend in ("cpu", "cuda") and device_type != backend:
+        raise BackendUnavailableError(
+            f"backend={backend!r} runs {backend} tensors, but the inputs are on {device_type}"
+        )
+    return module

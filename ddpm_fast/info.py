@@ -1,0 +1,37 @@
+"""`ddpm-fast info`: versions, devices, and every backend with the reason it is unavailable."""
+from __future__ import annotations
+
+import argparse
+import platform
+
+
+def report() -> str:
+    import torch
+
+    from . import __version__
+    from .backends import availability
+
+    lines = [
+        f"ddpm_fast {__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA build {torch.version.cuda})",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton: not installed")
+    if torch.cuda.is_available():
+        lines.append(f"device: {torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU)")
+    else:
+        lines.append("device: CPU only (no CUDA device visible)")
+    lines.append("backends:")
+    for name, (ok, reason) in availability().items():
+        lines.append(f"  {name:<10} {'available' if ok else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="ddpm-fast info", description=__doc__).parse_args(argv)
+    print(report())
+    return 0
