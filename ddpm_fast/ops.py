@@ -144,6 +144,12 @@ def _thresholding(dynamic_threshold, sample_max_value):
     _number("sample_max_value", sample_max_value, 1.0, float("inf"))
 
 
+def _seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
+    return seed
+
+
 def _generator(generator, device):
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -283,11 +289,13 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
 
 
 def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True,
-                  dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None,
+                  dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None, seed=None,
                   backend="auto", validate=None):
     """One ancestral DDPM step x_t -> x_{t-1}: dict "sample" and "pred_xstart" [B, C, ...].
 
-    noise: the N(0, I) draw [B, C, ...] (drawn with ``generator`` when None); none is added at t = 0.
+    noise: the N(0, I) draw [B, C, ...]; none is added at t = 0. When None, it is drawn from ``seed``
+    (an int: deterministic for a given seed and backend; fused backends generate it in-kernel with
+    Philox) or else from ``generator`` (default: torch's global generator).
     dynamic_threshold: a quantile in (0, 1] for Imagen's dynamic thresholding (replaces clipping).
     """
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, noise=noise)
@@ -296,12 +304,12 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_d
     return backends.select(backend, device.type).p_sample_step(
         model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type, clip_denoised=bool(clip_denoised),
         dynamic_threshold=dynamic_threshold, sample_max_value=float(sample_max_value), noise=noise,
-        generator=generator,
+        generator=generator, seed=_seed(seed),
     )
 
 
 def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,
-              sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None,
+              sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None, seed=None,
               backend="auto", validate=None):
     """One DDIM step from t to the schedule's previous step (respaced schedules work): dict
     "sample" and "pred_xstart". var_type only says whether model_output carries a variance half."""
@@ -312,5 +320,5 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
     return backends.select(backend, device.type).ddim_step(
         model_output, x_t, t, schedule, eta=eta, clip_denoised=bool(clip_denoised),
         dynamic_threshold=dynamic_threshold, sample_max_value=float(sample_max_value), mean_type=mean_type,
-        var_type=var_type, noise=noise, generator=generator,
+        var_type=var_type, noise=noise, generator=generator, seed=_seed(seed),
     )

@@ -307,9 +307,12 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
 
 
 # -- sampler steps ----------------------------------------------------------------------------
-def _step_noise(noise, x_tc, generator):
+def _step_noise(noise, x_tc, generator, seed):
+    """The step's N(0, I) draw: ``noise`` if given, else from torch.Generator(seed) or ``generator``."""
     if noise is not None:
         return _up(noise)
+    if seed is not None:
+        generator = torch.Generator(x_tc.device).manual_seed(seed)
     return torch.randn(x_tc.shape, generator=generator, device=x_tc.device, dtype=x_tc.dtype)
 
 
@@ -318,20 +321,20 @@ def _nonzero_mask(t, like):
 
 
 def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True,
-                  dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None):
+                  dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None, seed=None):
     """One ancestral DDPM step x_t -> x_{t-1} (no noise at t = 0): dict sample, pred_xstart."""
     x_tc = _up(x_t)
     mean, log_var, pred_xstart = _p_mean_variance(
         _up(model_output), x_tc, t, schedule, mean_type, var_type, clip_denoised, dynamic_threshold,
         sample_max_value,
     )
-    z = _step_noise(noise, x_tc, generator)
+    z = _step_noise(noise, x_tc, generator, seed)
     sample = mean + _nonzero_mask(t, x_tc) * torch.exp(0.5 * log_var) * z
     return {"sample": sample.to(x_t.dtype), "pred_xstart": pred_xstart.to(x_t.dtype)}
 
 
 def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,
-              sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None):
+              sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None, seed=None):
     """One DDIM step from t to the schedule's previous step: dict sample, pred_xstart.
 
     eps is re-derived from the (clipped) pred_xstart; sigma = eta sqrt((1-abar_prev)/(1-abar))
@@ -350,5 +353,5 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
     sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar)) * torch.sqrt(1.0 - abar / abar_prev)
     sample = pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1.0 - abar_prev - sigma**2) * eps
     if eta != 0.0:
-        sample = sample + _nonzero_mask(t, x_tc) * sigma * _step_noise(noise, x_tc, generator)
+        sample = sample + _nonzero_mask(t, x_tc) * sigma * _step_noise(noise, x_tc, generator, seed)
     return {"sample": sample.to(x_t.dtype), "pred_xstart": pred_xstart.to(x_t.dtype)}
