@@ -11,6 +11,7 @@ through ordinary autograd.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,7 +44,12 @@ def coef(schedule: NoiseSchedule, name: str, t: torch.Tensor, like: torch.Tensor
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every non-batch dimension: [B, ...] -> [B]."""
-    return x.reshape(x.shape[0], -1).mean(dim=1)
+    return per_sample(x).mean(dim=1)
+
+
+def per_sample(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, N] with N the product of the non-batch sizes (1 for a [B] tensor; B may be 0)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def split_model_output(model_output: torch.Tensor, var_type: str):
@@ -107,7 +113,7 @@ def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
 def _process_xstart(x0, clip_denoised, dynamic_threshold, sample_max_value):
     """Dynamic thresholding (per-sample quantile of |x0|) if asked, else optional clipping to [-1, 1]."""
     if dynamic_threshold is not None:
-        s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), dynamic_threshold, dim=1)
+        s = torch.quantile(per_sample(x0.abs()), dynamic_threshold, dim=1)
         s = s.clamp(min=1.0, max=sample_max_value).reshape(-1, *([1] * (x0.ndim - 1)))
         return torch.maximum(torch.minimum(x0, s), -s) / s
     if clip_denoised:
@@ -165,10 +171,9 @@ def _normal_kl(mean1, logvar1, mean2, logvar2):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (broadcasts)."""
-    args = [torch.as_tensor(a) for a in (mean1, logvar1, mean2, logvar2)]
-    out_dtype = torch.result_type(*args) if all(a.is_floating_point() for a in args) else torch.float32
-    kl = _normal_kl(*[_up(a) for a in args])
-    return kl.to(out_dtype)
+    args = (mean1, logvar1, mean2, logvar2)
+    out_dtype = functools.reduce(torch.promote_types, [a.dtype for a in args])
+    return _normal_kl(*[_up(a) for a in args]).to(out_dtype)
 
 
 def _approx_standard_normal_cdf(x):
@@ -189,7 +194,7 @@ def _discretized_gaussian_log_likelihood(x, means, log_scales):
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log-likelihood of x (in [-1, 1], 256 bins) under N(means, exp(log_scales)^2), elementwise, nats."""
     out = _discretized_gaussian_log_likelihood(_up(x), _up(means), _up(log_scales))
-    return out.to(torch.result_type(x, means))
+    return out.to(torch.promote_types(x.dtype, means.dtype))
 
 
 def _vb_terms(mo, x0c, x_tc, t, schedule, mean_type, var_type, clip_denoised):
