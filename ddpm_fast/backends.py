@@ -31,9 +31,9 @@ def _load(name: str):
         return importlib.import_module(_MODULES[name]), ""
     try:
         module = importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        return None, f"{_MODULES[name]} could not be imported: {exc}"
-    ok, reason = module.availability(name)
+        ok, reason = module.availability(name)
+    except Exception as exc:  # a broken optional backend must never break the others
+        return None, f"{_MODULES[name]} could not be loaded: {type(exc).__name__}: {exc}"
     return (module if ok else None), reason
 
 
