@@ -215,6 +215,15 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, *, backend="auto")
     return backends.select(backend, device.type).discretized_gaussian_log_likelihood(x, means, log_scales)
 
 
+def _xstart_defined(mean_type, schedule):
+    """An epsilon model cannot give x_0 where abar_t = 0 (zero terminal SNR): x_0 = (x_t - 0 eps) / 0."""
+    if mean_type == "epsilon" and schedule.zero_terminal_snr:
+        raise ValueError(
+            "mean_type: 'epsilon' cannot predict x_0 at the zero-terminal-SNR step of this schedule "
+            "(alphas_cumprod[T-1] = 0); use mean_type 'v' (or 'x0') with rescale_zero_terminal_snr"
+        )
+
+
 def _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, x_name="x_t", **others):
     """Shared checks of (model_output, x_t, t, ...) ops; x_name names x_t. Returns (t, device)."""
     _option("mean_type", mean_type, MEAN_TYPES), _option("var_type", var_type, VAR_TYPES)
@@ -231,6 +240,7 @@ def _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, x
 def predict_xstart(model_output, x_t, t, schedule, *, mean_type, backend="auto", validate=None):
     """x0 implied by the model's (mean) output for mean_type, unclipped: [B, C, ...] in x_t's dtype."""
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, "fixed_small", validate)
+    _xstart_defined(mean_type, schedule)
     return backends.select(backend, device.type).predict_xstart(model_output, x_t, t, schedule, mean_type=mean_type)
 
 
@@ -241,6 +251,7 @@ def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip
     variance / log_variance are [B, 1, ...] for fixed variance types, [B, C, ...] for learned ones.
     """
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate)
+    _xstart_defined(mean_type, schedule)
     _thresholding(dynamic_threshold, sample_max_value)
     return backends.select(backend, device.type).p_mean_variance(
         model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type, clip_denoised=bool(clip_denoised),
@@ -256,6 +267,7 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, cli
     model_output: [B, C, ...], or [B, 2C, ...] for learned variance types.
     """
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, x0=x0)
+    _xstart_defined(mean_type, schedule)
     return backends.select(backend, device.type).vb_terms_bpd(
         model_output, x0, x_t, t, schedule, mean_type=mean_type, var_type=var_type, clip_denoised=bool(clip_denoised)
     )
@@ -282,6 +294,8 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
         if mean_type == "x_prev":
             raise ValueError("weighting: 'min_snr' is defined for mean_type 'epsilon', 'x0' or 'v', not 'x_prev'")
     t, device = _model_args(model_output, x0, t, schedule, mean_type, var_type, validate, x_name="x0", noise=noise)
+    if loss_type in ("kl", "rescaled_kl") or var_type in LEARNED_VAR_TYPES or weighting != "simple":
+        _xstart_defined(mean_type, schedule)  # the vb term and the snr weights need x_0 / finite coefficients
     return backends.select(backend, device.type).training_losses(
         model_output, x0, t, noise, schedule, mean_type=mean_type, var_type=var_type, loss_type=loss_type,
         weighting=weighting, min_snr_gamma=float(min_snr_gamma),
@@ -299,6 +313,7 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_d
     dynamic_threshold: a quantile in (0, 1] for Imagen's dynamic thresholding (replaces clipping).
     """
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, noise=noise)
+    _xstart_defined(mean_type, schedule)
     _thresholding(dynamic_threshold, sample_max_value)
     _generator(generator, device)
     return backends.select(backend, device.type).p_sample_step(
@@ -314,6 +329,7 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
     """One DDIM step from t to the schedule's previous step (respaced schedules work): dict
     "sample" and "pred_xstart". var_type only says whether model_output carries a variance half."""
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, noise=noise)
+    _xstart_defined(mean_type, schedule)
     eta = _number("eta", eta, 0.0, float("inf"))
     _thresholding(dynamic_threshold, sample_max_value)
     _generator(generator, device)

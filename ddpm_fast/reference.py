@@ -350,8 +350,9 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
         _up(model_output), x_tc, t, schedule, mean_type, var_type, clip_denoised, dynamic_threshold,
         sample_max_value,
     )
-    eps = (coef(schedule, "sqrt_recip_alphas_cumprod", t, x_tc) * x_tc - pred_xstart) / coef(
-        schedule, "sqrt_recipm1_alphas_cumprod", t, x_tc
+    # eps implied by (x_t, pred_xstart); this form stays finite where abar_t = 0 (zero terminal SNR).
+    eps = (x_tc - coef(schedule, "sqrt_alphas_cumprod", t, x_tc) * pred_xstart) / coef(
+        schedule, "sqrt_one_minus_alphas_cumprod", t, x_tc
     )
     abar = coef(schedule, "alphas_cumprod", t, x_tc)
     abar_prev = coef(schedule, "alphas_cumprod_prev", t, x_tc)

@@ -109,6 +109,8 @@ class NoiseSchedule:
         self.rescale_zero_terminal_snr = bool(rescale_zero_terminal_snr)
         self._tables = self._compute_tables(b)
         T = b.shape[0]
+        # abar_{T-1} = 0: x_0 cannot be recovered from an epsilon prediction at the last step.
+        self.zero_terminal_snr = bool(self._tables["alphas_cumprod"][-1] == 0.0)
         if timestep_map is None:
             timestep_map = np.arange(T)
         self.timestep_map = torch.as_tensor(np.asarray(timestep_map, dtype=np.int64))
