@@ -117,8 +117,8 @@ def _model_output(model_output, x_t, var_type, x_name):
         want = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:])
         if tuple(model_output.shape) != want:
             raise ValueError(
-                f"model_output: var_type={var_type!r} needs doubled channels {want} (mean and variance "
-                f"halves), got {tuple(model_output.shape)}"
+                f"model_output: var_type={var_type!r} needs {x_name}'s shape {tuple(x_t.shape)} with doubled "
+                f"channels, {want} (mean and variance halves), got {tuple(model_output.shape)}"
             )
     elif model_output.shape != x_t.shape:
         raise ValueError(
