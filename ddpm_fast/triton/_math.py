@@ -1,0 +1,273 @@
+"""The per-element formulas of DESIGN.md as @triton.jit helpers: one formula in one place.
+
+Every helper computes in the dtype of its inputs (the launcher's compute dtype: float32, or float64
+for float64 inputs). Table columns are read from the packed schedule table by t (one row per sample).
+Enumerations: MEAN 0 epsilon, 1 x0, 2 x_prev, 3 v; VAR 0 fixed_small, 1 fixed_large, 2 learned,
+3 learned_range; WEIGHTING 0 simple, 1 elbo, 2 min_snr.
+"""
+import triton
+import triton.language as tl
+
+from ..schedule import COLUMN, COLUMNS
+
+NCOL = tl.constexpr(len(COLUMNS))
+BETAS = tl.constexpr(COLUMN["betas"])
+LOG_BETAS = tl.constexpr(COLUMN["log_betas"])
+ABAR = tl.constexpr(COLUMN["alphas_cumprod"])
+ABAR_PREV = tl.constexpr(COLUMN["alphas_cumprod_prev"])
+SQRT_ABAR = tl.constexpr(COLUMN["sqrt_alphas_cumprod"])
+SQRT_1M_ABAR = tl.constexpr(COLUMN["sqrt_one_minus_alphas_cumprod"])
+SQRT_ABAR_PREV = tl.constexpr(COLUMN["sqrt_alphas_cumprod_prev"])
+SQRT_1M_ABAR_PREV = tl.constexpr(COLUMN["sqrt_one_minus_alphas_cumprod_prev"])
+SQRT_RECIP_ABAR = tl.constexpr(COLUMN["sqrt_recip_alphas_cumprod"])
+SQRT_RECIPM1_ABAR = tl.constexpr(COLUMN["sqrt_recipm1_alphas_cumprod"])
+POST_VAR = tl.constexpr(COLUMN["posterior_variance"])
+POST_LOGVAR = tl.constexpr(COLUMN["posterior_log_variance_clipped"])
+POST_C1 = tl.constexpr(COLUMN["posterior_mean_coef1"])
+POST_C2 = tl.constexpr(COLUMN["posterior_mean_coef2"])
+LARGE_LOGVAR = tl.constexpr(COLUMN["fixed_large_log_variance"])
+SNR = tl.constexpr(COLUMN["snr"])
+LOG_1M_ABAR = tl.constexpr(COLUMN["log_one_minus_alphas_cumprod"])
+
+# Float constants are written inline (the interpreter mishandles float constexpr globals):
+# ln 2 = 0.6931471805599453, sqrt(2/pi) = 0.7978845608028654, bin half-width 1/255 = 0.00392156862745098.
+
+
+# -- addressing --------------------------------------------------------------------------------
+@triton.jit
+def offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr):
+    """int64 element offsets of sample b's logical elements n (see _layout.Plan)."""
+    if FLAT:
+        return b * sb + n
+    else:
+        i3 = n % D3
+        r = n // D3
+        i2 = r % D2
+        i1 = r // D2
+        return b * sb + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2 + i3.to(tl.int64) * s3
+
+
+@triton.jit
+def load_t(t_ptr, b, T):
+    """t of sample b, clamped into [0, T) so that a bad t never reads out of bounds (asserted in debug)."""
+    t = tl.load(t_ptr + b)
+    tl.device_assert((t >= 0) & (t < T), "t out of range [0, T)")
+    return tl.minimum(tl.maximum(t, 0), T - 1)
+
+
+@triton.jit
+def col(table_ptr, t, C: tl.constexpr):
+    """Column C of the packed table at row t (a scalar in the table's dtype)."""
+    return tl.load(table_ptr + t * NCOL + C)
+
+
+# -- the model's prediction ----------------------------------------------------------------------
+@triton.jit
+def predict_xstart(out, x_t, table_ptr, t, MEAN: tl.constexpr):
+    """x0 implied by the mean output (unclipped)."""
+    if MEAN == 0:
+        return col(table_ptr, t, SQRT_RECIP_ABAR) * x_t - col(table_ptr, t, SQRT_RECIPM1_ABAR) * out
+    elif MEAN == 1:
+        return out
+    elif MEAN == 2:
+        return (out - col(table_ptr, t, POST_C2) * x_t) / col(table_ptr, t, POST_C1)
+    else:
+        return col(table_ptr, t, SQRT_ABAR) * x_t - col(table_ptr, t, SQRT_1M_ABAR) * out
+
+
+@triton.jit
+def dxstart_dout(table_ptr, t, MEAN: tl.constexpr):
+    """d predict_xstart / d out (a per-sample scalar)."""
+    if MEAN == 0:
+        return -col(table_ptr, t, SQRT_RECIPM1_ABAR)
+    elif MEAN == 1:
+        return col(table_ptr, t, POST_C1) * 0.0 + 1.0
+    elif MEAN == 2:
+        return 1.0 / col(table_ptr, t, POST_C1)
+    else:
+        return -col(table_ptr, t, SQRT_1M_ABAR)
+
+
+@triton.jit
+def dxstart_dxt(table_ptr, t, MEAN: tl.constexpr):
+    """d predict_xstart / d x_t (a per-sample scalar)."""
+    if MEAN == 0:
+        return col(table_ptr, t, SQRT_RECIP_ABAR)
+    elif MEAN == 1:
+        return col(table_ptr, t, POST_C1) * 0.0
+    elif MEAN == 2:
+        return -col(table_ptr, t, POST_C2) / col(table_ptr, t, POST_C1)
+    else:
+        return col(table_ptr, t, SQRT_ABAR)
+
+
+@triton.jit
+def model_log_variance(v, table_ptr, t, VAR: tl.constexpr):
+    """log model variance: a per-sample scalar for fixed types, elementwise (from v) for learned ones."""
+    if VAR == 0:
+        return col(table_ptr, t, POST_LOGVAR)
+    elif VAR == 1:
+        return col(table_ptr, t, LARGE_LOGVAR)
+    elif VAR == 2:
+        return v
+    else:
+        frac = (v + 1.0) / 2.0
+        return frac * col(table_ptr, t, LOG_BETAS) + (1.0 - frac) * col(table_ptr, t, POST_LOGVAR)
+
+
+@triton.jit
+def dlogvar_dv(table_ptr, t, VAR: tl.constexpr):
+    """d model_log_variance / d v for learned types."""
+    if VAR == 3:
+        return 0.5 * (col(table_ptr, t, LOG_BETAS) - col(table_ptr, t, POST_LOGVAR))
+    else:
+        return col(table_ptr, t, LOG_BETAS) * 0.0 + 1.0
+
+
+@triton.jit
+def posterior_mean(x0, x_t, table_ptr, t):
+    return col(table_ptr, t, POST_C1) * x0 + col(table_ptr, t, POST_C2) * x_t
+
+
+# -- divergences -------------------------------------------------------------------------------
+@triton.jit
+def normal_kl(m1, lv1, m2, lv2):
+    """KL(N(m1, e^lv1) || N(m2, e^lv2)) in nats."""
+    d = m1 - m2
+    return 0.5 * (-1.0 + lv2 - lv1 + tl.exp(lv1 - lv2) + d * d * tl.exp(-lv2))
+
+
+@triton.jit
+def normal_kl_grads(m1, lv1, m2, lv2):
+    """(dKL/dm1, dKL/dlv1, dKL/dm2, dKL/dlv2)."""
+    d = m1 - m2
+    e = tl.exp(-lv2)
+    r = tl.exp(lv1 - lv2)
+    return d * e, 0.5 * (r - 1.0), -d * e, 0.5 * (1.0 - r - d * d * e)
+
+
+@triton.jit
+def _cdf_arg(y):
+    # 0.5 (1 + tanh(u)) == sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3); 1.5957691216057308 = 2 sqrt(2/pi)
+    return 1.5957691216057308 * (y + 0.044715 * y * y * y)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _one_minus_exp_neg(d):
+    """1 - exp(-d) for d >= 0, without cancellation for small d (a Horner series below 0.25)."""
+    ds = tl.where(d < 0.25, d, 0.0)
+    p = 1.0 - ds * 0.08333333333333333
+    p = 1.0 - ds * 0.09090909090909091 * p
+    p = 1.0 - ds * 0.1 * p
+    p = 1.0 - ds * 0.1111111111111111 * p
+    p = 1.0 - ds * 0.125 * p
+    p = 1.0 - ds * 0.14285714285714285 * p
+    p = 1.0 - ds * 0.16666666666666666 * p
+    p = 1.0 - ds * 0.2 * p
+    p = 1.0 - ds * 0.25 * p
+    p = 1.0 - ds * 0.3333333333333333 * p
+    p = 1.0 - ds * 0.5 * p
+    return tl.where(d < 0.25, ds * p, 1.0 - tl.exp(-d))
+
+
+@triton.jit
+def _bin_cdfs(x, means, log_scales):
+    """(inv_std, yp, ym, width = yp - ym, q, D, 1 - exp(-D), cdf(yp), 1 - cdf(ym), cdf(yp) - cdf(ym)) for the
+    bin [x - 1/255, x + 1/255].
+
+    cdf(y) = 0.5 (1 + tanh(u(y))) = sigmoid(a(y)); the bin mass is computed without cancellation as
+    sigmoid(a) - sigmoid(b) = sigmoid(a) (1 - sigmoid(b)) (1 - exp(-D)), D = a - b factored exactly.
+    """
+    inv_std = tl.exp(-log_scales)
+    c = x - means
+    yp = inv_std * (c + 0.00392156862745098)
+    ym = inv_std * (c - 0.00392156862745098)
+    width = inv_std * 0.00784313725490196
+    q = yp * yp + yp * ym + ym * ym
+    sp = _sigmoid(_cdf_arg(yp))
+    one_m_sm = _sigmoid(-_cdf_arg(ym))
+    D = 1.5957691216057308 * width * (1.0 + 0.044715 * q)
+    one_m_exp = _one_minus_exp_neg(D)
+    delta = sp * one_m_sm * one_m_exp
+    return inv_std, yp, ym, width, q, D, one_m_exp, sp, one_m_sm, delta
+
+
+@triton.jit
+def discretized_gaussian_ll(x, means, log_scales):
+    """log p(x) on 256 bins of [-1, 1] under N(means, e^(2 log_scales)), floored at log(1e-12)."""
+    inv_std, yp, ym, width, q, D, one_m_exp, cdf_plus, one_minus_cdf_min, delta = _bin_cdfs(x, means, log_scales)
+    log_cdf_plus = tl.log(tl.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = tl.log(tl.maximum(one_minus_cdf_min, 1e-12))
+    log_delta = tl.log(tl.maximum(delta, 1e-12))
+    return tl.where(x < -0.999, log_cdf_plus, tl.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+@triton.jit
+def discretized_gaussian_ll_grads(x, means, log_scales):
+    """(d/d means, d/d log_scales) of discretized_gaussian_ll (0 where the 1e-12 floor holds).
+
+    log of the bin mass = log sigmoid(a) + log sigmoid(-b) + log(1 - exp(-D)), differentiated term by term
+    (no difference of two large pdf / mass ratios); dy/dmeans = -inv_std, dy/dlog_scales = -y.
+    """
+    inv_std, yp, ym, width, q, D, one_m_exp, sp, one_m_sm, delta = _bin_cdfs(x, means, log_scales)
+    up = _sigmoid(-_cdf_arg(yp)) * (1.5957691216057308 * (1.0 + 0.134145 * yp * yp))  # d log sigmoid(a) / dyp
+    um = _sigmoid(_cdf_arg(ym)) * (1.5957691216057308 * (1.0 + 0.134145 * ym * ym))  # -d log sigmoid(-b) / dym
+    r = tl.exp(-D) / one_m_exp  # d log(1 - exp(-D)) / dD
+    m_mid = up - um + r * (3.0 * 1.5957691216057308 * 0.044715 * width * (yp + ym))
+    l_mid = up * yp - um * ym + r * (1.5957691216057308 * width * (1.0 + 0.134145 * q))
+    low = x < -0.999
+    high = x > 0.999
+    m_term = tl.where(low, up, tl.where(high, -um, m_mid))
+    l_term = tl.where(low, up * yp, tl.where(high, -um * ym, l_mid))
+    arg = tl.where(low, sp, tl.where(high, one_m_sm, delta))
+    live = arg >= 1e-12
+    d_means = tl.where(live, -inv_std * m_term, 0.0)
+    d_log_scales = tl.where(live, -l_term, 0.0)
+    return d_means, d_log_scales
+
+
+# -- training-loss weights ------------------------------------------------------------------------
+@triton.jit
+def loss_weight(table_ptr, t, gamma, MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr):
+    """Per-sample MSE weight (reference.loss_weight): simple 1, elbo, min_snr(gamma)."""
+    snr = col(table_ptr, t, SNR)
+    if WEIGHTING == 0:
+        return snr * 0.0 + 1.0
+    elif WEIGHTING == 1:
+        if VAR == 1:
+            lv = col(table_ptr, t, LARGE_LOGVAR)
+        else:
+            lv = col(table_ptr, t, POST_LOGVAR)
+        c1 = col(table_ptr, t, POST_C1)
+        if MEAN == 0:
+            g = c1 * col(table_ptr, t, SQRT_RECIPM1_ABAR)
+        elif MEAN == 1:
+            g = c1
+        elif MEAN == 2:
+            g = c1 * 0.0 + 1.0
+        else:
+            g = c1 * col(table_ptr, t, SQRT_1M_ABAR)
+        return g * g * tl.exp(-lv) / 1.3862943611198906
+    else:
+        clipped = tl.minimum(snr, gamma)
+        if MEAN == 0:
+            return clipped / snr
+        elif MEAN == 1:
+            return clipped
+        else:
+            return clipped / (snr + 1.0)
+
+
+@triton.jit
+def row_sum(part_ptr, row, n_chunks, CBLOCK: tl.constexpr):
+    """Fixed-order sum of n_chunks partial sums starting at part_ptr + row * n_chunks."""
+    k = tl.arange(0, CBLOCK)
+    acc = tl.load(part_ptr + row * n_chunks + k, mask=k < n_chunks, other=0.0)
+    for start in range(CBLOCK, n_chunks, CBLOCK):
+        acc += tl.load(part_ptr + row * n_chunks + start + k, mask=start + k < n_chunks, other=0.0)
+    return tl.sum(acc, axis=0)

@@ -1,0 +1,94 @@
+"""What the launchers share: can a tensor run here, compute dtype, packed table, block size, seeds."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..backends import BackendUnavailableError
+
+# The Triton interpreter is chosen when kernels are defined (at import), from this variable.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+MEAN_IDS = {"epsilon": 0, "x0": 1, "x_prev": 2, "v": 3}
+VAR_IDS = {"fixed_small": 0, "fixed_large": 1, "learned": 2, "learned_range": 3}
+LEARNED = (2, 3)
+
+
+def check_device(*tensors) -> None:
+    """Raise BackendUnavailableError (with every reason) if these tensors cannot run on Triton here."""
+    reasons = []
+    for x in tensors:
+        if x is None:
+            continue
+        if x.device.type == "cpu" and not INTERPRET:
+            reasons.append(
+                "triton runs CPU tensors only through its interpreter, which is off: set TRITON_INTERPRET=1 "
+                "before importing ddpm_fast (for checking only; use CUDA tensors for speed)"
+            )
+        elif x.device.type not in ("cpu", "cuda"):
+            reasons.append(f"triton kernels here run CUDA tensors, got a tensor on {x.device}")
+        if x.dtype == torch.bfloat16 and INTERPRET:
+            reasons.append("the Triton interpreter cannot do bfloat16 arithmetic (bf16 runs on a GPU only)")
+    if reasons:
+        raise BackendUnavailableError("backend='triton' cannot take these inputs: " + "; ".join(dict.fromkeys(reasons)))
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """float64 if any input is float64, else float32 (fp16 / bf16 / fp32 all compute in fp32)."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def table(schedule, device, cdt: torch.dtype) -> torch.Tensor:
+    """The schedule's packed [T, len(COLUMNS)] table in the compute dtype, on ``device``."""
+    return schedule.table(device, cdt)
+
+
+def block_for(n: int) -> tuple:
+    """(BLOCK, num_warps) for n elements per sample. The interpreter prefers few large programs."""
+    p = 1 << max(int(n) - 1, 0).bit_length()
+    if INTERPRET:
+        return max(16, min(p, 4096)), 4
+    return max(128, min(p, 1024)), 4
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def seed_tensor(seed, generator, device) -> torch.Tensor:
+    """An int64 [1] tensor on ``device`` holding the Philox seed, made without a host sync.
+
+    seed (int) -> filled on the device; else drawn from ``generator`` (or torch's default one for
+    the device) by torch.randint on the device.
+    """
+    if seed is not None:
+        return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+    return torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64, device=device)
+
+
+_FP64_WARNED = []
+
+
+def float64_fallback(*tensors) -> bool:
+    """True if any input is float64: the public functions then run the reference (warning once).
+
+    The kernels themselves compute float64 inputs in float64 (the custom ops accept them, and the tests
+    gradcheck them), but their float64 decoder NLL rounds differently from the reference's in its
+    ill-conditioned tails; float64 is a checking precision, so the reference is the faithful choice.
+    """
+    if not any(x is not None and x.dtype == torch.float64 for x in tensors):
+        return False
+    if not _FP64_WARNED:
+        import warnings
+
+        _FP64_WARNED.append(True)
+        warnings.warn("backend='triton': float64 inputs run on the reference path (kernels compute in float32)",
+                      RuntimeWarning, stacklevel=3)
+    return True

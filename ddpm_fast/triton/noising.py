@@ -1,0 +1,211 @@
+"""Forward noising: q_sample (forward and backward kernels) and the prior term prior_bpd.
+
+q_sample: x_t = sqrt_abar_t x0 + sqrt_1m_abar_t noise, one pass (reads x0, noise; writes x_t).
+Backward: one pass (reads grad; writes grad_x0, grad_noise).
+prior_bpd: one pass over x0 to per-program partial sums [B, n_chunks], then a fixed-order sum.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _math as M
+from ._layout import flat_strides, run
+from ..schedule import COLUMN
+from .. import reference
+from ._runtime import float64_fallback, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
+
+NS = "ddpm_fast_triton"
+
+
+# -- kernels -----------------------------------------------------------------------------------
+@triton.jit
+def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
+                     a_sb, a_s1, a_s2, a_s3, n_sb, n_s1, n_s2, n_s3, o_sb, o_s1, o_s2, o_s3,
+                     N, T, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    x0 = tl.load(x0_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    nz = tl.load(nz_ptr + M.offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    x_t = M.col(table_ptr, t, M.SQRT_ABAR) * x0 + M.col(table_ptr, t, M.SQRT_1M_ABAR) * nz
+    tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), x_t, mask=m)
+
+
+@triton.jit
+def linear2_bwd_kernel(g_ptr, gx_ptr, gn_ptr, t_ptr, table_ptr,
+                       g_sb, g_s1, g_s2, g_s3, x_sb, x_s1, x_s2, x_s3, n_sb, n_s1, n_s2, n_s3,
+                       N, T, D2, D3, CA: tl.constexpr, CB: tl.constexpr,
+                       FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    """Backward of y = col_CA(t) a + col_CB(t) b: grad_a = col_CA g, grad_b = col_CB g (one pass)."""
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    g = tl.load(g_ptr + M.offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    tl.store(gx_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M.col(table_ptr, t, CA) * g, mask=m)
+    tl.store(gn_ptr + M.offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT),
+             M.col(table_ptr, t, CB) * g, mask=m)
+
+
+@triton.jit
+def _prior_kernel(x0_ptr, part_ptr, a_sb, a_s1, a_s2, a_s3, N, D2, D3, n_chunks, sqrt_abar, const,
+                  FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    """Partial sums of KL(N(sqrt_abar x0, 1 - abar) || N(0, 1)) = 0.5 (const + (sqrt_abar x0)^2), where the
+    per-schedule constant const = -1 - log(1 - abar) + (1 - abar) is computed once in float64 on the host
+    (it cancels catastrophically in float32 when abar_{T-1} is near 0)."""
+    b = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0)
+    n = chunk * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    x0 = tl.load(x0_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    mean = sqrt_abar * x0
+    kl = 0.5 * (const + mean * mean)
+    tl.store(part_ptr + b * n_chunks + chunk, tl.sum(tl.where(m, kl, 0.0), axis=0))
+
+
+@triton.jit
+def _finish_mean_kernel(part_ptr, out_ptr, n_chunks, scale, CBLOCK: tl.constexpr):
+    """out[b] = scale * (fixed-order sum of the partials of row b)."""
+    b = tl.program_id(0).to(tl.int64)
+    tl.store(out_ptr + b, M.row_sum(part_ptr, b, n_chunks, CBLOCK) * scale)
+
+
+def finish_mean(part: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, n_chunks] partial sums -> [B] (times scale), deterministic and batch-independent."""
+    B, n_chunks = part.shape
+    out = torch.empty(B, dtype=part.dtype, device=part.device)
+    if B:
+        _finish_mean_kernel[(B,)](part, out, n_chunks, scale, CBLOCK=64)
+    return out
+
+
+# -- custom ops --------------------------------------------------------------------------------
+@torch.library.custom_op(f"{NS}::q_sample", mutates_args=())
+def q_sample_op(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table_: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x0)
+    if out.numel() == 0:
+        return out
+
+    def launch(ins, outs, p):
+        BLOCK, warps = block_for(p.n)
+        _q_sample_kernel[(cdiv(p.n, BLOCK), x0.shape[0])](
+            *ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2],
+            FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
+
+    run([x0, noise], [out], launch)
+    return out
+
+
+@q_sample_op.register_fake
+def _(x0, t, noise, table_):
+    return torch.empty_like(x0)
+
+
+@torch.library.custom_op(f"{NS}::q_sample_backward", mutates_args=())
+def q_sample_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, x0_like: torch.Tensor,
+                         noise_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gx = torch.empty_like(x0_like)
+    gn = torch.empty_like(noise_like)
+    if grad.numel() == 0:
+        return gx, gn
+
+    def launch(ins, outs, p):
+        BLOCK, warps = block_for(p.n)
+        linear2_bwd_kernel[(cdiv(p.n, BLOCK), grad.shape[0])](
+            *ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2],
+            CA=COLUMN["sqrt_alphas_cumprod"], CB=COLUMN["sqrt_one_minus_alphas_cumprod"], FLAT=p.flat, BLOCK=BLOCK,
+            CDT=tl_dtype(table_.dtype), num_warps=warps)
+
+    run([grad], [gx, gn], launch)
+    return gx, gn
+
+
+@q_sample_backward_op.register_fake
+def _(grad, t, table_, x0_like, noise_like):
+    return torch.empty_like(x0_like), torch.empty_like(noise_like)
+
+
+def _q_sample_setup(ctx, inputs, output):
+    x0, t, noise, table_ = inputs
+    ctx.save_for_backward(t, table_, x0, noise)
+
+
+def _q_sample_bwd(ctx, grad):
+    t, table_, x0, noise = ctx.saved_tensors
+    gx, gn = q_sample_backward_op(grad, t, table_, x0, noise)
+    return gx, None, gn, None
+
+
+q_sample_op.register_autograd(_q_sample_bwd, setup_context=_q_sample_setup)
+
+
+@torch.library.custom_op(f"{NS}::prior_bpd", mutates_args=())
+def prior_bpd_op(x0: torch.Tensor, abar_last: float, const: float) -> torch.Tensor:
+    """[B] prior term in bits/dim for abar_last = alphas_cumprod[T-1] (float32, float64 for float64 x0)."""
+    cdt = compute_dtype(x0)
+    B = x0.shape[0]
+    N = x0.numel() // B if B else 0
+    if B == 0 or N == 0:
+        return torch.full((B,), float("nan"), dtype=cdt, device=x0.device)
+    result = {}
+
+    def launch(ins, outs, p):
+        BLOCK, warps = block_for(p.n)
+        n_chunks = cdiv(p.n, BLOCK)
+        part = torch.empty((B, n_chunks), dtype=cdt, device=x0.device)
+        _prior_kernel[(n_chunks, B)](ins[0], part, *flat_strides(p), p.n, p.sizes[1], p.sizes[2], n_chunks,
+                                     math.sqrt(abar_last), const, FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(cdt),
+                                     num_warps=warps)
+        result["out"] = finish_mean(part, 1.0 / (p.n * math.log(2.0)))
+
+    run([x0], [], launch)
+    return result["out"]
+
+
+@prior_bpd_op.register_fake
+def _(x0, abar_last, const):
+    return x0.new_empty((x0.shape[0],), dtype=compute_dtype(x0))
+
+
+def _prior_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.abar_last = inputs[1]
+
+
+def _prior_bwd(ctx, grad):
+    # d/dx0 of the mean over dims of 0.5 abar x0^2 / ln 2: a small unfused expression (no model depends on it).
+    (x0,) = ctx.saved_tensors
+    g = grad.reshape(-1, *([1] * (x0.ndim - 1))) * ctx.abar_last * x0.to(grad.dtype) / (x0[0].numel() * math.log(2.0))
+    return g.to(x0.dtype), None, None
+
+
+prior_bpd_op.register_autograd(_prior_bwd, setup_context=_prior_setup)
+
+
+def prior_constants(schedule) -> tuple:
+    """(abar_{T-1}, -1 - log(1 - abar) + (1 - abar)) from the schedule's float64 CPU tables (no device read)."""
+    abar = float(schedule.alphas_cumprod.numpy()[-1])  # CPU float64 tables, read through numpy
+    lv = float(schedule.log_one_minus_alphas_cumprod.numpy()[-1])
+    return abar, math.expm1(lv) - lv
+
+
+# -- backend functions -------------------------------------------------------------------------
+def q_sample(x0, t, noise, schedule):
+    """x_t [B, ...] in x0's dtype."""
+    check_device(x0, noise)
+    if float64_fallback(x0):
+        return reference.q_sample(x0, t, noise, schedule)
+    return q_sample_op(x0, t, noise, table(schedule, x0.device, compute_dtype(x0)))
+
+
+def prior_bpd(x0, schedule):
+    """[B] bits/dim in float32 (float64 for float64 x0)."""
+    check_device(x0)
+    if float64_fallback(x0):
+        return reference.prior_bpd(x0, schedule)
+    return prior_bpd_op(x0, *prior_constants(schedule))

@@ -1,0 +1,455 @@
+"""The posterior and elementwise helpers: q_posterior, predict_xstart, normal_kl,
+discretized_gaussian_log_likelihood -- each one forward and one backward pass.
+
+q_posterior: reads x0, x_t; writes mean, and per-sample variance / clipped log variance [B, 1, ...].
+predict_xstart: reads model_output, x_t; writes x0 (unclipped).
+normal_kl / discretized_gaussian_log_likelihood: broadcasting elementwise maps (broadcast operands
+are read through zero strides, never materialised); their backward sums gradients of broadcast
+operands down to the operand's shape with torch (an extra reduction only for broadcast operands).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _math as M
+from ._layout import flat_strides, run
+from .. import reference
+from ._runtime import float64_fallback, MEAN_IDS, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
+from ..schedule import COLUMN
+from .noising import linear2_bwd_kernel
+
+NS = "ddpm_fast_triton"
+
+
+# -- kernels -----------------------------------------------------------------------------------
+@triton.jit
+def _q_posterior_kernel(x0_ptr, xt_ptr, mean_ptr, var_ptr, logvar_ptr, t_ptr, table_ptr,
+                        a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
+                        N, T, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0)
+    n = chunk * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    x0 = tl.load(x0_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    xt = tl.load(xt_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    tl.store(mean_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.posterior_mean(x0, xt, table_ptr, t),
+             mask=m)
+    if chunk == 0:
+        tl.store(var_ptr + b, M.col(table_ptr, t, M.POST_VAR))
+        tl.store(logvar_ptr + b, M.col(table_ptr, t, M.POST_LOGVAR))
+
+
+@triton.jit
+def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
+                    m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
+                    N, T, D2, D3, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    out = tl.load(mo_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    xt = tl.load(xt_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT),
+             M.predict_xstart(out, xt, table_ptr, t, MEAN), mask=m)
+
+
+@triton.jit
+def _predict_bwd_kernel(g_ptr, gm_ptr, gx_ptr, t_ptr, table_ptr,
+                        g_sb, g_s1, g_s2, g_s3, m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3,
+                        N, T, D2, D3, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                        CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    g = tl.load(g_ptr + M.offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    tl.store(gm_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), M.dxstart_dout(table_ptr, t, MEAN) * g,
+             mask=m)
+    tl.store(gx_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M.dxstart_dxt(table_ptr, t, MEAN) * g,
+             mask=m)
+
+
+@triton.jit
+def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, out_ptr,
+                      a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3,
+                      d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
+                      N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    m1 = tl.load(m1_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    l1 = tl.load(l1_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    m2 = tl.load(m2_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    l2 = tl.load(l2_ptr + M.offsets(b, n, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.normal_kl(m1, l1, m2, l2), mask=m)
+
+
+@triton.jit
+def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr,
+                          g_sb, g_s1, g_s2, g_s3, a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3,
+                          c_sb, c_s1, c_s2, c_s3, d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
+                          N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    """Gradients of all four operands at the broadcast shape (outputs share one contiguous layout)."""
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    g = tl.load(g_ptr + M.offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    m1 = tl.load(m1_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    l1 = tl.load(l1_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    m2 = tl.load(m2_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    l2 = tl.load(l2_ptr + M.offsets(b, n, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    d1, d2, d3, d4 = M.normal_kl_grads(m1, l1, m2, l2)
+    o = M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
+    tl.store(g1_ptr + o, g * d1, mask=m)
+    tl.store(g2_ptr + o, g * d2, mask=m)
+    tl.store(g3_ptr + o, g * d3, mask=m)
+    tl.store(g4_ptr + o, g * d4, mask=m)
+
+
+@triton.jit
+def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, out_ptr,
+                 a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
+                 N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    x = tl.load(x_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    mu = tl.load(mu_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    ls = tl.load(ls_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.discretized_gaussian_ll(x, mu, ls),
+             mask=m)
+
+
+@triton.jit
+def _dgll_bwd_kernel(g_ptr, x_ptr, mu_ptr, ls_ptr, gmu_ptr, gls_ptr,
+                     g_sb, g_s1, g_s2, g_s3, a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3,
+                     c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
+                     N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    g = tl.load(g_ptr + M.offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    x = tl.load(x_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    mu = tl.load(mu_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    ls = tl.load(ls_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    dmu, dls = M.discretized_gaussian_ll_grads(x, mu, ls)
+    o = M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
+    tl.store(gmu_ptr + o, g * dmu, mask=m)
+    tl.store(gls_ptr + o, g * dls, mask=m)
+
+
+def _grid(p, batch):
+    BLOCK, warps = block_for(p.n)
+    return (cdiv(p.n, BLOCK), batch), dict(FLAT=p.flat, BLOCK=BLOCK, num_warps=warps)
+
+
+def _batched(shape):
+    """Elementwise ops see a broadcast shape as [B, ...]; a 0-dim shape as [1]."""
+    return tuple(shape) if len(shape) else (1,)
+
+
+# -- q_posterior -------------------------------------------------------------------------------
+def _per_sample_shape(x):
+    return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+@torch.library.custom_op(f"{NS}::q_posterior", mutates_args=())
+def q_posterior_op(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                   table_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mean = torch.empty_like(x0)
+    var = x0.new_empty(_per_sample_shape(x0))
+    logvar = x0.new_empty(_per_sample_shape(x0))
+    if x0.numel() == 0:
+        return mean, var, logvar
+
+    def launch(ins, outs, p):
+        grid, kw = _grid(p, x0.shape[0])
+        _q_posterior_kernel[grid](*ins, outs[0], var, logvar, t, table_, *flat_strides(p), p.n, table_.shape[0],
+                                  p.sizes[1], p.sizes[2], CDT=tl_dtype(table_.dtype), **kw)
+
+    run([x0, x_t], [mean], launch)
+    return mean, var, logvar
+
+
+@q_posterior_op.register_fake
+def _(x0, x_t, t, table_):
+    return torch.empty_like(x0), x0.new_empty(_per_sample_shape(x0)), x0.new_empty(_per_sample_shape(x0))
+
+
+@torch.library.custom_op(f"{NS}::q_posterior_backward", mutates_args=())
+def q_posterior_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, x0_like: torch.Tensor,
+                            xt_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gx0, gxt = torch.empty_like(x0_like), torch.empty_like(xt_like)
+    if grad.numel() == 0:
+        return gx0, gxt
+
+    def launch(ins, outs, p):
+        grid, kw = _grid(p, grad.shape[0])
+        linear2_bwd_kernel[grid](*ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1],
+                                 p.sizes[2], CA=COLUMN["posterior_mean_coef1"], CB=COLUMN["posterior_mean_coef2"],
+                                 CDT=tl_dtype(table_.dtype), **kw)
+
+    run([grad], [gx0, gxt], launch)
+    return gx0, gxt
+
+
+@q_posterior_backward_op.register_fake
+def _(grad, t, table_, x0_like, xt_like):
+    return torch.empty_like(x0_like), torch.empty_like(xt_like)
+
+
+def _q_posterior_setup(ctx, inputs, output):
+    x0, x_t, t, table_ = inputs
+    ctx.save_for_backward(t, table_, x0, x_t)
+
+
+def _q_posterior_bwd(ctx, g_mean, g_var, g_logvar):
+    t, table_, x0, x_t = ctx.saved_tensors
+    gx0, gxt = q_posterior_backward_op(g_mean, t, table_, x0, x_t)
+    return gx0, gxt, None, None
+
+
+q_posterior_op.register_autograd(_q_posterior_bwd, setup_context=_q_posterior_setup)
+
+
+# -- predict_xstart ----------------------------------------------------------------------------
+@torch.library.custom_op(f"{NS}::predict_xstart", mutates_args=())
+def predict_xstart_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table_: torch.Tensor,
+                      mean_type: int) -> torch.Tensor:
+    out = torch.empty_like(x_t)
+    if out.numel() == 0:
+        return out
+
+    def launch(ins, outs, p):
+        grid, kw = _grid(p, x_t.shape[0])
+        _predict_kernel[grid](*ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2],
+                              MEAN=mean_type, CDT=tl_dtype(table_.dtype), **kw)
+
+    run([model_output, x_t], [out], launch)
+    return out
+
+
+@predict_xstart_op.register_fake
+def _(model_output, x_t, t, table_, mean_type):
+    return torch.empty_like(x_t)
+
+
+@torch.library.custom_op(f"{NS}::predict_xstart_backward", mutates_args=())
+def predict_xstart_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mo_like: torch.Tensor,
+                               xt_like: torch.Tensor, mean_type: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gmo, gxt = torch.empty_like(mo_like), torch.empty_like(xt_like)
+    if grad.numel() == 0:
+        return gmo, gxt
+
+    def launch(ins, outs, p):
+        grid, kw = _grid(p, grad.shape[0])
+        _predict_bwd_kernel[grid](*ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1],
+                                  p.sizes[2], MEAN=mean_type, CDT=tl_dtype(table_.dtype), **kw)
+
+    run([grad], [gmo, gxt], launch)
+    return gmo, gxt
+
+
+@predict_xstart_backward_op.register_fake
+def _(grad, t, table_, mo_like, xt_like, mean_type):
+    return torch.empty_like(mo_like), torch.empty_like(xt_like)
+
+
+def _predict_setup(ctx, inputs, output):
+    mo, x_t, t, table_, mean_type = inputs
+    ctx.mean_type = mean_type
+    ctx.save_for_backward(t, table_, mo, x_t)
+
+
+def _predict_bwd(ctx, grad):
+    t, table_, mo, x_t = ctx.saved_tensors
+    gmo, gxt = predict_xstart_backward_op(grad, t, table_, mo, x_t, ctx.mean_type)
+    return gmo, gxt, None, None, None
+
+
+predict_xstart_op.register_autograd(_predict_bwd, setup_context=_predict_setup)
+
+
+# -- normal_kl ---------------------------------------------------------------------------------
+def _out_dtype(*args):
+    """The promoted dtype of the operands (float32 if any is not floating point)."""
+    if not all(a.is_floating_point() for a in args):
+        return torch.float32
+    return functools.reduce(torch.promote_types, [a.dtype for a in args])
+
+
+@torch.library.custom_op(f"{NS}::normal_kl", mutates_args=())
+def normal_kl_op(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor,
+                 logvar2: torch.Tensor) -> torch.Tensor:
+    args = (mean1, logvar1, mean2, logvar2)
+    shape = torch.broadcast_shapes(*[a.shape for a in args])
+    out = torch.empty(shape, dtype=_out_dtype(*args), device=mean1.device)
+    if out.numel() == 0:
+        return out
+    bs = _batched(shape)
+    ins = [a.expand(shape).reshape(bs) if a.ndim else a.reshape(1).expand(bs) for a in args]
+
+    def launch(ins, outs, p):
+        grid, kw = _grid(p, bs[0])
+        _normal_kl_kernel[grid](*ins, *outs, *flat_strides(p), p.n, p.sizes[1], p.sizes[2],
+                                CDT=tl_dtype(compute_dtype(*args)), **kw)
+
+    run(ins, [out.reshape(bs)], launch)
+    return out
+
+
+@normal_kl_op.register_fake
+def _(mean1, logvar1, mean2, logvar2):
+    args = (mean1, logvar1, mean2, logvar2)
+    shape = torch.broadcast_shapes(*[a.shape for a in args])
+    return mean1.new_empty(shape, dtype=_out_dtype(*args))
+
+
+@torch.library.custom_op(f"{NS}::normal_kl_backward", mutates_args=())
+def normal_kl_backward_op(grad: torch.Tensor, mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor,
+                          logvar2: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of the four operands at the broadcast shape, in the compute dtype."""
+    args = (mean1, logvar1, mean2, logvar2)
+    shape = grad.shape
+    cdt = compute_dtype(*args)
+    outs = [torch.empty(shape, dtype=cdt, device=grad.device) for _ in args]
+    if grad.numel() == 0:
+        return outs
+    bs = _batched(shape)
+    ins = [grad.reshape(bs)] + [a.expand(shape).reshape(bs) if a.ndim else a.reshape(1).expand(bs) for a in args]
+
+    def launch(ins, o, p):
+        grid, kw = _grid(p, bs[0])
+        # the four outputs share one layout: pass the first one's strides once
+        _normal_kl_bwd_kernel[grid](*ins, *o, *flat_strides(p)[:24], p.n, p.sizes[1], p.sizes[2],
+                                    CDT=tl_dtype(cdt), **kw)
+
+    run(ins, [o.reshape(bs) for o in outs], launch)
+    return outs
+
+
+@normal_kl_backward_op.register_fake
+def _(grad, mean1, logvar1, mean2, logvar2):
+    cdt = compute_dtype(mean1, logvar1, mean2, logvar2)
+    return [grad.new_empty(grad.shape, dtype=cdt) for _ in range(4)]
+
+
+def _kl_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _reduce_to(g, like):
+    return g.sum_to_size(like.shape).to(like.dtype) if g.shape != like.shape else g.to(like.dtype)
+
+
+def _kl_bwd(ctx, grad):
+    args = ctx.saved_tensors
+    grads = normal_kl_backward_op(grad, *args)
+    return tuple(_reduce_to(g, a) if need else None for g, a, need in zip(grads, args, ctx.needs_input_grad))
+
+
+normal_kl_op.register_autograd(_kl_bwd, setup_context=_kl_setup)
+
+
+# -- discretized Gaussian log-likelihood -------------------------------------------------------
+@torch.library.custom_op(f"{NS}::discretized_gaussian_log_likelihood", mutates_args=())
+def dgll_op(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, means.dtype), device=x.device)
+    if out.numel() == 0:
+        return out
+    bs = _batched(x.shape)
+    ins = [x.reshape(bs), means.reshape(bs),
+           log_scales.expand(x.shape).reshape(bs) if log_scales.ndim else log_scales.reshape(1).expand(bs)]
+
+    def launch(ins, outs, p):
+        grid, kw = _grid(p, bs[0])
+        _dgll_kernel[grid](*ins, *outs, *flat_strides(p), p.n, p.sizes[1], p.sizes[2],
+                           CDT=tl_dtype(compute_dtype(x, means, log_scales)), **kw)
+
+    run(ins, [out.reshape(bs)], launch)
+    return out
+
+
+@dgll_op.register_fake
+def _(x, means, log_scales):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, means.dtype))
+
+
+@torch.library.custom_op(f"{NS}::discretized_gaussian_log_likelihood_backward", mutates_args=())
+def dgll_backward_op(grad: torch.Tensor, x: torch.Tensor, means: torch.Tensor,
+                     log_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of means, grad of log_scales) at x's shape, in the compute dtype."""
+    cdt = compute_dtype(x, means, log_scales)
+    gmu = torch.empty(x.shape, dtype=cdt, device=x.device)
+    gls = torch.empty(x.shape, dtype=cdt, device=x.device)
+    if x.numel() == 0:
+        return gmu, gls
+    bs = _batched(x.shape)
+    ins = [grad.reshape(bs), x.reshape(bs), means.reshape(bs),
+           log_scales.expand(x.shape).reshape(bs) if log_scales.ndim else log_scales.reshape(1).expand(bs)]
+
+    def launch(ins, o, p):
+        grid, kw = _grid(p, bs[0])
+        _dgll_bwd_kernel[grid](*ins, *o, *flat_strides(p)[:20], p.n, p.sizes[1], p.sizes[2], CDT=tl_dtype(cdt), **kw)
+
+    run(ins, [gmu.reshape(bs), gls.reshape(bs)], launch)
+    return gmu, gls
+
+
+@dgll_backward_op.register_fake
+def _(grad, x, means, log_scales):
+    cdt = compute_dtype(x, means, log_scales)
+    return x.new_empty(x.shape, dtype=cdt), x.new_empty(x.shape, dtype=cdt)
+
+
+def _dgll_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _dgll_bwd(ctx, grad):
+    x, means, log_scales = ctx.saved_tensors
+    gmu, gls = dgll_backward_op(grad, x, means, log_scales)
+    gx = (-gmu).to(x.dtype) if ctx.needs_input_grad[0] else None  # centred = x - means (piecewise in x)
+    return gx, _reduce_to(gmu, means), _reduce_to(gls, log_scales)
+
+
+dgll_op.register_autograd(_dgll_bwd, setup_context=_dgll_setup)
+
+
+# -- backend functions -------------------------------------------------------------------------
+def q_posterior(x0, x_t, t, schedule):
+    """(mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]) in x0's dtype."""
+    check_device(x0, x_t)
+    if float64_fallback(x0):
+        return reference.q_posterior(x0, x_t, t, schedule)
+    return q_posterior_op(x0, x_t, t, table(schedule, x0.device, compute_dtype(x0)))
+
+
+def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
+    """x0 from the model's mean output, unclipped, in x_t's dtype."""
+    check_device(model_output, x_t)
+    if float64_fallback(x_t):
+        return reference.predict_xstart(model_output, x_t, t, schedule, mean_type=mean_type)
+    return predict_xstart_op(model_output, x_t, t, table(schedule, x_t.device, compute_dtype(x_t)),
+                             MEAN_IDS[mean_type])
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise KL in nats at the broadcast shape."""
+    check_device(mean1, logvar1, mean2, logvar2)
+    if float64_fallback(mean1, logvar1, mean2, logvar2):
+        return reference.normal_kl(mean1, logvar1, mean2, logvar2)
+    return normal_kl_op(mean1, logvar1, mean2, logvar2)
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Elementwise log-likelihood in nats, x's shape."""
+    check_device(x, means, log_scales)
+    if float64_fallback(x, means, log_scales):
+        return reference.discretized_gaussian_log_likelihood(x, means, log_scales)
+    return dgll_op(x, means, log_scales)

@@ -1,0 +1,282 @@
+"""Sampler steps and p_mean_variance: ONE kernel from (model_output, x_t, t) to the outputs.
+
+MODE 0 p_mean_variance: writes mean, pred_xstart, and the variance / log variance (full size for a
+learned variance, else one value per sample). MODE 1 p_sample_step: writes sample, pred_xstart.
+MODE 2 ddim_step: writes sample, pred_xstart. Noise: read from a tensor (NOISE=1), or generated
+in-kernel with Philox (NOISE=2: tl.randn(seed, b * N + n), the seed read from a device tensor),
+or none (NOISE=0: t = 0 only / eta = 0). With in-kernel noise the draw for an element depends on its
+position in the layout's walk order (see _layout), so it is deterministic per seed and layout.
+
+Dynamic thresholding needs each sample's quantile of |x0| before any output can be written:
+pass 1 (kernel): |x0| -> a [B, N] buffer; passes 2-3: torch.kthvalue over that buffer (one or two
+selections, interpolated as torch.quantile); final pass: the kernel above reading the threshold per
+sample. No host sync: the quantile stays on the device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from . import _math as M
+from ._layout import flat_strides, run
+from .. import reference
+from ._runtime import (LEARNED, MEAN_IDS, VAR_IDS, block_for, cdiv, check_device, compute_dtype, float64_fallback,
+                       seed_tensor, table, tl_dtype)
+
+NS = "ddpm_fast_triton"
+
+
+@triton.jit
+def _xstart(out, xt, s, table_ptr, t, MEAN: tl.constexpr, CLIP: tl.constexpr, DT: tl.constexpr):
+    """pred_xstart: dynamic thresholding at s (a per-sample threshold), else optional clipping."""
+    raw = M.predict_xstart(out, xt, table_ptr, t, MEAN)
+    if DT:
+        return tl.maximum(tl.minimum(raw, s), -s) / s
+    elif CLIP:
+        return tl.minimum(tl.maximum(raw, -1.0), 1.0)
+    else:
+        return raw
+
+
+@triton.jit
+def _abs_xstart_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
+                       m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3,
+                       N, T, D2, D3, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    """|predict_xstart| into a contiguous [B, N] buffer (for the per-sample quantile)."""
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    out = tl.load(mo_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    xt = tl.load(xt_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    tl.store(out_ptr + b * N + n, tl.abs(M.predict_xstart(out, xt, table_ptr, t, MEAN)), mask=m)
+
+
+@triton.jit
+def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed_ptr, thr_ptr, t_ptr, table_ptr,
+                    m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, x_sb, x_s1, x_s2, x_s3, z_sb, z_s1, z_s2, z_s3,
+                    a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, d_sb, d_s1, d_s2, d_s3,
+                    N, T, D2, D3, sample_max, eta,
+                    MODE: tl.constexpr, MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, DT: tl.constexpr,
+                    NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart)."""
+    b = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0)
+    n = chunk * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    out = tl.load(mo_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    xt = tl.load(xt_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    s = 1.0
+    if DT:
+        s = tl.minimum(tl.maximum(tl.load(thr_ptr + b).to(CDT), 1.0), sample_max)
+    px = _xstart(out, xt, s, table_ptr, t, MEAN, CLIP, DT)
+    if NOISE == 1:
+        z = tl.load(nz_ptr + M.offsets(b, n, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    elif NOISE == 2:
+        z = tl.randn(tl.load(seed_ptr), b * N + n).to(CDT)
+    if MODE == 2:
+        s1m = M.col(table_ptr, t, M.SQRT_1M_ABAR)
+        s1m_prev = M.col(table_ptr, t, M.SQRT_1M_ABAR_PREV)
+        # eps implied by (x_t, pred_xstart), in the form finite where abar_t = 0 (zero terminal SNR)
+        eps = (xt - M.col(table_ptr, t, M.SQRT_ABAR) * px) / s1m
+        # r = beta / (1 - abar): sigma = eta sqrt(1 - abar_prev) sqrt(r), eps weight sqrt(1 - abar_prev) sqrt(1 - eta^2 r)
+        r = M.col(table_ptr, t, M.BETAS) / (s1m * s1m)
+        sigma = eta * s1m_prev * tl.sqrt(r)
+        res = px * M.col(table_ptr, t, M.SQRT_ABAR_PREV) + s1m_prev * tl.sqrt(tl.maximum(1.0 - eta * eta * r, 0.0)) * eps
+        if NOISE != 0:
+            if t != 0:
+                res = res + sigma * z
+    else:
+        if VAR >= 2:
+            v = tl.load(mv_ptr + M.offsets(b, n, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+        else:
+            v = out
+        lv = M.model_log_variance(v, table_ptr, t, VAR)
+        if MEAN == 2:
+            res = out
+        else:
+            res = M.posterior_mean(px, xt, table_ptr, t)
+        if MODE == 1:
+            if NOISE != 0:
+                if t != 0:
+                    res = res + tl.exp(0.5 * lv) * z
+        else:
+            if VAR >= 2:
+                tl.store(o3_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), tl.exp(lv), mask=m)
+                tl.store(o4_ptr + M.offsets(b, n, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT), lv, mask=m)
+            else:
+                if chunk == 0:
+                    tl.store(o3_ptr + b, tl.exp(lv))
+                    tl.store(o4_ptr + b, lv)
+    tl.store(o1_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), res, mask=m)
+    tl.store(o2_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), px, mask=m)
+
+
+# -- launcher ----------------------------------------------------------------------------------
+def _quantile(a: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row quantile of a [B, N] tensor with torch.quantile's linear interpolation (float32 ranks),
+    by one or two torch.kthvalue selections (no size limit, no host sync)."""
+    n = a.shape[1]
+    rank = np.float32(q) * np.float32(n - 1)
+    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
+    below = torch.kthvalue(a, lo + 1, dim=1).values
+    if hi == lo:
+        return below
+    above = torch.kthvalue(a, hi + 1, dim=1).values
+    return torch.lerp(below, above, float(rank - np.float32(lo)))
+
+
+def _launch(mode, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip, dynamic_threshold,
+            sample_max_value, eta, outs):
+    B = x_t.shape[0]
+    cdt = table_.dtype
+    learned = var_type in LEARNED
+    if learned:
+        c = model_output.shape[1] // 2
+        mo, mv = model_output[:, :c], model_output[:, c:]
+    else:
+        mo, mv = model_output, model_output
+    thr = None
+    if dynamic_threshold is not None:
+        def launch_abs(ins, _, p):
+            BLOCK, warps = block_for(p.n)
+            buf = torch.empty((B, p.n), dtype=cdt, device=x_t.device)
+            _abs_xstart_kernel[(cdiv(p.n, BLOCK), B)](*ins, buf, t, table_, *flat_strides(p), p.n, table_.shape[0],
+                                                      p.sizes[1], p.sizes[2], MEAN=mean_type, FLAT=p.flat,
+                                                      BLOCK=BLOCK, CDT=tl_dtype(cdt), num_warps=warps)
+            nonlocal thr
+            thr = _quantile(buf, dynamic_threshold)
+
+        run([mo, x_t], [], launch_abs)
+    noise_mode = 0 if (noise is None and seed is None) else (1 if noise is not None else 2)
+    full = mode == 0 and learned  # variance outputs full size (else one value per sample, or none)
+
+    def launch(ins, o, p):
+        BLOCK, warps = block_for(p.n)
+        st = flat_strides(p)
+        if not full:  # the per-sample / absent outputs take x_t's strides (never used)
+            st = st + st[8:12] * 2
+        o34 = (o[2], o[3]) if full else ((outs[2], outs[3]) if mode == 0 else (o[0], o[0]))
+        _sampler_kernel[(cdiv(p.n, BLOCK), B)](
+            *ins, o[0], o[1], *o34, seed if seed is not None else t, thr if thr is not None else t, t, table_,
+            *st, p.n, table_.shape[0], p.sizes[1], p.sizes[2], float(sample_max_value), float(eta),
+            MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip, DT=dynamic_threshold is not None, NOISE=noise_mode,
+            FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(cdt), num_warps=warps)
+
+    ins = [mo, mv, x_t, noise if noise is not None else x_t]
+    run(ins, list(outs[:4]) if full else list(outs[:2]), launch)
+
+
+def _dt(dynamic_threshold: float):
+    return None if dynamic_threshold < 0 else dynamic_threshold
+
+
+def _per_sample(x):
+    return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+@torch.library.custom_op(f"{NS}::p_mean_variance", mutates_args=())
+def p_mean_variance_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table_: torch.Tensor,
+                       mean_type: int, var_type: int, clip: bool, dynamic_threshold: float,
+                       sample_max_value: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, pred_xstart, variance, log_variance); dynamic_threshold < 0 means none."""
+    learned = var_type in LEARNED
+    extra = (torch.empty_like(x_t), torch.empty_like(x_t)) if learned else (
+        x_t.new_empty(_per_sample(x_t)), x_t.new_empty(_per_sample(x_t)))
+    outs = [torch.empty_like(x_t), torch.empty_like(x_t), *extra]
+    if x_t.numel():
+        _launch(0, model_output, x_t, t, table_, None, None, mean_type, var_type, clip, _dt(dynamic_threshold),
+                sample_max_value, 0.0, outs)
+    return tuple(outs)
+
+
+@p_mean_variance_op.register_fake
+def _(model_output, x_t, t, table_, mean_type, var_type, clip, dynamic_threshold, sample_max_value):
+    if var_type in LEARNED:
+        return tuple(torch.empty_like(x_t) for _ in range(4))
+    return torch.empty_like(x_t), torch.empty_like(x_t), x_t.new_empty(_per_sample(x_t)), x_t.new_empty(_per_sample(x_t))
+
+
+@torch.library.custom_op(f"{NS}::sampler_step", mutates_args=())
+def sampler_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table_: torch.Tensor,
+                    noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], ddim: bool, mean_type: int,
+                    var_type: int, clip: bool, dynamic_threshold: float, sample_max_value: float,
+                    eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample, pred_xstart) of one DDPM (ddim=False) or DDIM step; noise tensor, or Philox from seed[0], or none."""
+    outs = [torch.empty_like(x_t), torch.empty_like(x_t)]
+    if x_t.numel():
+        _launch(2 if ddim else 1, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip,
+                _dt(dynamic_threshold), sample_max_value, eta, outs)
+    return outs[0], outs[1]
+
+
+@sampler_step_op.register_fake
+def _(model_output, x_t, t, table_, noise, seed, ddim, mean_type, var_type, clip, dynamic_threshold, sample_max_value,
+      eta):
+    return torch.empty_like(x_t), torch.empty_like(x_t)
+
+
+# -- backend functions -------------------------------------------------------------------------
+def _table(schedule, x_t):
+    return table(schedule, x_t.device, compute_dtype(x_t))
+
+
+def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False,
+                    dynamic_threshold=None, sample_max_value=1.0):
+    """dict mean, variance, log_variance, pred_xstart in x_t's dtype (not differentiable on this backend)."""
+    check_device(model_output, x_t)
+    if float64_fallback(x_t):
+        return reference.p_mean_variance(model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
+                                         clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
+                                         sample_max_value=sample_max_value)
+    mean, px, var, logvar = p_mean_variance_op(
+        model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type], bool(clip_denoised),
+        -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value))
+    return {"mean": mean, "variance": var, "log_variance": logvar, "pred_xstart": px}
+
+
+def _noise_args(noise, generator, seed, device, wanted):
+    if not wanted:
+        return None, None
+    if noise is not None:
+        return noise, None
+    return None, seed_tensor(seed, generator, device)
+
+
+def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True, dynamic_threshold=None,
+                  sample_max_value=1.0, noise=None, generator=None, seed=None):
+    """dict sample, pred_xstart (x_t's dtype). Noise: the tensor, else Philox in-kernel from seed / generator."""
+    check_device(model_output, x_t, noise)
+    if float64_fallback(x_t):
+        return reference.p_sample_step(model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
+                                       clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
+                                       sample_max_value=sample_max_value, noise=noise, generator=generator, seed=seed)
+    nz, sd = _noise_args(noise, generator, seed, x_t.device, True)
+    sample, px = sampler_step_op(
+        model_output, x_t, t, _table(schedule, x_t), nz, sd, False, MEAN_IDS[mean_type], VAR_IDS[var_type],
+        bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value),
+        0.0)
+    return {"sample": sample, "pred_xstart": px}
+
+
+def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,
+              sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None, seed=None):
+    """dict sample, pred_xstart (x_t's dtype); noise only when eta != 0."""
+    check_device(model_output, x_t, noise)
+    if float64_fallback(x_t):
+        return reference.ddim_step(model_output, x_t, t, schedule, eta=eta, clip_denoised=clip_denoised,
+                                   dynamic_threshold=dynamic_threshold, sample_max_value=sample_max_value,
+                                   mean_type=mean_type, var_type=var_type, noise=noise, generator=generator,
+                                   seed=seed)
+    nz, sd = _noise_args(noise, generator, seed, x_t.device, eta != 0.0)
+    sample, px = sampler_step_op(
+        model_output, x_t, t, _table(schedule, x_t), nz, sd, True, MEAN_IDS[mean_type], VAR_IDS[var_type],
+        bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value),
+        float(eta))
+    return {"sample": sample, "pred_xstart": px}

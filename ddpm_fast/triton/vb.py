@@ -1,0 +1,319 @@
+"""The variational bound and the training losses: ONE forward and ONE backward kernel for both.
+
+Forward (grid: chunks of a sample x samples): per element, x_t (given, or q_sample(x0, noise) in-kernel),
+the model's x0 / mean / log variance, the posterior, the KL (t > 0) or the decoder NLL (t = 0; a
+per-sample branch, so only those samples compute it) and the squared error on the target; each
+program writes its partial sums to a [B, 2, n_chunks] buffer. A finishing kernel (one program per
+sample) sums them in a fixed order and applies the weighting: deterministic, batch-independent.
+Backward: one pass recomputing what it needs from (model_output, x0, x_t or noise, t), writing the
+gradient of model_output (both halves for a learned variance; under the hybrid loss the vb term sees
+the mean half through a stop-gradient). Gradients flow to model_output only.
+Modes: "vb" (vb_terms_bpd: x_t given), "mse", "rescaled_mse", "kl", "rescaled_kl" (training_losses).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _math as M
+from ._layout import flat_strides, run
+from .. import reference
+from ._runtime import float64_fallback, LEARNED, MEAN_IDS, VAR_IDS, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
+
+NS = "ddpm_fast_triton"
+WEIGHTING_IDS = {"simple": 0, "elbo": 1, "min_snr": 2}
+MODES = ("vb", "mse", "rescaled_mse", "kl", "rescaled_kl")
+
+
+@triton.jit
+def _load(ptr, b, n, m, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr, CDT: tl.constexpr):
+    return tl.load(ptr + M.offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+
+
+@triton.jit
+def _target(out, x0, xn, xt, table_ptr, t, MEAN: tl.constexpr):
+    """The MSE target for the mean type (xn is the noise)."""
+    if MEAN == 0:
+        return xn
+    elif MEAN == 1:
+        return x0
+    elif MEAN == 2:
+        return M.posterior_mean(x0, xt, table_ptr, t)
+    else:
+        return M.col(table_ptr, t, M.SQRT_ABAR) * xn - M.col(table_ptr, t, M.SQRT_1M_ABAR) * x0
+
+
+@triton.jit
+def _model_mean(out, xt, table_ptr, t, MEAN: tl.constexpr, CLIP: tl.constexpr):
+    """(model mean, unclipped x0): the raw output for x_prev, else the posterior mean at the (clipped) x0."""
+    raw = M.predict_xstart(out, xt, table_ptr, t, MEAN)
+    if MEAN == 2:
+        return out, raw
+    else:
+        px = raw
+        if CLIP:
+            px = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+        return M.posterior_mean(px, xt, table_ptr, t), raw
+
+
+@triton.jit
+def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
+                   m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
+                   N, T, D2, D3, n_chunks,
+                   MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
+                   DO_VB: tl.constexpr, DO_MSE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                   CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0)
+    n = chunk * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    out = _load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    x0 = _load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xn = _load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    if FROM_NOISE:
+        xt = M.col(table_ptr, t, M.SQRT_ABAR) * x0 + M.col(table_ptr, t, M.SQRT_1M_ABAR) * xn
+    else:
+        xt = xn
+    mse_part = tl.sum(tl.zeros([BLOCK], CDT), axis=0)
+    vb_part = tl.sum(tl.zeros([BLOCK], CDT), axis=0)
+    if DO_MSE:
+        d = _target(out, x0, xn, xt, table_ptr, t, MEAN) - out
+        mse_part = tl.sum(tl.where(m, d * d, 0.0), axis=0)
+    if DO_VB:
+        if VAR >= 2:
+            v = _load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
+        else:
+            v = out
+        lv = M.model_log_variance(v, table_ptr, t, VAR)
+        mean, raw = _model_mean(out, xt, table_ptr, t, MEAN, CLIP)
+        if t > 0:
+            term = M.normal_kl(M.posterior_mean(x0, xt, table_ptr, t), M.col(table_ptr, t, M.POST_LOGVAR), mean, lv)
+        else:
+            term = -M.discretized_gaussian_ll(x0, mean, 0.5 * lv)
+        vb_part = tl.sum(tl.where(m, term, 0.0), axis=0)
+    tl.store(part_ptr + (2 * b) * n_chunks + chunk, vb_part)
+    tl.store(part_ptr + (2 * b + 1) * n_chunks + chunk, mse_part)
+
+
+@triton.jit
+def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_chunks, N, T, gamma, vb_scale, loss_scale,
+                      MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr, DO_VB: tl.constexpr,
+                      DO_MSE: tl.constexpr, CBLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = M.load_t(t_ptr, b, T)
+    vb = M.row_sum(part_ptr, 2 * b, n_chunks, CBLOCK) / N / 0.6931471805599453 * vb_scale
+    mse = M.row_sum(part_ptr, 2 * b + 1, n_chunks, CBLOCK) / N
+    if DO_MSE:
+        loss = M.loss_weight(table_ptr, t, gamma, MEAN, VAR, WEIGHTING) * mse
+        if DO_VB:
+            loss = loss + vb
+    else:
+        loss = vb * loss_scale
+    tl.store(loss_ptr + b, loss)
+    tl.store(mse_ptr + b, mse)
+    tl.store(vb_ptr + b, vb)
+
+
+@triton.jit
+def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_ptr, gmv_ptr, t_ptr, table_ptr,
+                   m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
+                   gm_sb, gm_s1, gm_s2, gm_s3, gv_sb, gv_s1, gv_s2, gv_s3,
+                   N, T, D2, D3, gamma, vb_scale, loss_scale,
+                   MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
+                   DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr, WEIGHTING: tl.constexpr,
+                   FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = M.load_t(t_ptr, b, T)
+    g_loss = tl.load(gl_ptr + b).to(CDT)
+    out = _load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    x0 = _load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xn = _load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    if FROM_NOISE:
+        xt = M.col(table_ptr, t, M.SQRT_ABAR) * x0 + M.col(table_ptr, t, M.SQRT_1M_ABAR) * xn
+    else:
+        xt = xn
+    g_out = tl.zeros([BLOCK], CDT)
+    if DO_MSE:
+        w = M.loss_weight(table_ptr, t, gamma, MEAN, VAR, WEIGHTING)
+        coef = (g_loss * w + tl.load(gm_ptr + b).to(CDT)) * 2.0 / N
+        g_out = coef * (out - _target(out, x0, xn, xt, table_ptr, t, MEAN))
+    if DO_VB:
+        G = (tl.load(gv_ptr + b).to(CDT) + g_loss * loss_scale) * vb_scale / N / 0.6931471805599453
+        if VAR >= 2:
+            v = _load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
+        else:
+            v = out
+        lv = M.model_log_variance(v, table_ptr, t, VAR)
+        mean, raw = _model_mean(out, xt, table_ptr, t, MEAN, CLIP)
+        if t > 0:
+            _a, _b, dm, dlv = M.normal_kl_grads(M.posterior_mean(x0, xt, table_ptr, t),
+                                                M.col(table_ptr, t, M.POST_LOGVAR), mean, lv)
+        else:
+            dmu, dls = M.discretized_gaussian_ll_grads(x0, mean, 0.5 * lv)
+            dm = -dmu
+            dlv = -0.5 * dls
+        if VB_MEAN_GRAD:
+            if MEAN == 2:
+                g_out += G * dm
+            else:
+                dpx = M.col(table_ptr, t, M.POST_C1) * dm
+                if CLIP:
+                    dpx = tl.where((raw >= -1.0) & (raw <= 1.0), dpx, 0.0)
+                g_out += G * dpx * M.dxstart_dout(table_ptr, t, MEAN)
+        if VAR >= 2:
+            tl.store(gmv_ptr + M.offsets(b, n, gv_sb, gv_s1, gv_s2, gv_s3, D2, D3, FLAT),
+                     G * dlv * M.dlogvar_dv(table_ptr, t, VAR), mask=m)
+    tl.store(gmo_ptr + M.offsets(b, n, gm_sb, gm_s1, gm_s2, gm_s3, D2, D3, FLAT), g_out, mask=m)
+
+
+# -- launch configuration --------------------------------------------------------------------------
+def _flags(mode: str, var_type: int, num_timesteps: int) -> dict:
+    learned = var_type in LEARNED
+    do_mse = mode in ("mse", "rescaled_mse")
+    return dict(
+        FROM_NOISE=mode != "vb",
+        DO_MSE=do_mse,
+        DO_VB=(not do_mse) or learned,
+        VB_MEAN_GRAD=not do_mse,
+        # vb output = vb term * vb_scale; loss = weighted mse + vb output (hybrid) or vb output * loss_scale
+        vb_scale=num_timesteps / 1000.0 if mode == "rescaled_mse" else 1.0,
+        loss_scale=float(num_timesteps) if mode == "rescaled_kl" else 1.0,
+    )
+
+
+def _halves(mo: torch.Tensor, var_type: int):
+    if var_type in LEARNED:
+        c = mo.shape[1] // 2
+        return mo[:, :c], mo[:, c:]
+    return mo, mo
+
+
+def _check_mode(mode, weighting):
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown {mode!r}; expected one of {MODES}")
+    if weighting not in (0, 1, 2):
+        raise ValueError(f"weighting: unknown id {weighting!r}")
+
+
+@torch.library.custom_op(f"{NS}::vb_losses", mutates_args=())
+def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor,
+                 table_: torch.Tensor, mean_type: int, var_type: int, mode: str, clip: bool, weighting: int,
+                 min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
+    _check_mode(mode, weighting)
+    B, T = x0.shape[0], table_.shape[0]
+    f = _flags(mode, var_type, T)
+    outs = [torch.empty(B, dtype=table_.dtype, device=x0.device) for _ in range(3)]
+    if B == 0 or x0.numel() == 0:
+        return tuple(o.fill_(float("nan")) for o in outs)
+    mo, mv = _halves(model_output, var_type)
+
+    def launch(ins, _, p):
+        BLOCK, warps = block_for(p.n)
+        n_chunks = cdiv(p.n, BLOCK)
+        part = torch.empty((B, 2, n_chunks), dtype=table_.dtype, device=x0.device)
+        _vb_fwd_kernel[(n_chunks, B)](
+            *ins, part, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2], n_chunks,
+            MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"],
+            DO_MSE=f["DO_MSE"], FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
+        _vb_finish_kernel[(B,)](
+            part, *outs, t, table_, n_chunks, p.n, T, min_snr_gamma, f["vb_scale"], f["loss_scale"],
+            MEAN=mean_type, VAR=var_type, WEIGHTING=weighting, DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], CBLOCK=64)
+
+    run([mo, mv, x0, xn], [], launch)
+    return tuple(outs)
+
+
+@vb_losses_op.register_fake
+def _(model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
+    return tuple(x0.new_empty((x0.shape[0],), dtype=table_.dtype) for _ in range(3))
+
+
+@torch.library.custom_op(f"{NS}::vb_losses_backward", mutates_args=())
+def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch.Tensor, model_output: torch.Tensor,
+                          x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mean_type: int,
+                          var_type: int, mode: str, clip: bool, weighting: int,
+                          min_snr_gamma: float) -> torch.Tensor:
+    """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
+    _check_mode(mode, weighting)
+    B, T = x0.shape[0], table_.shape[0]
+    f = _flags(mode, var_type, T)
+    grad = torch.empty_like(model_output)
+    if grad.numel() == 0:
+        return grad
+    mo, mv = _halves(model_output, var_type)
+    gmo, gmv = _halves(grad, var_type)
+
+    def launch(ins, outs, p):
+        BLOCK, warps = block_for(p.n)
+        _vb_bwd_kernel[(cdiv(p.n, BLOCK), B)](
+            g_loss, g_mse, g_vb, *ins, *outs, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2],
+            min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"],
+            DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"], WEIGHTING=weighting,
+            FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
+
+    run([mo, mv, x0, xn], [gmo, gmv], launch)
+    return grad
+
+
+@vb_losses_backward_op.register_fake
+def _(g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting,
+      min_snr_gamma):
+    return torch.empty_like(model_output)
+
+
+def _setup(ctx, inputs, output):
+    mo, x0, xn, t, table_, *flags = inputs
+    ctx.flags = flags
+    ctx.save_for_backward(mo, x0, xn, t, table_)
+
+
+def _backward(ctx, g_loss, g_mse, g_vb):
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise NotImplementedError(
+            "backend='triton': vb_terms_bpd / training_losses differentiate with respect to model_output only; "
+            "detach x0, x_t and noise (or use backend='reference')"
+        )
+    mo, x0, xn, t, table_ = ctx.saved_tensors
+    B = x0.shape[0]
+    zero = lambda g: g.contiguous() if g is not None else x0.new_zeros((B,), dtype=table_.dtype)  # noqa: E731
+    grad = vb_losses_backward_op(zero(g_loss), zero(g_mse), zero(g_vb), mo, x0, xn, t, table_, *ctx.flags)
+    return (grad,) + (None,) * 10
+
+
+vb_losses_op.register_autograd(_backward, setup_context=_setup)
+
+
+# -- backend functions -------------------------------------------------------------------------
+def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False):
+    """[B] bits/dim (float32, float64 for float64 inputs)."""
+    check_device(model_output, x0, x_t)
+    if float64_fallback(x0):
+        return reference.vb_terms_bpd(model_output, x0, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
+                                      clip_denoised=clip_denoised)
+    tab = table(schedule, x0.device, compute_dtype(x0))
+    return vb_losses_op(model_output, x0, x_t, t, tab, MEAN_IDS[mean_type], VAR_IDS[var_type], "vb",
+                        bool(clip_denoised), 0, 5.0)[2]
+
+
+def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
+                    min_snr_gamma=5.0):
+    """dict of [B] tensors: loss, and mse (mse losses) / vb (kl losses, or a learned variance)."""
+    check_device(model_output, x0, noise)
+    if float64_fallback(x0):
+        return reference.training_losses(model_output, x0, t, noise, schedule, mean_type=mean_type, var_type=var_type,
+                                         loss_type=loss_type, weighting=weighting, min_snr_gamma=min_snr_gamma)
+    tab = table(schedule, x0.device, compute_dtype(x0))
+    var_id = VAR_IDS[var_type]
+    loss, mse, vb = vb_losses_op(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,
+                                 WEIGHTING_IDS[weighting], float(min_snr_gamma))
+    if loss_type in ("kl", "rescaled_kl"):
+        return {"loss": loss, "vb": vb}
+    terms = {"mse": mse, "loss": loss}
+    if var_id in LEARNED:
+        terms["vb"] = vb
+    return terms
