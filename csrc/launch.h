@@ -1,0 +1,51 @@
+// launch.h -- what ops.cpp hands to a device driver (cpu/kernels.cpp, cuda/kernels.cu).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "ddpm_elem.h"
+#include "layout.h"
+
+namespace ddpm {
+
+// The per-element body to run (see ddpm_elem.h).
+enum class Body {
+  QSample, LinearBackward, Posterior, Predict, PMeanVar, PSample, Ddim, Vb, Train, Scale, Prior,
+  PriorBackward, NormalKl, NormalKlBackward, Dgll, DgllBackward
+};
+
+// One [B, ...] tensor as the drivers see it (absent when base == nullptr).
+struct Operand {
+  char* base = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t batch_stride = 0;                  // elements
+  bool direct = false;                       // element e of sample b at base + b * batch_stride + e
+  std::array<int64_t, kMaxDims> stride{};    // element strides in the plan's iteration order
+};
+
+struct Launch {
+  Body body = Body::QSample;
+  Plan plan;
+  std::vector<Operand> in, out;              // F::NI inputs, F::NO outputs
+  bool dbl = false;                          // compute in double (float64 inputs) else float
+  const void* table = nullptr;               // [T, ncols] in the compute dtype, or nullptr
+  int64_t ncols = 0, nrows = 0;
+  const int64_t* t = nullptr;                // [B] timesteps, or nullptr: use fixed_t
+  int64_t fixed_t = 0;
+  Params<float> pf;                          // options (float compute)
+  Params<double> pd;                         // options (double compute)
+  int noise_input = -1;                      // input index drawn from Philox(seed, b * N + i)
+  uint64_t seed = 0;
+  std::array<void*, 4> finals{};             // NF per-sample results [B] in the compute dtype
+};
+
+void launch_cpu(const Launch& L);
+#ifdef DDPM_WITH_CUDA
+void launch_cuda(const Launch& L);
+#endif
+
+}  // namespace ddpm

@@ -1,0 +1,99 @@
+// layout.h -- host-side iteration plans shared by the CPU and CUDA implementations (the fake impls in
+// ddpm_fast/native.py give their outputs the same layout: _plan_strides).
+//
+// Every kernel walks a tensor [B, ...] one sample at a time, over the N = numel / B elements of a
+// sample in one iteration order. The order is the memory order of a "reference" input when its
+// non-batch dims are dense (contiguous, channels_last, any permutation), else row-major. Outputs are
+// allocated in that order (so they are always "direct"); an operand whose non-batch strides equal
+// the plan's dense strides is direct too (element e of sample b at base + b * batch_stride + e);
+// any other operand (slices, broadcast views, other layouts) is gathered / scattered by strides.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <numeric>
+#include <vector>
+
+namespace ddpm {
+
+constexpr int kMaxDims = 8;  // non-batch dims
+
+struct Plan {
+  int64_t B = 0, N = 0;
+  int nd = 0;                                  // non-batch dims, in iteration order (outer -> inner)
+  std::array<int, kMaxDims> dim{};             // tensor dim (1-based) of iteration dim k
+  std::array<int64_t, kMaxDims> size{};        // its size
+  std::array<int64_t, kMaxDims> dense{};       // dense stride (elements) of iteration dim k
+  bool row_major = true;                       // iteration order == logical row-major order
+  // strides of a tensor laid out in this plan (batch stride N)
+  std::vector<int64_t> out_strides(int64_t ndim) const {
+    std::vector<int64_t> s(ndim, 1);
+    s[0] = N;
+    for (int k = 0; k < nd; ++k) s[dim[k]] = dense[k];
+    return s;
+  }
+};
+
+// The plan of tensor `ref` ([B, ...], at least 1-d).
+inline Plan make_plan(const at::Tensor& ref) {
+  Plan p;
+  const int64_t ndim = ref.dim();
+  TORCH_CHECK(ndim >= 1 && ndim - 1 <= kMaxDims, "ddpm_fast: tensors need 1 to ", kMaxDims + 1, " dims");
+  p.B = ref.size(0);
+  p.nd = static_cast<int>(ndim - 1);
+  p.N = 1;
+  for (int64_t d = 1; d < ndim; ++d) p.N *= ref.size(d);
+  std::vector<int> order(p.nd);
+  std::iota(order.begin(), order.end(), 1);
+  // Candidate order: size-1 dims first (they do not matter), then the others by decreasing stride.
+  std::vector<int> cand, big;
+  for (int d : order) (ref.size(d) == 1 ? cand : big).push_back(d);
+  std::stable_sort(big.begin(), big.end(), [&](int a, int b) { return ref.stride(a) > ref.stride(b); });
+  cand.insert(cand.end(), big.begin(), big.end());
+  bool dense = true;
+  int64_t expect = 1;
+  for (int k = p.nd - 1; k >= 0; --k) {
+    int d = cand[k];
+    if (ref.size(d) == 1) continue;
+    if (ref.stride(d) != expect) { dense = false; break; }
+    expect *= ref.size(d);
+  }
+  const std::vector<int>& use = dense ? cand : order;
+  int64_t s = 1;
+  for (int k = p.nd - 1; k >= 0; --k) {
+    p.dim[k] = use[k];
+    p.size[k] = ref.size(use[k]);
+    p.dense[k] = s;
+    s *= p.size[k];
+  }
+  for (int k = 0; k < p.nd; ++k)
+    if (p.size[k] > 1 && p.dim[k] != k + 1) p.row_major = false;
+  if (!p.row_major) {  // a permutation that only moves size-1 dims is still row-major
+    std::vector<int> moved;
+    for (int k = 0; k < p.nd; ++k)
+      if (p.size[k] > 1) moved.push_back(p.dim[k]);
+    p.row_major = std::is_sorted(moved.begin(), moved.end());
+  }
+  return p;
+}
+
+// A new tensor of `sizes` (same non-batch sizes as the plan) laid out in the plan's order.
+inline at::Tensor alloc_like_plan(const Plan& p, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::empty_strided(sizes, p.out_strides(static_cast<int64_t>(sizes.size())), opts);
+}
+
+// Whether a tensor of the plan's shape can be walked as base + b * batch_stride + e.
+inline bool is_direct(const Plan& p, const at::Tensor& x) {
+  for (int k = 0; k < p.nd; ++k)
+    if (p.size[k] > 1 && x.stride(p.dim[k]) != p.dense[k]) return false;
+  return true;
+}
+
+// The gradient of model_output [B, C or 2C, ...]: allocated in model_output's suggested memory format.
+inline at::Tensor alloc_grad_like(const at::Tensor& mo, at::ScalarType dtype) {
+  return at::empty(mo.sizes(), mo.options().dtype(dtype).memory_format(mo.suggest_memory_format()));
+}
+
+}  // namespace ddpm

@@ -1,0 +1,392 @@
+"""The compiled CPU kernels (ddpm_fast._C via ddpm_fast.native) against the reference.
+
+Comparison rule (DESIGN.md, flash-attention style): the kernel's error against a float64 reference
+computed from the same inputs is at most twice the error of the same-precision PyTorch reference,
+plus a small floor for the output dtype. The first test run builds the extension (about a minute).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ddpm_fast as F
+from ddpm_fast import backends, native
+from ddpm_fast import reference as R
+
+ok, why = native.availability("cpu")
+if not ok:  # a build failure must fail CI, not skip it
+    pytest.fail(f"the compiled extension is unavailable: {why}", pytrace=False)
+
+OPS = torch.ops.ddpm_fast
+SCHEDULE = F.NoiseSchedule.named("cosine", 1000)
+T = SCHEDULE.num_timesteps
+FLOOR = {  # (atol, rtol) of the output dtype: a few units in the last place
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-6, 2e-6),
+    torch.float16: (1e-5, 1e-3),
+    torch.bfloat16: (1e-5, 8e-3),
+}
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def assert_close(out, ref_lp, ref64, what=""):
+    """Per sample (dim 0): max |out - ref64| <= 2 max |ref_lp - ref64| + atol + rtol max |ref64|.
+
+    The flash-attention rule, applied to each sample's slice so that samples of very different
+    magnitude (t = 0 next to t = T-1) each get their own bound. NaN / inf positions must agree.
+    """
+    assert out.dtype == ref_lp.dtype, f"{what}: dtype {out.dtype} != {ref_lp.dtype}"
+    assert out.shape == ref_lp.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_lp.shape)}"
+    o, r, e = out.double(), ref_lp.double(), ref64.double()
+    assert torch.equal(torch.isfinite(o), torch.isfinite(r)), f"{what}: non-finite values differ"
+    fin = torch.isfinite(r)
+    o, r, e = [torch.where(fin, x, torch.zeros_like(x)).reshape(x.shape[0] if x.ndim else 1, -1) for x in (o, r, e)]
+    atol, rtol = FLOOR[out.dtype]
+    err = (o - e).abs().amax(dim=1)
+    bound = 2 * (r - e).abs().amax(dim=1) + atol + rtol * e.abs().amax(dim=1)
+    bad = err > bound
+    assert not bad.any(), (f"{what}: samples {bad.nonzero().flatten().tolist()} off; errors "
+                           f"{err[bad].tolist()} > bounds {bound[bad].tolist()}")
+
+
+def inputs(B=5, shape=(3, 5, 7), learned=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = (torch.rand((B, *shape), generator=g) * 2 - 1).to(dtype)
+    noise = torch.randn((B, *shape), generator=g).to(dtype)
+    c = shape[0] * (2 if learned else 1)
+    mo = torch.randn((B, c, *shape[1:]), generator=g).to(dtype)
+    t = torch.tensor([0, 1, 10, 500, T - 1] * ((B + 4) // 5))[:B]
+    return mo, x0, noise, t
+
+
+def up(x):
+    return None if x is None else x.double()
+
+
+def compare_dicts(a, b_lp, b64, what):
+    assert a.keys() == b_lp.keys(), (what, a.keys(), b_lp.keys())
+    for k in a:
+        assert_close(a[k], b_lp[k], b64[k], f"{what}[{k}]")
+
+
+# -- training losses: every mean / variance / loss type and weighting, values and gradients ---------
+LOSS_CASES = [(m, v, lt, "simple") for m in R.MEAN_TYPES for v in R.VAR_TYPES for lt in R.LOSS_TYPES] + [
+    (m, v, "mse", w) for m in R.MEAN_TYPES for v in R.VAR_TYPES for w in ("elbo", "min_snr")
+    if not (w == "min_snr" and m == "x_prev")
+]
+
+
+@pytest.mark.parametrize("mean_type,var_type,loss_type,weighting", LOSS_CASES)
+def test_training_losses(mean_type, var_type, loss_type, weighting):
+    mo, x0, noise, t = inputs(learned=var_type in R.LEARNED_VAR_TYPES)
+    kw = dict(mean_type=mean_type, var_type=var_type, loss_type=loss_type, weighting=weighting, min_snr_gamma=5.0)
+    w = torch.randn(mo.shape[0], generator=torch.Generator().manual_seed(1))
+    results = []
+    for fn, m in ((native.training_losses, mo), (R.training_losses, mo), (R.training_losses, up(mo))):
+        m = m.clone().requires_grad_()
+        cast = up if m.dtype == torch.float64 else (lambda x: x)
+        out = fn(m, cast(x0), t, cast(noise), SCHEDULE, **kw)
+        sum((v * w.to(v.dtype)).sum() for v in out.values()).backward()
+        results.append(({k: v.detach() for k, v in out.items()}, m.grad))
+    (a, ga), (b, gb), (c, gc) = results
+    compare_dicts(a, b, c, f"{kw}")
+    assert_close(ga, gb, gc, f"{kw} grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_training_losses_dtypes(dtype):
+    mo, x0, noise, t = inputs(learned=True, dtype=dtype)
+    kw = dict(mean_type="epsilon", var_type="learned_range", loss_type="mse")
+    compare_dicts(native.training_losses(mo, x0, t, noise, SCHEDULE, **kw),
+                  R.training_losses(mo, x0, t, noise, SCHEDULE, **kw),
+                  R.training_losses(up(mo), up(x0), t, up(noise), SCHEDULE, **kw), str(dtype))
+
+
+def test_training_losses_grad_wrt_x0_falls_back_to_reference():
+    mo, x0, noise, t = inputs(learned=True)
+    kw = dict(mean_type="epsilon", var_type="learned_range", loss_type="kl")
+    xa, xb = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    native.training_losses(mo, xa, t, noise, SCHEDULE, **kw)["loss"].sum().backward()
+    R.training_losses(mo, xb, t, noise, SCHEDULE, **kw)["loss"].sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+# -- the variational bound ------------------------------------------------------------------------------
+@pytest.mark.parametrize("mean_type", R.MEAN_TYPES)
+@pytest.mark.parametrize("var_type", R.VAR_TYPES)
+@pytest.mark.parametrize("clip", [False, True])
+def test_vb_terms_bpd(mean_type, var_type, clip):
+    mo, x0, noise, t = inputs(learned=var_type in R.LEARNED_VAR_TYPES)
+    x_t = R.q_sample(x0, t, noise, SCHEDULE)
+    kw = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip)
+    outs = []
+    for fn, m, a, b in ((native.vb_terms_bpd, mo, x0, x_t), (R.vb_terms_bpd, mo, x0, x_t),
+                        (R.vb_terms_bpd, up(mo), up(x0), up(x_t))):
+        m = m.clone().requires_grad_()
+        v = fn(m, a, b, t, SCHEDULE, **kw)
+        (v * torch.arange(1.0, 6.0, dtype=v.dtype)).sum().backward()
+        outs.append((v.detach(), m.grad))
+    assert_close(outs[0][0], outs[1][0], outs[2][0], f"vb {kw}")
+    assert_close(outs[0][1], outs[1][1], outs[2][1], f"vb grad {kw}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prior_bpd(dtype):
+    _, x0, _, _ = inputs(dtype=dtype)
+    assert_close(native.prior_bpd(x0, SCHEDULE), R.prior_bpd(x0, SCHEDULE), R.prior_bpd(up(x0), SCHEDULE), "prior")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normal_kl_and_decoder_likelihood_broadcast(dtype):
+    g = torch.Generator().manual_seed(3)
+    m1, m2 = torch.randn(4, 3, 5, generator=g).to(dtype), torch.randn(4, 3, 5, generator=g).to(dtype)
+    lv1, lv2 = torch.randn(4, 1, 1, generator=g).to(dtype), torch.randn(1, 3, 5, generator=g).to(dtype)
+    assert_close(native.normal_kl(m1, lv1, m2, lv2), R.normal_kl(m1, lv1, m2, lv2),
+                 R.normal_kl(up(m1), up(lv1), up(m2), up(lv2)), "normal_kl")
+    x = (torch.randint(0, 256, (4, 3, 5), generator=g).double() / 127.5 - 1).to(dtype)
+    ls = (torch.randn(4, 1, 5, generator=g) - 3).to(dtype)
+    assert_close(native.discretized_gaussian_log_likelihood(x, m1, ls), R.discretized_gaussian_log_likelihood(x, m1, ls),
+                 R.discretized_gaussian_log_likelihood(up(x), up(m1), up(ls)), "dgll")
+
+
+# -- forward process, posterior, prediction -------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 3, 5, 7), (1, 3, 5, 7), (2, 3, 40, 41), (4, 7)])
+def test_q_sample_and_posterior(dtype, shape):
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    t = torch.randint(0, T, (shape[0],), generator=g)
+    assert_close(native.q_sample(x0, t, noise, SCHEDULE), R.q_sample(x0, t, noise, SCHEDULE),
+                 R.q_sample(up(x0), t, up(noise), SCHEDULE), "q_sample")
+    for a, b, c in zip(native.q_posterior(x0, noise, t, SCHEDULE), R.q_posterior(x0, noise, t, SCHEDULE),
+                       R.q_posterior(up(x0), up(noise), t, SCHEDULE)):
+        assert_close(a, b, c, "q_posterior")
+    for mean_type in R.MEAN_TYPES:
+        assert_close(native.predict_xstart(noise, x0, t, SCHEDULE, mean_type=mean_type),
+                     R.predict_xstart(noise, x0, t, SCHEDULE, mean_type=mean_type),
+                     R.predict_xstart(up(noise), up(x0), t, SCHEDULE, mean_type=mean_type), mean_type)
+
+
+@pytest.mark.parametrize("mean_type", R.MEAN_TYPES)
+@pytest.mark.parametrize("var_type", R.VAR_TYPES)
+@pytest.mark.parametrize("clip,threshold", [(False, None), (True, None), (True, 0.9)])
+def test_p_mean_variance_and_steps(mean_type, var_type, clip, threshold):
+    mo, x0, noise, t = inputs(learned=var_type in R.LEARNED_VAR_TYPES)
+    x_t = R.q_sample(x0, t, noise, SCHEDULE)
+    kw = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip, dynamic_threshold=threshold,
+              sample_max_value=1.5)
+    compare_dicts(native.p_mean_variance(mo, x_t, t, SCHEDULE, **kw), R.p_mean_variance(mo, x_t, t, SCHEDULE, **kw),
+                  R.p_mean_variance(up(mo), up(x_t), t, SCHEDULE, **kw), f"pmv {kw}")
+    compare_dicts(native.p_sample_step(mo, x_t, t, SCHEDULE, noise=noise, **kw),
+                  R.p_sample_step(mo, x_t, t, SCHEDULE, noise=noise, **kw),
+                  R.p_sample_step(up(mo), up(x_t), t, SCHEDULE, noise=up(noise), **kw), f"p_sample {kw}")
+    for eta in (0.0, 0.7):
+        compare_dicts(native.ddim_step(mo, x_t, t, SCHEDULE, eta=eta, noise=noise, **kw),
+                      R.ddim_step(mo, x_t, t, SCHEDULE, eta=eta, noise=noise, **kw),
+                      R.ddim_step(up(mo), up(x_t), t, SCHEDULE, eta=eta, noise=up(noise), **kw), f"ddim {eta} {kw}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampler_steps_dtypes(dtype):
+    mo, x0, noise, t = inputs(learned=True, dtype=dtype)
+    x_t = R.q_sample(x0, t, noise, SCHEDULE)
+    kw = dict(mean_type="epsilon", var_type="learned_range", noise=noise)
+    compare_dicts(native.p_sample_step(mo, x_t, t, SCHEDULE, **kw), R.p_sample_step(mo, x_t, t, SCHEDULE, **kw),
+                  R.p_sample_step(up(mo), up(x_t), t, SCHEDULE, mean_type="epsilon", var_type="learned_range",
+                                  noise=up(noise)), str(dtype))
+
+
+# -- layouts --------------------------------------------------------------------------------------------
+def test_channels_last_and_strided_inputs():
+    mo, x0, noise, t = inputs(B=3, shape=(3, 6, 8), learned=True)
+    cl = [x.contiguous(memory_format=torch.channels_last) for x in (mo, x0, noise)]
+    sl = [torch.randn(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3])[..., ::2] for x in (mo, x0, noise)]
+    kw = dict(mean_type="epsilon", var_type="learned_range", loss_type="mse")
+    for m, a, n in (cl, sl, (cl[0], x0, sl[2])):
+        compare_dicts(native.training_losses(m, a, t, n, SCHEDULE, **kw), R.training_losses(m, a, t, n, SCHEDULE, **kw),
+                      R.training_losses(up(m), up(a), t, up(n), SCHEDULE, **kw), "layout")
+        grads = []
+        for fn, mm, aa, nn in ((native.training_losses, m, a, n), (R.training_losses, m, a, n),
+                               (R.training_losses, up(m), up(a), up(n))):
+            mm = mm.clone().requires_grad_()
+            fn(mm, aa, t, nn, SCHEDULE, **kw)["loss"].sum().backward()
+            grads.append(mm.grad)
+        assert_close(*grads, "layout grad")
+        out = native.q_sample(a, t, n, SCHEDULE)
+        assert_close(out, R.q_sample(a, t, n, SCHEDULE), R.q_sample(up(a), t, up(n), SCHEDULE), "q_sample layout")
+        step = native.p_sample_step(m, a, t, SCHEDULE, mean_type="v", var_type="learned", noise=n)
+        compare_dicts(step, R.p_sample_step(m, a, t, SCHEDULE, mean_type="v", var_type="learned", noise=n),
+                      R.p_sample_step(up(m), up(a), t, SCHEDULE, mean_type="v", var_type="learned", noise=up(n)), "ps")
+    out = native.q_sample(cl[1], t, cl[2], SCHEDULE)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # outputs keep a dense input's layout
+
+
+# -- determinism ----------------------------------------------------------------------------------------
+def test_reductions_deterministic_and_batch_independent():
+    mo, x0, noise, t = inputs(B=5, shape=(3, 40, 41), learned=True)  # several chunks per sample
+    kw = dict(mean_type="epsilon", var_type="learned_range", loss_type="mse")
+    full = native.training_losses(mo, x0, t, noise, SCHEDULE, **kw)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = native.training_losses(mo, x0, t, noise, SCHEDULE, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    for k in full:
+        assert torch.equal(full[k], single[k]), k
+    for i in (0, 3):
+        one = native.training_losses(mo[i:i + 1], x0[i:i + 1], t[i:i + 1], noise[i:i + 1], SCHEDULE, **kw)
+        for k in full:
+            assert torch.equal(one[k][0], full[k][i]), (k, i)
+
+
+# -- in-kernel noise ------------------------------------------------------------------------------------
+def _drawn_noise(x_t, t, **kw):
+    """The N(0, 1) draw of a p_sample step, recovered as (sample - mean) / std (fixed_small variance)."""
+    mo = torch.zeros_like(x_t)
+    step = native.p_sample_step(mo, x_t, t, SCHEDULE, mean_type="epsilon", var_type="fixed_small",
+                                clip_denoised=False, **kw)
+    pmv = R.p_mean_variance(mo, x_t, t, SCHEDULE, mean_type="epsilon", var_type="fixed_small")
+    return ((step["sample"].double() - pmv["mean"].double()) / pmv["variance"].double().sqrt()).float()
+
+
+def test_philox_noise_seeded_and_normal():
+    x_t = torch.randn(4, 3, 32, 32)
+    t = torch.full((4,), 500)
+    a, b, c = _drawn_noise(x_t, t, seed=7), _drawn_noise(x_t, t, seed=7), _drawn_noise(x_t, t, seed=8)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert abs(float(a.mean())) < 0.05 and abs(float(a.std()) - 1) < 0.05
+    # the same draw whatever the layout (offset = row-major index)
+    cl = _drawn_noise(x_t.contiguous(memory_format=torch.channels_last), t, seed=7)
+    torch.testing.assert_close(cl, a, rtol=1e-4, atol=1e-4)
+    # generator: deterministic for a seeded generator, and it advances
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    d1, d2 = _drawn_noise(x_t, t, generator=g1), _drawn_noise(x_t, t, generator=g2)
+    assert torch.equal(d1, d2) and not torch.equal(_drawn_noise(x_t, t, generator=g1), d1)
+    # no noise at t = 0
+    t0 = torch.zeros(4, dtype=torch.int64)
+    s = native.p_sample_step(torch.zeros_like(x_t), x_t, t0, SCHEDULE, mean_type="epsilon", var_type="fixed_small", seed=1)
+    r = R.p_sample_step(torch.zeros_like(x_t), x_t, t0, SCHEDULE, mean_type="epsilon", var_type="fixed_small",
+                        noise=torch.zeros_like(x_t))
+    torch.testing.assert_close(s["sample"], r["sample"])
+
+
+def test_philox_noise_matches_triton_randn():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+
+    @triton.jit
+    def randn_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.randn(seed, offs), mask=offs < n)
+
+    x_t = torch.randn(2, 3, 8, 8)
+    ref = torch.empty(x_t.numel())
+    randn_kernel[(triton.cdiv(ref.numel(), 128),)](ref, 1234, ref.numel(), BLOCK=128)
+    got = _drawn_noise(x_t, torch.full((2,), 300), seed=1234).reshape(-1)
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
+
+
+# -- gradcheck (float64) --------------------------------------------------------------------------------
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(5)
+    B, shape = 3, (2, 3, 4)
+
+    def rnd(*s, lo=-1.0, hi=1.0):
+        return (torch.rand(s, generator=g, dtype=torch.float64) * (hi - lo) + lo).requires_grad_()
+
+    t = torch.tensor([0, 7, 999])
+    x0, noise = rnd(B, *shape), rnd(B, *shape)
+    assert torch.autograd.gradcheck(lambda a, b: native.q_sample(a, t, b, SCHEDULE), (x0, noise))
+    assert torch.autograd.gradcheck(lambda a, b: native.q_posterior(a, b, t, SCHEDULE)[0], (x0, noise))
+    for mt in R.MEAN_TYPES:
+        assert torch.autograd.gradcheck(lambda a, b: native.predict_xstart(a, b, t, SCHEDULE, mean_type=mt), (x0, noise))
+    m1, lv1, m2, lv2 = rnd(B, 3), rnd(B, 1), rnd(1, 3), rnd(B, 3)
+    assert torch.autograd.gradcheck(native.normal_kl, (m1, lv1, m2, lv2))
+    x = torch.tensor([[-1.0, -0.5, 0.2, 1.0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda m, s: native.discretized_gaussian_log_likelihood(x, m, s),
+                                    (rnd(2, 4, lo=-0.9, hi=0.9), rnd(2, 1, lo=-4.0, hi=-2.0)))
+    assert torch.autograd.gradcheck(lambda a: native.prior_bpd(a, SCHEDULE), (x0,))
+    x_t = R.q_sample(x0.detach(), t, noise.detach(), SCHEDULE)
+    # (the hybrid loss's stop-gradient is checked against the reference in test_training_losses;
+    # finite differences cannot see it, so gradcheck takes losses without one)
+    for mt, vt, lt in (("epsilon", "learned_range", "kl"), ("epsilon", "fixed_small", "kl"),
+                       ("x_prev", "learned", "rescaled_kl"), ("v", "fixed_small", "rescaled_mse"),
+                       ("x0", "fixed_large", "mse")):
+        c = shape[0] * (2 if vt in R.LEARNED_VAR_TYPES else 1)
+        mo = rnd(B, c, *shape[1:])
+        assert torch.autograd.gradcheck(
+            lambda m: tuple(native.training_losses(m, x0.detach(), t, noise.detach(), SCHEDULE, mean_type=mt,
+                                                   var_type=vt, loss_type=lt, weighting="elbo").values()), (mo,))
+        assert torch.autograd.gradcheck(
+            lambda m: native.vb_terms_bpd(m, x0.detach(), x_t, t, SCHEDULE, mean_type=mt, var_type=vt), (mo,))
+
+
+# -- torch.library.opcheck for every op -----------------------------------------------------------------
+def _opcheck_cases():
+    mo, x0, noise, t = inputs(B=3, shape=(2, 3, 4), learned=True)
+    mo1 = mo[:, :2].contiguous()
+    tab = SCHEDULE.table("cpu")
+    th = torch.tensor([1.0, 1.2, 1.5])
+    g = torch.randn(3)
+    m = mo.clone().requires_grad_()
+    return [
+        ("q_sample", (x0.clone().requires_grad_(), t, noise, tab)),
+        ("linear_backward", (x0, t, tab, 2, 1)),
+        ("q_posterior", (x0.clone().requires_grad_(), noise, t, tab)),
+        ("predict_xstart", (mo1.clone().requires_grad_(), x0, t, tab, 0)),
+        ("p_mean_variance", (mo, x0, t, tab, 0, 3, True, th)),
+        ("p_mean_variance", (mo1, x0, t, tab, 2, 0, False, None)),
+        ("p_sample_step", (mo, x0, t, tab, 3, 3, True, None, noise, 0)),
+        ("p_sample_step", (mo1, x0, t, tab, 0, 1, True, th, None, 5)),
+        ("ddim_step", (mo1, x0, t, tab, 0, 0, True, None, 0.5, None, 3)),
+        ("vb_terms_bpd", (m, x0, noise, t, tab, 0, 3, False, True)),
+        ("training_losses", (m, x0, t, noise, tab, 0, 3, 1, 1, 5.0, True)),
+        ("training_losses", (mo1.clone().requires_grad_(), x0, t, noise, tab, 1, 0, 2, 0, 5.0, True)),
+        ("scale_halves", (torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4), g, g, mo)),
+        ("prior_bpd", (x0.clone().requires_grad_(), tab)),
+        ("prior_bpd_backward", (g, x0, tab)),
+        ("normal_kl", (x0.clone().requires_grad_(), noise[:, :1], x0[:1], noise.clone().requires_grad_())),
+        ("normal_kl_backward", (x0, x0, noise[:, :1], x0[:1], noise)),
+        ("discretized_gaussian_log_likelihood", (x0, noise.clone().requires_grad_(), noise[:, :1] - 3)),
+        ("dgll_backward", (x0, x0, noise, noise[:, :1] - 3)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _opcheck_cases(), ids=[c[0] for c in _opcheck_cases()])
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(OPS, name).default, args,
+                          )
+
+
+def test_opcheck_aot_dispatch():
+    """The AOT-dispatch check (torch.compile's path) on the training loss, forward and backward."""
+    mo, x0, noise, t = inputs(B=3, shape=(2, 3, 4), learned=True)
+    torch.library.opcheck(OPS.training_losses.default,
+                          (mo.requires_grad_(), x0, t, noise, SCHEDULE.table("cpu"), 0, 3, 0, 0, 5.0, True),
+                          test_utils=("test_aot_dispatch_dynamic",))
+
+
+# -- dispatch and failure reporting ---------------------------------------------------------------------
+def test_auto_backend_uses_the_extension_on_cpu():
+    assert backends.select("auto", "cpu") is native
+    mo, x0, noise, t = inputs()
+    out = F.training_losses(mo, x0, t, noise, SCHEDULE, mean_type="epsilon", var_type="fixed_small",
+                            loss_type="mse", backend="cpu")
+    torch.testing.assert_close(out["loss"], R.training_losses(mo, x0, t, noise, SCHEDULE, mean_type="epsilon",
+                                                              var_type="fixed_small", loss_type="mse")["loss"])
+    assert native.availability("cuda")[0] is False or torch.cuda.is_available()
+
+
+def test_unavailable_extension_says_why(tmp_path):
+    env = dict(os.environ, DDPM_FAST_BUILD_DIR=str(tmp_path), CXX="no-such-compiler-xyz")
+    code = "from ddpm_fast import native; print(native.availability('cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "(False, " in out.stdout and "no C++ compiler" in out.stdout, out.stdout + out.stderr
