@@ -16,6 +16,7 @@ from .ops import (
     training_losses,
     vb_terms_bpd,
 )
+from .diffusion import GaussianDiffusion, SpacedDiffusion, create_gaussian_diffusion
 from .schedule import COLUMNS, NoiseSchedule, space_timesteps
 
 __version__ = "0.1.0"
@@ -37,4 +38,7 @@ __all__ = [
     "training_losses",
     "p_sample_step",
     "ddim_step",
+    "GaussianDiffusion",
+    "SpacedDiffusion",
+    "create_gaussian_diffusion",
 ]
