@@ -176,18 +176,26 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     return _normal_kl(*[_up(a) for a in args]).to(out_dtype)
 
 
-def _approx_standard_normal_cdf(x):
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+def _cdf_logit(y):
+    """The approximate standard normal cdf 0.5 (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))) is sigmoid(this)."""
+    return 2.0 * math.sqrt(2.0 / math.pi) * (y + 0.044715 * y**3)
 
 
 def _discretized_gaussian_log_likelihood(x, means, log_scales):
-    centered = x - means
+    # The bin mass cdf(y+) - cdf(y-) with cdf = sigmoid(a(y)), written without cancellation:
+    # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(-(a - b))), where
+    # a - b = 2 sqrt(2/pi) (y+ - y-) (1 + 0.044715 (y+^2 + y+ y- + y-^2)) is factored exactly.
     inv_stdv = torch.exp(-log_scales)
-    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    y_plus = inv_stdv * (x - means + 1.0 / 255.0)
+    y_min = inv_stdv * (x - means - 1.0 / 255.0)
+    cdf_plus = torch.sigmoid(_cdf_logit(y_plus))
+    one_minus_cdf_min = torch.sigmoid(-_cdf_logit(y_min))
+    a_minus_b = 2.0 * math.sqrt(2.0 / math.pi) * (inv_stdv * (2.0 / 255.0)) * (
+        1.0 + 0.044715 * (y_plus**2 + y_plus * y_min + y_min**2))
+    cdf_delta = cdf_plus * one_minus_cdf_min * -torch.expm1(-a_minus_b)
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log(one_minus_cdf_min.clamp(min=1e-12))
+    log_cdf_delta = torch.log(cdf_delta.clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
@@ -354,10 +362,14 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
     eps = (x_tc - coef(schedule, "sqrt_alphas_cumprod", t, x_tc) * pred_xstart) / coef(
         schedule, "sqrt_one_minus_alphas_cumprod", t, x_tc
     )
-    abar = coef(schedule, "alphas_cumprod", t, x_tc)
-    abar_prev = coef(schedule, "alphas_cumprod_prev", t, x_tc)
-    sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar)) * torch.sqrt(1.0 - abar / abar_prev)
-    sample = pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1.0 - abar_prev - sigma**2) * eps
+    # sigma^2 = eta^2 (1 - abar_prev) beta_t / (1 - abar_t) with beta_t = 1 - abar_t / abar_prev (respaced too),
+    # so sqrt(1 - abar_prev - sigma^2) = sqrt(1 - abar_prev) sqrt(1 - eta^2 ratio): no cancellation near abar = 1.
+    ratio = coef(schedule, "betas", t, x_tc) / coef(schedule, "sqrt_one_minus_alphas_cumprod", t, x_tc) ** 2
+    sqrt_1m_abar_prev = coef(schedule, "sqrt_one_minus_alphas_cumprod_prev", t, x_tc)
+    sigma = eta * sqrt_1m_abar_prev * torch.sqrt(ratio)
+    sample = pred_xstart * coef(schedule, "sqrt_alphas_cumprod_prev", t, x_tc) + sqrt_1m_abar_prev * torch.sqrt(
+        (1.0 - eta**2 * ratio).clamp(min=0.0)
+    ) * eps
     if eta != 0.0:
         sample = sample + _nonzero_mask(t, x_tc) * sigma * _step_noise(noise, x_tc, generator, seed)
     return {"sample": sample.to(x_t.dtype), "pred_xstart": pred_xstart.to(x_t.dtype)}
