@@ -266,24 +266,36 @@ DDPM_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
+// the Philox key schedule: round r uses key (k0 + r 0x9E3779B9, k1 + r 0xBB67AE85)
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+// one Philox-4x32 round of counter (c0, c1, c2, c3) under key (k0, k1)
+DDPM_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  uint32_t p0 = c0, p2 = c2;
+  c0 = mulhi32(0xCD9E8D57u, p2) ^ c1 ^ k0;
+  c2 = mulhi32(0xD2511F53u, p0) ^ c3 ^ k1;
+  c1 = 0xCD9E8D57u * p2;
+  c3 = 0xD2511F53u * p0;
+}
+
+// a Philox output word as a uniform [0, 1) float (triton.language's uint_to_uniform_float)
+DDPM_HD float philox_to_uniform(uint32_t x) {
+  int32_t a = static_cast<int32_t>(x);
+  a = a < 0 ? ~a : a;
+  return static_cast<float>(a) * 4.6566127342e-10f;
+}
+
 // two uniform [0, 1) floats for counter `offset` under key `seed`
 DDPM_HD void philox_uniform2(uint64_t seed, uint64_t offset, float* u1, float* u2) {
   uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int i = 0; i < 10; ++i) {
-    uint32_t p0 = c0, p2 = c2;
-    c0 = mulhi32(0xCD9E8D57u, p2) ^ c1 ^ k0;
-    c2 = mulhi32(0xD2511F53u, p0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * p2;
-    c3 = 0xD2511F53u * p0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
-  int32_t a = static_cast<int32_t>(c0), b = static_cast<int32_t>(c1);
-  a = a < 0 ? ~a : a;
-  b = b < 0 ? ~b : b;
-  *u1 = static_cast<float>(a) * 4.6566127342e-10f;
-  *u2 = static_cast<float>(b) * 4.6566127342e-10f;
+  *u1 = philox_to_uniform(c0);
+  *u2 = philox_to_uniform(c1);
 }
 
 // Box-Muller (first output) on the two uniforms

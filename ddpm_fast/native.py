@@ -79,12 +79,12 @@ def _predict_bwd(ctx, g):
 
 def _vb_setup(ctx, inputs, output):
     ctx.inputs = inputs
-    ctx.saved = output[1], output[2]
+    ctx.save_for_backward(output[1], output[2])  # not ctx attributes: outputs there make a reference cycle
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved-gradient outputs
 
 
 def _vb_bwd(ctx, g_vb, _d_out, _d_v):
-    d_out, d_v = ctx.saved
+    d_out, d_v = ctx.saved_tensors
     mo = ctx.inputs[0]
     if g_vb is None:
         return (None,) * 9
@@ -95,12 +95,12 @@ def _vb_bwd(ctx, g_vb, _d_out, _d_v):
 
 def _train_setup(ctx, inputs, output):
     ctx.inputs = inputs
-    ctx.saved = output[3], output[4], output[5]
+    ctx.save_for_backward(output[3], output[4], output[5])  # (see _vb_setup)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved-gradient outputs
 
 
 def _train_bwd(ctx, g_loss, g_mse, g_vb, _g_w, _d_out, _d_v):
-    w, d_out, d_v = ctx.saved
+    w, d_out, d_v = ctx.saved_tensors
     mo, _, _, _, table, _, var_type, loss_type, _, _, _ = ctx.inputs
     if g_loss is None and g_mse is None and g_vb is None:
         return (None,) * 11

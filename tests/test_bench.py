@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -47,6 +48,8 @@ def test_quick_json(quick_run):
     assert meta["ddpm_fast_version"] and meta["device_name"]
     datetime.datetime.fromisoformat(meta["timestamp"])
     assert meta["copy_gbps"] > 0 and meta["copy_bytes"] > 0
+    assert meta["kept_freed_memory"] is (platform.libc_ver()[0] == "glibc")  # mallopt needs glibc
+    assert set(meta["copy_gbps_at"]) == {"8x3x32x32 float32"} and meta["copy_gbps_at"]["8x3x32x32 float32"] > 0
     shape = (8, 3, 32, 32)  # the --quick CPU size
     assert meta["sizes"] == ["8x3x32x32"] and meta["dtypes"] == ["float32"]
     for case in cases.CASES:
@@ -58,6 +61,7 @@ def test_quick_json(quick_run):
         assert ref["aten_ops"] > 1 and ref["syncs"] == 0  # the reference never syncs
         assert ref["speedup_vs_eager"] == pytest.approx(1.0)
         assert ref["gbps"] == pytest.approx(ref["bytes"] / (ref["median_ms"] * 1e-3) / 1e9)
+        assert ref["pct_copy_bw"] == pytest.approx(100 * ref["gbps"] / meta["copy_gbps_at"]["8x3x32x32 float32"])
         assert mine["compile"]["status"] == "skipped"  # off under --quick
         for r in mine.values():
             assert r["size"] == "8x3x32x32" and r["device"] == "cpu" and r["dtype"] == "float32"

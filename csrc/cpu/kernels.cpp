@@ -17,40 +17,35 @@
 namespace ddpm {
 
 // exp for the hot loops: inlined Cody-Waite range reduction + Cephes' degree-7 polynomial (about
-// 1 ulp over the normal range; 0 below ln(2^-126) - 18, inf above ln(FLT_MAX); NaN propagates).
-// Sleef's exp is an out-of-line call that dominated the fused loss; other functions stay Sleef's.
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-inline at::vec::Vectorized<float> inline_exp(const at::vec::Vectorized<float>& xv) {
-  __m256 x = xv;
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(-150.f)), _mm256_set1_ps(128.f));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  // 2^n as 2^(n1) 2^(n - n1), n1 = n / 2 truncated, so both factors stay normal floats
-  __m256i ni = _mm256_cvtps_epi32(n);
-  __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-  __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-104.f), _CMP_LT_OQ));
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ));
+// 1 ulp over the normal range; 0 below -104, inf above ln(FLT_MAX); NaN propagates), written once
+// with at::vec for every vector width (AVX2, AVX-512). Sleef's exp is an out-of-line call that
+// dominated the fused loss; other functions stay Sleef's.
+inline at::vec::Vectorized<float> inline_exp(const at::vec::Vectorized<float>& x) {
+  using VF = at::vec::Vectorized<float>;
+  using VI = at::vec::Vectorized<int32_t>;
+  VF n = at::vec::clamp((x * VF(1.44269504088896341f)).round(), VF(-150.f), VF(128.f));
+  VF r = at::vec::fnmadd(n, VF(0.693359375f), x);
+  r = at::vec::fnmadd(n, VF(-2.12194440e-4f), r);
+  VF p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, VF(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, VF(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, VF(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, VF(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, VF(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r + VF(1.f));
+  // 2^n as 2^n1 2^(n - n1), n1 = n / 2 truncated, so both factors stay normal floats
+  VF n1 = (n * VF(0.5f)).trunc();
+  auto pow2 = [](const VF& k) {
+    return at::vec::cast<float>((at::vec::convert_to_int_of_same_size(k) + VI(127)) << VI(23));
+  };
+  VF y = p * pow2(n1) * pow2(n - n1);
+  y = VF::blendv(y, VF(0.f), x < VF(-104.f));
+  y = VF::blendv(y, VF(INFINITY), x > VF(88.72283935546875f));
   return y;  // NaN input: r and p are NaN, so y is NaN (both comparisons are false)
 }
-#endif
 
 template <class T> inline at::vec::Vectorized<T> vec_exp(const at::vec::Vectorized<T>& x) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
   if constexpr (std::is_same_v<T, float>) return inline_exp(x);
-#endif
   return x.exp();
 }
 
@@ -128,44 +123,68 @@ template <class S, class Fn> void with_type(at::ScalarType dt, Fn fn) {
   }
 }
 
-// philox_uniform2 for the consecutive counters start .. start + n - 1 (8 lanes at a time on AVX2)
+// Philox rounds on W counters at once: the SIMD twin of ddpm_math.h's philox_round (the compiler does
+// not vectorise its 32 x 32 -> 64-bit high products by itself). mulhi: high halves of the unsigned
+// products, even lanes from one mul_epu32, odd lanes from another on the shifted operands.
+#if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+#define DDPM_PHILOX_SIMD 1
+struct PhiloxSimd {
+  using R = __m512i;
+  static constexpr int W = 16;
+  static R set1(uint32_t x) { return _mm512_set1_epi32(int(x)); }
+  static R load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static void store(uint32_t* p, R x) { _mm512_storeu_si512(p, x); }
+  static R mulhi(R a, R b) {
+    R even = _mm512_srli_epi64(_mm512_mul_epu32(a, b), 32);
+    R odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
+    return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+  }
+  static R mullo(R a, R b) { return _mm512_mullo_epi32(a, b); }
+  static R xor3(R a, R b, R c) { return _mm512_xor_si512(_mm512_xor_si512(a, b), c); }
+};
+#elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+#define DDPM_PHILOX_SIMD 1
+struct PhiloxSimd {
+  using R = __m256i;
+  static constexpr int W = 8;
+  static R set1(uint32_t x) { return _mm256_set1_epi32(int(x)); }
+  static R load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const R*>(p)); }
+  static void store(uint32_t* p, R x) { _mm256_storeu_si256(reinterpret_cast<R*>(p), x); }
+  static R mulhi(R a, R b) {
+    R even = _mm256_srli_epi64(_mm256_mul_epu32(a, b), 32);
+    R odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
+    return _mm256_blend_epi32(even, odd, 0xAA);
+  }
+  static R mullo(R a, R b) { return _mm256_mullo_epi32(a, b); }
+  static R xor3(R a, R b, R c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+};
+#endif
+
+// philox_uniform2 for the consecutive counters start .. start + n - 1 (W at a time where SIMD is built)
 void philox_uniform2_rows(uint64_t seed, uint64_t start, int64_t n, float* u1, float* u2) {
   int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-  const __m256i A = _mm256_set1_epi32(int(0xD2511F53u)), Bm = _mm256_set1_epi32(int(0xCD9E8D57u));
-  auto mulhi = [](__m256i a, __m256i b) {  // high 32 bits of the 8 unsigned 32 x 32 products
-    __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, b), 32);
-    __m256i oddp = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
-    return _mm256_blend_epi32(even, oddp, 0xAA);
-  };
-  const float scale = 4.6566127342e-10f;
-  for (; i + 8 <= n; i += 8) {
-    alignas(32) uint32_t lo[8], hi[8];
-    for (int j = 0; j < 8; ++j) {
+#ifdef DDPM_PHILOX_SIMD
+  using P = PhiloxSimd;
+  const P::R mA = P::set1(0xD2511F53u), mB = P::set1(0xCD9E8D57u), zero = P::set1(0);
+  for (; i + P::W <= n; i += P::W) {
+    uint32_t lo[P::W], hi[P::W];
+    for (int j = 0; j < P::W; ++j) {
       uint64_t c = start + uint64_t(i + j);
-      lo[j] = uint32_t(c);
-      hi[j] = uint32_t(c >> 32);
+      lo[j] = uint32_t(c), hi[j] = uint32_t(c >> 32);
     }
-    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    P::R c0 = P::load(lo), c1 = P::load(hi), c2 = zero, c3 = zero;
     uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-      __m256i K0 = _mm256_set1_epi32(int(k0)), K1 = _mm256_set1_epi32(int(k1));
-      __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(mulhi(Bm, c2), c1), K0);
-      __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(mulhi(A, c0), c3), K1);
-      c1 = _mm256_mullo_epi32(Bm, c2);
-      c3 = _mm256_mullo_epi32(A, c0);
-      c0 = n0;
-      c2 = n2;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
+    for (int r = 0; r < 10; ++r) {  // philox_round
+      P::R n0 = P::xor3(P::mulhi(mB, c2), c1, P::set1(k0));
+      P::R n2 = P::xor3(P::mulhi(mA, c0), c3, P::set1(k1));
+      c1 = P::mullo(mB, c2);
+      c3 = P::mullo(mA, c0);
+      c0 = n0, c2 = n2;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
     }
-    // int32 x -> (x < 0 ? ~x : x) * 2^-31
-    c0 = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));
-    c1 = _mm256_xor_si256(c1, _mm256_srai_epi32(c1, 31));
-    _mm256_storeu_ps(u1 + i, _mm256_mul_ps(_mm256_cvtepi32_ps(c0), _mm256_set1_ps(scale)));
-    _mm256_storeu_ps(u2 + i, _mm256_mul_ps(_mm256_cvtepi32_ps(c1), _mm256_set1_ps(scale)));
+    P::store(lo, c0), P::store(hi, c1);
+    for (int j = 0; j < P::W; ++j) u1[i + j] = philox_to_uniform(lo[j]), u2[i + j] = philox_to_uniform(hi[j]);
   }
 #endif
   for (; i < n; ++i) philox_uniform2(seed, start + uint64_t(i), &u1[i], &u2[i]);

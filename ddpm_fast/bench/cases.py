@@ -111,7 +111,7 @@ class Case:
     # -- calls ----------------------------------------------------------------------------
     def forward(self, fn, args, *, explicit_noise=False) -> tuple:
         """The op's outputs for ``args``. Sampler steps draw their noise from SEED unless
-        explicit_noise (then they read the noise input, as checks need)."""
+        explicit_noise (as checks need) or the case's "noise_given" option: then they read the noise input."""
         S = self.schedule
         if self.kind == "q_sample":
             x0, t, noise = args
@@ -128,7 +128,7 @@ class Case:
                      loss_type=self.options.get("loss_type", "mse"))
             return tuple(out[k] for k in ("loss", "mse", "vb") if k in out)
         mo, x_t, t, noise = args
-        noise_kw = {"noise": noise} if explicit_noise else {"seed": SEED}
+        noise_kw = {"noise": noise} if explicit_noise or self.options.get("noise_given") else {"seed": SEED}
         if self.kind == "ddpm":
             out = fn(mo, x_t, t, S, mean_type=self.mean_type, var_type=self.var_type, clip_denoised=True, **noise_kw)
         else:
@@ -166,7 +166,8 @@ class Case:
             return traffic.training_losses(shape, dtype, mean_type=self.mean_type, var_type=self.var_type,
                                            loss_type=self.options.get("loss_type", "mse"), backward=self.backward)
         if self.kind == "ddpm":
-            return traffic.p_sample_step(shape, dtype, mean_type=self.mean_type, var_type=self.var_type)
+            return traffic.p_sample_step(shape, dtype, mean_type=self.mean_type, var_type=self.var_type,
+                                         noise_given=bool(self.options.get("noise_given")))
         return traffic.ddim_step(shape, dtype, mean_type=self.mean_type, eta=self.options.get("eta", 0.0))
 
 
@@ -184,6 +185,8 @@ CASES = (
     _loss("losses_hybrid", "training_losses hybrid fwd", "learned_range", False),
     _loss("losses_hybrid_bwd", "training_losses hybrid fwd+bwd", "learned_range", True),
     Case("p_sample_step", "p_sample_step", "p_sample_step (seeded)", "ddpm", peer="ddpm_step"),
+    Case("p_sample_step_noise", "p_sample_step", "p_sample_step (noise given)", "ddpm",
+         options={"noise_given": True}),
     Case("ddim_step", "ddim_step", "ddim_step (50 steps, eta 0)", "ddim", peer="ddim_step", options={"eta": 0.0}),
 )
 BY_NAME = {c.name: c for c in CASES}

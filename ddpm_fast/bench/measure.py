@@ -101,6 +101,15 @@ def copy_bandwidth(device, nbytes: int, budget: Budget) -> tuple:
     return 2 * n * 4 / (min(timing.samples_ms) * 1e-3) / 1e9, timing
 
 
+def copy_bandwidth_at(shape, dtype, device, rotation: int, budget: Budget) -> float:
+    """GB/s (read + written) of x.clone() for a tensor of ``shape`` and ``dtype``, rotating over
+    ``rotation`` sources and timed like the ops (median): the copy rate at an op's own working set."""
+    device = torch.device(device)
+    srcs = [(torch.empty(shape, dtype=dtype, device=device).uniform_(),) for _ in range(max(1, rotation))]
+    timing = time_calls(torch.clone, srcs, device, budget)
+    return 2 * srcs[0][0].numel() * srcs[0][0].element_size() / (timing.median_ms * 1e-3) / 1e9
+
+
 def rotation_count(set_bytes: int, device: torch.device, quick: bool) -> int:
     """How many input sets to rotate over: enough to overflow the last-level cache (~64 MB on
     CPUs, ~100 MB of L2 on GPUs), at least 2, at most 8 (or 2 under --quick)."""

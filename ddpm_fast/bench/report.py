@@ -35,9 +35,14 @@ def table(results: dict) -> str:
         f"copy bandwidth {meta['copy_gbps']:.1f} GB/s (device-to-device copy of {meta['copy_bytes'] >> 20} MiB, "
         f"read + written, fastest of {meta.get('copy_runs', '?')} runs)",
         "ms: median (IQR, or n = runs when fewer than 4) per call; x eager / x compile: speedup against the "
-        "eager reference / torch.compile of it; MB, GB/s, %copy: the op's own bytes (ddpm_fast.traffic); ops / syncs: aten ops and host "
-        "syncs per call; err: max error vs float64 reference, relative to max(1, |ref|)",
+        "eager reference / torch.compile of it; MB, GB/s: the op's own bytes (ddpm_fast.traffic); %copy: GB/s "
+        "against a copy at the same size (x.clone() of one input, median, same input rotation: 'copy at size' "
+        "below); ops / syncs: aten ops and host syncs per call; err: max error vs float64 reference, relative to "
+        "max(1, |ref|)",
     ]
+    if meta.get("kept_freed_memory"):
+        lines.append("freed memory kept in the process (glibc mallopt; --no-keep-freed-memory to measure without): "
+                     "outputs are not page-faulted in on every call, for every implementation alike")
     if (meta.get("discovery_s") or 0) > 10:
         lines.append(f"finding the backends took {meta['discovery_s']:.0f} s (building the C++ extension, or "
                      f"importing diffusers / triton, on a busy machine)")
@@ -53,7 +58,9 @@ def table(results: dict) -> str:
         if key not in groups:
             groups.append(key)
     for size, dtype in groups:
-        lines += ["", f"== {size} {dtype} on {meta['device']} ==", head, "-" * len(head)]
+        at = (meta.get("copy_gbps_at") or {}).get(f"{size} {dtype}")
+        lines += ["", f"== {size} {dtype} on {meta['device']} ==" + (f" (copy at size {at:.1f} GB/s)" if at else ""),
+                  head, "-" * len(head)]
         hidden = set(results.get("skipped_backends") or ())  # listed once at the end instead
         for r in (r for r in rows if (r["size"], r["dtype"]) == (size, dtype) and r["backend"] not in hidden):
             if r["status"] == "ok":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import math
 import os
 import platform
 import sys
@@ -50,6 +51,9 @@ def _parser():
                    "1000-step loop takes tens of seconds)")
     p.add_argument("--loop-size", help=f"BxCxHxW of the sampling loops (default CPU {LOOP_SIZES['cpu']}, "
                    f"GPU {LOOP_SIZES['cuda']})")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU on Linux/glibc: keep freed memory in the process (mallopt) so that no implementation "
+                   "page-faults its outputs in on every call (default: on; the same for all implementations)")
     p.add_argument("--out", default="bench-results", help="output folder (default: bench-results/)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs (default: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -97,6 +101,25 @@ def _device_name(device) -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory instead of returning it to the OS (mallopt): without it, every
+    multi-MB output a CPU op allocates arrives as fresh zeroed pages, a page-fault cost that lands
+    on whichever call happens to free and re-allocate, and dominates streaming ops on a VM. True if
+    it was set (Linux with glibc only). A CUDA run uses torch's caching allocator anyway."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1  # glibc's maximum: larger blocks still map
+        return bool(ok and libc.mallopt(m_trim_threshold, 1 << 30) == 1)
+    except (OSError, AttributeError):
+        return False
 
 
 def _loadavg():
@@ -233,7 +256,8 @@ def main(argv=None) -> int:
     else:
         budget = measure.Budget(warmup=2, min_runs=10, min_seconds=0.3, max_runs=200, max_seconds=1.2)
 
-    meta = {"schema": SCHEMA, "device": str(device), "device_name": _device_name(device),
+    kept = dev == "cpu" and args.keep_freed_memory and keep_freed_memory()
+    meta = {"schema": SCHEMA, "kept_freed_memory": kept, "device": str(device), "device_name": _device_name(device),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": list(sys.argv[1:] if argv is None else argv), "quick": args.quick,
             "dtypes": [str(d).replace("torch.", "") for d in dtypes], "sizes": ["x".join(map(str, s)) for s in sizes],
@@ -248,7 +272,8 @@ def main(argv=None) -> int:
 
     copy_bytes = (1 << 30) if gpu else ((32 << 20) if args.quick else (256 << 20))
     copy_gbps, copy_t = measure.copy_bandwidth(device, copy_bytes, budget)
-    meta.update(copy_gbps=copy_gbps, copy_bytes=copy_bytes, copy_ms=copy_t.median_ms, copy_runs=copy_t.runs)
+    meta.update(copy_gbps=copy_gbps, copy_bytes=copy_bytes, copy_ms=copy_t.median_ms, copy_runs=copy_t.runs,
+                copy_gbps_at={})
 
     loop_impls = [n for n, k in impls if k in ("fused", "eager", "peer")] if loops_on else []
     units = len(sizes) * len(dtypes) * len(chosen) * len(impls) + len(LOOPS) * len(loop_impls)
@@ -295,6 +320,13 @@ def _bench_case(case, shape, dtype, device, impls, skipped, budget, meta, args, 
     set_bytes = sum(a.numel() * a.element_size() for a in first.args if isinstance(a, torch.Tensor))
     sets = [first] + [case.inputs(shape, dtype, device, gen)
                       for _ in range(measure.rotation_count(set_bytes, device, args.quick) - 1)]
+
+    copy_key = f"{size} {dt}"
+    if copy_key not in meta["copy_gbps_at"]:  # the copy rate at this working set: the %copy yardstick
+        # as many copy sources as cover the op's rotated working set (same cache footprint)
+        one = math.prod(shape) * dtype.itemsize
+        meta["copy_gbps_at"][copy_key] = measure.copy_bandwidth_at(shape, dtype, device,
+                                                                   -(-len(sets) * set_bytes // one), budget)
 
     def row(backend, kind, **kw):
         r = {"op": case.name, "label": case.label, "api": case.op, "backend": backend, "kind": kind, "size": size,
@@ -360,7 +392,7 @@ def _bench_case(case, shape, dtype, device, impls, skipped, budget, meta, args, 
             r.update(status="error", note=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
         finally:
             progress.update(1)
-    _speedups(out, meta["copy_gbps"])
+    _speedups(out, meta["copy_gbps_at"][copy_key])
     if device.type == "cuda":
         del sets, fresh
         torch.cuda.empty_cache()
