@@ -112,10 +112,14 @@ _EDGE_SCRIPT = textwrap.dedent(
     from backend_cases import OPS, inputs, flatten, device_for
     backend = {backend!r}
     dev = device_for(backend)
-    for B, C, spatial in [(0, 3, (4,)), (1, 1, ()), (1, 3, (1, 1)), (3, 3, (5, 7))]:
+    # the Triton interpreter runs one program at a time (about 1 ms each): batch 1000 there on two ops only
+    slow = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    for B, C, spatial in [(0, 3, (4,)), (1, 1, ()), (1, 3, (1, 1)), (3, 3, (5, 7)), (1000, 2, (3,))]:
         a = inputs(B=B, C=C, spatial=spatial, device=dev)
         ref = inputs(B=B, C=C, spatial=spatial, device=dev)
         for op, call in OPS.items():
+            if slow and B == 1000 and op not in ("q_sample", "training_losses"):
+                continue
             got = flatten(call(a, backend=backend))
             want = flatten(call(ref, backend="reference"))
             for g, w in zip(got, want):
@@ -128,7 +132,7 @@ _EDGE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_edge_sizes_in_a_subprocess(backend):
-    """Batch 0 (empty results), batch 1 without channels' spatial dims, 1-element samples, odd sizes."""
+    """Batch 0 (empty results), batch 1 without channels' spatial dims, 1-element samples, odd sizes, batch 1000."""
     import os
 
     script = _EDGE_SCRIPT.format(tests=os.path.dirname(__file__), backend=backend)
@@ -239,3 +243,40 @@ def test_in_kernel_noise_is_deterministic_per_seed(backend):
     two = F.p_sample_step(a["model_output"], a["x_t"], a["t"], SCHEDULE, seed=123, **kw)["sample"]
     other = F.p_sample_step(a["model_output"], a["x_t"], a["t"], SCHEDULE, seed=124, **kw)["sample"]
     assert torch.equal(one, two) and not torch.equal(one, other)
+
+
+# -- more than 2^31 elements -----------------------------------------------------------------------
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 0
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled CPU extension is not available")
+@pytest.mark.skipif(_available_bytes() < 8 << 30, reason="needs 8 GiB of free memory (a 4.3 GB output)")
+def test_more_than_2_31_elements_on_the_cpu_path():
+    """int64 element counts and offsets: a reduction over one sample of more than 2^31 elements, and a
+    q_sample output of more than 2^31 elements (float16, 4.3 GB), read from stride-0 expanded inputs."""
+    s = F.NoiseSchedule.named("linear", 1000)
+    W = 4099
+    row = torch.linspace(-1, 1, W)
+    # prior_bpd of a sample of H copies of a row is the row's own (the mean over the sample is the row's mean)
+    H = 2**31 // W + 1
+    got = F.prior_bpd(row.reshape(1, 1, W).expand(1, H, W), s, backend="cpu")
+    want = F.prior_bpd(row.reshape(1, W).double(), s, backend="reference")
+    assert H * W > 2**31
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)  # float32 terms, double chunk sums
+    # q_sample over 2 samples of 2^30 + W elements: the second sample's outputs lie past element 2^31
+    H2 = 2**30 // W + 1
+    x0 = row.half().reshape(1, 1, W).expand(2, H2, W)
+    noise = row.flip(0).half().reshape(1, 1, W).expand(2, H2, W)
+    t = torch.tensor([10, 900])
+    out = F.q_sample(x0, t, noise, s, backend="cpu")
+    assert out.numel() > 2**31 and out.is_contiguous()
+    want = F.q_sample(row.half().reshape(1, 1, W).expand(2, 1, W), t, row.flip(0).half().reshape(1, 1, W).expand(2, 1, W),
+                      s, backend="reference")
+    for h in (0, 1, H2 // 2, H2 - 1):  # rows of both samples, the last element of the tensor included
+        assert torch.equal(out[:, h], want[:, 0]), h
+    del out

@@ -327,9 +327,9 @@ template <class S, class F> void drive(const Launch& L, const Params<S>& prm) {
     for (int64_t b = 0; b < p.B; ++b) {
       S sums[F::NR];
       for (int k = 0; k < F::NR; ++k) {
-        S s = S(0);
-        for (int64_t c = 0; c < nch; ++c) s += partial[size_t((b * nch + c) * NR + k)];
-        sums[k] = s;
+        double s = 0.0;  // chunk partials added in double: a sample may hold 2^31+ elements (1M chunks)
+        for (int64_t c = 0; c < nch; ++c) s += double(partial[size_t((b * nch + c) * NR + k)]);
+        sums[k] = S(s);
       }
       const int64_t tb = L.t ? L.t[b] : L.fixed_t;
       const S* row = table ? table + tb * L.ncols : nullptr;

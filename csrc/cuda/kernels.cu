@@ -192,9 +192,9 @@ template <class S, class F> __global__ void finish_kernel(const KArgs<S> a, int6
     if (b >= B) return;
     S sums[F::NR];
     for (int k = 0; k < F::NR; ++k) {
-      S s = S(0);
-      for (int64_t c = 0; c < a.nch; ++c) s += a.partial[(b * a.nch + c) * F::NR + k];
-      sums[k] = s;
+      double s = 0.0;  // chunk partials added in double (as the CPU driver): no drift over many chunks
+      for (int64_t c = 0; c < a.nch; ++c) s += double(a.partial[(b * a.nch + c) * F::NR + k]);
+      sums[k] = S(s);
     }
     const int64_t tb = a.t ? a.t[b] : a.fixed_t;
     const S* row = a.table ? a.table + tb * a.ncols : nullptr;

@@ -46,9 +46,9 @@ def _parser():
                    "skips torch.compile unless --compile")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="time torch.compile of the reference (default: on, off under --quick)")
-    p.add_argument("--loops", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the sampling-loop benchmark (default: on for a GPU; off on the CPU, where a "
-                   "1000-step loop takes tens of seconds)")
+    p.add_argument("--loops", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the sampling-loop benchmark: a 1000-step DDPM and a 50-step DDIM loop (default: on; "
+                   "about 10 s on a 2-core CPU, 20 steps under --quick)")
     p.add_argument("--loop-size", help=f"BxCxHxW of the sampling loops (default CPU {LOOP_SIZES['cpu']}, "
                    f"GPU {LOOP_SIZES['cuda']})")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     compile_on = (not args.quick) if args.compile is None else args.compile
-    loops_on = (dev == "cuda") if args.loops is None else args.loops
+    loops_on = args.loops
     wanted = [w.strip() for w in args.backends.split(",") if w.strip()] if args.backends else None
     print("ddpm-fast bench: finding backends (a first use may build the C++ extension)...", file=sys.stderr)
     t_discover = time.perf_counter()

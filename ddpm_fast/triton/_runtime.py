@@ -80,8 +80,8 @@ def float64_fallback(*tensors) -> bool:
     """True if any input is float64: the public functions then run the reference (warning once).
 
     The kernels themselves compute float64 inputs in float64 (the custom ops accept them, and the tests
-    gradcheck them), but their float64 decoder NLL rounds differently from the reference's in its
-    ill-conditioned tails; float64 is a checking precision, so the reference is the faithful choice.
+    gradcheck them); float64 is a checking precision, where the reference, which defines every result,
+    is the faithful choice.
     """
     if not any(x is not None and x.dtype == torch.float64 for x in tensors):
         return False
