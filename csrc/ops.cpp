@@ -336,7 +336,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
   Tensor d_v = need_grad && learned ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : empty0(x0, ct);
   Runner r(Body::Train, p, x0, ct == at::kDouble);
   auto fin = finals(r, 4, x0);
-  r.in(out), r.in(learned ? v : Tensor()), r.in(x0), r.in(noise);
+  // the MSE alone (no vb term) on an eps target reads no x0, on an x0 target no noise (absent inputs read as 0)
+  const bool mse_only = !learned && loss_type != kKl && loss_type != kRescaledKl;
+  r.in(out), r.in(learned ? v : Tensor());
+  r.in(mse_only && mean_type == kEpsilon ? Tensor() : x0), r.in(mse_only && mean_type == kX0 ? Tensor() : noise);
   r.out(need_grad ? d_out : Tensor()), r.out(need_grad && learned ? d_v : Tensor());
   r.table(table, t);
   const int64_t T = table.size(0);

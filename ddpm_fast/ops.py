@@ -7,8 +7,9 @@ Conventions for every op:
 - t: 0-based timesteps, an integer tensor [B] on the inputs' device, or a Python int / 0-dim
   tensor meaning the same t for every sample. Values must lie in [0, T).
 - validate: check t's range explicitly. Default: on for CPU tensors (free); off for CUDA tensors,
-  where the check would cost a device sync -- there an out-of-range t is never read out of bounds
-  but raises a device-side assert from the gather (reference) or the kernel's bounds check.
+  where the check would cost a device sync -- there an out-of-range t is never read out of bounds:
+  the compiled CUDA kernels and the reference's gather raise a device-side assert, the Triton kernels
+  clamp t into [0, T) (and assert under TRITON_DEBUG=1). Pass validate=True to check on CUDA too.
 - backend: "auto", "reference", "triton", "cpu" or "cuda" (see ddpm_fast.backends).
 """
 from __future__ import annotations
