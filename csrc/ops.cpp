@@ -290,6 +290,16 @@ std::vector<Tensor> finals(Runner& r, int nf, const Tensor& x) {
   return f;
 }
 
+// The losses' saved unit gradients w.r.t. the mean and the variance half (plan layout, compute dtype);
+// an absent one is an empty [0] tensor.
+std::pair<Tensor, Tensor> saved_grads(const Plan& p, const Tensor& x0, at::ScalarType ct, bool need_grad,
+                                      bool learned) {
+  auto buf = [&](bool want) {
+    return want ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : empty0(x0, ct);
+  };
+  return {buf(need_grad), buf(need_grad && learned)};
+}
+
 template <class P> void reduce_params(P& q, const Plan& p) {
   using S = std::remove_reference_t<decltype(q.numel)>;
   q.numel = static_cast<S>(p.N);
@@ -306,8 +316,7 @@ std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd(const Tensor& mo, const Tensor& 
   Plan p = make_plan(x0);
   auto [out, v] = halves(mo, learned);
   auto ct = compute_type(x0.scalar_type());
-  Tensor d_out = need_grad ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : empty0(x0, ct);
-  Tensor d_v = need_grad && learned ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : empty0(x0, ct);
+  auto [d_out, d_v] = saved_grads(p, x0, ct, need_grad, learned);
   Runner r(Body::Vb, p, x0, ct == at::kDouble);
   auto fin = finals(r, 1, x0);
   r.in(out), r.in(v), r.in(x0), r.in(x_t);
@@ -332,8 +341,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
   Plan p = make_plan(x0);
   auto [out, v] = halves(mo, learned);
   auto ct = compute_type(x0.scalar_type());
-  Tensor d_out = need_grad ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : empty0(x0, ct);
-  Tensor d_v = need_grad && learned ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : empty0(x0, ct);
+  auto [d_out, d_v] = saved_grads(p, x0, ct, need_grad, learned);
   Runner r(Body::Train, p, x0, ct == at::kDouble);
   auto fin = finals(r, 4, x0);
   // the MSE alone (no vb term) on an eps target reads no x0, on an x0 target no noise (absent inputs read as 0)

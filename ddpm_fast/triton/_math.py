@@ -63,6 +63,12 @@ def col(table_ptr, t, C: tl.constexpr):
 
 # -- the model's prediction ----------------------------------------------------------------------
 @triton.jit
+def q_sample(x0, eps, table_ptr, t):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+    return col(table_ptr, t, SQRT_ABAR) * x0 + col(table_ptr, t, SQRT_1M_ABAR) * eps
+
+
+@triton.jit
 def predict_xstart(out, x_t, table_ptr, t, MEAN: tl.constexpr):
     """x0 implied by the mean output (unclipped)."""
     if MEAN == 0:

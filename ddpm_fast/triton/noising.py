@@ -32,7 +32,7 @@ def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
     t = M.load_t(t_ptr, b, T)
     x0 = tl.load(x0_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
     nz = tl.load(nz_ptr + M.offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    x_t = M.col(table_ptr, t, M.SQRT_ABAR) * x0 + M.col(table_ptr, t, M.SQRT_1M_ABAR) * nz
+    x_t = M.q_sample(x0, nz, table_ptr, t)
     tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), x_t, mask=m)
 
 

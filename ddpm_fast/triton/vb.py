@@ -73,7 +73,7 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
     x0 = _load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     xn = _load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     if FROM_NOISE:
-        xt = M.col(table_ptr, t, M.SQRT_ABAR) * x0 + M.col(table_ptr, t, M.SQRT_1M_ABAR) * xn
+        xt = M.q_sample(x0, xn, table_ptr, t)
     else:
         xt = xn
     mse_part = tl.sum(tl.zeros([BLOCK], CDT), axis=0)
@@ -133,7 +133,7 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
     x0 = _load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     xn = _load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     if FROM_NOISE:
-        xt = M.col(table_ptr, t, M.SQRT_ABAR) * x0 + M.col(table_ptr, t, M.SQRT_1M_ABAR) * xn
+        xt = M.q_sample(x0, xn, table_ptr, t)
     else:
         xt = xn
     g_out = tl.zeros([BLOCK], CDT)
