@@ -48,6 +48,12 @@ def offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr):
 
 
 @triton.jit
+def load(ptr, b, n, m, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr, CDT: tl.constexpr):
+    """Elements n (masked by m) of sample b of an operand with strides (sb, s1, s2, s3), in the compute dtype."""
+    return tl.load(ptr + offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+
+
+@triton.jit
 def load_t(t_ptr, b, T):
     """t of sample b, clamped into [0, T) so that a bad t never reads out of bounds (asserted in debug)."""
     t = tl.load(t_ptr + b)

@@ -30,8 +30,8 @@ def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     t = M.load_t(t_ptr, b, T)
-    x0 = tl.load(x0_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    nz = tl.load(nz_ptr + M.offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    nz = M.load(nz_ptr, b, n, m, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT, CDT)
     x_t = M.q_sample(x0, nz, table_ptr, t)
     tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), x_t, mask=m)
 
@@ -46,7 +46,7 @@ def linear2_bwd_kernel(g_ptr, gx_ptr, gn_ptr, t_ptr, table_ptr,
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     t = M.load_t(t_ptr, b, T)
-    g = tl.load(g_ptr + M.offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
     tl.store(gx_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M.col(table_ptr, t, CA) * g, mask=m)
     tl.store(gn_ptr + M.offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT),
              M.col(table_ptr, t, CB) * g, mask=m)
@@ -62,7 +62,7 @@ def _prior_kernel(x0_ptr, part_ptr, a_sb, a_s1, a_s2, a_s3, N, D2, D3, n_chunks,
     chunk = tl.program_id(0)
     n = chunk * BLOCK + tl.arange(0, BLOCK)
     m = n < N
-    x0 = tl.load(x0_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     mean = sqrt_abar * x0
     kl = 0.5 * (const + mean * mean)
     tl.store(part_ptr + b * n_chunks + chunk, tl.sum(tl.where(m, kl, 0.0), axis=0))

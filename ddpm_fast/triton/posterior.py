@@ -35,8 +35,8 @@ def _q_posterior_kernel(x0_ptr, xt_ptr, mean_ptr, var_ptr, logvar_ptr, t_ptr, ta
     n = chunk * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     t = M.load_t(t_ptr, b, T)
-    x0 = tl.load(x0_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    xt = tl.load(xt_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xt = M.load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     tl.store(mean_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.posterior_mean(x0, xt, table_ptr, t),
              mask=m)
     if chunk == 0:
@@ -52,8 +52,8 @@ def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     t = M.load_t(t_ptr, b, T)
-    out = tl.load(mo_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    xt = tl.load(xt_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    xt = M.load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT),
              M.predict_xstart(out, xt, table_ptr, t, MEAN), mask=m)
 
@@ -67,7 +67,7 @@ def _predict_bwd_kernel(g_ptr, gm_ptr, gx_ptr, t_ptr, table_ptr,
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     t = M.load_t(t_ptr, b, T)
-    g = tl.load(g_ptr + M.offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
     tl.store(gm_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), M.dxstart_dout(table_ptr, t, MEAN) * g,
              mask=m)
     tl.store(gx_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M.dxstart_dxt(table_ptr, t, MEAN) * g,
@@ -82,10 +82,10 @@ def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, out_ptr,
     b = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
-    m1 = tl.load(m1_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    l1 = tl.load(l1_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    m2 = tl.load(m2_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    l2 = tl.load(l2_ptr + M.offsets(b, n, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    m1 = M.load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    l1 = M.load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
+    m2 = M.load(m2_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
+    l2 = M.load(l2_ptr, b, n, m, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT, CDT)
     tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.normal_kl(m1, l1, m2, l2), mask=m)
 
 
@@ -98,11 +98,11 @@ def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr,
     b = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
-    g = tl.load(g_ptr + M.offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    m1 = tl.load(m1_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    l1 = tl.load(l1_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    m2 = tl.load(m2_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    l2 = tl.load(l2_ptr + M.offsets(b, n, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
+    m1 = M.load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    l1 = M.load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
+    m2 = M.load(m2_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
+    l2 = M.load(l2_ptr, b, n, m, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT, CDT)
     d1, d2, d3, d4 = M.normal_kl_grads(m1, l1, m2, l2)
     o = M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
     tl.store(g1_ptr + o, g * d1, mask=m)
@@ -118,9 +118,9 @@ def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, out_ptr,
     b = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
-    x = tl.load(x_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    mu = tl.load(mu_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    ls = tl.load(ls_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    x = M.load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    mu = M.load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
+    ls = M.load(ls_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
     tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.discretized_gaussian_ll(x, mu, ls),
              mask=m)
 
@@ -133,10 +133,10 @@ def _dgll_bwd_kernel(g_ptr, x_ptr, mu_ptr, ls_ptr, gmu_ptr, gls_ptr,
     b = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
-    g = tl.load(g_ptr + M.offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    x = tl.load(x_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    mu = tl.load(mu_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    ls = tl.load(ls_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
+    x = M.load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    mu = M.load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
+    ls = M.load(ls_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
     dmu, dls = M.discretized_gaussian_ll_grads(x, mu, ls)
     o = M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
     tl.store(gmu_ptr + o, g * dmu, mask=m)

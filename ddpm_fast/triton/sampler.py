@@ -52,8 +52,8 @@ def _abs_xstart_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     t = M.load_t(t_ptr, b, T)
-    out = tl.load(mo_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    xt = tl.load(xt_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    xt = M.load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     tl.store(out_ptr + b * N + n, tl.abs(M.predict_xstart(out, xt, table_ptr, t, MEAN)), mask=m)
 
 
@@ -70,14 +70,14 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
     n = chunk * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     t = M.load_t(t_ptr, b, T)
-    out = tl.load(mo_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-    xt = tl.load(xt_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    xt = M.load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     s = 1.0
     if DT:
         s = tl.minimum(tl.maximum(tl.load(thr_ptr + b).to(CDT), 1.0), sample_max)
     px = _xstart(out, xt, s, table_ptr, t, MEAN, CLIP, DT)
     if NOISE == 1:
-        z = tl.load(nz_ptr + M.offsets(b, n, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+        z = M.load(nz_ptr, b, n, m, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
         z = tl.randn(tl.load(seed_ptr), b * N + n).to(CDT)
     if MODE == 2:
@@ -94,7 +94,7 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
                 res = res + sigma * z
     else:
         if VAR >= 2:
-            v = tl.load(mv_ptr + M.offsets(b, n, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+            v = M.load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
         else:
             v = out
         lv = M.model_log_variance(v, table_ptr, t, VAR)

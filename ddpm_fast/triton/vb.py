@@ -27,11 +27,6 @@ MODES = ("vb", "mse", "rescaled_mse", "kl", "rescaled_kl")
 
 
 @triton.jit
-def _load(ptr, b, n, m, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr, CDT: tl.constexpr):
-    return tl.load(ptr + M.offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
-
-
-@triton.jit
 def _target(out, x0, xn, xt, table_ptr, t, MEAN: tl.constexpr):
     """The MSE target for the mean type (xn is the noise)."""
     if MEAN == 0:
@@ -69,9 +64,9 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
     n = chunk * BLOCK + tl.arange(0, BLOCK)
     m = n < N
     t = M.load_t(t_ptr, b, T)
-    out = _load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    x0 = _load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    xn = _load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xn = M.load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     if FROM_NOISE:
         xt = M.q_sample(x0, xn, table_ptr, t)
     else:
@@ -83,7 +78,7 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
         mse_part = tl.sum(tl.where(m, d * d, 0.0), axis=0)
     if DO_VB:
         if VAR >= 2:
-            v = _load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
+            v = M.load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
         else:
             v = out
         lv = M.model_log_variance(v, table_ptr, t, VAR)
@@ -129,9 +124,9 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
     m = n < N
     t = M.load_t(t_ptr, b, T)
     g_loss = tl.load(gl_ptr + b).to(CDT)
-    out = _load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    x0 = _load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    xn = _load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xn = M.load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     if FROM_NOISE:
         xt = M.q_sample(x0, xn, table_ptr, t)
     else:
@@ -144,7 +139,7 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
     if DO_VB:
         G = (tl.load(gv_ptr + b).to(CDT) + g_loss * loss_scale) * vb_scale / N / 0.6931471805599453
         if VAR >= 2:
-            v = _load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
+            v = M.load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
         else:
             v = out
         lv = M.model_log_variance(v, table_ptr, t, VAR)
