@@ -312,17 +312,21 @@ template <class S> struct TrainElem {
     }
     outs[3] = w;
   }
-  template <class V> DDPM_HD void operator()(const V* in, V* out, V* red) const {
+  // the MSE term: red[0] = (target - out)^2, out[0] = its saved unit gradient
+  template <class V> DDPM_HD void mse_term(const V* in, V* out, V* red) const {
     V o = in[0], x0 = in[2], eps = in[3];
     V xt = q_sample(x0, eps, V(m.sa), V(m.s1a));
+    V d = mean_target(m.mean_type, x0, xt, eps, V(m.sa), V(m.s1a), V(m.c1), V(m.c2)) - o;
+    red[0] = d * d;
+    if (need_grad) out[0] = V(g_mse) * d;
+  }
+  template <class V> DDPM_HD void operator()(const V* in, V* out, V* red) const {
     red[0] = V(0);
     red[1] = V(0);
-    if (!kl_loss) {
-      V d = mean_target(m.mean_type, x0, xt, eps, V(m.sa), V(m.s1a), V(m.c1), V(m.c2)) - o;
-      red[0] = d * d;
-      if (need_grad) out[0] = V(g_mse) * d;
-    }
+    if (!kl_loss) mse_term(in, out, red);
     if (!need_vb) return;
+    V o = in[0], x0 = in[2], eps = in[3];
+    V xt = q_sample(x0, eps, V(m.sa), V(m.s1a));
     V m2 = m.mean(o, xt, m.pred_raw(o, xt));
     V lv2 = m.logvar(learned ? in[1] : V(0));
     V m1 = posterior_mean(x0, xt, V(m.c1), V(m.c2));
@@ -334,6 +338,18 @@ template <class S> struct TrainElem {
     red[1] = vb.term(x0, m1, m2, lv2, kl_loss ? &dm2 : (V*)nullptr, &dlv2);
     if (kl_loss) out[0] = dm2 * V(g_mean);  // hybrid (mse) losses: the vb term sees out detached
     if (learned) out[1] = dlv2 * V(g_var);
+  }
+};
+
+// training_losses without a vb term (an MSE loss, fixed variance): TrainElem's MSE term alone, so that the
+// kernel's loop carries none of the vb code.
+template <class S> struct TrainMseElem : TrainElem<S> {
+  static DDPM_HD TrainMseElem make(const S* row, const Params<S>& p, int64_t b, int64_t t) {
+    return {TrainElem<S>::make(row, p, b, t)};
+  }
+  template <class V> DDPM_HD void operator()(const V* in, V* out, V* red) const {
+    this->mse_term(in, out, red);
+    red[1] = V(0);
   }
 };
 

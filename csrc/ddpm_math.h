@@ -11,8 +11,12 @@
 #include <cmath>
 #include <cstdint>
 
+// Forced inline on both sides: a per-element function left out of line inside a CPU kernel's loop is a
+// call, and every vector register is caller-saved, so the whole loop would keep its values on the stack.
 #if defined(__CUDACC__)
 #define DDPM_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define DDPM_HD inline __attribute__((always_inline))
 #else
 #define DDPM_HD inline
 #endif
@@ -42,7 +46,8 @@ template <> struct Prim<float> {
   static DDPM_HD float exp(float x) { return ::expf(x); }
   static DDPM_HD float log(float x) { return ::logf(x); }
   static DDPM_HD float sqrt(float x) { return ::sqrtf(x); }
-  static DDPM_HD float cos(float x) { return ::cosf(x); }
+  // cosine of an angle of u turns, as triton.language computes it: cos(fl(2 pi u))
+  static DDPM_HD float cos_turns(float u) { return ::cosf(6.283185307179586f * u); }
   static DDPM_HD Mask lt(float a, float b) { return a < b; }
   static DDPM_HD Mask gt(float a, float b) { return a > b; }
   static DDPM_HD Mask ge(float a, float b) { return a >= b; }
@@ -59,7 +64,7 @@ template <> struct Prim<double> {
   static DDPM_HD double exp(double x) { return ::exp(x); }
   static DDPM_HD double log(double x) { return ::log(x); }
   static DDPM_HD double sqrt(double x) { return ::sqrt(x); }
-  static DDPM_HD double cos(double x) { return ::cos(x); }
+  static DDPM_HD double cos_turns(double u) { return ::cos(6.283185307179586 * u); }
   static DDPM_HD Mask lt(double a, double b) { return a < b; }
   static DDPM_HD Mask gt(double a, double b) { return a > b; }
   static DDPM_HD Mask ge(double a, double b) { return a >= b; }
@@ -302,7 +307,7 @@ DDPM_HD void philox_uniform2(uint64_t seed, uint64_t offset, float* u1, float* u
 template <class V> DDPM_HD V box_muller(V u1, V u2) {
   using P = Prim<V>;
   V r = P::sqrt(V(-2) * P::log(P::max(u1, V(1.0e-7f))));
-  return r * P::cos(V(6.283185307179586f) * u2);
+  return r * P::cos_turns(u2);
 }
 
 }  // namespace ddpm

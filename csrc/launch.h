@@ -14,7 +14,7 @@ namespace ddpm {
 
 // The per-element body to run (see ddpm_elem.h).
 enum class Body {
-  QSample, LinearBackward, Posterior, Predict, PMeanVar, PSample, Ddim, Vb, Train, Scale, Prior,
+  QSample, LinearBackward, Posterior, Predict, PMeanVar, PSample, Ddim, Vb, Train, TrainMse, Scale, Prior,
   PriorBackward, NormalKl, NormalKlBackward, Dgll, DgllBackward
 };
 

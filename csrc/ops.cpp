@@ -342,10 +342,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
   auto [out, v] = halves(mo, learned);
   auto ct = compute_type(x0.scalar_type());
   auto [d_out, d_v] = saved_grads(p, x0, ct, need_grad, learned);
-  Runner r(Body::Train, p, x0, ct == at::kDouble);
-  auto fin = finals(r, 4, x0);
   // the MSE alone (no vb term) on an eps target reads no x0, on an x0 target no noise (absent inputs read as 0)
   const bool mse_only = !learned && loss_type != kKl && loss_type != kRescaledKl;
+  Runner r(mse_only ? Body::TrainMse : Body::Train, p, x0, ct == at::kDouble);
+  auto fin = finals(r, 4, x0);
   r.in(out), r.in(learned ? v : Tensor());
   r.in(mse_only && mean_type == kEpsilon ? Tensor() : x0), r.in(mse_only && mean_type == kX0 ? Tensor() : noise);
   r.out(need_grad ? d_out : Tensor()), r.out(need_grad && learned ? d_v : Tensor());

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -292,6 +293,55 @@ def test_philox_noise_matches_triton_randn():
     randn_kernel[(triton.cdiv(ref.numel(), 128),)](ref, 1234, ref.numel(), BLOCK=128)
     got = _drawn_noise(x_t, torch.full((2,), 300), seed=1234).reshape(-1)
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
+
+
+def _philox_normal_float64(seed: int, counters: np.ndarray):
+    """tl.randn(seed, counter) in float64 from an independent Philox-4x32-10 in numpy: the two first
+    output words as triton's uniform floats (float32, exact), then Box-Muller's first output.
+    Returns (z, r) with r = sqrt(-2 log max(u1, 1e-7)), the Box-Muller radius. counters: uint64."""
+    m32 = np.uint64(0xFFFFFFFF)
+    c0, c1 = counters & m32, counters >> np.uint64(32)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    for _ in range(10):
+        p0, p2 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)  # < 2^64: exact in uint64
+        c0, c1, c2, c3 = ((p2 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p2 & m32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & m32)
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+
+    def uniform(word):
+        a = word.astype(np.uint32).view(np.int32)
+        return np.where(a < 0, ~a, a).astype(np.float32) * np.float32(4.6566127342e-10)
+
+    u1, u2 = np.maximum(uniform(c0), np.float32(1e-7)).astype(np.float64), uniform(c1).astype(np.float64)
+    r = np.sqrt(-2.0 * np.log(u1))
+    return r * np.cos(2.0 * np.pi * u2), r
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_philox_noise_matches_float64_philox_box_muller(layout):
+    """Every drawn value against an independent float64 Philox + Box-Muller, over 2^17 + odd-sized draws
+    (SIMD and scalar-tail paths; channels_last takes the strided path, offsets stay row-major).
+
+    Bound per element, from the float32 steps of the kernel: cos(2 pi u2) within 2e-7 absolute (its
+    polynomial's float32 error); the radius r within 2 ulp relative (log 1 ulp, sqrt and products half an
+    ulp each); the step's std * z and our division by the step's own std another ulp of |z| <= r. So
+    |z - z64| <= r (2e-7 + 3 * 2^-24) < 4e-7 r."""
+    seed = (7 << 32) + 12345  # both key words nonzero
+    x_t = torch.zeros(3, 5, 67, 131)  # 43,885 per sample: not a multiple of any vector width
+    if layout == "channels_last":
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([1, 500, 999])
+    kw = dict(mean_type="epsilon", var_type="fixed_small", clip_denoised=False)
+    mo = torch.zeros_like(x_t)
+    std = native.p_sample_step(mo, x_t, t, SCHEDULE, noise=torch.ones_like(x_t), **kw)["sample"]  # mean is 0
+    got = (native.p_sample_step(mo, x_t, t, SCHEDULE, seed=seed, **kw)["sample"].double() / std.double())
+    counters = np.arange(x_t.numel(), dtype=np.uint64)  # b * N + row-major index
+    want, r = _philox_normal_float64(seed, counters)
+    err = np.abs(got.contiguous().reshape(-1).numpy() - want)
+    assert np.isfinite(err).all()
+    assert (err <= 4e-7 * r).all(), f"max error {err.max():.3g} at r = {r[err.argmax()]:.3g}"
+    assert abs(want.mean()) < 0.01 and abs(want.std() - 1) < 0.01  # the reference itself draws N(0, 1)
 
 
 # -- gradcheck (float64) --------------------------------------------------------------------------------

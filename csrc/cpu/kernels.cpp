@@ -19,7 +19,7 @@ namespace ddpm {
 // exp for the hot loops: inlined Cody-Waite range reduction + Cephes' degree-7 polynomial (about
 // 1 ulp over the normal range; 0 below -104, inf above ln(FLT_MAX); NaN propagates), written once
 // with at::vec for every vector width (AVX2, AVX-512). Sleef's exp is an out-of-line call that
-// dominated the fused loss; other functions stay Sleef's.
+// dominated the fused loss; log and the Box-Muller cosine below are inlined for the same reason.
 inline at::vec::Vectorized<float> inline_exp(const at::vec::Vectorized<float>& x) {
   using VF = at::vec::Vectorized<float>;
   using VI = at::vec::Vectorized<int32_t>;
@@ -44,18 +44,70 @@ inline at::vec::Vectorized<float> inline_exp(const at::vec::Vectorized<float>& x
   return y;  // NaN input: r and p are NaN, so y is NaN (both comparisons are false)
 }
 
+// log for the hot loops: x = m 2^e with m in [sqrt(1/2), sqrt(2)) by integer arithmetic on the bits
+// (as musl's logf), then Cephes' logf polynomial in m - 1 (about 1 ulp), written with at::vec for every
+// width. A vector with any lane that is not a positive normal finite float (0, subnormal, negative, inf,
+// NaN) takes Sleef's log, which handles them all.
+inline at::vec::Vectorized<float> inline_log(const at::vec::Vectorized<float>& x) {
+  using VF = at::vec::Vectorized<float>;
+  using VI = at::vec::Vectorized<int32_t>;
+  if ((x >= VF(1.17549435e-38f) & x < VF(INFINITY)).zero_mask() != 0) return x.log();
+  VI bits = at::vec::cast<int32_t>(x) + VI(0x3f800000 - 0x3f3504f3);
+  VF e = at::vec::convert_to_fp_of_same_size<float>((bits >> VI(23)) - VI(0x7f));
+  VF m = at::vec::cast<float>((bits & VI(0x007fffff)) + VI(0x3f3504f3)) - VF(1.f);
+  VF z = m * m;
+  VF y(7.0376836292e-2f);
+  y = at::vec::fmadd(y, m, VF(-1.1514610310e-1f));
+  y = at::vec::fmadd(y, m, VF(1.1676998740e-1f));
+  y = at::vec::fmadd(y, m, VF(-1.2420140846e-1f));
+  y = at::vec::fmadd(y, m, VF(1.4249322787e-1f));
+  y = at::vec::fmadd(y, m, VF(-1.6668057665e-1f));
+  y = at::vec::fmadd(y, m, VF(2.0000714765e-1f));
+  y = at::vec::fmadd(y, m, VF(-2.4999993993e-1f));
+  y = at::vec::fmadd(y, m, VF(3.3333331174e-1f));
+  y = y * m * z;
+  y = at::vec::fmadd(e, VF(-2.12194440e-4f), y);
+  y = at::vec::fmadd(z, VF(-0.5f), y);
+  return at::vec::fmadd(e, VF(0.693359375f), m + y);
+}
+
+// cos(2 pi u) for u in turns: u - round(u) is exact, and cos(2 pi y) = sin(2 pi w), w = 1/4 - |y| in
+// [-1/4, 1/4], where an odd degree-9 polynomial (least squares on Chebyshev nodes) is within 2e-7 of
+// sine in float32. Non-finite u gives NaN.
+inline at::vec::Vectorized<float> inline_cos_turns(const at::vec::Vectorized<float>& u) {
+  using VF = at::vec::Vectorized<float>;
+  VF w = VF(0.25f) - (u - u.round()).abs();
+  VF w2 = w * w;
+  VF p(39.57223129f);
+  p = at::vec::fmadd(p, w2, VF(-76.55503082f));
+  p = at::vec::fmadd(p, w2, VF(81.60126495f));
+  p = at::vec::fmadd(p, w2, VF(-41.34165955f));
+  p = at::vec::fmadd(p, w2, VF(6.283185005f));
+  return p * w;
+}
+
 template <class T> inline at::vec::Vectorized<T> vec_exp(const at::vec::Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) return inline_exp(x);
   return x.exp();
+}
+
+template <class T> inline at::vec::Vectorized<T> vec_log(const at::vec::Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) return inline_log(x);
+  return x.log();
+}
+
+template <class T> inline at::vec::Vectorized<T> vec_cos_turns(const at::vec::Vectorized<T>& u) {
+  if constexpr (std::is_same_v<T, float>) return inline_cos_turns(u);
+  return (u * at::vec::Vectorized<T>(T(6.283185307179586))).cos();
 }
 
 template <class T> struct Prim<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using Mask = V;
   static V exp(const V& x) { return vec_exp<T>(x); }
-  static V log(const V& x) { return x.log(); }
+  static V log(const V& x) { return vec_log<T>(x); }
   static V sqrt(const V& x) { return x.sqrt(); }
-  static V cos(const V& x) { return x.cos(); }
+  static V cos_turns(const V& u) { return vec_cos_turns<T>(u); }
   static Mask lt(const V& a, const V& b) { return a < b; }
   static Mask gt(const V& a, const V& b) { return a > b; }
   static Mask ge(const V& a, const V& b) { return a >= b; }
@@ -123,78 +175,94 @@ template <class S, class Fn> void with_type(at::ScalarType dt, Fn fn) {
   }
 }
 
-// Philox rounds on W counters at once: the SIMD twin of ddpm_math.h's philox_round (the compiler does
-// not vectorise its 32 x 32 -> 64-bit high products by itself). mulhi: high halves of the unsigned
-// products, even lanes from one mul_epu32, odd lanes from another on the shifted operands.
+// Philox-4x32-10 on whole registers: the SIMD twin of ddpm_math.h's philox_uniform2 (the compiler does
+// not vectorise its 32 x 32 -> 64-bit products by itself). Each 64-bit lane holds one counter word in
+// its low half, so one mul_epu32 gives a round's whole product: high half to the next c0 / c2, low half
+// to the next c1 / c3. The upper halves carry garbage that mul_epu32 ignores and the final pack drops.
 #if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
 #define DDPM_PHILOX_SIMD 1
-struct PhiloxSimd {
+struct PhiloxLanes {
   using R = __m512i;
-  static constexpr int W = 16;
-  static R set1(uint32_t x) { return _mm512_set1_epi32(int(x)); }
-  static R load(const uint32_t* p) { return _mm512_loadu_si512(p); }
-  static void store(uint32_t* p, R x) { _mm512_storeu_si512(p, x); }
-  static R mulhi(R a, R b) {
-    R even = _mm512_srli_epi64(_mm512_mul_epu32(a, b), 32);
-    R odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
-    return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+  static constexpr int W = 8;  // counters per register; two registers make one Vectorized<float>
+  static R set1(uint64_t x) { return _mm512_set1_epi64(int64_t(x)); }
+  static R iota_plus(uint64_t start) { return _mm512_add_epi64(set1(start), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0)); }
+  static R mul(R a, R b) { return _mm512_mul_epu32(a, b); }
+  static R hi(R a) { return _mm512_srli_epi64(a, 32); }
+  static R xor3(R a, R b, R c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
+  // the low halves of a's lanes then b's, as uniform [0, 1) floats (philox_to_uniform)
+  static __m512 uniform(R a, R b) {
+    __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(a)), _mm512_cvtepi64_epi32(b), 1);
+    x = _mm512_xor_si512(x, _mm512_srai_epi32(x, 31));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(4.6566127342e-10f));
   }
-  static R mullo(R a, R b) { return _mm512_mullo_epi32(a, b); }
-  static R xor3(R a, R b, R c) { return _mm512_xor_si512(_mm512_xor_si512(a, b), c); }
 };
 #elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 #define DDPM_PHILOX_SIMD 1
-struct PhiloxSimd {
+struct PhiloxLanes {
   using R = __m256i;
-  static constexpr int W = 8;
-  static R set1(uint32_t x) { return _mm256_set1_epi32(int(x)); }
-  static R load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const R*>(p)); }
-  static void store(uint32_t* p, R x) { _mm256_storeu_si256(reinterpret_cast<R*>(p), x); }
-  static R mulhi(R a, R b) {
-    R even = _mm256_srli_epi64(_mm256_mul_epu32(a, b), 32);
-    R odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
-    return _mm256_blend_epi32(even, odd, 0xAA);
-  }
-  static R mullo(R a, R b) { return _mm256_mullo_epi32(a, b); }
+  static constexpr int W = 4;
+  static R set1(uint64_t x) { return _mm256_set1_epi64x(int64_t(x)); }
+  static R iota_plus(uint64_t start) { return _mm256_add_epi64(set1(start), _mm256_set_epi64x(3, 2, 1, 0)); }
+  static R mul(R a, R b) { return _mm256_mul_epu32(a, b); }
+  static R hi(R a) { return _mm256_srli_epi64(a, 32); }
   static R xor3(R a, R b, R c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+  static __m256 uniform(R a, R b) {
+    // 32-bit words 0, 2 of each 128-bit half of a and b, then the 64-bit quarters reordered a0 a1 b0 b1
+    __m256 lo = _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), _MM_SHUFFLE(2, 0, 2, 0));
+    __m256i x = _mm256_permute4x64_epi64(_mm256_castps_si256(lo), _MM_SHUFFLE(3, 1, 2, 0));
+    x = _mm256_xor_si256(x, _mm256_srai_epi32(x, 31));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(4.6566127342e-10f));
+  }
 };
 #endif
 
-// philox_uniform2 for the consecutive counters start .. start + n - 1 (W at a time where SIMD is built)
-void philox_uniform2_rows(uint64_t seed, uint64_t start, int64_t n, float* u1, float* u2) {
+// Philox N(0, 1) draws (box_muller of philox_uniform2) for counters start .. start + n - 1, as float
+void philox_normal_rows(uint64_t seed, uint64_t start, int64_t n, float* z) {
+  using VF = at::vec::Vectorized<float>;
   int64_t i = 0;
 #ifdef DDPM_PHILOX_SIMD
-  using P = PhiloxSimd;
-  const P::R mA = P::set1(0xD2511F53u), mB = P::set1(0xCD9E8D57u), zero = P::set1(0);
-  for (; i + P::W <= n; i += P::W) {
-    uint32_t lo[P::W], hi[P::W];
-    for (int j = 0; j < P::W; ++j) {
-      uint64_t c = start + uint64_t(i + j);
-      lo[j] = uint32_t(c), hi[j] = uint32_t(c >> 32);
-    }
-    P::R c0 = P::load(lo), c1 = P::load(hi), c2 = zero, c3 = zero;
+  using P = PhiloxLanes;
+  static_assert(2 * P::W == VF::size(), "two Philox registers per float vector");
+  constexpr int G = 4;  // registers in flight per counter word: independent chains hide the multiply latency
+  const P::R mA = P::set1(0xD2511F53u), mB = P::set1(0xCD9E8D57u);
+  P::R K0[10], K1[10];
+  {
     uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-    for (int r = 0; r < 10; ++r) {  // philox_round
-      P::R n0 = P::xor3(P::mulhi(mB, c2), c1, P::set1(k0));
-      P::R n2 = P::xor3(P::mulhi(mA, c0), c3, P::set1(k1));
-      c1 = P::mullo(mB, c2);
-      c3 = P::mullo(mA, c0);
-      c0 = n0, c2 = n2;
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
+    for (int r = 0; r < 10; ++r, k0 += kPhiloxW0, k1 += kPhiloxW1) K0[r] = P::set1(k0), K1[r] = P::set1(k1);
+  }
+  for (; i + G * P::W <= n; i += G * P::W) {
+    P::R c0[G], c1[G], c2[G], c3[G];
+    for (int g = 0; g < G; ++g) {
+      c0[g] = P::iota_plus(start + uint64_t(i + g * P::W));  // low half: counter bits 0-31
+      c1[g] = P::hi(c0[g]);                                    // counter bits 32-63
+      c2[g] = c3[g] = P::set1(0);
     }
-    P::store(lo, c0), P::store(hi, c1);
-    for (int j = 0; j < P::W; ++j) u1[i + j] = philox_to_uniform(lo[j]), u2[i + j] = philox_to_uniform(hi[j]);
+    for (int r = 0; r < 10; ++r) {
+      for (int g = 0; g < G; ++g) {
+        P::R p0 = P::mul(mA, c0[g]), p2 = P::mul(mB, c2[g]);
+        c0[g] = P::xor3(P::hi(p2), c1[g], K0[r]);
+        c2[g] = P::xor3(P::hi(p0), c3[g], K1[r]);
+        c1[g] = p2, c3[g] = p0;
+      }
+    }
+    for (int g = 0; g < G; g += 2)
+      box_muller(VF(P::uniform(c0[g], c0[g + 1])), VF(P::uniform(c1[g], c1[g + 1]))).store(z + i + g * P::W);
   }
 #endif
-  for (; i < n; ++i) philox_uniform2(seed, start + uint64_t(i), &u1[i], &u2[i]);
+  alignas(64) float u1[VF::size()], u2[VF::size()];
+  for (; i < n; i += VF::size()) {
+    const int64_t m = std::min<int64_t>(VF::size(), n - i);
+    for (int64_t j = 0; j < m; ++j) philox_uniform2(seed, start + uint64_t(i + j), &u1[j], &u2[j]);
+    box_muller(VF::loadu(u1, m), VF::loadu(u2, m)).store(z + i, m);
+  }
 }
 
 // Philox normals for iteration indices e0 .. e0 + n - 1 of sample b (offset b * N + row-major index)
 template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, int64_t e0, int64_t n, S* dst,
                                        int64_t* offs) {
   using VF = at::vec::Vectorized<float>;
-  alignas(64) float u1[kChunk], u2[kChunk], z[kChunk];
+  alignas(64) float z[kChunk];
+  float* zf = std::is_same_v<S, float> ? reinterpret_cast<float*>(dst) : z;
   const int64_t base = b * p.N;
   if (!p.row_major) {
     std::array<int64_t, kMaxDims> logical{};  // row-major strides in iteration order
@@ -206,15 +274,17 @@ template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, 
         if (p.dim[k] == d) s *= p.size[k];
     }
     strided_offsets(p, logical.data(), e0, n, offs);
-    for (int64_t i = 0; i < n; ++i) philox_uniform2(seed, uint64_t(base + offs[i]), &u1[i], &u2[i]);
+    alignas(64) float u1[VF::size()], u2[VF::size()];
+    for (int64_t i = 0; i < n; i += VF::size()) {
+      const int64_t m = std::min<int64_t>(VF::size(), n - i);
+      for (int64_t j = 0; j < m; ++j) philox_uniform2(seed, uint64_t(base + offs[i + j]), &u1[j], &u2[j]);
+      box_muller(VF::loadu(u1, m), VF::loadu(u2, m)).store(zf + i, m);
+    }
   } else {
-    philox_uniform2_rows(seed, uint64_t(base + e0), n, u1, u2);
+    philox_normal_rows(seed, uint64_t(base + e0), n, zf);
   }
-  int64_t i = 0;
-  for (; i + VF::size() <= n; i += VF::size())
-    box_muller(VF::loadu(u1 + i), VF::loadu(u2 + i)).store(z + i);
-  for (; i < n; ++i) z[i] = box_muller(u1[i], u2[i]);
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<S>(z[j]);
+  if (zf != reinterpret_cast<float*>(dst))
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<S>(z[j]);
 }
 
 // Run body f on n elements: in[k] / out[k] are contiguous compute-dtype arrays (nullptr: absent).
@@ -351,6 +421,7 @@ template <class S> void dispatch(const Launch& L, const Params<S>& prm) {
     case Body::Ddim: return drive<S, DdimElem<S>>(L, prm);
     case Body::Vb: return drive<S, VbElem<S>>(L, prm);
     case Body::Train: return drive<S, TrainElem<S>>(L, prm);
+    case Body::TrainMse: return drive<S, TrainMseElem<S>>(L, prm);
     case Body::Scale: return drive<S, ScaleElem<S>>(L, prm);
     case Body::Prior: return drive<S, PriorElem<S>>(L, prm);
     case Body::PriorBackward: return drive<S, PriorBackwardElem<S>>(L, prm);

@@ -281,6 +281,7 @@ template <class S> void dispatch(const Launch& L, const Params<S>& prm) {
     case Body::Ddim: return run<S, DdimElem<S>>(L, prm);
     case Body::Vb: return run<S, VbElem<S>>(L, prm);
     case Body::Train: return run<S, TrainElem<S>>(L, prm);
+    case Body::TrainMse: return run<S, TrainMseElem<S>>(L, prm);
     case Body::Scale: return run<S, ScaleElem<S>>(L, prm);
     case Body::Prior: return run<S, PriorElem<S>>(L, prm);
     case Body::PriorBackward: return run<S, PriorBackwardElem<S>>(L, prm);
