@@ -80,7 +80,7 @@ def cuda_flags(archs: list[str]) -> list[str]:
 
 
 def sources(with_cuda: bool) -> list[Path]:
-    srcs = [CSRC / "ops.cpp", CSRC / "cpu" / "kernels.cpp"]
+    srcs = [CSRC / "ops.cpp", CSRC / "autograd.cpp", CSRC / "cpu" / "kernels.cpp"]
     if with_cuda:
         srcs.append(CSRC / "cuda" / "kernels.cu")
     return srcs

@@ -93,32 +93,6 @@ def _vb_bwd(ctx, g_vb, _d_out, _d_v):
     return (grad,) + (None,) * 8
 
 
-def _train_setup(ctx, inputs, output):
-    ctx.inputs = inputs
-    ctx.save_for_backward(output[3], output[4], output[5])  # (see _vb_setup)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved-gradient outputs
-
-
-def _train_bwd(ctx, g_loss, g_mse, g_vb, _g_w, _d_out, _d_v):
-    w, d_out, d_v = ctx.saved_tensors
-    mo, _, _, _, table, _, var_type, loss_type, _, _, _ = ctx.inputs
-    if g_loss is None and g_mse is None and g_vb is None:
-        return (None,) * 11
-    zero = torch.zeros_like(w)
-    g_loss = zero if g_loss is None else g_loss.to(w.dtype)
-    g_mse = zero if g_mse is None else g_mse.to(w.dtype)
-    g_vb = zero if g_vb is None else g_vb.to(w.dtype)
-    T = table.shape[0]
-    if LOSS_TYPES[loss_type] in ("kl", "rescaled_kl"):
-        s_mean = g_loss * (T if LOSS_TYPES[loss_type] == "rescaled_kl" else 1.0) + g_vb
-        s_var = s_mean
-    else:
-        s_mean = g_loss * w + g_mse
-        s_var = (g_loss + g_vb) * (T / 1000.0 if LOSS_TYPES[loss_type] == "rescaled_mse" else 1.0)
-    grad = _ops().scale_halves(d_out, d_v if d_v.numel() else None, s_mean.contiguous(), s_var.contiguous(), mo)
-    return (grad,) + (None,) * 10
-
-
 def _prior_bwd(ctx, g):
     x0, table = ctx.inputs
     return _ops().prior_bpd_backward(g, x0, table), None
@@ -248,7 +222,7 @@ def _register_autograd() -> None:
     reg("ddpm_fast::q_posterior", _q_posterior_bwd, setup_context=_ctx_inputs)
     reg("ddpm_fast::predict_xstart", _predict_bwd, setup_context=_ctx_inputs)
     reg("ddpm_fast::vb_terms_bpd", _vb_bwd, setup_context=_vb_setup)
-    reg("ddpm_fast::training_losses", _train_bwd, setup_context=_train_setup)
+    # (training_losses: its autograd kernel is C++, csrc/autograd.cpp, for the per-call overhead)
     reg("ddpm_fast::prior_bpd", _prior_bwd, setup_context=_ctx_inputs)
     reg("ddpm_fast::normal_kl", _normal_kl_bwd, setup_context=_ctx_inputs)
     reg("ddpm_fast::discretized_gaussian_log_likelihood", _dgll_bwd, setup_context=_ctx_inputs)

@@ -98,6 +98,21 @@ def test_training_losses(mean_type, var_type, loss_type, weighting):
     assert_close(ga, gb, gc, f"{kw} grad")
 
 
+@pytest.mark.parametrize("loss_type,used", [(lt, u) for lt in R.LOSS_TYPES for u in ("loss", "mse", "vb")
+                                             if not (u == "mse" and lt in ("kl", "rescaled_kl"))])  # KL: no mse
+def test_training_losses_grad_of_one_output(loss_type, used):
+    """The backward with gradients on one output only (the others None, not zero-filled)."""
+    mo, x0, noise, t = inputs(learned=True)
+    kw = dict(mean_type="epsilon", var_type="learned_range", loss_type=loss_type)
+    grads = []
+    for fn, m in ((native.training_losses, mo), (R.training_losses, mo), (R.training_losses, up(mo))):
+        m = m.clone().requires_grad_()
+        cast = up if m.dtype == torch.float64 else (lambda x: x)
+        fn(m, cast(x0), t, cast(noise), SCHEDULE, **kw)[used].sum().backward()
+        grads.append(m.grad)
+    assert_close(*grads, f"{kw} d{used}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_training_losses_dtypes(dtype):
     mo, x0, noise, t = inputs(learned=True, dtype=dtype)
