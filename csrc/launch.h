@@ -12,11 +12,27 @@
 
 namespace ddpm {
 
-// The per-element body to run (see ddpm_elem.h).
+// The per-element bodies (ddpm_elem.h): Body::Name runs NameElem<S>.
+#define DDPM_BODIES(X)                                                                                 \
+  X(QSample) X(LinearBackward) X(Posterior) X(Predict) X(PMeanVar) X(PSample) X(Ddim) X(Vb) X(Train) \
+  X(TrainMse) X(Scale) X(Prior) X(PriorBackward) X(NormalKl) X(NormalKlBackward) X(Dgll) X(DgllBackward)
+
 enum class Body {
-  QSample, LinearBackward, Posterior, Predict, PMeanVar, PSample, Ddim, Vb, Train, TrainMse, Scale, Prior,
-  PriorBackward, NormalKl, NormalKlBackward, Dgll, DgllBackward
+#define DDPM_BODY_ENUM(name) name,
+  DDPM_BODIES(DDPM_BODY_ENUM)
+#undef DDPM_BODY_ENUM
 };
+
+// fn.template operator()<NameElem<S>>() for body b: the one dispatch of both drivers
+template <class S, class Fn> void with_body(Body b, Fn&& fn) {
+  switch (b) {
+#define DDPM_BODY_CASE(name) \
+  case Body::name:           \
+    return fn.template operator()<name##Elem<S>>();
+    DDPM_BODIES(DDPM_BODY_CASE)
+#undef DDPM_BODY_CASE
+  }
+}
 
 // One [B, ...] tensor as the drivers see it (absent when base == nullptr).
 struct Operand {

@@ -36,10 +36,23 @@ def cuda_archs() -> list[str]:
     return archs
 
 
-def cuda_home() -> str | None:
-    from torch.utils.cpp_extension import CUDA_HOME
+def first_toolkit(candidates) -> str | None:
+    """The first folder among ``candidates`` (None entries skipped) that holds a CUDA toolkit
+    (include/cuda_runtime.h), or None."""
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return str(c)
+    return None
 
-    return CUDA_HOME
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit to build with: $CUDA_HOME, $CUDA_PATH, torch's guess, /usr/local/cuda, the first
+    that holds one. torch guesses the parent of the folder of the `nvcc` on PATH, which holds no toolkit
+    when that nvcc is a wrapper script (as /usr/local/bin/nvcc is here): the build would then fail to link."""
+    from torch.utils import cpp_extension
+
+    return first_toolkit([os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                          "/usr/local/cuda"])
 
 
 def want_cuda() -> tuple[bool, str]:
@@ -134,6 +147,8 @@ def _build(with_cuda: bool, archs: list[str], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     print(f"ddpm_fast: building the compiled extension ({'CPU+CUDA' if with_cuda else 'CPU'}, one time, "
           f"about a minute) in {directory}", file=sys.stderr, flush=True)
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home()  # the toolkit want_cuda() found (cpp_extension reads this global)
     cpp_extension.load(
         name=NAME,
         sources=[str(s) for s in sources(with_cuda)],

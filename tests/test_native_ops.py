@@ -455,3 +455,15 @@ def test_unavailable_extension_says_why(tmp_path):
     code = "from ddpm_fast import native; print(native.availability('cpu'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "(False, " in out.stdout and "no C++ compiler" in out.stdout, out.stdout + out.stderr
+
+
+def test_cuda_toolkit_is_a_folder_that_holds_one(tmp_path):
+    """A guessed CUDA_HOME without a toolkit (the parent of a wrapper-script nvcc) is passed over."""
+    from ddpm_fast import _build
+
+    wrapper_parent, toolkit = tmp_path / "local", tmp_path / "cuda"
+    (wrapper_parent / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    assert _build.first_toolkit([None, str(wrapper_parent), str(toolkit)]) == str(toolkit)
+    assert _build.first_toolkit([None, str(wrapper_parent)]) is None

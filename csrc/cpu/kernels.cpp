@@ -411,25 +411,7 @@ template <class S, class F> void drive(const Launch& L, const Params<S>& prm) {
 }
 
 template <class S> void dispatch(const Launch& L, const Params<S>& prm) {
-  switch (L.body) {
-    case Body::QSample: return drive<S, QSampleElem<S>>(L, prm);
-    case Body::LinearBackward: return drive<S, LinearBackwardElem<S>>(L, prm);
-    case Body::Posterior: return drive<S, PosteriorElem<S>>(L, prm);
-    case Body::Predict: return drive<S, PredictElem<S>>(L, prm);
-    case Body::PMeanVar: return drive<S, PMeanVarElem<S>>(L, prm);
-    case Body::PSample: return drive<S, PSampleElem<S>>(L, prm);
-    case Body::Ddim: return drive<S, DdimElem<S>>(L, prm);
-    case Body::Vb: return drive<S, VbElem<S>>(L, prm);
-    case Body::Train: return drive<S, TrainElem<S>>(L, prm);
-    case Body::TrainMse: return drive<S, TrainMseElem<S>>(L, prm);
-    case Body::Scale: return drive<S, ScaleElem<S>>(L, prm);
-    case Body::Prior: return drive<S, PriorElem<S>>(L, prm);
-    case Body::PriorBackward: return drive<S, PriorBackwardElem<S>>(L, prm);
-    case Body::NormalKl: return drive<S, NormalKlElem<S>>(L, prm);
-    case Body::NormalKlBackward: return drive<S, NormalKlBackwardElem<S>>(L, prm);
-    case Body::Dgll: return drive<S, DgllElem<S>>(L, prm);
-    case Body::DgllBackward: return drive<S, DgllBackwardElem<S>>(L, prm);
-  }
+  with_body<S>(L.body, [&]<class F>() { drive<S, F>(L, prm); });
 }
 
 }  // namespace

@@ -271,25 +271,7 @@ template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
 }
 
 template <class S> void dispatch(const Launch& L, const Params<S>& prm) {
-  switch (L.body) {
-    case Body::QSample: return run<S, QSampleElem<S>>(L, prm);
-    case Body::LinearBackward: return run<S, LinearBackwardElem<S>>(L, prm);
-    case Body::Posterior: return run<S, PosteriorElem<S>>(L, prm);
-    case Body::Predict: return run<S, PredictElem<S>>(L, prm);
-    case Body::PMeanVar: return run<S, PMeanVarElem<S>>(L, prm);
-    case Body::PSample: return run<S, PSampleElem<S>>(L, prm);
-    case Body::Ddim: return run<S, DdimElem<S>>(L, prm);
-    case Body::Vb: return run<S, VbElem<S>>(L, prm);
-    case Body::Train: return run<S, TrainElem<S>>(L, prm);
-    case Body::TrainMse: return run<S, TrainMseElem<S>>(L, prm);
-    case Body::Scale: return run<S, ScaleElem<S>>(L, prm);
-    case Body::Prior: return run<S, PriorElem<S>>(L, prm);
-    case Body::PriorBackward: return run<S, PriorBackwardElem<S>>(L, prm);
-    case Body::NormalKl: return run<S, NormalKlElem<S>>(L, prm);
-    case Body::NormalKlBackward: return run<S, NormalKlBackwardElem<S>>(L, prm);
-    case Body::Dgll: return run<S, DgllElem<S>>(L, prm);
-    case Body::DgllBackward: return run<S, DgllBackwardElem<S>>(L, prm);
-  }
+  with_body<S>(L.body, [&]<class F>() { run<S, F>(L, prm); });
 }
 
 }  // namespace
