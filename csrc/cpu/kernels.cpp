@@ -216,6 +216,18 @@ struct PhiloxLanes {
 };
 #endif
 
+// z[i] = box_muller of philox_uniform2(seed, counter(i)) for i in i0 .. n - 1: scalar Philox, one vector
+// of Box-Muller at a time (the draw for any counter order; the same values as philox_normal_rows)
+template <class Counter> void philox_normals_scalar(uint64_t seed, int64_t i0, int64_t n, Counter counter, float* z) {
+  using VF = at::vec::Vectorized<float>;
+  alignas(64) float u1[VF::size()], u2[VF::size()];
+  for (int64_t i = i0; i < n; i += VF::size()) {
+    const int64_t m = std::min<int64_t>(VF::size(), n - i);
+    for (int64_t j = 0; j < m; ++j) philox_uniform2(seed, counter(i + j), &u1[j], &u2[j]);
+    box_muller(VF::loadu(u1, m), VF::loadu(u2, m)).store(z + i, m);
+  }
+}
+
 // Philox N(0, 1) draws (box_muller of philox_uniform2) for counters start .. start + n - 1, as float
 void philox_normal_rows(uint64_t seed, uint64_t start, int64_t n, float* z) {
   using VF = at::vec::Vectorized<float>;
@@ -249,18 +261,12 @@ void philox_normal_rows(uint64_t seed, uint64_t start, int64_t n, float* z) {
       box_muller(VF(P::uniform(c0[g], c0[g + 1])), VF(P::uniform(c1[g], c1[g + 1]))).store(z + i + g * P::W);
   }
 #endif
-  alignas(64) float u1[VF::size()], u2[VF::size()];
-  for (; i < n; i += VF::size()) {
-    const int64_t m = std::min<int64_t>(VF::size(), n - i);
-    for (int64_t j = 0; j < m; ++j) philox_uniform2(seed, start + uint64_t(i + j), &u1[j], &u2[j]);
-    box_muller(VF::loadu(u1, m), VF::loadu(u2, m)).store(z + i, m);
-  }
+  philox_normals_scalar(seed, i, n, [&](int64_t j) { return start + uint64_t(j); }, z);
 }
 
 // Philox normals for iteration indices e0 .. e0 + n - 1 of sample b (offset b * N + row-major index)
 template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, int64_t e0, int64_t n, S* dst,
                                        int64_t* offs) {
-  using VF = at::vec::Vectorized<float>;
   alignas(64) float z[kChunk];
   float* zf = std::is_same_v<S, float> ? reinterpret_cast<float*>(dst) : z;
   const int64_t base = b * p.N;
@@ -274,12 +280,7 @@ template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, 
         if (p.dim[k] == d) s *= p.size[k];
     }
     strided_offsets(p, logical.data(), e0, n, offs);
-    alignas(64) float u1[VF::size()], u2[VF::size()];
-    for (int64_t i = 0; i < n; i += VF::size()) {
-      const int64_t m = std::min<int64_t>(VF::size(), n - i);
-      for (int64_t j = 0; j < m; ++j) philox_uniform2(seed, uint64_t(base + offs[i + j]), &u1[j], &u2[j]);
-      box_muller(VF::loadu(u1, m), VF::loadu(u2, m)).store(zf + i, m);
-    }
+    philox_normals_scalar(seed, 0, n, [&](int64_t j) { return uint64_t(base + offs[j]); }, zf);
   } else {
     philox_normal_rows(seed, uint64_t(base + e0), n, zf);
   }
