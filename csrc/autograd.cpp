@@ -1,16 +1,22 @@
-// autograd.cpp -- the autograd kernel of ddpm_fast::training_losses, in C++.
+// autograd.cpp -- the autograd kernels of the differentiable ddpm_fast ops, in C++.
 //
-// The training loss runs once per training step, so its per-call overhead counts: torch.library's
-// Python autograd wrapper costs tens of microseconds a call at the op's 11 arguments (it rebuilds the
-// schema's argument list per argument), more than the fused CPU kernel at small sizes and far more
-// than a GPU kernel. The other ops keep their Python autograd (ddpm_fast/native.py).
+// Per-call overhead counts: the loss runs once per training step and q_sample on every sample batch,
+// and on a GPU the fused kernel takes microseconds. torch.library's Python autograd wrapper costs
+// 8 us a call at q_sample's 4 arguments and tens of microseconds at the losses' 9-11 (it rebuilds the
+// schema's argument list per argument), so every differentiable op's autograd kernel is here. The
+// sampler ops (p_mean_variance, p_sample_step, ddim_step) have none: ddpm_fast/native.py runs the
+// reference when their inputs require grad.
 //
-// Forward: the op below autograd (the CPU / CUDA / fake kernel) returns (loss, mse, vb, w, d_out, d_v),
-// where d_out / d_v are the per-element unit gradients saved by the fused forward and w the per-sample
-// MSE weight. Backward: per-sample scales of those gradients from the incoming [B] gradients, one
-// scale_halves pass:
-//   KL losses:  s_mean = s_var = g_loss * (T for rescaled_kl, else 1) + g_vb
-//   MSE losses: s_mean = g_loss * w + g_mse,  s_var = (g_loss + g_vb) * (T / 1000 for rescaled_mse, else 1)
+// Each forward calls the op below autograd (the CPU / CUDA / fake kernel); each backward is one fused
+// backward op:
+//   q_sample, q_posterior (mean), predict_xstart: linear_backward (both inputs' coefficients)
+//   prior_bpd: prior_bpd_backward;  normal_kl: normal_kl_backward;  discretized_gaussian_log_likelihood:
+//   dgll_backward (the last two reduce each gradient to its input's broadcast shape)
+//   vb_terms_bpd, training_losses: their forward saves the per-element unit gradients d_out / d_v (and the
+//   loss the per-sample MSE weight w); the backward scales them per sample in one scale_halves pass:
+//     vb_terms_bpd: s_mean = s_var = g_vb
+//     KL losses:    s_mean = s_var = g_loss * (T for rescaled_kl, else 1) + g_vb
+//     MSE losses:   s_mean = g_loss * w + g_mse,  s_var = (g_loss + g_vb) * (T / 1000 for rescaled_mse, else 1)
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -26,21 +32,121 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The typed dispatcher handle of ddpm_fast::<name>, looked up once per call site.
+template <class Sig> c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using LinearBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
+
+// Gradients w.r.t. the two inputs of a linear op (kind 0: q_sample, 1: posterior mean, 2: predict_xstart)
+std::tuple<Tensor, Tensor> linear_grads(const Tensor& g, const Tensor& t, const Tensor& table, int64_t kind,
+                                        int64_t mean_type) {
+  static auto op = handle<LinearBackwardSig>("ddpm_fast::linear_backward");
+  return op.call(g, t, table, kind, mean_type);
+}
+
+struct QSample : public torch::autograd::Function<QSample> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& t, const Tensor& noise,
+                        const Tensor& table) {
+    static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("ddpm_fast::q_sample");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({t, table});
+    return op.call(x0, t, noise, table);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], 0, 0);
+    return {ga, Tensor(), gb, Tensor()};
+  }
+};
+
+struct QPosterior : public torch::autograd::Function<QPosterior> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x0, const Tensor& x_t, const Tensor& t,
+                               const Tensor& table) {
+    static auto op = handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                               const Tensor&)>("ddpm_fast::q_posterior");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [mean, var, logvar] = op.call(x0, x_t, t, table);
+    ctx->save_for_backward({t, table});
+    ctx->mark_non_differentiable({var, logvar});  // functions of t alone
+    ctx->set_materialize_grads(false);
+    return {mean, var, logvar};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(4);
+    auto saved = ctx->get_saved_variables();
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], 1, 0);
+    return {ga, gb, Tensor(), Tensor()};
+  }
+};
+
+struct PredictXstart : public torch::autograd::Function<PredictXstart> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x_t, const Tensor& t,
+                        const Tensor& table, int64_t mean_type) {
+    static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>(
+        "ddpm_fast::predict_xstart");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({t, table});
+    ctx->saved_data["mean_type"] = mean_type;
+    return op.call(mo, x_t, t, table, mean_type);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], 2, ctx->saved_data["mean_type"].toInt());
+    return {ga, gb, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+using ScaleHalvesSig = Tensor(const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&);
+
+// d loss / d model_output from the saved unit gradients; d_v holds one only for a learned variance
+// (otherwise it is an empty tensor; a flag, not its numel, says so: sizes may be symbolic under compile)
+Tensor scale_halves(const Tensor& d_out, const Tensor& d_v, bool learned, const Tensor& s_mean, const Tensor& s_var,
+                    const Tensor& mo) {
+  static auto op = handle<ScaleHalvesSig>("ddpm_fast::scale_halves");
+  std::optional<Tensor> dv = learned ? std::optional<Tensor>(d_v) : std::nullopt;
+  return op.call(d_out, dv, s_mean.contiguous(), s_var.contiguous(), mo);
+}
+
+struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& x_t,
+                               const Tensor& t, const Tensor& table, int64_t mean_type, int64_t var_type, bool clip,
+                               bool need_grad) {
+    static auto op = handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                               const Tensor&, const Tensor&, int64_t, int64_t, bool,
+                                                               bool)>("ddpm_fast::vb_terms_bpd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [vb, d_out, d_v] = op.call(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
+    ctx->save_for_backward({d_out, d_v, mo});
+    ctx->saved_data["learned"] = is_learned(var_type);
+    ctx->mark_non_differentiable({d_out, d_v});
+    ctx->set_materialize_grads(false);
+    return {vb, d_out, d_v};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(9);
+    if (!grads[0].defined()) return none;
+    auto saved = ctx->get_saved_variables();
+    Tensor s = grads[0].to(saved[0].scalar_type());
+    none[0] = scale_halves(saved[0], saved[1], ctx->saved_data["learned"].toBool(), s, s, saved[2]);
+    return none;
+  }
+};
+
 struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
   static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& t,
                                const Tensor& noise, const Tensor& table, int64_t mean_type, int64_t var_type,
                                int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("ddpm_fast::training_losses", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
-                             int64_t, int64_t, int64_t, double, bool)>();
+    static auto op = handle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t,
+        double, bool)>("ddpm_fast::training_losses");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, mse, vb, w, d_out, d_v] =
         op.call(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, min_snr_gamma, need_grad);
     ctx->save_for_backward({w, d_out, d_v, mo});
     ctx->saved_data["loss_type"] = loss_type;
-    ctx->saved_data["learned"] = var_type == kLearned || var_type == kLearnedRange;  // d_v holds a gradient
+    ctx->saved_data["learned"] = is_learned(var_type);
     ctx->saved_data["T"] = table.size(0);
     ctx->mark_non_differentiable({w, d_out, d_v});
     ctx->set_materialize_grads(false);  // no zero-filled [B] gradients for unused outputs
@@ -69,15 +175,89 @@ struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
     }
     if (!s_mean.defined()) s_mean = at::zeros_like(w);
     if (!s_var.defined()) s_var = at::zeros_like(w);
-    static auto scale = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("ddpm_fast::scale_halves", "")
-                            .typed<Tensor(const Tensor&, const std::optional<Tensor>&, const Tensor&,
-                                          const Tensor&, const Tensor&)>();
-    std::optional<Tensor> dv = ctx->saved_data["learned"].toBool() ? std::optional<Tensor>(d_v) : std::nullopt;
-    none[0] = scale.call(d_out, dv, s_mean.contiguous(), s_var.contiguous(), mo);
+    none[0] = scale_halves(d_out, d_v, ctx->saved_data["learned"].toBool(), s_mean, s_var, mo);
     return none;
   }
 };
+
+struct PriorBpd : public torch::autograd::Function<PriorBpd> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& table) {
+    static auto op = handle<Tensor(const Tensor&, const Tensor&)>("ddpm_fast::prior_bpd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({x0, table});
+    return op.call(x0, table);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("ddpm_fast::prior_bpd_backward");
+    auto saved = ctx->get_saved_variables();
+    return {op.call(grads[0], saved[0], saved[1]), Tensor()};
+  }
+};
+
+// grads[k] summed to inputs[k]'s (broadcast) shape in its dtype, for the inputs that need a gradient
+variable_list reduce_to_inputs(AutogradContext* ctx, const std::vector<Tensor>& grads, const variable_list& inputs) {
+  variable_list out(inputs.size());
+  for (size_t k = 0; k < inputs.size(); ++k)
+    if (ctx->needs_input_grad(k)) out[k] = grads[k].sum_to_size(inputs[k].sizes()).to(inputs[k].scalar_type());
+  return out;
+}
+
+struct NormalKl : public torch::autograd::Function<NormalKl> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& m1, const Tensor& lv1, const Tensor& m2,
+                        const Tensor& lv2) {
+    static auto op =
+        handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("ddpm_fast::normal_kl");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({m1, lv1, m2, lv2});
+    return op.call(m1, lv1, m2, lv2);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = handle<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("ddpm_fast::normal_kl_backward");
+    auto in = ctx->get_saved_variables();
+    auto [a, b, c, d] = op.call(grads[0], in[0], in[1], in[2], in[3]);
+    return reduce_to_inputs(ctx, {a, b, c, d}, in);
+  }
+};
+
+struct Dgll : public torch::autograd::Function<Dgll> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& log_scales) {
+    static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(
+        "ddpm_fast::discretized_gaussian_log_likelihood");
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({x, means, log_scales});
+    return op.call(x, means, log_scales);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                               const Tensor&)>("ddpm_fast::dgll_backward");
+    auto in = ctx->get_saved_variables();
+    auto [a, b, c] = op.call(grads[0], in[0], in[1], in[2]);
+    return reduce_to_inputs(ctx, {a, b, c}, in);
+  }
+};
+
+Tensor q_sample_autograd(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+  return QSample::apply(x0, t, noise, table);
+}
+
+std::tuple<Tensor, Tensor, Tensor> q_posterior_autograd(const Tensor& x0, const Tensor& x_t, const Tensor& t,
+                                                        const Tensor& table) {
+  auto r = QPosterior::apply(x0, x_t, t, table);
+  return {r[0], r[1], r[2]};
+}
+
+Tensor predict_xstart_autograd(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table,
+                               int64_t mean_type) {
+  return PredictXstart::apply(mo, x_t, t, table, mean_type);
+}
+
+std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd_autograd(const Tensor& mo, const Tensor& x0, const Tensor& x_t,
+                                                         const Tensor& t, const Tensor& table, int64_t mean_type,
+                                                         int64_t var_type, bool clip, bool need_grad) {
+  auto r = VbTermsBpd::apply(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
+  return {r[0], r[1], r[2]};
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses_autograd(
     const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table, int64_t mean_type,
@@ -87,8 +267,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses_autog
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
+Tensor prior_bpd_autograd(const Tensor& x0, const Tensor& table) { return PriorBpd::apply(x0, table); }
+
+Tensor normal_kl_autograd(const Tensor& m1, const Tensor& lv1, const Tensor& m2, const Tensor& lv2) {
+  return NormalKl::apply(m1, lv1, m2, lv2);
+}
+
+Tensor dgll_autograd(const Tensor& x, const Tensor& means, const Tensor& log_scales) {
+  return Dgll::apply(x, means, log_scales);
+}
+
 }  // namespace
 }  // namespace op
 }  // namespace ddpm
 
-TORCH_LIBRARY_IMPL(ddpm_fast, Autograd, m) { m.impl("training_losses", &ddpm::op::training_losses_autograd); }
+TORCH_LIBRARY_IMPL(ddpm_fast, Autograd, m) {
+  m.impl("q_sample", &ddpm::op::q_sample_autograd);
+  m.impl("q_posterior", &ddpm::op::q_posterior_autograd);
+  m.impl("predict_xstart", &ddpm::op::predict_xstart_autograd);
+  m.impl("vb_terms_bpd", &ddpm::op::vb_terms_bpd_autograd);
+  m.impl("training_losses", &ddpm::op::training_losses_autograd);
+  m.impl("prior_bpd", &ddpm::op::prior_bpd_autograd);
+  m.impl("normal_kl", &ddpm::op::normal_kl_autograd);
+  m.impl("discretized_gaussian_log_likelihood", &ddpm::op::dgll_autograd);
+}

@@ -33,6 +33,7 @@ enum Col : int {
 // option codes: index into reference.MEAN_TYPES / VAR_TYPES / LOSS_TYPES / WEIGHTINGS
 enum MeanType : int { kEpsilon = 0, kX0 = 1, kXPrev = 2, kV = 3 };
 enum VarType : int { kFixedSmall = 0, kFixedLarge = 1, kLearned = 2, kLearnedRange = 3 };
+inline constexpr bool is_learned(int64_t var_type) { return var_type == kLearned || var_type == kLearnedRange; }
 enum LossType : int { kMse = 0, kRescaledMse = 1, kKl = 2, kRescaledKl = 3 };
 enum Weighting : int { kSimple = 0, kElbo = 1, kMinSnr = 2 };
 

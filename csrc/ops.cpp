@@ -115,8 +115,6 @@ std::pair<Tensor, Tensor> halves(const Tensor& mo, bool learned) {
   return {mo.narrow(1, 0, c), mo.narrow(1, c, c)};
 }
 
-bool is_learned(int64_t var_type) { return var_type == kLearned || var_type == kLearnedRange; }
-
 void check_model_output(const Tensor& mo, const Tensor& x, int64_t var_type) {
   TORCH_CHECK(mo.scalar_type() == x.scalar_type(), "model_output: expected dtype ", x.scalar_type());
   if (is_learned(var_type)) {

@@ -5,7 +5,7 @@ float32 (float64 for float64 inputs) on the schedule's packed table; elementwise
 the input dtype, [B] reductions in the compute dtype. The library is built just in time on first use
 (ddpm_fast._build); availability() says why when it cannot be built or loaded.
 
-Gradients: fused backward kernels for q_sample, q_posterior (mean), predict_xstart, normal_kl,
+Gradients (autograd kernels in C++, csrc/autograd.cpp): fused backward kernels for q_sample, q_posterior (mean), predict_xstart, normal_kl,
 discretized_gaussian_log_likelihood, prior_bpd, and vb_terms_bpd / training_losses w.r.t.
 model_output. When x0, x_t or noise of those two losses, or any input of p_mean_variance and the
 sampler steps, requires grad, the op runs on the reference path instead (same results, ordinary
@@ -30,7 +30,7 @@ def availability(name: str = "cpu") -> tuple[bool, str]:
     module, reason = _build.load()
     if module is None:
         return False, reason
-    _register_autograd()
+    _register_fakes()
     if name == "cuda" and not module.with_cuda:
         return False, f"the compiled extension has no CUDA kernels: {module.no_cuda_reason}"
     return True, ""
@@ -50,68 +50,6 @@ def _table(schedule, x):
 
 def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-# -- autograd registration --------------------------------------------------------------------------
-def _ctx_inputs(ctx, inputs, output):
-    ctx.inputs = inputs
-
-
-def _q_sample_bwd(ctx, g):
-    _, t, _, table = ctx.inputs
-    ga, gb = _ops().linear_backward(g, t, table, 0, 0)
-    return ga, None, gb, None
-
-
-def _q_posterior_bwd(ctx, g_mean, g_var, g_logvar):
-    _, _, t, table = ctx.inputs
-    if g_mean is None:
-        return None, None, None, None
-    ga, gb = _ops().linear_backward(g_mean, t, table, 1, 0)
-    return ga, gb, None, None
-
-
-def _predict_bwd(ctx, g):
-    _, _, t, table, mean_type = ctx.inputs
-    ga, gb = _ops().linear_backward(g, t, table, 2, mean_type)
-    return ga, gb, None, None, None
-
-
-def _vb_setup(ctx, inputs, output):
-    ctx.inputs = inputs
-    ctx.save_for_backward(output[1], output[2])  # not ctx attributes: outputs there make a reference cycle
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved-gradient outputs
-
-
-def _vb_bwd(ctx, g_vb, _d_out, _d_v):
-    d_out, d_v = ctx.saved_tensors
-    mo = ctx.inputs[0]
-    if g_vb is None:
-        return (None,) * 9
-    s = g_vb.to(d_out.dtype).contiguous()
-    grad = _ops().scale_halves(d_out, d_v if d_v.numel() else None, s, s, mo)
-    return (grad,) + (None,) * 8
-
-
-def _prior_bwd(ctx, g):
-    x0, table = ctx.inputs
-    return _ops().prior_bpd_backward(g, x0, table), None
-
-
-def _reduce_to(g, x):
-    if g is None or not x.requires_grad:
-        return None
-    return g.sum_to_size(x.shape).to(x.dtype)
-
-
-def _normal_kl_bwd(ctx, g):
-    grads = _ops().normal_kl_backward(g, *ctx.inputs)
-    return tuple(_reduce_to(gi, x) for gi, x in zip(grads, ctx.inputs))
-
-
-def _dgll_bwd(ctx, g):
-    grads = _ops().dgll_backward(g, *ctx.inputs)
-    return tuple(_reduce_to(gi, x) for gi, x in zip(grads, ctx.inputs))
 
 
 # -- fake (meta) implementations: output shapes, dtypes and layouts, symbolic shapes allowed ----------
@@ -210,22 +148,14 @@ _FAKES = {
 }
 
 
-def _register_autograd() -> None:
-    """Register the fake impls and the fused backwards of torch.ops.ddpm_fast (once)."""
+def _register_fakes() -> None:
+    """Register the fake impls of torch.ops.ddpm_fast (once). The autograd kernels, with their fused
+    backwards, are C++ (csrc/autograd.cpp): torch.library's Python wrapper costs 8-30 us a call."""
     global _registered
     if _registered:
         return
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"ddpm_fast::{name}", fake)
-    reg = torch.library.register_autograd
-    reg("ddpm_fast::q_sample", _q_sample_bwd, setup_context=_ctx_inputs)
-    reg("ddpm_fast::q_posterior", _q_posterior_bwd, setup_context=_ctx_inputs)
-    reg("ddpm_fast::predict_xstart", _predict_bwd, setup_context=_ctx_inputs)
-    reg("ddpm_fast::vb_terms_bpd", _vb_bwd, setup_context=_vb_setup)
-    # (training_losses: its autograd kernel is C++, csrc/autograd.cpp, for the per-call overhead)
-    reg("ddpm_fast::prior_bpd", _prior_bwd, setup_context=_ctx_inputs)
-    reg("ddpm_fast::normal_kl", _normal_kl_bwd, setup_context=_ctx_inputs)
-    reg("ddpm_fast::discretized_gaussian_log_likelihood", _dgll_bwd, setup_context=_ctx_inputs)
     _registered = True
 
 
@@ -377,8 +307,9 @@ def _cuda_float64_via_reference(fn):
 
     @functools.wraps(fn)
     def op(*args, **kwargs):
-        if any(isinstance(a, torch.Tensor) and a.is_cuda and a.dtype == torch.float64 for a in args):
-            return ref(*args, **kwargs)
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dtype == torch.float64 and a.is_cuda:
+                return ref(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return op

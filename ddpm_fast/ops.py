@@ -100,14 +100,16 @@ def _timesteps(t, batch: int, schedule: NoiseSchedule, device: torch.device, val
         t = t.reshape(1).expand(batch)
     elif t.ndim != 1 or t.shape[0] != batch:
         raise ValueError(f"t: expected shape ({batch},) or a 0-dim tensor, got {tuple(t.shape)}")
-    t = t.to(torch.int64)
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
     if validate is None:
         validate = device.type != "cuda"
     if validate and t.numel() > 0:
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = torch.aminmax(t)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= T:
             raise ValueError(f"t: expected timesteps in [0, {T}), got values in [{lo}, {hi}]")
-    return t.contiguous()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _model_output(model_output, x_t, var_type, x_name):

@@ -198,6 +198,9 @@ class NoiseSchedule:
 
         Built from the float64 tables; never cast to a low-precision input dtype.
         """
+        cached = self._device_tables.get((device, dtype))  # keys are normalised torch.devices, as x.device is
+        if cached is not None:
+            return cached
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
