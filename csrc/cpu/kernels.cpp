@@ -291,7 +291,7 @@ template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, 
 }
 
 // Run body f on n elements: in[k] / out[k] are contiguous compute-dtype arrays (nullptr: absent).
-template <class S, class F> void run_chunk(const F& f, const S* const* in, S* const* out, int64_t n, S* red) {
+template <class S, class F> void run_chunk(const F f, const S* const* in, S* const* out, int64_t n, S* red) {
   using Vec = at::vec::Vectorized<S>;
   constexpr int NI = F::NI, NO = F::NO > 0 ? F::NO : 1, NR = F::NR > 0 ? F::NR : 1;
   Vec vin[NI], vout[NO], vr[NR], acc[NR];
