@@ -290,29 +290,26 @@ template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, 
     for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<S>(z[j]);
 }
 
-// Run body f on n elements: in[k] / out[k] are contiguous compute-dtype arrays (nullptr: absent).
+// Run body f on n elements: in[k] / out[k] are contiguous compute-dtype arrays of n elements (an absent
+// input points at zeros, an absent output at scratch), so the loop loads and stores without tests.
 template <class S, class F> void run_chunk(const F f, const S* const* in, S* const* out, int64_t n, S* red) {
   using Vec = at::vec::Vectorized<S>;
   constexpr int NI = F::NI, NO = F::NO > 0 ? F::NO : 1, NR = F::NR > 0 ? F::NR : 1;
   Vec vin[NI], vout[NO], vr[NR], acc[NR];
   for (int k = 0; k < NR; ++k) acc[k] = Vec(S(0));
-  for (int k = 0; k < NI; ++k) vin[k] = Vec(S(0));
+  for (int k = 0; k < NO; ++k) vout[k] = Vec(S(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    for (int k = 0; k < NI; ++k)
-      if (in[k]) vin[k] = Vec::loadu(in[k] + i);
+    for (int k = 0; k < NI; ++k) vin[k] = Vec::loadu(in[k] + i);
     f.template operator()<Vec>(vin, vout, vr);
-    for (int k = 0; k < F::NO; ++k)
-      if (out[k]) vout[k].store(out[k] + i);
+    for (int k = 0; k < F::NO; ++k) vout[k].store(out[k] + i);
     for (int k = 0; k < F::NR; ++k) acc[k] = acc[k] + vr[k];
   }
   if (i < n) {
     const int64_t c = n - i;
-    for (int k = 0; k < NI; ++k)
-      if (in[k]) vin[k] = Vec::loadu(in[k] + i, c);
+    for (int k = 0; k < NI; ++k) vin[k] = Vec::loadu(in[k] + i, c);
     f.template operator()<Vec>(vin, vout, vr);
-    for (int k = 0; k < F::NO; ++k)
-      if (out[k]) vout[k].store(out[k] + i, c);
+    for (int k = 0; k < F::NO; ++k) vout[k].store(out[k] + i, c);
     for (int k = 0; k < F::NR; ++k) acc[k] = acc[k] + Vec::set(Vec(S(0)), vr[k], c);
   }
   for (int k = 0; k < F::NR; ++k) {
@@ -331,7 +328,9 @@ template <class S, class F> void drive(const Launch& L, const Params<S>& prm) {
   std::vector<S> partial(NR > 0 ? size_t(p.B * nch * NR) : 0);
   const S* table = static_cast<const S*>(L.table);
   at::parallel_for(0, p.B * nch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<S> bufs(size_t((F::NI + F::NO) * kChunk));
+    // per input and output a chunk buffer (conversion, gather, scratch), then a chunk of zeros (absent inputs)
+    std::vector<S> bufs(size_t((F::NI + F::NO + 1) * kChunk), S(0));
+    const S* zeros = bufs.data() + (F::NI + F::NO) * kChunk;
     std::vector<int64_t> offs(kChunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nch, c = task % nch;
@@ -349,7 +348,7 @@ template <class S, class F> void drive(const Launch& L, const Params<S>& prm) {
           continue;
         }
         if (!o.base) {
-          in[k] = nullptr;
+          in[k] = zeros;
           continue;
         }
         with_type<S>(o.dtype, [&](auto tag) {
@@ -370,9 +369,7 @@ template <class S, class F> void drive(const Launch& L, const Params<S>& prm) {
       S* out[F::NO > 0 ? F::NO : 1];
       for (int k = 0; k < F::NO; ++k) {
         const Operand& o = L.out[k];
-        out[k] = nullptr;
-        if (!o.base) continue;
-        if (o.direct && o.dtype == c10::CppTypeToScalarType<S>::value)
+        if (o.base && o.direct && o.dtype == c10::CppTypeToScalarType<S>::value)
           out[k] = reinterpret_cast<S*>(o.base) + b * o.batch_stride + e0;
         else
           out[k] = bufs.data() + (F::NI + k) * kChunk;
