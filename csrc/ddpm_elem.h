@@ -221,6 +221,25 @@ template <class S> DDPM_HD S logvar_grad_coef(int var_type, const S* row) {
   return var_type == kLearnedRange ? S(0.5) * (row[kLogBetas] - row[kPostLogVarClipped]) : S(1);
 }
 
+// run(c) for a copy c of element e (ModelCoefs m, VbCoefs vb, flags learned and need_grad) whose options
+// are constants, when `hybrid` holds and e is in the vb term's hot configuration (epsilon mean, learned-range
+// variance, t > 0, no clipping; fix(c) sets e's own options); run(e) otherwise. A CPU loop over c then folds
+// its option tests away (the hybrid loss's loop: half the instructions).
+template <class E, class Fix, class Run> DDPM_HD void with_hybrid_constants(const E& e, bool hybrid, Fix fix, Run&& run) {
+  if (!(hybrid && e.learned && !e.vb.t0 && !e.m.clip && e.m.mean_type == kEpsilon && e.m.var_type == kLearnedRange))
+    return run(e);
+  E c = e;
+  fix(c);
+  c.learned = c.vb.learned = true;
+  c.vb.t0 = c.m.clip = false;
+  c.m.mean_type = kEpsilon;
+  c.m.var_type = kLearnedRange;
+  c.need_grad = true;
+  if (e.need_grad) return run(c);
+  c.need_grad = false;
+  run(c);
+}
+
 // vb_terms_bpd.  in: out, v, x0, x_t.  out: d vb/d out, d vb/d v (need_grad).  red: vb term (nats).
 template <class S> struct VbElem {
   static constexpr int NI = 4, NO = 2, NR = 1;
@@ -242,6 +261,10 @@ template <class S> struct VbElem {
   static constexpr int NF = 1;  // [B] outputs: vb (bits/dim)
   static DDPM_HD void finish(const S*, const Params<S>& p, int64_t, const S* sums, S* outs) {
     outs[0] = sums[0] / p.numel / S(kLn2);
+  }
+  // vb_terms_bpd of a learned-range model with constant options for a CPU loop (with_hybrid_constants)
+  template <class Run> DDPM_HD void specialized(Run&& run) const {
+    with_hybrid_constants(*this, true, [](VbElem&) {}, run);
   }
   template <class V> DDPM_HD void operator()(const V* in, V* out, V* red) const {
     V x0 = in[2], xt = in[3];
@@ -320,6 +343,10 @@ template <class S> struct TrainElem {
     red[0] = d * d;
     if (need_grad) out[0] = V(g_mse) * d;
   }
+  // the hybrid loss (MSE + vb term) with constant options for a CPU loop (with_hybrid_constants)
+  template <class Run> DDPM_HD void specialized(Run&& run) const {
+    with_hybrid_constants(*this, !kl_loss, [](TrainElem& c) { c.kl_loss = false, c.need_vb = true; }, run);
+  }
   template <class V> DDPM_HD void operator()(const V* in, V* out, V* red) const {
     red[0] = V(0);
     red[1] = V(0);
@@ -347,6 +374,7 @@ template <class S> struct TrainMseElem : TrainElem<S> {
   static DDPM_HD TrainMseElem make(const S* row, const Params<S>& p, int64_t b, int64_t t) {
     return {TrainElem<S>::make(row, p, b, t)};
   }
+  template <class Run> DDPM_HD void specialized(Run&& run) const { run(*this); }  // (not TrainElem's)
   template <class V> DDPM_HD void operator()(const V* in, V* out, V* red) const {
     this->mse_term(in, out, red);
     red[1] = V(0);

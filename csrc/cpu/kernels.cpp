@@ -292,7 +292,9 @@ template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, 
 
 // Run body f on n elements: in[k] / out[k] are contiguous compute-dtype arrays of n elements (an absent
 // input points at zeros, an absent output at scratch), so the loop loads and stores without tests.
-template <class S, class F> void run_chunk(const F f, const S* const* in, S* const* out, int64_t n, S* red) {
+// Inlined into run_chunk, where f may be a copy with constant options (F::specialized).
+template <class S, class F>
+inline __attribute__((always_inline)) void run_loop(const F f, const S* const* in, S* const* out, int64_t n, S* red) {
   using Vec = at::vec::Vectorized<S>;
   constexpr int NI = F::NI, NO = F::NO > 0 ? F::NO : 1, NR = F::NR > 0 ? F::NR : 1;
   Vec vin[NI], vout[NO], vr[NR], acc[NR];
@@ -319,6 +321,15 @@ template <class S, class F> void run_chunk(const F f, const S* const* in, S* con
     for (int j = 0; j < Vec::size(); ++j) s += lanes[j];
     red[k] = s;
   }
+}
+
+// run_loop for f, or, where F offers it, for the copy of f with constant options that F::specialized picks
+template <class S, class F> void run_chunk(const F& f, const S* const* in, S* const* out, int64_t n, S* red) {
+  auto loop = [&](const F& g) __attribute__((always_inline)) { run_loop<S, F>(g, in, out, n, red); };
+  if constexpr (requires { f.specialized(loop); })
+    f.specialized(loop);
+  else
+    run_loop<S, F>(f, in, out, n, red);
 }
 
 template <class S, class F> void drive(const Launch& L, const Params<S>& prm) {
