@@ -5,9 +5,9 @@ float32 (float64 for float64 inputs) on the schedule's packed table; elementwise
 the input dtype, [B] reductions in the compute dtype. The library is built just in time on first use
 (ddpm_fast._build); availability() says why when it cannot be built or loaded.
 
-Gradients (autograd kernels in C++, csrc/autograd.cpp): fused backward kernels for q_sample, q_posterior (mean), predict_xstart, normal_kl,
-discretized_gaussian_log_likelihood, prior_bpd, and vb_terms_bpd / training_losses w.r.t.
-model_output. When x0, x_t or noise of those two losses, or any input of p_mean_variance and the
+Gradients (autograd kernels in C++, csrc/autograd.cpp): fused backward kernels for q_sample,
+q_posterior (mean), predict_xstart, normal_kl, discretized_gaussian_log_likelihood, prior_bpd, and
+vb_terms_bpd / training_losses w.r.t. model_output. When x0, x_t or noise of those two losses, or any input of p_mean_variance and the
 sampler steps, requires grad, the op runs on the reference path instead (same results, ordinary
 autograd), so no gradient is ever silently dropped.
 """
