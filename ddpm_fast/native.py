@@ -7,9 +7,9 @@ the input dtype, [B] reductions in the compute dtype. The library is built just 
 
 Gradients (autograd kernels in C++, csrc/autograd.cpp): fused backward kernels for q_sample,
 q_posterior (mean), predict_xstart, normal_kl, discretized_gaussian_log_likelihood, prior_bpd, and
-vb_terms_bpd / training_losses w.r.t. model_output. When x0, x_t or noise of those two losses, or any input of p_mean_variance and the
-sampler steps, requires grad, the op runs on the reference path instead (same results, ordinary
-autograd), so no gradient is ever silently dropped.
+vb_terms_bpd / training_losses w.r.t. model_output. When x0, x_t or noise of those two losses, or any
+input of p_mean_variance and the sampler steps, requires grad, the op runs on the reference path
+instead (same results, ordinary autograd), so no gradient is ever silently dropped.
 """
 from __future__ import annotations
 
