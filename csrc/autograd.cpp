@@ -23,6 +23,7 @@
 #include <ATen/ATen.h>
 
 #include "ddpm_math.h"
+#include "op_namespace.h"
 
 namespace ddpm {
 namespace op {
@@ -42,14 +43,14 @@ using LinearBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor
 // Gradients w.r.t. the two inputs of a linear op (kind 0: q_sample, 1: posterior mean, 2: predict_xstart)
 std::tuple<Tensor, Tensor> linear_grads(const Tensor& g, const Tensor& t, const Tensor& table, int64_t kind,
                                         int64_t mean_type) {
-  static auto op = handle<LinearBackwardSig>("ddpm_fast::linear_backward");
+  static auto op = handle<LinearBackwardSig>(DDPM_OP("linear_backward"));
   return op.call(g, t, table, kind, mean_type);
 }
 
 struct QSample : public torch::autograd::Function<QSample> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& t, const Tensor& noise,
                         const Tensor& table) {
-    static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("ddpm_fast::q_sample");
+    static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("q_sample"));
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({t, table});
     return op.call(x0, t, noise, table);
@@ -65,7 +66,7 @@ struct QPosterior : public torch::autograd::Function<QPosterior> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x0, const Tensor& x_t, const Tensor& t,
                                const Tensor& table) {
     static auto op = handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                               const Tensor&)>("ddpm_fast::q_posterior");
+                                                               const Tensor&)>(DDPM_OP("q_posterior"));
     at::AutoDispatchBelowADInplaceOrView below;
     auto [mean, var, logvar] = op.call(x0, x_t, t, table);
     ctx->save_for_backward({t, table});
@@ -85,7 +86,7 @@ struct PredictXstart : public torch::autograd::Function<PredictXstart> {
   static Tensor forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x_t, const Tensor& t,
                         const Tensor& table, int64_t mean_type) {
     static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>(
-        "ddpm_fast::predict_xstart");
+        DDPM_OP("predict_xstart"));
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({t, table});
     ctx->saved_data["mean_type"] = mean_type;
@@ -104,7 +105,7 @@ using ScaleHalvesSig = Tensor(const Tensor&, const std::optional<Tensor>&, const
 // (otherwise it is an empty tensor; a flag, not its numel, says so: sizes may be symbolic under compile)
 Tensor scale_halves(const Tensor& d_out, const Tensor& d_v, bool learned, const Tensor& s_mean, const Tensor& s_var,
                     const Tensor& mo) {
-  static auto op = handle<ScaleHalvesSig>("ddpm_fast::scale_halves");
+  static auto op = handle<ScaleHalvesSig>(DDPM_OP("scale_halves"));
   std::optional<Tensor> dv = learned ? std::optional<Tensor>(d_v) : std::nullopt;
   return op.call(d_out, dv, s_mean.contiguous(), s_var.contiguous(), mo);
 }
@@ -115,7 +116,7 @@ struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
                                bool need_grad) {
     static auto op = handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                const Tensor&, const Tensor&, int64_t, int64_t, bool,
-                                                               bool)>("ddpm_fast::vb_terms_bpd");
+                                                               bool)>(DDPM_OP("vb_terms_bpd"));
     at::AutoDispatchBelowADInplaceOrView below;
     auto [vb, d_out, d_v] = op.call(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
     ctx->save_for_backward({d_out, d_v, mo});
@@ -140,7 +141,7 @@ struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
                                int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad) {
     static auto op = handle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t,
-        double, bool)>("ddpm_fast::training_losses");
+        double, bool)>(DDPM_OP("training_losses"));
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, mse, vb, w, d_out, d_v] =
         op.call(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, min_snr_gamma, need_grad);
@@ -182,13 +183,13 @@ struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
 
 struct PriorBpd : public torch::autograd::Function<PriorBpd> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& table) {
-    static auto op = handle<Tensor(const Tensor&, const Tensor&)>("ddpm_fast::prior_bpd");
+    static auto op = handle<Tensor(const Tensor&, const Tensor&)>(DDPM_OP("prior_bpd"));
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({x0, table});
     return op.call(x0, table);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("ddpm_fast::prior_bpd_backward");
+    static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("prior_bpd_backward"));
     auto saved = ctx->get_saved_variables();
     return {op.call(grads[0], saved[0], saved[1]), Tensor()};
   }
@@ -206,14 +207,14 @@ struct NormalKl : public torch::autograd::Function<NormalKl> {
   static Tensor forward(AutogradContext* ctx, const Tensor& m1, const Tensor& lv1, const Tensor& m2,
                         const Tensor& lv2) {
     static auto op =
-        handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("ddpm_fast::normal_kl");
+        handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("normal_kl"));
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({m1, lv1, m2, lv2});
     return op.call(m1, lv1, m2, lv2);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = handle<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("ddpm_fast::normal_kl_backward");
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("normal_kl_backward"));
     auto in = ctx->get_saved_variables();
     auto [a, b, c, d] = op.call(grads[0], in[0], in[1], in[2], in[3]);
     return reduce_to_inputs(ctx, {a, b, c, d}, in);
@@ -223,14 +224,14 @@ struct NormalKl : public torch::autograd::Function<NormalKl> {
 struct Dgll : public torch::autograd::Function<Dgll> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& log_scales) {
     static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(
-        "ddpm_fast::discretized_gaussian_log_likelihood");
+        DDPM_OP("discretized_gaussian_log_likelihood"));
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({x, means, log_scales});
     return op.call(x, means, log_scales);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                               const Tensor&)>("ddpm_fast::dgll_backward");
+                                                               const Tensor&)>(DDPM_OP("dgll_backward"));
     auto in = ctx->get_saved_variables();
     auto [a, b, c] = op.call(grads[0], in[0], in[1], in[2]);
     return reduce_to_inputs(ctx, {a, b, c}, in);
@@ -281,7 +282,7 @@ Tensor dgll_autograd(const Tensor& x, const Tensor& means, const Tensor& log_sca
 }  // namespace op
 }  // namespace ddpm
 
-TORCH_LIBRARY_IMPL(ddpm_fast, Autograd, m) {
+DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, Autograd, m) {
   m.impl("q_sample", &ddpm::op::q_sample_autograd);
   m.impl("q_posterior", &ddpm::op::q_posterior_autograd);
   m.impl("predict_xstart", &ddpm::op::predict_xstart_autograd);

@@ -60,8 +60,8 @@ struct Launch {
 };
 
 void launch_cpu(const Launch& L);
-#ifdef DDPM_WITH_CUDA
-void launch_cuda(const Launch& L);
+#if defined(DDPM_WITH_CUDA) || defined(DDPM_CUDA_EMU)
+void launch_cuda(const Launch& L);  // cuda/kernels.cu, on a GPU or emulated on the CPU
 #endif
 
 }  // namespace ddpm

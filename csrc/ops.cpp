@@ -9,11 +9,23 @@
 #include <c10/core/DeviceGuard.h>
 
 #include "launch.h"
+#include "op_namespace.h"
 
 namespace ddpm {
 namespace op {
 
 using at::Tensor;
+
+// Whether x's op takes the CUDA host path (operands copied into the plan's layout, cast temporaries,
+// no host read of t, cuda/kernels.cu): CUDA tensors, or every tensor in the emulated-CUDA build.
+inline bool cuda_path(const Tensor& x) {
+#ifdef DDPM_CUDA_EMU
+  (void)x;
+  return true;
+#else
+  return x.is_cuda();
+#endif
+}
 
 at::ScalarType compute_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -23,7 +35,7 @@ void check_t(const Tensor& t, int64_t B, const Tensor& table) {
   TORCH_CHECK(table.dim() == 2 && table.size(1) >= kNumCols && table.is_contiguous(),
               "table: expected the schedule's packed table [T, ", int(kNumCols), "]");
   TORCH_CHECK(t.device() == table.device(), "t: expected it on the table's device ", table.device());
-  if (t.device().is_cpu()) {
+  if (!cuda_path(t)) {
     const int64_t* tp = t.data_ptr<int64_t>();
     const int64_t T = table.size(0);
     for (int64_t b = 0; b < B; ++b)
@@ -41,7 +53,7 @@ Operand operand(const Plan& p, const Tensor& x, std::vector<Tensor>& keep) {
   Operand o;
   if (!x.defined()) return o;
   Tensor y = x;
-  if (x.is_cuda() && !is_direct(p, x)) {
+  if (cuda_path(x) && !is_direct(p, x)) {
     y = alloc_like_plan(p, x.sizes(), x.options());
     y.copy_(x);
     keep.push_back(y);
@@ -67,7 +79,7 @@ struct Runner {
   }
   void in(const Tensor& x) { L.in.push_back(operand(L.plan, x, keep)); }
   void out(const Tensor& x) {
-    if (x.defined() && x.is_cuda() && !is_direct(L.plan, x)) {
+    if (x.defined() && cuda_path(x) && !is_direct(L.plan, x)) {
       Tensor tmp = alloc_like_plan(L.plan, x.sizes(), x.options());
       copy_back.emplace_back(tmp, x);
       L.out.push_back(operand(L.plan, tmp, keep));
@@ -88,6 +100,10 @@ struct Runner {
   void run() {
     if (L.plan.B == 0 || L.plan.N == 0) return;
     c10::DeviceGuard guard(device_ref.device());
+#ifdef DDPM_CUDA_EMU
+    launch_cuda(L);  // emulated on the CPU: CPU tensors take the CUDA host path
+    for (auto& [tmp, target] : copy_back) target.copy_(tmp);
+#else
     if (device_ref.is_cpu()) {
       launch_cpu(L);
     } else if (device_ref.is_cuda()) {
@@ -100,6 +116,7 @@ struct Runner {
     } else {
       TORCH_CHECK(false, "ddpm_fast._C: unsupported device ", device_ref.device());
     }
+#endif
   }
 };
 
@@ -445,7 +462,7 @@ Tensor run_bcast(Body body, std::vector<Tensor> ins, int nout, const Bcast& b, a
   Tensor ref = at::empty(shape, ins[0].options().dtype(out_dtype)).unsqueeze(0);
   Plan p = make_plan(ref);
   Runner r(body, p, ref, b.compute == at::kDouble);
-  for (auto& x : ins) r.in(as_batch1(ref.is_cuda() ? x.to(b.compute) : x, shape));
+  for (auto& x : ins) r.in(as_batch1(cuda_path(ref) ? x.to(b.compute) : x, shape));
   std::vector<Tensor> outs;
   for (int k = 0; k < nout; ++k) {
     outs.push_back(k == 0 ? ref : alloc_like_plan(p, ref.sizes(), ref.options()));
@@ -486,7 +503,7 @@ std::tuple<Tensor, Tensor, Tensor> dgll_backward(const Tensor& grad, const Tenso
 }  // namespace op
 }  // namespace ddpm
 
-TORCH_LIBRARY(ddpm_fast, m) {
+DDPM_TORCH_LIBRARY(DDPM_NS, m) {
   m.def("q_sample(Tensor x0, Tensor t, Tensor noise, Tensor table) -> Tensor");
   m.def("linear_backward(Tensor grad, Tensor t, Tensor table, int kind, int mean_type) -> (Tensor, Tensor)");
   m.def("q_posterior(Tensor x0, Tensor x_t, Tensor t, Tensor table) -> (Tensor, Tensor, Tensor)");
@@ -530,7 +547,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.impl("discretized_gaussian_log_likelihood", &ddpm::op::discretized_gaussian_log_likelihood);      \
   m.impl("dgll_backward", &ddpm::op::dgll_backward);
 
-TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { DDPM_IMPL_ALL(m) }
+DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { DDPM_IMPL_ALL(m) }
 #ifdef DDPM_WITH_CUDA
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { DDPM_IMPL_ALL(m) }
 #endif

@@ -4,19 +4,24 @@ A backend is a module exposing the ops of ddpm_fast.reference with the same sign
 (arguments already checked by ddpm_fast.ops) plus ``availability() -> (bool, reason)``.
 
     auto: CUDA tensor -> "cuda" if built, else "triton"; CPU tensor -> "cpu" if built, else "reference"
+
+"cuda_emu" (the CUDA kernels emulated on the CPU, for checking; built when DDPM_FAST_CUDA_EMU=1) runs CPU
+tensors and is never chosen by "auto".
 """
 from __future__ import annotations
 
 import importlib
 from functools import lru_cache
 
-BACKENDS = ("reference", "triton", "cpu", "cuda")
+BACKENDS = ("reference", "triton", "cpu", "cuda", "cuda_emu")
 _MODULES = {
     "reference": "ddpm_fast.reference",
     "triton": "ddpm_fast.triton",
     "cpu": "ddpm_fast.native",
     "cuda": "ddpm_fast.native",
+    "cuda_emu": "ddpm_fast.cuda_emu",
 }
+_DEVICE_TYPE = {"cpu": "cpu", "cuda": "cuda", "cuda_emu": "cpu"}  # the tensors a compiled backend runs
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
@@ -60,8 +65,8 @@ def select(backend: str, device_type: str):
     module, reason = _load(backend)
     if module is None:
         raise BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
-    if backend in ("cpu", "cuda") and device_type != backend:
+    if backend in _DEVICE_TYPE and device_type != _DEVICE_TYPE[backend]:
         raise BackendUnavailableError(
-            f"backend={backend!r} runs {backend} tensors, but the inputs are on {device_type}"
+            f"backend={backend!r} runs {_DEVICE_TYPE[backend]} tensors, but the inputs are on {device_type}"
         )
     return module

@@ -6,6 +6,7 @@ import sys
 
 SUBCOMMANDS = {
     "info": ("ddpm_fast.info", "list the backends and, for each unavailable one, why"),
+    "build": ("ddpm_fast.build", "compile the extension now, with progress (--cuda-emu: the emulated CUDA one too)"),
     "bench": ("ddpm_fast.bench", "check and time every op on every available backend"),
     "demo": ("ddpm_fast.demo", "train a small diffusion model on sklearn's digits end to end"),
 }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 
 
 def report() -> str:
@@ -28,6 +29,17 @@ def report() -> str:
     lines.append("backends:")
     for name, (ok, reason) in availability().items():
         lines.append(f"  {name:<10} {'available' if ok else 'unavailable: ' + reason}")
+    from . import _build
+
+    module = sys.modules.get("ddpm_fast._C")
+    if module is not None:
+        lines.append(f"compiled extension: {module.library_path}"
+                     + (f" (CUDA archs {';'.join(module.cuda_archs)} + PTX)" if module.with_cuda else ""))
+    emu = _build._state.get("emu", (None, ""))[0]
+    if emu:
+        lines.append(f"emulated CUDA library: {emu}")
+    if _build.sanitize():
+        lines.append("sanitizers: ASan + UBSan builds (DDPM_FAST_SANITIZE)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,7 @@
-"""The compiled backend ("cpu" and "cuda"): ddpm_fast._C's ops (torch.ops.ddpm_fast) with autograd.
+"""The compiled backends ("cpu" and "cuda"): ddpm_fast._C's ops (torch.ops.ddpm_fast) with autograd.
+
+The same code, run as ddpm_fast.cuda_emu with OPS_NAMESPACE = "ddpm_fast_emu", is backend "cuda_emu":
+the CUDA kernels emulated on the CPU (ddpm_fast._build.load_emu).
 
 Same ops and signatures as ddpm_fast.reference; arguments were checked by ddpm_fast.ops. Math runs in
 float32 (float64 for float64 inputs) on the schedule's packed table; elementwise outputs come back in
@@ -14,34 +17,75 @@ instead (same results, ordinary autograd), so no gradient is ever silently dropp
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
 from . import _build, reference
 from .reference import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, WEIGHTINGS, compute_dtype
 
+# torch.library namespace of the ops: "ddpm_fast" here, "ddpm_fast_emu" when ddpm_fast.cuda_emu runs this code
+OPS_NAMESPACE = globals().get("OPS_NAMESPACE", "ddpm_fast")
+EMULATED = OPS_NAMESPACE == "ddpm_fast_emu"
+BACKEND_NAMES = ("cuda_emu",) if EMULATED else ("cpu", "cuda")
 _registered = False
 
 
-def availability(name: str = "cpu") -> tuple[bool, str]:
-    """(available, reason if not) for backend "cpu" or "cuda"; builds the extension on first call."""
-    if name not in ("cpu", "cuda"):
-        return False, f"ddpm_fast.native runs backends 'cpu' and 'cuda', not {name!r}"
+def _launch_tiny_cuda_kernel() -> None:
+    """One q_sample of one element on the current GPU: raises when the library has no kernel image for it."""
+    from .schedule import COLUMNS
+
+    schedule_table = torch.zeros(1, len(COLUMNS), device="cuda")
+    x = torch.zeros(1, 1, device="cuda")
+    torch.ops.ddpm_fast.q_sample(x, torch.zeros(1, dtype=torch.int64, device="cuda"), x, schedule_table)
+    torch.cuda.synchronize()
+
+
+def _cuda_runs() -> tuple[bool, str]:
+    """(the CUDA kernels run on the current GPU, why not), tried once per process."""
+    if "cuda_runs" not in _build._state:
+        try:
+            _launch_tiny_cuda_kernel()
+            _build._state["cuda_runs"] = (True, "")
+        except Exception as exc:  # noqa: BLE001 -- e.g. "no kernel image is available for execution"
+            module = sys.modules.get("ddpm_fast._C")
+            archs = ";".join(getattr(module, "cuda_archs", []) or []) or "?"
+            name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+            _build._state["cuda_runs"] = (False, (
+                f"the CUDA kernels (built for sm {archs}) do not run on {name} (sm_{cap[0]}{cap[1]}): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; set DDPM_FAST_CUDA_ARCHS "
+                "to include it and delete the build cache to rebuild"))
+    return _build._state["cuda_runs"]
+
+
+def availability(name: str = BACKEND_NAMES[0]) -> tuple[bool, str]:
+    """(available, reason if not) for backend "cpu" or "cuda" (or "cuda_emu" as ddpm_fast.cuda_emu);
+    builds the library on first call. "cuda" is available only after one tiny kernel ran on the GPU."""
+    if name not in BACKEND_NAMES:
+        return False, f"{__name__} runs backends {BACKEND_NAMES}, not {name!r}"
+    if EMULATED:
+        lib, reason = _build.load_emu()
+        if lib is None:
+            return False, reason
+        _register_fakes()
+        return True, ""
     module, reason = _build.load()
     if module is None:
         return False, reason
     _register_fakes()
-    if name == "cuda" and not module.with_cuda:
-        return False, f"the compiled extension has no CUDA kernels: {module.no_cuda_reason}"
+    if name == "cuda":
+        if not module.with_cuda:
+            return False, f"the compiled extension has no CUDA kernels: {module.no_cuda_reason}"
+        return _cuda_runs()
     return True, ""
 
 
 def _ops():
     if not _registered:  # direct use of this module without availability() first
-        ok, reason = availability("cpu")
+        ok, reason = availability()
         if not ok:
-            raise RuntimeError(f"ddpm_fast's compiled extension is unavailable: {reason}")
-    return torch.ops.ddpm_fast
+            raise RuntimeError(f"ddpm_fast's compiled library ({OPS_NAMESPACE}) is unavailable: {reason}")
+    return getattr(torch.ops, OPS_NAMESPACE)
 
 
 def _table(schedule, x):
@@ -149,13 +193,13 @@ _FAKES = {
 
 
 def _register_fakes() -> None:
-    """Register the fake impls of torch.ops.ddpm_fast (once). The autograd kernels, with their fused
+    """Register the fake impls of torch.ops.<OPS_NAMESPACE> (once). The autograd kernels, with their fused
     backwards, are C++ (csrc/autograd.cpp): torch.library's Python wrapper costs 8-30 us a call."""
     global _registered
     if _registered:
         return
     for name, fake in _FAKES.items():
-        torch.library.register_fake(f"ddpm_fast::{name}", fake)
+        torch.library.register_fake(f"{OPS_NAMESPACE}::{name}", fake)
     _registered = True
 
 
@@ -302,13 +346,14 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
 
 
 def _cuda_float64_via_reference(fn):
-    """float64 CUDA tensors: the reference op (the CUDA kernels are built for float32 math only)."""
+    """float64 CUDA tensors (every float64 tensor on cuda_emu): the reference op (the CUDA kernels are
+    built for float32 math only)."""
     ref = getattr(reference, fn.__name__)
 
     @functools.wraps(fn)
     def op(*args, **kwargs):
         for a in args:
-            if isinstance(a, torch.Tensor) and a.dtype == torch.float64 and a.is_cuda:
+            if isinstance(a, torch.Tensor) and a.dtype == torch.float64 and (a.is_cuda or EMULATED):
                 return ref(*args, **kwargs)
         return fn(*args, **kwargs)
 

@@ -10,7 +10,8 @@ Conventions for every op:
   where the check would cost a device sync -- there an out-of-range t is never read out of bounds:
   the compiled CUDA kernels and the reference's gather raise a device-side assert, the Triton kernels
   clamp t into [0, T) (and assert under TRITON_DEBUG=1). Pass validate=True to check on CUDA too.
-- backend: "auto", "reference", "triton", "cpu" or "cuda" (see ddpm_fast.backends).
+- backend: "auto", "reference", "triton", "cpu", "cuda" or "cuda_emu" (the CUDA kernels emulated on CPU
+  tensors, for checking; see ddpm_fast.backends).
 """
 from __future__ import annotations
 

@@ -425,10 +425,14 @@ def _opcheck_cases():
     ]
 
 
+# the compiled ops, and those of the emulated CUDA library (backend cuda_emu) when it is built
+NAMESPACES = ["ddpm_fast"] + (["ddpm_fast_emu"] if F.availability()["cuda_emu"][0] else [])
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
 @pytest.mark.parametrize("name,args", _opcheck_cases(), ids=[c[0] for c in _opcheck_cases()])
-def test_opcheck(name, args):
-    torch.library.opcheck(getattr(OPS, name).default, args,
-                          )
+def test_opcheck(name, args, namespace):
+    torch.library.opcheck(getattr(getattr(torch.ops, namespace), name).default, args)
 
 
 DIFFERENTIABLE = ("q_sample", "q_posterior", "predict_xstart", "vb_terms_bpd", "training_losses", "prior_bpd",
@@ -437,10 +441,12 @@ DIFFERENTIABLE = ("q_sample", "q_posterior", "predict_xstart", "vb_terms_bpd", "
 
 @pytest.mark.parametrize("name,args", [c for c in _opcheck_cases() if c[0] in DIFFERENTIABLE],
                          ids=[c[0] for c in _opcheck_cases() if c[0] in DIFFERENTIABLE])
-def test_opcheck_aot_dispatch(name, args):
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_opcheck_aot_dispatch(name, args, namespace):
     """The AOT-dispatch check (torch.compile's path, symbolic shapes) through each C++ autograd kernel,
     forward and backward."""
-    torch.library.opcheck(getattr(OPS, name).default, args, test_utils=("test_aot_dispatch_dynamic",))
+    torch.library.opcheck(getattr(getattr(torch.ops, namespace), name).default, args,
+                          test_utils=("test_aot_dispatch_dynamic",))
 
 
 def test_autograd_kernels_are_cpp():

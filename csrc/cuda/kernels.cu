@@ -8,14 +8,15 @@
 // launches on the current stream. Compute is float32 (storage fp16 / bf16 / fp32). Noise for the sampler steps is drawn in-kernel with Philox 4x32-10
 // (ddpm_math.h: the stream of triton.language.randn(seed, b * N + i)). ops.cpp hands this driver
 // only operands in the plan's direct layout.
+//
+// The same file builds as host C++ against the CUDA emulation (backend "cuda_emu", -DDDPM_CUDA_EMU):
+// every runtime call goes through cuda/runtime.h.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "../launch.h"
+#include "runtime.h"
 
 namespace ddpm {
 namespace {
@@ -253,20 +254,20 @@ template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
   }
   for (int k = 0; k < p.nd; ++k) a.size[k] = p.size[k];
   TORCH_CHECK(p.B <= 65535, "ddpm_fast (CUDA): at most 65535 samples per call");
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   at::Tensor partial;
   if constexpr (F::NR > 0) {
     partial = at::empty({p.B * a.nch * F::NR},
-                        at::TensorOptions().dtype(acc_type).device(at::kCUDA, c10::cuda::current_device()));
+                        at::TensorOptions().dtype(acc_type).device(gpu::device()));
     a.partial = partial.data_ptr<S>();
     for (int k = 0; k < F::NF; ++k) a.finals[k] = static_cast<S*>(L.finals[k]);
   }
   dim3 grid(static_cast<unsigned>(a.nch), static_cast<unsigned>(p.B));
-  body_kernel<S, F><<<grid, kThreads, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gpu::launch(body_kernel<S, F>, grid, dim3(kThreads), 0, stream, a);
+  gpu::launch_check();
   if constexpr (F::NR > 0) {
-    finish_kernel<S, F><<<static_cast<unsigned>((p.B + 127) / 128), 128, 0, stream>>>(a, p.B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::launch(finish_kernel<S, F>, dim3(static_cast<unsigned>((p.B + 127) / 128)), dim3(128), 0, stream, a, p.B);
+    gpu::launch_check();
   }
 }
 
