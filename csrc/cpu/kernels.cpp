@@ -338,6 +338,12 @@ template <class S, class F> void drive(const Launch& L, const Params<S>& prm) {
   const int NR = F::NR;
   std::vector<S> partial(NR > 0 ? size_t(p.B * nch * NR) : 0);
   const S* table = static_cast<const S*>(L.table);
+  // the table row each sample reads (as the CUDA driver's device assert; bodies without a table read none)
+  for (int64_t b = 0; table && b < p.B; ++b) {
+    const int64_t tb = L.t ? L.t[b] : L.fixed_t;
+    TORCH_CHECK(tb >= 0 && tb < L.nrows, "t: timestep ", tb, " of sample ", b, " is outside the table's rows [0, ",
+                L.nrows, ")");
+  }
   at::parallel_for(0, p.B * nch, 1, [&](int64_t begin, int64_t end) {
     // per input and output a chunk buffer (conversion, gather, scratch), then a chunk of zeros (absent inputs)
     std::vector<S> bufs(size_t((F::NI + F::NO + 1) * kChunk), S(0));

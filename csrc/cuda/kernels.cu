@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 2) body_kernel(const KArgs<S> a) {
   __shared__ S warp_red[kThreads / 32][NR];
   const int64_t b = blockIdx.y, c = blockIdx.x;
   const int64_t tb = a.t ? a.t[b] : a.fixed_t;
-  CUDA_KERNEL_ASSERT(tb >= 0 && tb < a.nrows);
+  CUDA_KERNEL_ASSERT(a.table == nullptr || (tb >= 0 && tb < a.nrows));  // table-less bodies read no row
   if (a.table && threadIdx.x < kNumCols) row[threadIdx.x] = a.table[tb * a.ncols + threadIdx.x];
   __syncthreads();
   const F f = F::make(a.table ? row : nullptr, a.p, b, tb);
