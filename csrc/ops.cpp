@@ -48,7 +48,9 @@ void check_same(const char* name, const Tensor& x, const Tensor& ref) {
   TORCH_CHECK(x.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", x.device());
 }
 
-// The driver's view of x; on CUDA a non-direct input is first copied into the plan's layout.
+// The driver's view of x; on CUDA a non-direct input is first copied into the plan's layout. The Operand
+// holds a raw pointer, so the tensor it points into is kept alive in `keep` until the launch has run: x
+// may be a temporary (run_bcast's cast of a broadcast fp16 / bf16 input to the compute dtype).
 Operand operand(const Plan& p, const Tensor& x, std::vector<Tensor>& keep) {
   Operand o;
   if (!x.defined()) return o;
@@ -56,8 +58,8 @@ Operand operand(const Plan& p, const Tensor& x, std::vector<Tensor>& keep) {
   if (cuda_path(x) && !is_direct(p, x)) {
     y = alloc_like_plan(p, x.sizes(), x.options());
     y.copy_(x);
-    keep.push_back(y);
   }
+  keep.push_back(y);
   o.dtype = y.scalar_type();
   o.direct = is_direct(p, y);
   o.batch_stride = y.size(0) == 1 ? p.N : y.stride(0);
