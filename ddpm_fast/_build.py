@@ -365,7 +365,7 @@ def _load_locked():
             try:
                 _load_or_build(directory, directory / f"{NAME}.so", lambda: _build(True, archs, directory))
             except Exception as exc:  # noqa: BLE001 -- recorded; the CPU build below still gives the cpu backend
-                why_not_cuda = f"the CUDA build {_failure_text(exc)}"
+                why_not_cuda = f"the CUDA extension {_failure_text(exc)}"
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(why_not_cuda)
                 print(f"ddpm_fast: {why_not_cuda}\nddpm_fast: building the CPU kernels alone; recorded in {record} "

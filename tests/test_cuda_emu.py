@@ -58,7 +58,7 @@ def test_several_chunks_channels_last_and_gradients():
                                   var_type="learned_range", loss_type="mse", backend=backend)
         xs = F.q_sample(x0, a["t"], a["noise"], SCHEDULE, backend=backend)
         (terms["loss"].sum() + xs.square().sum()).backward()
-        grads[backend] = (terms, xs.detach(), mo.grad, x0.grad)
+        grads[backend] = (*flatten(terms), xs.detach(), mo.grad, x0.grad)
     assert_same_as_cpu(grads["cuda_emu"], grads["cpu"], "losses, q_sample, gradients")
 
 

@@ -3,29 +3,33 @@
 //
 // What it models:
 //   - a launch: grid and block as dim3 (x, y, z), checked like the CUDA runtime (block <= 1024 threads,
-//     grid.y / grid.z <= 65535, no zero dims); gridDim / blockDim / blockIdx / threadIdx.
-//   - a block: blockDim threads running concurrently as real OS threads (a persistent pool), so data
-//     races and missing barriers show up as on a GPU (and to ThreadSanitizer); blocks of a grid run one
-//     after another, launches are serialised (one emulated device, one stream, synchronous).
-//   - __syncthreads: a barrier over the block's threads that have not exited (sm_70+ semantics).
-//   - __shared__: one copy per kernel instantiation (static storage); safe because one block runs at
-//     a time. Not re-poisoned between blocks: a read of shared memory no thread of the block wrote gives
-//     the previous block's value, not garbage.
-//   - __shfl_down_sync over 32-lane warps (the last warp may be partial): every live lane of the warp
-//     must call it (as with a full mask); a lane whose source lies past the warp keeps its own value.
+//     block.z <= 64, grid.y / grid.z <= 65535, no zero dims); gridDim / blockDim / blockIdx / threadIdx.
+//   - a block: blockDim CUDA threads, each a fiber (its own stack and registers, ucontext) on the
+//     launching OS thread. A fiber runs until it reaches a barrier or exits, then the next one runs, so a
+//     thread never sees another's writes made after their last common barrier was passed out of order:
+//     a missing __syncthreads shows up as a read of stale data. Blocks of a grid run one after another;
+//     launches are serialised (one emulated device, one stream, synchronous).
+//   - __syncthreads: a barrier over the block's threads that have not exited (sm_70+ semantics); threads
+//     waiting at barriers that can never all be reached (divergent __syncthreads) are reported as an error.
+//   - __shared__: one copy per kernel instantiation (static storage); safe because one block runs at a
+//     time. Not re-poisoned between blocks: a read of shared memory no thread of the block wrote gives the
+//     previous block's value, not garbage.
+//   - __shfl_down_sync over 32-lane warps (the last warp may be partial): every live lane of the warp must
+//     call it (as with a full mask); a lane whose source lies past the warp keeps its own value.
 //   - CUDA_KERNEL_ASSERT: the failing thread leaves the kernel (as a trap would) and the launch check
-//     raises "device-side assert triggered" with the condition, file and line -- a Python RuntimeError.
-//     Unlike a GPU context, the emulated device is usable again afterwards.
-// What it does not model: the memory model of a GPU (weak ordering, caches), warp-synchronous code
-// without the *_sync intrinsics, other intrinsics (atomics, ballot, __shfl_sync/_up/_xor, __ldg, fast
-// math like __expf), dynamic shared memory, streams/events/async copies, cooperative groups, timing.
-// It proves the code paths (indexing, reductions, barriers, operand plumbing), not speed.
+//     raises "device-side assert triggered" with the condition, block, thread, file and line -- a Python
+//     RuntimeError. Unlike a GPU context, the emulated device is usable again afterwards.
+//   - AddressSanitizer: fiber stack switches are annotated, so ASan builds check kernel code too.
+// What it does not model: parallel execution and the memory model of a GPU (weak ordering, caches;
+// ThreadSanitizer sees nothing here), warp-synchronous code without the *_sync intrinsics, other
+// intrinsics (atomics, ballot, __shfl_sync/_up/_xor, __ldg, fast math like __expf), dynamic shared memory,
+// streams/events/async copies, cooperative groups, timing. It proves the code paths (launch geometry,
+// indexing, reductions, barriers, operand plumbing), not speed.
 #pragma once
 
+#include <ucontext.h>
+
 #include <algorithm>
-#include <atomic>
-#include <barrier>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -34,18 +38,22 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-inline thread_local dim3 threadIdx, blockIdx;  // of the calling emulated thread
+inline thread_local dim3 threadIdx, blockIdx;  // of the running fiber (set by the scheduler)
 inline dim3 blockDim, gridDim;                 // of the running launch (launches are serialised)
 
 namespace ddpm_emu {
@@ -55,16 +63,22 @@ constexpr unsigned kMaxBlockThreads = 1024;
 
 struct Stream {};  // the one emulated stream (launches are synchronous)
 
-// The running block: its barrier, one barrier per warp, and the warp-shuffle exchange slots.
+// Where a fiber waits: nowhere (runnable), at the block barrier, or at its warp's barrier.
+enum class Wait : uint8_t { kNone, kBlock, kWarp, kDone };
+
+// The running block: one fiber per CUDA thread, the barrier bookkeeping, the warp-shuffle exchange slots.
 struct Block {
-  explicit Block(unsigned n) : threads(n), bar(n), lanes(n) {
-    for (unsigned w = 0; w * kWarpSize < n; ++w)
-      warp_bar.push_back(std::make_unique<std::barrier<>>(std::min(kWarpSize, n - w * kWarpSize)));
-  }
-  unsigned threads;
-  std::barrier<> bar;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
-  std::vector<uint64_t> lanes;  // one 8-byte slot per thread
+  unsigned threads = 0;
+  std::vector<ucontext_t> ctx;
+  std::vector<Wait> wait;
+  std::vector<unsigned> warp_live;         // threads of each warp that have not exited
+  std::vector<unsigned> warp_waiting;      // ... of which wait at the warp barrier
+  unsigned live = 0, block_waiting = 0;    // the same for the block barrier
+  std::vector<uint64_t> lanes;             // one 8-byte shuffle slot per thread
+  unsigned current = 0;                    // the running fiber
+  ucontext_t scheduler;
+  const std::function<void()>* body = nullptr;
+  dim3 block_idx;
 };
 
 inline thread_local Block* t_block = nullptr;
@@ -99,109 +113,164 @@ inline void launch_check() {
 
 inline unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
-// A pool of OS threads that runs one block at a time: thread i runs the kernel as linear thread id i.
-class BlockPool {
- public:
-  ~BlockPool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    start_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
+// Fiber stacks, reused across blocks and launches (guarded by g_launch_mutex).
+#if defined(__SANITIZE_ADDRESS__)
+constexpr size_t kStackBytes = 256 * 1024;  // ASan's redzones and -O1 frames
+#else
+constexpr size_t kStackBytes = 64 * 1024;
+#endif
+inline std::vector<std::unique_ptr<char[]>> g_stacks;
 
-  // Runs job(i) for i in [0, n) on n concurrent threads and returns when all have finished.
-  void run(unsigned n, const std::function<void(unsigned)>& job) {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (workers_.size() < n) {
-      const unsigned id = static_cast<unsigned>(workers_.size());
-      workers_.emplace_back([this, id] { work(id); });
-    }
-    job_ = &job;
-    active_ = n;
-    remaining_ = n;
-    ++generation_;
-    start_.notify_all();
-    done_.wait(lock, [&] { return remaining_ == 0; });
-    job_ = nullptr;
-  }
+// swapcontext with AddressSanitizer told which stack runs next (no-op without ASan).
+#if defined(__SANITIZE_ADDRESS__)
+inline thread_local const void* t_scheduler_stack = nullptr;
+inline thread_local size_t t_scheduler_stack_size = 0;
+inline void switch_context(ucontext_t* from, ucontext_t* to, const void* to_stack, size_t to_size, bool exiting) {
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake_stack, to_stack, to_size);
+  swapcontext(from, to);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+}
+inline void fiber_started() {  // first thing a fiber runs: learn the scheduler's stack
+  __sanitizer_finish_switch_fiber(nullptr, &t_scheduler_stack, &t_scheduler_stack_size);
+}
+inline void to_scheduler(Block* blk, bool exiting) {
+  switch_context(&blk->ctx[blk->current], &blk->scheduler, t_scheduler_stack, t_scheduler_stack_size, exiting);
+}
+inline void to_fiber(Block* blk, unsigned i) {
+  switch_context(&blk->scheduler, &blk->ctx[i], g_stacks[i].get(), kStackBytes, false);
+}
+#else
+inline void fiber_started() {}
+inline void to_scheduler(Block* blk, bool) { swapcontext(&blk->ctx[blk->current], &blk->scheduler); }
+inline void to_fiber(Block* blk, unsigned i) { swapcontext(&blk->scheduler, &blk->ctx[i]); }
+#endif
 
- private:
-  void work(unsigned id) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(unsigned)>* job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        start_.wait(lock, [&] { return stop_ || (generation_ != seen && id < active_); });
-        if (stop_) return;
-        seen = generation_;
-        job = job_;
+inline void fiber_main() {
+  fiber_started();
+  Block* blk = t_block;
+  try {
+    (*blk->body)();
+  } catch (const Trap&) {
+  } catch (const std::exception& e) {
+    record_error(std::string("exception in an emulated thread: ") + e.what());
+  } catch (...) {
+    record_error("unknown exception in an emulated thread");
+  }
+  // an exited thread takes no further part in barriers or shuffles (sm_70+)
+  const unsigned i = blk->current;
+  blk->wait[i] = Wait::kDone;
+  --blk->live;
+  --blk->warp_live[i / kWarpSize];
+  to_scheduler(blk, /*exiting=*/true);
+  __builtin_unreachable();
+}
+
+// The calling fiber waits at the block (kBlock) or its warp's (kWarp) barrier until every live thread of
+// the block / warp is there.
+inline void wait_at(Wait where) {
+  Block* blk = t_block;
+  TORCH_INTERNAL_ASSERT(blk, "a barrier outside an emulated kernel");
+  const unsigned i = blk->current;
+  blk->wait[i] = where;
+  if (where == Wait::kBlock) ++blk->block_waiting;
+  else ++blk->warp_waiting[i / kWarpSize];
+  to_scheduler(blk, false);
+}
+
+// Runs every fiber of the block until all have exited, releasing barriers as they fill.
+inline void run_block(Block& blk) {
+  const unsigned n = blk.threads;
+  const unsigned nwarps = (n + kWarpSize - 1) / kWarpSize;
+  for (;;) {
+    bool ran = false;
+    for (unsigned i = 0; i < n; ++i) {
+      if (blk.wait[i] != Wait::kNone) continue;
+      blk.current = i;
+      threadIdx = dim3(i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y));
+      to_fiber(&blk, i);
+      ran = true;
+    }
+    if (blk.live == 0) return;
+    bool released = false;
+    for (unsigned w = 0; w < nwarps; ++w) {
+      if (blk.warp_live[w] > 0 && blk.warp_waiting[w] == blk.warp_live[w]) {
+        for (unsigned i = w * kWarpSize; i < std::min(n, (w + 1) * kWarpSize); ++i)
+          if (blk.wait[i] == Wait::kWarp) blk.wait[i] = Wait::kNone;
+        blk.warp_waiting[w] = 0;
+        released = true;
       }
-      (*job)(id);
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--remaining_ == 0) done_.notify_one();
+    }
+    if (blk.block_waiting == blk.live) {
+      for (unsigned i = 0; i < n; ++i)
+        if (blk.wait[i] == Wait::kBlock) blk.wait[i] = Wait::kNone;
+      blk.block_waiting = 0;
+      released = true;
+    }
+    if (!ran && !released) {
+      record_error("block (" + std::to_string(blk.block_idx.x) + "," + std::to_string(blk.block_idx.y) + "," +
+                   std::to_string(blk.block_idx.z) + "): deadlock: " + std::to_string(blk.block_waiting) +
+                   " of " + std::to_string(blk.live) + " live threads wait at __syncthreads, the others at a "
+                   "warp shuffle (divergent barrier)");
+      return;  // the waiting fibers are abandoned (their stacks are reused; nothing on them is destroyed)
     }
   }
-
-  std::mutex mu_;
-  std::condition_variable start_, done_;
-  std::vector<std::thread> workers_;
-  const std::function<void(unsigned)>* job_ = nullptr;
-  unsigned active_ = 0, remaining_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-};
+}
 
 inline std::mutex g_launch_mutex;  // one emulated device: launches run one at a time
-
-inline BlockPool& pool() {
-  static BlockPool p;
-  return p;
-}
 
 // Runs body() as every thread of every block of a <<<grid, block, smem>>> launch, then returns
 // (synchronous). Device-side asserts are reported by launch_check().
 template <class Body> void launch(dim3 grid, dim3 block, size_t dynamic_smem, const Body& body) {
   TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.y <= 65535 && grid.z <= 65535,
               "CUDA error (emulated): invalid configuration argument: grid ", grid.x, "x", grid.y, "x", grid.z);
-  const uint64_t n = uint64_t(block.x) * block.y * block.z;
-  TORCH_CHECK(n >= 1 && n <= kMaxBlockThreads && block.z <= 64,
+  const uint64_t n64 = uint64_t(block.x) * block.y * block.z;
+  TORCH_CHECK(n64 >= 1 && n64 <= kMaxBlockThreads && block.z <= 64,
               "CUDA error (emulated): invalid configuration argument: block ", block.x, "x", block.y, "x", block.z);
   TORCH_CHECK(dynamic_smem == 0, "CUDA error (emulated): dynamic shared memory is not emulated");
+  const unsigned n = static_cast<unsigned>(n64);
   std::lock_guard<std::mutex> serial(g_launch_mutex);
+  while (g_stacks.size() < n) g_stacks.push_back(std::make_unique<char[]>(kStackBytes));
   gridDim = grid;
   blockDim = block;
+  const std::function<void()> fn = [&] { body(); };
+  Block blk;
+  blk.threads = n;
+  blk.ctx.resize(n);
+  blk.wait.resize(n);
+  blk.lanes.assign(n, 0);
+  blk.body = &fn;
+  t_block = &blk;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block blk(static_cast<unsigned>(n));
-        const std::function<void(unsigned)> job = [&](unsigned i) {
-          threadIdx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
-          blockIdx = dim3(bx, by, bz);
-          t_block = &blk;
-          try {
-            body();
-          } catch (const Trap&) {
-          } catch (const std::exception& e) {
-            record_error(std::string("exception in an emulated thread: ") + e.what());
-          }
-          t_block = nullptr;
-          // an exited thread takes no further part in barriers or shuffles (sm_70+)
-          blk.bar.arrive_and_drop();
-          blk.warp_bar[i / kWarpSize]->arrive_and_drop();
-        };
-        pool().run(static_cast<unsigned>(n), job);
+        blockIdx = dim3(bx, by, bz);
+        blk.block_idx = blockIdx;
+        blk.live = n;
+        blk.block_waiting = 0;
+        blk.warp_live.assign((n + kWarpSize - 1) / kWarpSize, 0);
+        blk.warp_waiting.assign(blk.warp_live.size(), 0);
+        for (unsigned i = 0; i < n; ++i) {
+          ++blk.warp_live[i / kWarpSize];
+          blk.wait[i] = Wait::kNone;
+#if defined(__SANITIZE_ADDRESS__)
+          // a stack reused after an abandoned block may hold poisoned frames that never returned
+          __asan_unpoison_memory_region(g_stacks[i].get(), kStackBytes);
+#endif
+          getcontext(&blk.ctx[i]);
+          blk.ctx[i].uc_stack.ss_sp = g_stacks[i].get();
+          blk.ctx[i].uc_stack.ss_size = kStackBytes;
+          blk.ctx[i].uc_link = nullptr;
+          makecontext(&blk.ctx[i], &fiber_main, 0);
+        }
+        run_block(blk);
       }
+  t_block = nullptr;
 }
 
 }  // namespace ddpm_emu
 
-inline void __syncthreads() {
-  TORCH_INTERNAL_ASSERT(ddpm_emu::t_block, "__syncthreads outside an emulated kernel");
-  ddpm_emu::t_block->bar.arrive_and_wait();
-}
+inline void __syncthreads() { ddpm_emu::wait_at(ddpm_emu::Wait::kBlock); }
 
 // Value of lane (lane + delta) of the calling warp; every live lane of the warp must call it.
 template <class T> T __shfl_down_sync(unsigned /*mask*/, T value, unsigned delta) {
@@ -213,10 +282,10 @@ template <class T> T __shfl_down_sync(unsigned /*mask*/, T value, unsigned delta
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
   blk->lanes[i] = bits;
-  blk->warp_bar[warp]->arrive_and_wait();  // every lane has published its value
+  ddpm_emu::wait_at(ddpm_emu::Wait::kWarp);  // every lane has published its value
   T result = value;
   if (lane + delta < width) std::memcpy(&result, &blk->lanes[i + delta], sizeof(T));
-  blk->warp_bar[warp]->arrive_and_wait();  // every lane has read before the slots are reused
+  ddpm_emu::wait_at(ddpm_emu::Wait::kWarp);  // every lane has read before the slots are reused
   return result;
 }
 
