@@ -403,7 +403,8 @@ def load_emu(force: bool = False) -> tuple[str | None, str]:
         if "emu" in _state and (_state["emu"][0] is not None or not force):
             return _state["emu"]
         if not (force or emu_requested()):
-            return None, "not built: set DDPM_FAST_CUDA_EMU=1 (or run `ddpm-fast build --cuda-emu`)"
+            return None, ("off: set DDPM_FAST_CUDA_EMU=1 to build (on first use; `ddpm-fast build --cuda-emu` "
+                          "prebuilds it) and use it")
         directory = emu_build_dir()
         lib = directory / f"{EMU_NAME}.so"
         try:

@@ -18,7 +18,7 @@ COUNTS = collections.Counter()
 # The reference defines the expected result, so it is the yardstick here, not a subject.
 BACKENDS = [b for b in backends_here() if b != "reference"]
 # Per backend: how many cases fit the time budget (the Triton interpreter runs programs one by one).
-# cuda_emu (CUDA kernels emulated with one OS thread per CUDA thread) is capped to keep CI within minutes.
+# cuda_emu (one block at a time, its 256 CUDA threads as fibers: 1-6 ms a block) is capped to keep CI short.
 EXAMPLES = {"cpu": 2500, "cuda": 1500, "triton": 150 if not torch.cuda.is_available() else 1500, "cuda_emu": 300}
 # Absolute floor of the tolerance, relative to the output's scale, per input dtype.
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

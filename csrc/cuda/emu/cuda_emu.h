@@ -121,30 +121,59 @@ constexpr size_t kStackBytes = 64 * 1024;
 #endif
 inline std::vector<std::unique_ptr<char[]>> g_stacks;
 
-// swapcontext with AddressSanitizer told which stack runs next (no-op without ASan).
+inline void set_thread_idx(unsigned i) {
+  threadIdx = dim3(i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y));
+}
+
+// swapcontext with AddressSanitizer told which stack runs next (plain swapcontext without ASan).
 #if defined(__SANITIZE_ADDRESS__)
 inline thread_local const void* t_scheduler_stack = nullptr;
 inline thread_local size_t t_scheduler_stack_size = 0;
+inline thread_local bool t_from_scheduler = false;
 inline void switch_context(ucontext_t* from, ucontext_t* to, const void* to_stack, size_t to_size, bool exiting) {
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(exiting ? nullptr : &fake_stack, to_stack, to_size);
   swapcontext(from, to);
   __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 }
-inline void fiber_started() {  // first thing a fiber runs: learn the scheduler's stack
-  __sanitizer_finish_switch_fiber(nullptr, &t_scheduler_stack, &t_scheduler_stack_size);
+inline void fiber_started() {  // first thing a fiber runs; entered from the scheduler: learn its stack
+  const void* old_stack = nullptr;
+  size_t old_size = 0;
+  __sanitizer_finish_switch_fiber(nullptr, &old_stack, &old_size);
+  if (t_from_scheduler) t_scheduler_stack = old_stack, t_scheduler_stack_size = old_size;
 }
-inline void to_scheduler(Block* blk, bool exiting) {
-  switch_context(&blk->ctx[blk->current], &blk->scheduler, t_scheduler_stack, t_scheduler_stack_size, exiting);
+inline void switch_fibers(Block* blk, unsigned from, unsigned to, bool exiting) {
+  t_from_scheduler = false;
+  switch_context(&blk->ctx[from], &blk->ctx[to], g_stacks[to].get(), kStackBytes, exiting);
+}
+inline void to_scheduler(Block* blk, unsigned from, bool exiting) {
+  switch_context(&blk->ctx[from], &blk->scheduler, t_scheduler_stack, t_scheduler_stack_size, exiting);
 }
 inline void to_fiber(Block* blk, unsigned i) {
+  t_from_scheduler = true;
   switch_context(&blk->scheduler, &blk->ctx[i], g_stacks[i].get(), kStackBytes, false);
 }
 #else
 inline void fiber_started() {}
-inline void to_scheduler(Block* blk, bool) { swapcontext(&blk->ctx[blk->current], &blk->scheduler); }
+inline void switch_fibers(Block* blk, unsigned from, unsigned to, bool) { swapcontext(&blk->ctx[from], &blk->ctx[to]); }
+inline void to_scheduler(Block* blk, unsigned from, bool) { swapcontext(&blk->ctx[from], &blk->scheduler); }
 inline void to_fiber(Block* blk, unsigned i) { swapcontext(&blk->scheduler, &blk->ctx[i]); }
 #endif
+
+// Leaves the running fiber (waiting or exited) for the next runnable one of this sweep, else for the
+// scheduler; returns when the fiber is resumed.
+inline void yield_fiber(Block* blk, bool exiting) {
+  const unsigned i = blk->current;
+  unsigned j = i + 1;
+  while (j < blk->threads && blk->wait[j] != Wait::kNone) ++j;
+  if (j < blk->threads) {
+    blk->current = j;
+    set_thread_idx(j);
+    switch_fibers(blk, i, j, exiting);
+  } else {
+    to_scheduler(blk, i, exiting);
+  }
+}
 
 inline void fiber_main() {
   fiber_started();
@@ -162,7 +191,7 @@ inline void fiber_main() {
   blk->wait[i] = Wait::kDone;
   --blk->live;
   --blk->warp_live[i / kWarpSize];
-  to_scheduler(blk, /*exiting=*/true);
+  yield_fiber(blk, /*exiting=*/true);
   __builtin_unreachable();
 }
 
@@ -175,7 +204,7 @@ inline void wait_at(Wait where) {
   blk->wait[i] = where;
   if (where == Wait::kBlock) ++blk->block_waiting;
   else ++blk->warp_waiting[i / kWarpSize];
-  to_scheduler(blk, false);
+  yield_fiber(blk, false);
 }
 
 // Runs every fiber of the block until all have exited, releasing barriers as they fill.
@@ -183,13 +212,14 @@ inline void run_block(Block& blk) {
   const unsigned n = blk.threads;
   const unsigned nwarps = (n + kWarpSize - 1) / kWarpSize;
   for (;;) {
-    bool ran = false;
-    for (unsigned i = 0; i < n; ++i) {
-      if (blk.wait[i] != Wait::kNone) continue;
-      blk.current = i;
-      threadIdx = dim3(i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y));
-      to_fiber(&blk, i);
-      ran = true;
+    // one sweep: each runnable fiber in order runs until it waits or exits, then hands over to the next
+    unsigned first = 0;
+    while (first < n && blk.wait[first] != Wait::kNone) ++first;
+    const bool ran = first < n;
+    if (ran) {
+      blk.current = first;
+      set_thread_idx(first);
+      to_fiber(&blk, first);
     }
     if (blk.live == 0) return;
     bool released = false;
