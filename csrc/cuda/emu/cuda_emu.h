@@ -16,7 +16,7 @@
 //     previous block's value, not garbage.
 //   - __shfl_down_sync over 32-lane warps (the last warp may be partial): every live lane of the warp must
 //     call it (as with a full mask); a lane whose source lies past the warp keeps its own value.
-//   - CUDA_KERNEL_ASSERT: the failing thread leaves the kernel (as a trap would) and the launch check
+//   - CUDA_KERNEL_ASSERT: the failing thread leaves the kernel at once (as a trap would, no unwinding) and the launch check
 //     raises "device-side assert triggered" with the condition, block, thread, file and line -- a Python
 //     RuntimeError. Unlike a GPU context, the emulated device is usable again afterwards.
 //   - AddressSanitizer: fiber stack switches are annotated, so ASan builds check kernel code too.
@@ -82,7 +82,6 @@ struct Block {
 };
 
 inline thread_local Block* t_block = nullptr;
-struct Trap {};  // unwinds the emulated thread that hit a device-side assert
 
 // First device-side error of the running launch (empty: none), reported by launch_check().
 inline std::mutex g_error_mutex;
@@ -93,12 +92,16 @@ inline void record_error(const std::string& what) {
   if (g_error.empty()) g_error = what;
 }
 
+[[noreturn]] void exit_fiber();
+
+// The failing thread records the error and leaves the kernel at once, as a trap would: no unwinding
+// (kernel locals are trivially destructible; an exception thrown on a fiber stack also upsets ASan).
 [[noreturn]] inline void device_assert(const char* cond, const char* file, int line) {
   record_error(std::string(file) + ":" + std::to_string(line) + ": block (" + std::to_string(blockIdx.x) + "," +
                std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + "), thread (" +
                std::to_string(threadIdx.x) + "," + std::to_string(threadIdx.y) + "," +
                std::to_string(threadIdx.z) + "): Assertion `" + cond + "` failed.");
-  throw Trap{};
+  exit_fiber();
 }
 
 // Raises the launch's device-side error, if any, and clears it.
@@ -175,24 +178,27 @@ inline void yield_fiber(Block* blk, bool exiting) {
   }
 }
 
-inline void fiber_main() {
-  fiber_started();
+// The running thread exits: it takes no further part in barriers or shuffles (sm_70+).
+[[noreturn]] inline void exit_fiber() {
   Block* blk = t_block;
-  try {
-    (*blk->body)();
-  } catch (const Trap&) {
-  } catch (const std::exception& e) {
-    record_error(std::string("exception in an emulated thread: ") + e.what());
-  } catch (...) {
-    record_error("unknown exception in an emulated thread");
-  }
-  // an exited thread takes no further part in barriers or shuffles (sm_70+)
   const unsigned i = blk->current;
   blk->wait[i] = Wait::kDone;
   --blk->live;
   --blk->warp_live[i / kWarpSize];
   yield_fiber(blk, /*exiting=*/true);
   __builtin_unreachable();
+}
+
+inline void fiber_main() {
+  fiber_started();
+  try {
+    (*t_block->body)();
+  } catch (const std::exception& e) {
+    record_error(std::string("exception in an emulated thread: ") + e.what());
+  } catch (...) {
+    record_error("unknown exception in an emulated thread");
+  }
+  exit_fiber();
 }
 
 // The calling fiber waits at the block (kBlock) or its warp's (kWarp) barrier until every live thread of
