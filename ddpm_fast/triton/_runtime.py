@@ -1,7 +1,9 @@
 """What the launchers share: can a tensor run here, compute dtype, packed table, block size, seeds."""
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -60,6 +62,47 @@ def block_for(n: int) -> tuple:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65535, so the batch is never put there), and the
+# largest element index a kernel may compute in int32.
+MAX_PROGRAMS = 2**31 - 1
+INT32_INDEX_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How an elementwise kernel covers [batch, n]: grid (n_chunks * batch,) on axis 0, program p handling
+    chunk p % n_chunks of sample p // n_chunks (_math.program_chunk); block elements per program; idx64:
+    element indices in int64 (n + block would pass INT32_INDEX_LIMIT), else int32."""
+
+    grid: tuple
+    block: int
+    warps: int
+    n_chunks: int
+    idx64: bool
+
+
+def launch_config(n: int, batch: int) -> LaunchConfig:
+    """The launch for n elements per sample and batch samples (n, batch >= 1).
+
+    Raises ValueError if n_chunks * batch programs exceed MAX_PROGRAMS (about 2^41 elements at BLOCK 1024).
+    """
+    block, warps = block_for(n)
+    n_chunks = cdiv(n, block)
+    programs = n_chunks * batch
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"input: {batch} samples x {n} elements need {programs} Triton programs of {block} "
+                         f"elements, more than the {MAX_PROGRAMS} a grid can hold; split the batch")
+    return LaunchConfig((programs,), block, warps, n_chunks, n_chunks * block > INT32_INDEX_LIMIT)
+
+
+def device_guard(device: torch.device):
+    """A context that makes ``device`` the current CUDA device for a launch (Triton launches on the
+    current device); a no-op for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def seed_tensor(seed, generator, device) -> torch.Tensor:

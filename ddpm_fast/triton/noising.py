@@ -16,7 +16,7 @@ from . import _math as M
 from ._layout import flat_strides, run
 from ..schedule import COLUMN
 from .. import reference
-from ._runtime import float64_fallback, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
+from ._runtime import check_device, compute_dtype, float64_fallback, launch_config, table, tl_dtype
 
 NS = "ddpm_fast_triton"
 
@@ -24,10 +24,9 @@ NS = "ddpm_fast_triton"
 # -- kernels -----------------------------------------------------------------------------------
 @triton.jit
 def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
-                     a_sb, a_s1, a_s2, a_s3, n_sb, n_s1, n_s2, n_s3, o_sb, o_s1, o_s2, o_s3,
-                     N, T, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                     a_sb, a_s1, a_s2, a_s3, n_sb, n_s1, n_s2, n_s3, o_sb, o_s1, o_s2, o_s3, N, T, D2, D3,
+                     n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
@@ -39,11 +38,10 @@ def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
 @triton.jit
 def linear2_bwd_kernel(g_ptr, gx_ptr, gn_ptr, t_ptr, table_ptr,
                        g_sb, g_s1, g_s2, g_s3, x_sb, x_s1, x_s2, x_s3, n_sb, n_s1, n_s2, n_s3,
-                       N, T, D2, D3, CA: tl.constexpr, CB: tl.constexpr,
-                       FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+                       N, T, D2, D3, n_chunks, CA: tl.constexpr, CB: tl.constexpr,
+                       FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
     """Backward of y = col_CA(t) a + col_CB(t) b: grad_a = col_CA g, grad_b = col_CB g (one pass)."""
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
@@ -54,13 +52,11 @@ def linear2_bwd_kernel(g_ptr, gx_ptr, gn_ptr, t_ptr, table_ptr,
 
 @triton.jit
 def _prior_kernel(x0_ptr, part_ptr, a_sb, a_s1, a_s2, a_s3, N, D2, D3, n_chunks, sqrt_abar, const,
-                  FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+                  FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
     """Partial sums of KL(N(sqrt_abar x0, 1 - abar) || N(0, 1)) = 0.5 (const + (sqrt_abar x0)^2), where the
     per-schedule constant const = -1 - log(1 - abar) + (1 - abar) is computed once in float64 on the host
     (it cancels catastrophically in float32 when abar_{T-1} is near 0)."""
-    b = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(0)
-    n = chunk * BLOCK + tl.arange(0, BLOCK)
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     mean = sqrt_abar * x0
@@ -92,10 +88,10 @@ def q_sample_op(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table_: 
         return out
 
     def launch(ins, outs, p):
-        BLOCK, warps = block_for(p.n)
-        _q_sample_kernel[(cdiv(p.n, BLOCK), x0.shape[0])](
-            *ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2],
-            FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
+        c = launch_config(p.n, x0.shape[0])
+        _q_sample_kernel[c.grid](
+            *ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
+            FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype), num_warps=c.warps)
 
     run([x0, noise], [out], launch)
     return out
@@ -115,11 +111,11 @@ def q_sample_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tens
         return gx, gn
 
     def launch(ins, outs, p):
-        BLOCK, warps = block_for(p.n)
-        linear2_bwd_kernel[(cdiv(p.n, BLOCK), grad.shape[0])](
-            *ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2],
-            CA=COLUMN["sqrt_alphas_cumprod"], CB=COLUMN["sqrt_one_minus_alphas_cumprod"], FLAT=p.flat, BLOCK=BLOCK,
-            CDT=tl_dtype(table_.dtype), num_warps=warps)
+        c = launch_config(p.n, grad.shape[0])
+        linear2_bwd_kernel[c.grid](
+            *ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
+            CA=COLUMN["sqrt_alphas_cumprod"], CB=COLUMN["sqrt_one_minus_alphas_cumprod"], FLAT=p.flat, BLOCK=c.block,
+            IDX64=c.idx64, CDT=tl_dtype(table_.dtype), num_warps=c.warps)
 
     run([grad], [gx, gn], launch)
     return gx, gn
@@ -155,12 +151,11 @@ def prior_bpd_op(x0: torch.Tensor, abar_last: float, const: float) -> torch.Tens
     result = {}
 
     def launch(ins, outs, p):
-        BLOCK, warps = block_for(p.n)
-        n_chunks = cdiv(p.n, BLOCK)
-        part = torch.empty((B, n_chunks), dtype=cdt, device=x0.device)
-        _prior_kernel[(n_chunks, B)](ins[0], part, *flat_strides(p), p.n, p.sizes[1], p.sizes[2], n_chunks,
-                                     math.sqrt(abar_last), const, FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(cdt),
-                                     num_warps=warps)
+        c = launch_config(p.n, B)
+        part = torch.empty((B, c.n_chunks), dtype=cdt, device=x0.device)
+        _prior_kernel[c.grid](ins[0], part, *flat_strides(p), p.n, p.sizes[1], p.sizes[2], c.n_chunks,
+                              math.sqrt(abar_last), const, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
+                              CDT=tl_dtype(cdt), num_warps=c.warps)
         result["out"] = finish_mean(part, 1.0 / (p.n * math.log(2.0)))
 
     run([x0], [], launch)

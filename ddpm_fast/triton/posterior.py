@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _math as M
 from ._layout import flat_strides, run
 from .. import reference
-from ._runtime import float64_fallback, MEAN_IDS, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
+from ._runtime import MEAN_IDS, check_device, compute_dtype, float64_fallback, launch_config, table, tl_dtype
 from ..schedule import COLUMN
 from .noising import linear2_bwd_kernel
 
@@ -29,10 +29,9 @@ NS = "ddpm_fast_triton"
 @triton.jit
 def _q_posterior_kernel(x0_ptr, xt_ptr, mean_ptr, var_ptr, logvar_ptr, t_ptr, table_ptr,
                         a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
-                        N, T, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(0)
-    n = chunk * BLOCK + tl.arange(0, BLOCK)
+                        N, T, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                        CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
@@ -47,9 +46,9 @@ def _q_posterior_kernel(x0_ptr, xt_ptr, mean_ptr, var_ptr, logvar_ptr, t_ptr, ta
 @triton.jit
 def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
                     m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
-                    N, T, D2, D3, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                    N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                    IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
@@ -61,10 +60,9 @@ def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
 @triton.jit
 def _predict_bwd_kernel(g_ptr, gm_ptr, gx_ptr, t_ptr, table_ptr,
                         g_sb, g_s1, g_s2, g_s3, m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3,
-                        N, T, D2, D3, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
-                        CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                        N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                        IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
@@ -78,9 +76,9 @@ def _predict_bwd_kernel(g_ptr, gm_ptr, gx_ptr, t_ptr, table_ptr,
 def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, out_ptr,
                       a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3,
                       d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
-                      N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                      N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                      CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     m1 = M.load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     l1 = M.load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
@@ -93,10 +91,10 @@ def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, out_ptr,
 def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr,
                           g_sb, g_s1, g_s2, g_s3, a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3,
                           c_sb, c_s1, c_s2, c_s3, d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
-                          N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+                          N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                          CDT: tl.constexpr):
     """Gradients of all four operands at the broadcast shape (outputs share one contiguous layout)."""
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
     m1 = M.load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
@@ -114,9 +112,8 @@ def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr,
 @triton.jit
 def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, out_ptr,
                  a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
-                 N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                 N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     x = M.load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     mu = M.load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
@@ -129,9 +126,9 @@ def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, out_ptr,
 def _dgll_bwd_kernel(g_ptr, x_ptr, mu_ptr, ls_ptr, gmu_ptr, gls_ptr,
                      g_sb, g_s1, g_s2, g_s3, a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3,
                      c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
-                     N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                     N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                     CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
     x = M.load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
@@ -144,8 +141,9 @@ def _dgll_bwd_kernel(g_ptr, x_ptr, mu_ptr, ls_ptr, gmu_ptr, gls_ptr,
 
 
 def _grid(p, batch):
-    BLOCK, warps = block_for(p.n)
-    return (cdiv(p.n, BLOCK), batch), dict(FLAT=p.flat, BLOCK=BLOCK, num_warps=warps)
+    """(grid, keyword arguments) of an elementwise launch over plan p and batch samples."""
+    c = launch_config(p.n, batch)
+    return c.grid, dict(n_chunks=c.n_chunks, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, num_warps=c.warps)
 
 
 def _batched(shape):

@@ -19,7 +19,8 @@ import triton.language as tl
 from . import _math as M
 from ._layout import flat_strides, run
 from .. import reference
-from ._runtime import float64_fallback, LEARNED, MEAN_IDS, VAR_IDS, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
+from ._runtime import (LEARNED, MEAN_IDS, VAR_IDS, check_device, compute_dtype, float64_fallback, launch_config, table,
+                       tl_dtype)
 
 NS = "ddpm_fast_triton"
 WEIGHTING_IDS = {"simple": 0, "elbo": 1, "min_snr": 2}
@@ -58,10 +59,8 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
                    N, T, D2, D3, n_chunks,
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
-                   CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(0)
-    n = chunk * BLOCK + tl.arange(0, BLOCK)
+                   IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
@@ -93,9 +92,9 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
 
 
 @triton.jit
-def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_chunks, N, T, gamma, vb_scale, loss_scale,
-                      MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr, DO_VB: tl.constexpr,
-                      DO_MSE: tl.constexpr, CBLOCK: tl.constexpr):
+def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_chunks, N, T, gamma, vb_scale,
+                      loss_scale, MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr,
+                      DO_VB: tl.constexpr, DO_MSE: tl.constexpr, CBLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = M.load_t(t_ptr, b, T)
     vb = M.row_sum(part_ptr, 2 * b, n_chunks, CBLOCK) / N / 0.6931471805599453 * vb_scale
@@ -115,12 +114,11 @@ def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_c
 def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_ptr, gmv_ptr, t_ptr, table_ptr,
                    m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
                    gm_sb, gm_s1, gm_s2, gm_s3, gv_sb, gv_s1, gv_s2, gv_s3,
-                   N, T, D2, D3, gamma, vb_scale, loss_scale,
+                   N, T, D2, D3, n_chunks, gamma, vb_scale, loss_scale,
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr, WEIGHTING: tl.constexpr,
-                   FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                   FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     g_loss = tl.load(gl_ptr + b).to(CDT)
@@ -208,15 +206,15 @@ def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor,
     mo, mv = _halves(model_output, var_type)
 
     def launch(ins, _, p):
-        BLOCK, warps = block_for(p.n)
-        n_chunks = cdiv(p.n, BLOCK)
-        part = torch.empty((B, 2, n_chunks), dtype=table_.dtype, device=x0.device)
-        _vb_fwd_kernel[(n_chunks, B)](
-            *ins, part, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2], n_chunks,
+        c = launch_config(p.n, B)
+        part = torch.empty((B, 2, c.n_chunks), dtype=table_.dtype, device=x0.device)
+        _vb_fwd_kernel[c.grid](
+            *ins, part, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
             MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"],
-            DO_MSE=f["DO_MSE"], FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
+            DO_MSE=f["DO_MSE"], FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
+            num_warps=c.warps)
         _vb_finish_kernel[(B,)](
-            part, *outs, t, table_, n_chunks, p.n, T, min_snr_gamma, f["vb_scale"], f["loss_scale"],
+            part, *outs, t, table_, c.n_chunks, p.n, T, min_snr_gamma, f["vb_scale"], f["loss_scale"],
             MEAN=mean_type, VAR=var_type, WEIGHTING=weighting, DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], CBLOCK=64)
 
     run([mo, mv, x0, xn], [], launch)
@@ -244,12 +242,13 @@ def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch
     gmo, gmv = _halves(grad, var_type)
 
     def launch(ins, outs, p):
-        BLOCK, warps = block_for(p.n)
-        _vb_bwd_kernel[(cdiv(p.n, BLOCK), B)](
+        c = launch_config(p.n, B)
+        _vb_bwd_kernel[c.grid](
             g_loss, g_mse, g_vb, *ins, *outs, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2],
-            min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"],
-            DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"], WEIGHTING=weighting,
-            FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
+            c.n_chunks, min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip,
+            FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"],
+            WEIGHTING=weighting, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
+            num_warps=c.warps)
 
     run([mo, mv, x0, xn], [gmo, gmv], launch)
     return grad
