@@ -350,7 +350,17 @@ def test_in_kernel_noise_is_deterministic_and_standard_normal():
 
 
 # -- launch geometry: batch folding, int64 indices, device guard -----------------------------------
-def test_batch_folds_into_grid_axis_0(monkeypatch):
+@pytest.fixture
+def fresh_plans():
+    """Launch plans are cached by layout; tests that change the launch constants start and end uncached."""
+    from ddpm_fast.triton import _layout
+
+    _layout.clear_cache()
+    yield
+    _layout.clear_cache()
+
+
+def test_batch_folds_into_grid_axis_0(monkeypatch, fresh_plans):
     """Batch and chunks share grid axis 0 (limit 2^31 - 1), never axis 1 (limit 65535): any batch launches.
 
     A launch of more than 65535 samples is not run here (the interpreter takes ~1-8 ms per program);
@@ -370,11 +380,11 @@ def test_batch_folds_into_grid_axis_0(monkeypatch):
         F.q_sample(x, 0, x, SCHED, backend="triton")
 
 
-def test_many_chunks_and_int64_indices_give_the_same_results(monkeypatch):
+def test_many_chunks_and_int64_indices_give_the_same_results(monkeypatch, fresh_plans):
     """Tiny blocks (several chunks per sample, so program -> (sample, chunk) decoding matters) and forced
     int64 element indices: elementwise outputs and in-kernel noise are bit-identical to the default launch,
     the reductions (summed in another order) meet the reference bound."""
-    from ddpm_fast.triton import _runtime as rt
+    from ddpm_fast.triton import _layout, _runtime as rt
 
     d = data(B=3, spatial=(5, 7), learned=True, seed=6)
     f = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV)) for k, v in d.items()}
@@ -391,6 +401,7 @@ def test_many_chunks_and_int64_indices_give_the_same_results(monkeypatch):
     assert rt.launch_config(105, 3).n_chunks == 1
     monkeypatch.setattr(rt, "block_for", lambda n: (16, 4))  # 7 chunks per sample
     monkeypatch.setattr(rt, "INT32_INDEX_LIMIT", 0)  # int64 element indices
+    _layout.clear_cache()
     assert rt.launch_config(105, 3) == rt.LaunchConfig((21,), 16, 4, 7, True)
     small = run_all()
     assert torch.equal(small[0], default[0]) and torch.equal(small[1], default[1])
@@ -421,6 +432,43 @@ def test_inputs_on_a_second_gpu():
     s0 = F.p_sample_step(*(f[k].to("cuda:0") for k in ("mo", "x_t", "t")), SCHED, mean_type="epsilon",
                          var_type="learned_range", seed=2, backend="triton")["sample"]
     torch.testing.assert_close(s1.to("cuda:0"), s0, rtol=0, atol=0)
+
+
+# -- host path: the three routes to a kernel ------------------------------------------------------
+def test_eager_routes_and_library_ops_agree():
+    """Plain eager calls launch directly (autograd.Function when grad is needed); under a dispatch mode the
+    same call goes through the torch.library op. Same launcher, same kernels: identical values and grads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ddpm_fast.triton import _dispatch
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    d = data(learned=True, seed=8)
+    f = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV)) for k, v in d.items()}
+    ls = torch.full((3, 1, 1, 1), -2.0, device=DEV)
+
+    def run(mode):
+        mo, x0, nz = (f[k].clone().requires_grad_() for k in ("mo", "x0", "noise"))
+        ctx = Passthrough() if mode else torch.enable_grad()
+        with ctx:
+            assert _dispatch.plain_eager(mo) != mode
+            outs = [F.q_sample(x0, f["t"], nz, SCHED, backend="triton"),
+                    F.q_posterior(x0, f["x_t"], f["t"], SCHED, backend="triton")[0],
+                    F.predict_xstart(mo[:, :3], f["x_t"], f["t"], SCHED, mean_type="v", backend="triton"),
+                    F.normal_kl(x0, ls, nz, ls, backend="triton"),
+                    F.discretized_gaussian_log_likelihood(x0.detach(), nz, ls, backend="triton"),
+                    F.training_losses(mo, x0.detach(), f["t"], nz.detach(), SCHED, mean_type="epsilon",
+                                      var_type="learned_range", loss_type="rescaled_mse", backend="triton")["loss"],
+                    F.prior_bpd(x0, SCHED, backend="triton"),
+                    F.p_sample_step(mo.detach(), f["x_t"], f["t"], SCHED, mean_type="epsilon",
+                                    var_type="learned_range", seed=4, backend="triton")["sample"]]
+            sum(o.double().sum() * (i + 1) for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs] + [mo.grad, x0.grad, nz.grad]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
 
 
 # -- torch.library and torch.compile ----------------------------------------------------------------

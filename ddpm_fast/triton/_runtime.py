@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 
 from ..backends import BackendUnavailableError
 
@@ -17,8 +18,16 @@ VAR_IDS = {"fixed_small": 0, "fixed_large": 1, "learned": 2, "learned_range": 3}
 LEARNED = (2, 3)
 
 
+_RUNNABLE_DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
+
+
 def check_device(*tensors) -> None:
     """Raise BackendUnavailableError (with every reason) if these tensors cannot run on Triton here."""
+    for x in tensors:
+        if x is not None and (x.device.type not in _RUNNABLE_DEVICES or (INTERPRET and x.dtype == torch.bfloat16)):
+            break
+    else:
+        return
     reasons = []
     for x in tensors:
         if x is None:
@@ -38,12 +47,14 @@ def check_device(*tensors) -> None:
 
 def compute_dtype(*tensors) -> torch.dtype:
     """float64 if any input is float64, else float32 (fp16 / bf16 / fp32 all compute in fp32)."""
-    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
+    for x in tensors:
+        if x is not None and x.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
+    """The Triton type of a compute dtype (float64 or float32)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -126,7 +137,7 @@ def float64_fallback(*tensors) -> bool:
     gradcheck them); float64 is a checking precision, where the reference, which defines every result,
     is the faithful choice.
     """
-    if not any(x is not None and x.dtype == torch.float64 for x in tensors):
+    if compute_dtype(*tensors) != torch.float64:
         return False
     if not _FP64_WARNED:
         import warnings

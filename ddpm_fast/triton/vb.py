@@ -12,17 +12,17 @@ Modes: "vb" (vb_terms_bpd: x_t given), "mse", "rescaled_mse", "kl", "rescaled_kl
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _math as M
-from ._layout import flat_strides, run
+from ._dispatch import autograd_function, call, define, wrap_triton
+from ._layout import run
 from .. import reference
-from ._runtime import (LEARNED, MEAN_IDS, VAR_IDS, check_device, compute_dtype, float64_fallback, launch_config, table,
-                       tl_dtype)
-
-NS = "ddpm_fast_triton"
+from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, float64_fallback, table, tl_dtype
 WEIGHTING_IDS = {"simple": 0, "elbo": 1, "min_snr": 2}
 MODES = ("vb", "mse", "rescaled_mse", "kl", "rescaled_kl")
 
@@ -164,6 +164,7 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
 
 
 # -- launch configuration --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
 def _flags(mode: str, var_type: int, num_timesteps: int) -> dict:
     learned = var_type in LEARNED
     do_mse = mode in ("mse", "rescaled_mse")
@@ -192,10 +193,8 @@ def _check_mode(mode, weighting):
         raise ValueError(f"weighting: unknown id {weighting!r}")
 
 
-@torch.library.custom_op(f"{NS}::vb_losses", mutates_args=())
-def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor,
-                 table_: torch.Tensor, mean_type: int, var_type: int, mode: str, clip: bool, weighting: int,
-                 min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
+def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
     """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
     _check_mode(mode, weighting)
     B, T = x0.shape[0], table_.shape[0]
@@ -205,32 +204,23 @@ def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor,
         return tuple(o.fill_(float("nan")) for o in outs)
     mo, mv = _halves(model_output, var_type)
 
-    def launch(ins, _, p):
-        c = launch_config(p.n, B)
+    def launch(ins, _, p, c):
         part = torch.empty((B, 2, c.n_chunks), dtype=table_.dtype, device=x0.device)
-        _vb_fwd_kernel[c.grid](
-            *ins, part, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
+        wrap(_vb_fwd_kernel)[c.grid](
+            *ins, part, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
             MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"],
             DO_MSE=f["DO_MSE"], FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
             num_warps=c.warps)
-        _vb_finish_kernel[(B,)](
+        wrap(_vb_finish_kernel)[(B,)](
             part, *outs, t, table_, c.n_chunks, p.n, T, min_snr_gamma, f["vb_scale"], f["loss_scale"],
             MEAN=mean_type, VAR=var_type, WEIGHTING=weighting, DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], CBLOCK=64)
 
-    run([mo, mv, x0, xn], [], launch)
+    run((mo, mv, x0, xn), (), launch)
     return tuple(outs)
 
 
-@vb_losses_op.register_fake
-def _(model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
-    return tuple(x0.new_empty((x0.shape[0],), dtype=table_.dtype) for _ in range(3))
-
-
-@torch.library.custom_op(f"{NS}::vb_losses_backward", mutates_args=())
-def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch.Tensor, model_output: torch.Tensor,
-                          x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mean_type: int,
-                          var_type: int, mode: str, clip: bool, weighting: int,
-                          min_snr_gamma: float) -> torch.Tensor:
+def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip,
+                        weighting, min_snr_gamma):
     """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
     _check_mode(mode, weighting)
     B, T = x0.shape[0], table_.shape[0]
@@ -241,23 +231,37 @@ def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch
     mo, mv = _halves(model_output, var_type)
     gmo, gmv = _halves(grad, var_type)
 
-    def launch(ins, outs, p):
-        c = launch_config(p.n, B)
-        _vb_bwd_kernel[c.grid](
-            g_loss, g_mse, g_vb, *ins, *outs, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2],
+    def launch(ins, outs, p, c):
+        wrap(_vb_bwd_kernel)[c.grid](
+            g_loss, g_mse, g_vb, *ins, *outs, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2],
             c.n_chunks, min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip,
             FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"],
             WEIGHTING=weighting, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
             num_warps=c.warps)
 
-    run([mo, mv, x0, xn], [gmo, gmv], launch)
+    run((mo, mv, x0, xn), (gmo, gmv), launch)
     return grad
 
 
-@vb_losses_backward_op.register_fake
-def _(g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting,
-      min_snr_gamma):
-    return torch.empty_like(model_output)
+# -- library ops and autograd -------------------------------------------------------------------
+@define("vb_losses", lambda model_output, x0, xn, t, table_, *flags: tuple(
+    x0.new_empty((x0.shape[0],), dtype=table_.dtype) for _ in range(3)))
+def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor,
+                 table_: torch.Tensor, mean_type: int, var_type: int, mode: str, clip: bool, weighting: int,
+                 min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
+    return _vb_losses(wrap_triton, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting,
+                      min_snr_gamma)
+
+
+@define("vb_losses_backward", lambda g_loss, g_mse, g_vb, model_output, *rest: torch.empty_like(model_output))
+def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch.Tensor, model_output: torch.Tensor,
+                          x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mean_type: int,
+                          var_type: int, mode: str, clip: bool, weighting: int,
+                          min_snr_gamma: float) -> torch.Tensor:
+    """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
+    return _vb_losses_backward(wrap_triton, g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type,
+                               var_type, mode, clip, weighting, min_snr_gamma)
 
 
 def _setup(ctx, inputs, output):
@@ -275,11 +279,18 @@ def _backward(ctx, g_loss, g_mse, g_vb):
     mo, x0, xn, t, table_ = ctx.saved_tensors
     B = x0.shape[0]
     zero = lambda g: g.contiguous() if g is not None else x0.new_zeros((B,), dtype=table_.dtype)  # noqa: E731
-    grad = vb_losses_backward_op(zero(g_loss), zero(g_mse), zero(g_vb), mo, x0, xn, t, table_, *ctx.flags)
+    tensors = (zero(g_loss), zero(g_mse), zero(g_vb), mo, x0, xn, t, table_)
+    grad = call(vb_losses_backward_op, _vb_losses_backward, None, (*tensors, *ctx.flags), tensors)
     return (grad,) + (None,) * 10
 
 
 vb_losses_op.register_autograd(_backward, setup_context=_setup)
+_VbLosses = autograd_function("VbLosses", _vb_losses, _setup, _backward)
+
+
+def _vb_call(*args):
+    """vb_losses on (model_output, x0, xn, t, table_, *options) by the cheapest route (_dispatch.call)."""
+    return call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])
 
 
 # -- backend functions -------------------------------------------------------------------------
@@ -289,9 +300,9 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, cli
     if float64_fallback(x0):
         return reference.vb_terms_bpd(model_output, x0, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
                                       clip_denoised=clip_denoised)
-    tab = table(schedule, x0.device, compute_dtype(x0))
-    return vb_losses_op(model_output, x0, x_t, t, tab, MEAN_IDS[mean_type], VAR_IDS[var_type], "vb",
-                        bool(clip_denoised), 0, 5.0)[2]
+    tab = table(schedule, x0.device, torch.float32)
+    return _vb_call(model_output, x0, x_t, t, tab, MEAN_IDS[mean_type], VAR_IDS[var_type], "vb",
+                    bool(clip_denoised), 0, 5.0)[2]
 
 
 def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
@@ -301,10 +312,10 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
     if float64_fallback(x0):
         return reference.training_losses(model_output, x0, t, noise, schedule, mean_type=mean_type, var_type=var_type,
                                          loss_type=loss_type, weighting=weighting, min_snr_gamma=min_snr_gamma)
-    tab = table(schedule, x0.device, compute_dtype(x0))
+    tab = table(schedule, x0.device, torch.float32)
     var_id = VAR_IDS[var_type]
-    loss, mse, vb = vb_losses_op(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,
-                                 WEIGHTING_IDS[weighting], float(min_snr_gamma))
+    loss, mse, vb = _vb_call(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,
+                             WEIGHTING_IDS[weighting], float(min_snr_gamma))
     if loss_type in ("kl", "rescaled_kl"):
         return {"loss": loss, "vb": vb}
     terms = {"mse": mse, "loss": loss}
