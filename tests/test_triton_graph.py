@@ -57,8 +57,8 @@ def step(mo, x0, noise, t, ls):
 
 g = lambda *shape: torch.randn(*shape, requires_grad=True)
 try:
-    torch.compile(step, backend=capture, fullgraph=True)(g(2, 6, 4, 4), g(2, 3, 4, 4), g(2, 3, 4, 4),
-                                                          torch.tensor([3, 50]), g(2, 1, 1, 1))
+    torch.compile(step, backend=capture, fullgraph=True, dynamic=DYNAMIC)(
+        g(2, 6, 4, 4), g(2, 3, 4, 4), g(2, 3, 4, 4), torch.tensor([3, 50]), g(2, 1, 1, 1))
 except Exception as exc:
     if "joint graph captured" not in str(exc):
         raise
@@ -66,9 +66,12 @@ print(json.dumps({k: sorted(v) for k, v in found.items()}))
 '''
 
 
-def test_compile_inlines_every_kernel_forward_and_backward():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_inlines_every_kernel_forward_and_backward(dynamic):
+    """dynamic=True: symbolic sizes flow through the host launchers (plans are then not cached)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", f"DYNAMIC = {dynamic}\n" + SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found["ops"] == [], f"opaque ops left in the graph: {found['ops']}"

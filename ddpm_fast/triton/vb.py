@@ -197,7 +197,7 @@ def _check_mode(mode, weighting):
 def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
     """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
     _check_mode(mode, weighting)
-    B, T = x0.shape[0], table_.shape[0]
+    B, T = x0.shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
     f = _flags(mode, var_type, T)
     outs = [torch.empty(B, dtype=table_.dtype, device=x0.device) for _ in range(3)]
     if B == 0 or x0.numel() == 0:
@@ -223,7 +223,7 @@ def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, tabl
                         weighting, min_snr_gamma):
     """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
     _check_mode(mode, weighting)
-    B, T = x0.shape[0], table_.shape[0]
+    B, T = x0.shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
     f = _flags(mode, var_type, T)
     grad = torch.empty_like(model_output)
     if grad.numel() == 0:
