@@ -139,7 +139,7 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
     learned = var_type in LEARNED
     if learned:
         half = model_output.shape[1] // 2
-        mo, mv = model_output[:, :half], model_output[:, half:]
+        mo, mv = model_output.narrow(1, 0, half), model_output.narrow(1, half, half)
     else:
         mo, mv = model_output, model_output
     thr = []
