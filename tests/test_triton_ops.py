@@ -349,6 +349,128 @@ def test_in_kernel_noise_is_deterministic_and_standard_normal():
     assert torch.equal(d1["sample"], F.ddim_step(mo, xt, t, SCHED, eta=1.0, seed=7, backend="triton")["sample"])
 
 
+# -- launch geometry: batch folding, int64 indices, device guard -----------------------------------
+@pytest.fixture
+def fresh_plans():
+    """Launch plans are cached by layout; tests that change the launch constants start and end uncached."""
+    from ddpm_fast.triton import _layout
+
+    _layout.clear_cache()
+    yield
+    _layout.clear_cache()
+
+
+def test_batch_folds_into_grid_axis_0(monkeypatch, fresh_plans):
+    """Batch and chunks share grid axis 0 (limit 2^31 - 1), never axis 1 (limit 65535): any batch launches.
+
+    A launch of more than 65535 samples is not run here (the interpreter takes ~1-8 ms per program);
+    the grid arithmetic is checked, and its one limit raises a clear error."""
+    from ddpm_fast.triton import _runtime as rt
+
+    c = rt.launch_config(48, 70_000)
+    assert len(c.grid) == 1 and c.grid[0] == c.n_chunks * 70_000 <= rt.MAX_PROGRAMS
+    c = rt.launch_config(3 * 2**31, 2)  # 6 Gi elements per sample: int64 element indices
+    assert c.idx64 and c.grid[0] == 2 * c.n_chunks
+    assert not rt.launch_config(2**20, 8).idx64
+    with pytest.raises(ValueError, match="Triton programs"):
+        rt.launch_config(2**40, 2**12)
+    monkeypatch.setattr(rt, "MAX_PROGRAMS", 5)
+    x = torch.zeros(6, 3, device=DEV)
+    with pytest.raises(ValueError, match="6 samples x 3 elements"):
+        F.q_sample(x, 0, x, SCHED, backend="triton")
+
+
+def test_many_chunks_and_int64_indices_give_the_same_results(monkeypatch, fresh_plans):
+    """Tiny blocks (several chunks per sample, so program -> (sample, chunk) decoding matters) and forced
+    int64 element indices: elementwise outputs and in-kernel noise are bit-identical to the default launch,
+    the reductions (summed in another order) meet the reference bound."""
+    from ddpm_fast.triton import _layout, _runtime as rt
+
+    d = data(B=3, spatial=(5, 7), learned=True, seed=6)
+    f = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV)) for k, v in d.items()}
+    xt_cl = f["x_t"].contiguous(memory_format=torch.channels_last)
+    mo_cl = f["mo"].contiguous(memory_format=torch.channels_last)
+
+    def run_all():
+        kw = dict(mean_type="epsilon", var_type="learned_range", backend="triton")
+        return (F.q_sample(f["x0"], f["t"], f["noise"], SCHED, backend="triton"),
+                F.p_sample_step(mo_cl, xt_cl, f["t"], SCHED, seed=5, **kw)["sample"],
+                F.vb_terms_bpd(f["mo"], f["x0"], f["x_t"], f["t"], SCHED, **kw))
+
+    default = run_all()
+    assert rt.launch_config(105, 3).n_chunks == 1
+    monkeypatch.setattr(rt, "block_for", lambda n: (16, 4))  # 7 chunks per sample
+    monkeypatch.setattr(rt, "INT32_INDEX_LIMIT", 0)  # int64 element indices
+    _layout.clear_cache()
+    assert rt.launch_config(105, 3) == rt.LaunchConfig((21,), 16, 4, 7, True)
+    small = run_all()
+    assert torch.equal(small[0], default[0]) and torch.equal(small[1], default[1])
+    ref = R.vb_terms_bpd(d["mo"], d["x0"], d["x_t"], d["t"], SCHED, mean_type="epsilon", var_type="learned_range")
+    same = R.vb_terms_bpd(*(d[k].float() for k in ("mo", "x0", "x_t")), d["t"], SCHED, mean_type="epsilon",
+                          var_type="learned_range")
+    assert_flash(small[2].cpu(), same, ref, torch.float32, "vb_terms_bpd, 7 chunks per sample")
+
+
+def test_launches_run_on_the_tensors_device():
+    from ddpm_fast.triton._runtime import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))  # built without touching CUDA
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_inputs_on_a_second_gpu():
+    d = data(learned=True)
+    f = {k: v.float().to("cuda:1") if v.is_floating_point() else v.to("cuda:1") for k, v in d.items()}
+    assert torch.cuda.current_device() == 0
+    got = F.q_sample(f["x0"], f["t"], f["noise"], SCHED, backend="triton")
+    want = R.q_sample(f["x0"], f["t"], f["noise"], SCHED)
+    torch.testing.assert_close(got, want)
+    s1 = F.p_sample_step(f["mo"], f["x_t"], f["t"], SCHED, mean_type="epsilon", var_type="learned_range", seed=2,
+                         backend="triton")["sample"]
+    s0 = F.p_sample_step(*(f[k].to("cuda:0") for k in ("mo", "x_t", "t")), SCHED, mean_type="epsilon",
+                         var_type="learned_range", seed=2, backend="triton")["sample"]
+    torch.testing.assert_close(s1.to("cuda:0"), s0, rtol=0, atol=0)
+
+
+# -- host path: the three routes to a kernel ------------------------------------------------------
+def test_eager_routes_and_library_ops_agree():
+    """Plain eager calls launch directly (autograd.Function when grad is needed); under a dispatch mode the
+    same call goes through the torch.library op. Same launcher, same kernels: identical values and grads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ddpm_fast.triton import _dispatch
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    d = data(learned=True, seed=8)
+    f = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV)) for k, v in d.items()}
+    ls = torch.full((3, 1, 1, 1), -2.0, device=DEV)
+
+    def run(mode):
+        mo, x0, nz = (f[k].clone().requires_grad_() for k in ("mo", "x0", "noise"))
+        ctx = Passthrough() if mode else torch.enable_grad()
+        with ctx:
+            assert _dispatch.plain_eager(mo) != mode
+            outs = [F.q_sample(x0, f["t"], nz, SCHED, backend="triton"),
+                    F.q_posterior(x0, f["x_t"], f["t"], SCHED, backend="triton")[0],
+                    F.predict_xstart(mo[:, :3], f["x_t"], f["t"], SCHED, mean_type="v", backend="triton"),
+                    F.normal_kl(x0, ls, nz, ls, backend="triton"),
+                    F.discretized_gaussian_log_likelihood(x0.detach(), nz, ls, backend="triton"),
+                    F.training_losses(mo, x0.detach(), f["t"], nz.detach(), SCHED, mean_type="epsilon",
+                                      var_type="learned_range", loss_type="rescaled_mse", backend="triton")["loss"],
+                    F.prior_bpd(x0, SCHED, backend="triton"),
+                    F.p_sample_step(mo.detach(), f["x_t"], f["t"], SCHED, mean_type="epsilon",
+                                    var_type="learned_range", seed=4, backend="triton")["sample"]]
+            sum(o.double().sum() * (i + 1) for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs] + [mo.grad, x0.grad, nz.grad]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
 # -- torch.library and torch.compile ----------------------------------------------------------------
 def _opcheck_cases():
     from ddpm_fast.triton import noising, posterior, sampler, vb

@@ -1,8 +1,10 @@
-"""backend="triton": every op of ddpm_fast as fused Triton kernels behind torch custom ops.
+"""backend="triton": every op of ddpm_fast as fused Triton kernels, registered as torch.library ops.
 
 Modules: noising (q_sample, prior_bpd), posterior (q_posterior, predict_xstart, normal_kl,
 discretized_gaussian_log_likelihood), vb (vb_terms_bpd, training_losses), sampler (p_mean_variance,
-p_sample_step, ddim_step). Custom ops live in the ``ddpm_fast_triton`` torch.library namespace.
+p_sample_step, ddim_step). The ops live in the ``ddpm_fast_triton`` torch.library namespace: triton_ops
+on a GPU (torch.compile inlines their kernels), opaque custom ops under the interpreter; plain eager
+calls reach the same launchers without the dispatcher (see _dispatch).
 CUDA tensors run compiled kernels; CPU tensors run through the Triton interpreter, only when
 TRITON_INTERPRET=1 was set before ddpm_fast was imported (for checking, not speed).
 """

@@ -7,6 +7,12 @@ operand allows it. Element order within a sample is irrelevant to every op (elem
 per-sample sums), so the permutation is free. When every operand ends up as one unit-stride dim the
 plan is FLAT and a kernel addresses ``b * stride_b + n`` (contiguous, vectorisable loads).
 More than three unmergeable dims: the inputs are copied contiguous first (one extra pass, rare).
+
+With ``logical=True`` the plan carries one more stride set after the operands: the row-major strides of
+the shape (batch stride N), so that a kernel can compute each element's logical index b * N + (row-major
+index within the sample) whatever the walk order; in-kernel noise is drawn at that index, so a seed gives
+the same noise for any layout, as on the CPU and CUDA backends. Dims then merge only where the row-major
+order allows it too.
 """
 from __future__ import annotations
 
@@ -14,16 +20,26 @@ from dataclasses import dataclass
 
 import torch
 
+from ._runtime import device_guard, launch_config
+
 MAX_DIMS = 3
+CACHE_SIZE = 1024  # cached (plan, launch config) pairs, keyed by operand shapes and strides
+_CACHE: dict = {}
+
+
+class LayoutError(ValueError):
+    """The operands' layouts leave more than MAX_DIMS unmergeable dims."""
 
 
 @dataclass(frozen=True)
 class Plan:
-    """sizes: (D1, D2, D3); strides: per operand (sb, s1, s2, s3); n: elements per sample."""
+    """sizes: (D1, D2, D3); strides: per operand (sb, s1, s2, s3); flat: every operand one unit-stride dim;
+    args: every operand's strides concatenated (the kernels' argument order); n: elements per sample."""
 
     sizes: tuple
     strides: tuple
     flat: bool
+    args: tuple
 
     @property
     def n(self) -> int:
@@ -49,40 +65,87 @@ def _merge(shape, strides_list):
     return sizes, strides
 
 
-def plan(operands) -> Plan:
-    """Plan for tensors of one shape [B, ...] (views are fine). Raises ValueError if > 3 dims remain."""
+def _row_major(sizes) -> tuple:
+    """Strides of a contiguous tensor of these sizes (in elements)."""
+    strides, s = [], 1
+    for size in reversed(sizes):
+        strides.append(s)
+        s *= size
+    return tuple(reversed(strides))
+
+
+def plan(operands, logical: bool = False) -> Plan:
+    """Plan for tensors of one shape [B, ...] (views are fine). Raises ValueError if > 3 dims remain.
+
+    logical: add the row-major strides of the shape as a last stride set (see the module docstring)."""
     shape = tuple(operands[0].shape)
     if any(tuple(x.shape) != shape for x in operands):
         raise ValueError(f"operands: expected one shape {shape}, got {[tuple(x.shape) for x in operands]}")
     rest = shape[1:]
-    sizes, strides = _merge(rest, [x.stride()[1:] for x in operands])
+    stride_sets = [x.stride()[1:] for x in operands] + ([_row_major(rest)] if logical else [])
+    sizes, strides = _merge(rest, stride_sets)
     if len(sizes) > MAX_DIMS:
-        raise ValueError("layout: more than 3 unmergeable dims")
+        raise LayoutError("layout: more than 3 unmergeable dims")
     pad = MAX_DIMS - len(sizes)
     sizes = [1] * pad + sizes
     strides = [[0] * pad + st for st in strides]
     flat = sizes[0] == 1 and sizes[1] == 1 and (sizes[2] == 1 or all(st[2] == 1 for st in strides))
+    n = 1
+    for size in rest:
+        n *= size
     batch_strides = [x.stride()[0] if shape and shape[0] != 1 else 0 for x in operands]
+    if logical:
+        batch_strides.append(n if shape and shape[0] != 1 else 0)
     if not shape:
-        batch_strides = [0] * len(operands)
-    return Plan(tuple(sizes), tuple((sb, *st) for sb, st in zip(batch_strides, strides)), flat)
+        batch_strides = [0] * len(stride_sets)
+    sets = tuple((sb, *st) for sb, st in zip(batch_strides, strides))
+    return Plan(tuple(sizes), sets, flat, tuple(s for st in sets for s in st))
 
 
 def flat_strides(p: Plan) -> tuple:
     """Every operand's (sb, s1, s2, s3), concatenated in operand order (the kernels' argument order)."""
-    return tuple(s for st in p.strides for s in st)
+    return p.args
 
 
-def run(inputs, outputs, launch) -> None:
-    """launch(inputs, outputs, plan) on a common plan; if the layouts do not fit one, on contiguous
-    copies (outputs copied back afterwards: an extra pass, only for > 3 unmergeable dims)."""
+def clear_cache() -> None:
+    """Forget every cached plan (after changing the launch constants in _runtime, e.g. in tests)."""
+    _CACHE.clear()
+
+
+def planned(operands, logical: bool = False) -> tuple:
+    """(Plan, _runtime.LaunchConfig) for operands of one shape [B, ...], cached by their shapes and strides:
+    a repeated call costs one dict lookup. Raises LayoutError (> 3 unmergeable dims), or ValueError from
+    launch_config."""
+    key = (logical, *[x.shape for x in operands], *[x.stride() for x in operands])
     try:
-        p = plan(list(inputs) + list(outputs))
-    except ValueError:
-        ci = [x.contiguous() for x in inputs]
-        co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
-        launch(ci, co, plan(ci + co))
-        for o, c in zip(outputs, co):
-            o.copy_(c)
-        return
-    launch(list(inputs), list(outputs), p)
+        hit = _CACHE.get(key)
+    except TypeError:  # symbolic sizes while tracing: not hashable, planned each time
+        key, hit = None, None
+    if hit is None:
+        p = plan(operands, logical)
+        hit = (p, launch_config(p.n, operands[0].shape[0]))
+        if key is not None:
+            if len(_CACHE) >= CACHE_SIZE:
+                _CACHE.clear()
+            _CACHE[key] = hit
+    return hit
+
+
+def run(inputs, outputs, launch, logical: bool = False) -> None:
+    """launch(inputs, outputs, plan, config) on a common plan of the operands (inputs [B, ...] then outputs,
+    one shape; the row-major stride set last if logical), on the inputs' CUDA device; if the layouts do not
+    fit one plan, on contiguous copies (outputs copied back afterwards: an extra pass, only for > 3
+    unmergeable dims)."""
+    operands = [*inputs, *outputs]
+    with device_guard(inputs[0].device):
+        try:
+            p, c = planned(operands, logical)
+        except LayoutError:
+            ci = [x.contiguous() for x in inputs]
+            co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
+            p, c = planned(ci + co, logical)
+            launch(ci, co, p, c)
+            for o, copy in zip(outputs, co):
+                o.copy_(copy)
+            return
+        launch(inputs, outputs, p, c)

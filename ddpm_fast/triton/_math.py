@@ -35,6 +35,19 @@ LOG_1M_ABAR = tl.constexpr(COLUMN["log_one_minus_alphas_cumprod"])
 
 # -- addressing --------------------------------------------------------------------------------
 @triton.jit
+def program_chunk(n_chunks, BLOCK: tl.constexpr, IDX64: tl.constexpr):
+    """(b, chunk, n) of this program on a 1-D grid of n_chunks * B programs (_runtime.launch_config):
+    sample b (int64), chunk index, and the chunk's BLOCK element indices n within the sample (int64 when
+    IDX64, else int32)."""
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    chunk = pid - b * n_chunks
+    if IDX64:
+        chunk = chunk.to(tl.int64)
+    return b.to(tl.int64), chunk, chunk * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr):
     """int64 element offsets of sample b's logical elements n (see _layout.Plan)."""
     if FLAT:

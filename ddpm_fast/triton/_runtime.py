@@ -1,9 +1,12 @@
 """What the launchers share: can a tensor run here, compute dtype, packed table, block size, seeds."""
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 
 from ..backends import BackendUnavailableError
 
@@ -15,8 +18,16 @@ VAR_IDS = {"fixed_small": 0, "fixed_large": 1, "learned": 2, "learned_range": 3}
 LEARNED = (2, 3)
 
 
+_RUNNABLE_DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
+
+
 def check_device(*tensors) -> None:
     """Raise BackendUnavailableError (with every reason) if these tensors cannot run on Triton here."""
+    for x in tensors:
+        if x is not None and (x.device.type not in _RUNNABLE_DEVICES or (INTERPRET and x.dtype == torch.bfloat16)):
+            break
+    else:
+        return
     reasons = []
     for x in tensors:
         if x is None:
@@ -36,12 +47,14 @@ def check_device(*tensors) -> None:
 
 def compute_dtype(*tensors) -> torch.dtype:
     """float64 if any input is float64, else float32 (fp16 / bf16 / fp32 all compute in fp32)."""
-    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
+    for x in tensors:
+        if x is not None and x.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
+    """The Triton type of a compute dtype (float64 or float32)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -60,6 +73,47 @@ def block_for(n: int) -> tuple:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65535, so the batch is never put there), and the
+# largest element index a kernel may compute in int32.
+MAX_PROGRAMS = 2**31 - 1
+INT32_INDEX_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How an elementwise kernel covers [batch, n]: grid (n_chunks * batch,) on axis 0, program p handling
+    chunk p % n_chunks of sample p // n_chunks (_math.program_chunk); block elements per program; idx64:
+    element indices in int64 (n + block would pass INT32_INDEX_LIMIT), else int32."""
+
+    grid: tuple
+    block: int
+    warps: int
+    n_chunks: int
+    idx64: bool
+
+
+def launch_config(n: int, batch: int) -> LaunchConfig:
+    """The launch for n elements per sample and batch samples (n, batch >= 1).
+
+    Raises ValueError if n_chunks * batch programs exceed MAX_PROGRAMS (about 2^41 elements at BLOCK 1024).
+    """
+    block, warps = block_for(n)
+    n_chunks = cdiv(n, block)
+    programs = n_chunks * batch
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"input: {batch} samples x {n} elements need {programs} Triton programs of {block} "
+                         f"elements, more than the {MAX_PROGRAMS} a grid can hold; split the batch")
+    return LaunchConfig((programs,), block, warps, n_chunks, n_chunks * block > INT32_INDEX_LIMIT)
+
+
+def device_guard(device: torch.device):
+    """A context that makes ``device`` the current CUDA device for a launch (Triton launches on the
+    current device); a no-op for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def seed_tensor(seed, generator, device) -> torch.Tensor:
@@ -83,7 +137,7 @@ def float64_fallback(*tensors) -> bool:
     gradcheck them); float64 is a checking precision, where the reference, which defines every result,
     is the faithful choice.
     """
-    if not any(x is not None and x.dtype == torch.float64 for x in tensors):
+    if compute_dtype(*tensors) != torch.float64:
         return False
     if not _FP64_WARNED:
         import warnings

@@ -19,10 +19,13 @@ def _variants():
     """[(label, kernel, constexprs, streaming)] covering every kernel and its main variants."""
     from . import noising, posterior, sampler, vb
 
-    f = dict(FLAT=True, BLOCK=1024)
+    f = dict(FLAT=True, BLOCK=1024, IDX64=False)
     fp = dict(f, CDT="fp32")
+    big = dict(fp, IDX64=True)  # more than 2^31 elements per sample: int64 element indices
     return [
         ("q_sample", noising._q_sample_kernel, fp, True),
+        ("q_sample int64 index", noising._q_sample_kernel, big, True),
+        ("q_sample int64 index strided", noising._q_sample_kernel, dict(big, FLAT=False), False),
         ("q_sample_bwd / q_posterior_bwd", noising.linear2_bwd_kernel, dict(fp, CA=4, CB=5), True),
         ("prior_bpd", noising._prior_kernel, fp, True),
         ("finish_mean", noising._finish_mean_kernel, dict(CBLOCK=64), False),
@@ -57,6 +60,13 @@ def _variants():
          dict(fp, MODE=0, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=0), True),
         ("p_sample_step philox", sampler._sampler_kernel,
          dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2), True),
+        ("p_sample_step philox strided", sampler._sampler_kernel,
+         dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2, FLAT=False), False),
+        ("p_sample_step philox int64 index", sampler._sampler_kernel,
+         dict(big, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2), True),
+        ("vb_bwd hybrid int64 index", vb._vb_bwd_kernel,
+         dict(big, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True, VB_MEAN_GRAD=False,
+              WEIGHTING=2), True),
         ("p_sample_step noise tensor", sampler._sampler_kernel,
          dict(fp, MODE=1, MEAN=0, VAR=0, CLIP=True, DT=False, NOISE=1), True),
         ("ddim_step noise + dyn. threshold", sampler._sampler_kernel,
@@ -65,8 +75,10 @@ def _variants():
 
 
 def _signature(kernel, constexprs):
-    """Argument types as the JIT would see them for fp32 tensors: pointers *fp32 (t and seed *i64)."""
+    """Argument types as the JIT would see them for fp32 tensors: pointers *fp32 (t and seed *i64); sizes
+    and strides i32, except N and the batch strides, i64 for the IDX64 variants (>= 2^31 elements per sample)."""
     sig, attrs = {}, {}
+    idx64 = bool(constexprs.get("IDX64", False))
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
@@ -76,7 +88,7 @@ def _signature(kernel, constexprs):
         elif name in ("gamma", "vb_scale", "loss_scale", "scale", "sample_max", "eta", "sqrt_abar", "const"):
             sig[name] = "fp32"
         else:
-            sig[name] = "i32"
+            sig[name] = "i64" if idx64 and (name.endswith("_sb") or name == "N") else "i32"
             if name.endswith("_sb") or name == "N":  # batch strides and sizes of 16-aligned samples
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs

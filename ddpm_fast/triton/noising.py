@@ -13,21 +13,19 @@ import triton
 import triton.language as tl
 
 from . import _math as M
-from ._layout import flat_strides, run
+from ._dispatch import autograd_function, call, define, wrap_triton
+from ._layout import run
 from ..schedule import COLUMN
 from .. import reference
-from ._runtime import float64_fallback, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
-
-NS = "ddpm_fast_triton"
+from ._runtime import check_device, compute_dtype, float64_fallback, table, tl_dtype
 
 
 # -- kernels -----------------------------------------------------------------------------------
 @triton.jit
 def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
-                     a_sb, a_s1, a_s2, a_s3, n_sb, n_s1, n_s2, n_s3, o_sb, o_s1, o_s2, o_s3,
-                     N, T, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                     a_sb, a_s1, a_s2, a_s3, n_sb, n_s1, n_s2, n_s3, o_sb, o_s1, o_s2, o_s3, N, T, D2, D3,
+                     n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
@@ -39,11 +37,10 @@ def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
 @triton.jit
 def linear2_bwd_kernel(g_ptr, gx_ptr, gn_ptr, t_ptr, table_ptr,
                        g_sb, g_s1, g_s2, g_s3, x_sb, x_s1, x_s2, x_s3, n_sb, n_s1, n_s2, n_s3,
-                       N, T, D2, D3, CA: tl.constexpr, CB: tl.constexpr,
-                       FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+                       N, T, D2, D3, n_chunks, CA: tl.constexpr, CB: tl.constexpr,
+                       FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
     """Backward of y = col_CA(t) a + col_CB(t) b: grad_a = col_CA g, grad_b = col_CB g (one pass)."""
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
@@ -54,13 +51,11 @@ def linear2_bwd_kernel(g_ptr, gx_ptr, gn_ptr, t_ptr, table_ptr,
 
 @triton.jit
 def _prior_kernel(x0_ptr, part_ptr, a_sb, a_s1, a_s2, a_s3, N, D2, D3, n_chunks, sqrt_abar, const,
-                  FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+                  FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
     """Partial sums of KL(N(sqrt_abar x0, 1 - abar) || N(0, 1)) = 0.5 (const + (sqrt_abar x0)^2), where the
     per-schedule constant const = -1 - log(1 - abar) + (1 - abar) is computed once in float64 on the host
     (it cancels catastrophically in float32 when abar_{T-1} is near 0)."""
-    b = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(0)
-    n = chunk * BLOCK + tl.arange(0, BLOCK)
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     mean = sqrt_abar * x0
@@ -75,59 +70,75 @@ def _finish_mean_kernel(part_ptr, out_ptr, n_chunks, scale, CBLOCK: tl.constexpr
     tl.store(out_ptr + b, M.row_sum(part_ptr, b, n_chunks, CBLOCK) * scale)
 
 
-def finish_mean(part: torch.Tensor, scale: float) -> torch.Tensor:
+def finish_mean(wrap, part: torch.Tensor, scale: float) -> torch.Tensor:
     """[B, n_chunks] partial sums -> [B] (times scale), deterministic and batch-independent."""
     B, n_chunks = part.shape
     out = torch.empty(B, dtype=part.dtype, device=part.device)
     if B:
-        _finish_mean_kernel[(B,)](part, out, n_chunks, scale, CBLOCK=64)
+        wrap(_finish_mean_kernel)[(B,)](part, out, n_chunks, scale, CBLOCK=64)
     return out
 
 
-# -- custom ops --------------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::q_sample", mutates_args=())
-def q_sample_op(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table_: torch.Tensor) -> torch.Tensor:
+# -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
+def _q_sample(wrap, x0, t, noise, table_):
+    """x_t [B, ...] like x0 (t: int64 [B]; table_: the packed schedule table in the compute dtype)."""
     out = torch.empty_like(x0)
-    if out.numel() == 0:
-        return out
+    if out.numel():
+        def launch(ins, outs, p, c):
+            wrap(_q_sample_kernel)[c.grid](
+                *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
+                FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype), num_warps=c.warps)
 
-    def launch(ins, outs, p):
-        BLOCK, warps = block_for(p.n)
-        _q_sample_kernel[(cdiv(p.n, BLOCK), x0.shape[0])](
-            *ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2],
-            FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
-
-    run([x0, noise], [out], launch)
+        run((x0, noise), (out,), launch)
     return out
 
 
-@q_sample_op.register_fake
-def _(x0, t, noise, table_):
-    return torch.empty_like(x0)
-
-
-@torch.library.custom_op(f"{NS}::q_sample_backward", mutates_args=())
-def q_sample_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, x0_like: torch.Tensor,
-                         noise_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _q_sample_backward(wrap, grad, t, table_, x0_like, noise_like):
+    """(grad of x0, grad of noise), laid out like x0_like / noise_like."""
     gx = torch.empty_like(x0_like)
     gn = torch.empty_like(noise_like)
-    if grad.numel() == 0:
-        return gx, gn
+    if grad.numel():
+        def launch(ins, outs, p, c):
+            wrap(linear2_bwd_kernel)[c.grid](
+                *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
+                CA=COLUMN["sqrt_alphas_cumprod"], CB=COLUMN["sqrt_one_minus_alphas_cumprod"], FLAT=p.flat,
+                BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype), num_warps=c.warps)
 
-    def launch(ins, outs, p):
-        BLOCK, warps = block_for(p.n)
-        linear2_bwd_kernel[(cdiv(p.n, BLOCK), grad.shape[0])](
-            *ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2],
-            CA=COLUMN["sqrt_alphas_cumprod"], CB=COLUMN["sqrt_one_minus_alphas_cumprod"], FLAT=p.flat, BLOCK=BLOCK,
-            CDT=tl_dtype(table_.dtype), num_warps=warps)
-
-    run([grad], [gx, gn], launch)
+        run((grad,), (gx, gn), launch)
     return gx, gn
 
 
-@q_sample_backward_op.register_fake
-def _(grad, t, table_, x0_like, noise_like):
-    return torch.empty_like(x0_like), torch.empty_like(noise_like)
+def _prior_bpd(wrap, x0, abar_last, const):
+    """[B] prior term in bits/dim for abar_last = alphas_cumprod[T-1] (float32, float64 for float64 x0)."""
+    cdt = compute_dtype(x0)
+    B = x0.shape[0]
+    N = x0.numel() // B if B else 0
+    if B == 0 or N == 0:
+        return torch.full((B,), float("nan"), dtype=cdt, device=x0.device)
+    result = []
+
+    def launch(ins, outs, p, c):
+        part = torch.empty((B, c.n_chunks), dtype=cdt, device=x0.device)
+        wrap(_prior_kernel)[c.grid](ins[0], part, *p.args, p.n, p.sizes[1], p.sizes[2], c.n_chunks,
+                                    math.sqrt(abar_last), const, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
+                                    CDT=tl_dtype(cdt), num_warps=c.warps)
+        result.append(finish_mean(wrap, part, 1.0 / (p.n * math.log(2.0))))
+
+    run((x0,), (), launch)
+    return result[0]
+
+
+# -- library ops and autograd ---------------------------------------------------------------------
+@define("q_sample", lambda x0, t, noise, table_: torch.empty_like(x0))
+def q_sample_op(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table_: torch.Tensor) -> torch.Tensor:
+    return _q_sample(wrap_triton, x0, t, noise, table_)
+
+
+@define("q_sample_backward",
+            lambda grad, t, table_, x0_like, noise_like: (torch.empty_like(x0_like), torch.empty_like(noise_like)))
+def q_sample_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, x0_like: torch.Tensor,
+                         noise_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _q_sample_backward(wrap_triton, grad, t, table_, x0_like, noise_like)
 
 
 def _q_sample_setup(ctx, inputs, output):
@@ -137,39 +148,19 @@ def _q_sample_setup(ctx, inputs, output):
 
 def _q_sample_bwd(ctx, grad):
     t, table_, x0, noise = ctx.saved_tensors
-    gx, gn = q_sample_backward_op(grad, t, table_, x0, noise)
+    args = (grad, t, table_, x0, noise)
+    gx, gn = call(q_sample_backward_op, _q_sample_backward, None, args, args)
     return gx, None, gn, None
 
 
 q_sample_op.register_autograd(_q_sample_bwd, setup_context=_q_sample_setup)
+_QSample = autograd_function("QSample", _q_sample, _q_sample_setup, _q_sample_bwd)
 
 
-@torch.library.custom_op(f"{NS}::prior_bpd", mutates_args=())
+@define("prior_bpd", lambda x0, abar_last, const: x0.new_empty((x0.shape[0],), dtype=compute_dtype(x0)))
 def prior_bpd_op(x0: torch.Tensor, abar_last: float, const: float) -> torch.Tensor:
     """[B] prior term in bits/dim for abar_last = alphas_cumprod[T-1] (float32, float64 for float64 x0)."""
-    cdt = compute_dtype(x0)
-    B = x0.shape[0]
-    N = x0.numel() // B if B else 0
-    if B == 0 or N == 0:
-        return torch.full((B,), float("nan"), dtype=cdt, device=x0.device)
-    result = {}
-
-    def launch(ins, outs, p):
-        BLOCK, warps = block_for(p.n)
-        n_chunks = cdiv(p.n, BLOCK)
-        part = torch.empty((B, n_chunks), dtype=cdt, device=x0.device)
-        _prior_kernel[(n_chunks, B)](ins[0], part, *flat_strides(p), p.n, p.sizes[1], p.sizes[2], n_chunks,
-                                     math.sqrt(abar_last), const, FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(cdt),
-                                     num_warps=warps)
-        result["out"] = finish_mean(part, 1.0 / (p.n * math.log(2.0)))
-
-    run([x0], [], launch)
-    return result["out"]
-
-
-@prior_bpd_op.register_fake
-def _(x0, abar_last, const):
-    return x0.new_empty((x0.shape[0],), dtype=compute_dtype(x0))
+    return _prior_bpd(wrap_triton, x0, abar_last, const)
 
 
 def _prior_setup(ctx, inputs, output):
@@ -185,6 +176,7 @@ def _prior_bwd(ctx, grad):
 
 
 prior_bpd_op.register_autograd(_prior_bwd, setup_context=_prior_setup)
+_PriorBpd = autograd_function("PriorBpd", _prior_bpd, _prior_setup, _prior_bwd)
 
 
 def prior_constants(schedule) -> tuple:
@@ -200,7 +192,8 @@ def q_sample(x0, t, noise, schedule):
     check_device(x0, noise)
     if float64_fallback(x0):
         return reference.q_sample(x0, t, noise, schedule)
-    return q_sample_op(x0, t, noise, table(schedule, x0.device, compute_dtype(x0)))
+    args = (x0, t, noise, table(schedule, x0.device, torch.float32))
+    return call(q_sample_op, _q_sample, _QSample, args, args, diff=(x0, noise))
 
 
 def prior_bpd(x0, schedule):
@@ -208,4 +201,5 @@ def prior_bpd(x0, schedule):
     check_device(x0)
     if float64_fallback(x0):
         return reference.prior_bpd(x0, schedule)
-    return prior_bpd_op(x0, *prior_constants(schedule))
+    args = (x0, *prior_constants(schedule))
+    return call(prior_bpd_op, _prior_bpd, _PriorBpd, args, (x0,), diff=(x0,))

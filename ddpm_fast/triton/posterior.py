@@ -16,23 +16,21 @@ import triton
 import triton.language as tl
 
 from . import _math as M
-from ._layout import flat_strides, run
+from ._dispatch import autograd_function, call, define, wrap_triton
+from ._layout import run
 from .. import reference
-from ._runtime import float64_fallback, MEAN_IDS, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
+from ._runtime import MEAN_IDS, check_device, compute_dtype, float64_fallback, table, tl_dtype
 from ..schedule import COLUMN
 from .noising import linear2_bwd_kernel
-
-NS = "ddpm_fast_triton"
 
 
 # -- kernels -----------------------------------------------------------------------------------
 @triton.jit
 def _q_posterior_kernel(x0_ptr, xt_ptr, mean_ptr, var_ptr, logvar_ptr, t_ptr, table_ptr,
                         a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
-                        N, T, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(0)
-    n = chunk * BLOCK + tl.arange(0, BLOCK)
+                        N, T, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                        CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
@@ -47,9 +45,9 @@ def _q_posterior_kernel(x0_ptr, xt_ptr, mean_ptr, var_ptr, logvar_ptr, t_ptr, ta
 @triton.jit
 def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
                     m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
-                    N, T, D2, D3, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                    N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                    IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
@@ -61,10 +59,9 @@ def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
 @triton.jit
 def _predict_bwd_kernel(g_ptr, gm_ptr, gx_ptr, t_ptr, table_ptr,
                         g_sb, g_s1, g_s2, g_s3, m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3,
-                        N, T, D2, D3, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
-                        CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                        N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                        IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
@@ -78,9 +75,9 @@ def _predict_bwd_kernel(g_ptr, gm_ptr, gx_ptr, t_ptr, table_ptr,
 def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, out_ptr,
                       a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3,
                       d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
-                      N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                      N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                      CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     m1 = M.load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     l1 = M.load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
@@ -93,10 +90,10 @@ def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, out_ptr,
 def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr,
                           g_sb, g_s1, g_s2, g_s3, a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3,
                           c_sb, c_s1, c_s2, c_s3, d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
-                          N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+                          N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                          CDT: tl.constexpr):
     """Gradients of all four operands at the broadcast shape (outputs share one contiguous layout)."""
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
     m1 = M.load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
@@ -114,9 +111,8 @@ def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr,
 @triton.jit
 def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, out_ptr,
                  a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
-                 N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                 N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     x = M.load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     mu = M.load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
@@ -129,9 +125,9 @@ def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, out_ptr,
 def _dgll_bwd_kernel(g_ptr, x_ptr, mu_ptr, ls_ptr, gmu_ptr, gls_ptr,
                      g_sb, g_s1, g_s2, g_s3, a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3,
                      c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
-                     N, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                     N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                     CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
     x = M.load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
@@ -143,9 +139,9 @@ def _dgll_bwd_kernel(g_ptr, x_ptr, mu_ptr, ls_ptr, gmu_ptr, gls_ptr,
     tl.store(gls_ptr + o, g * dls, mask=m)
 
 
-def _grid(p, batch):
-    BLOCK, warps = block_for(p.n)
-    return (cdiv(p.n, BLOCK), batch), dict(FLAT=p.flat, BLOCK=BLOCK, num_warps=warps)
+def _kw(p, c):
+    """The launch keyword arguments shared by the elementwise kernels: plan p, launch config c."""
+    return dict(n_chunks=c.n_chunks, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, num_warps=c.warps)
 
 
 def _batched(shape):
@@ -153,54 +149,157 @@ def _batched(shape):
     return tuple(shape) if len(shape) else (1,)
 
 
-# -- q_posterior -------------------------------------------------------------------------------
 def _per_sample_shape(x):
     return (x.shape[0],) + (1,) * (x.ndim - 1)
 
 
-@torch.library.custom_op(f"{NS}::q_posterior", mutates_args=())
-def q_posterior_op(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                   table_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _out_dtype(*args):
+    """The promoted dtype of the operands (float32 if any is not floating point)."""
+    if not all(a.is_floating_point() for a in args):
+        return torch.float32
+    return functools.reduce(torch.promote_types, [a.dtype for a in args])
+
+
+def _expanded(a, shape, bs):
+    """Operand a broadcast to shape, viewed as the batched shape bs (zero strides, nothing copied)."""
+    return a.expand(shape).reshape(bs) if a.ndim else a.reshape(1).expand(bs)
+
+
+# -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
+def _q_posterior(wrap, x0, x_t, t, table_):
+    """(mean like x0, variance [B, 1, ...], clipped log variance [B, 1, ...])."""
     mean = torch.empty_like(x0)
     var = x0.new_empty(_per_sample_shape(x0))
     logvar = x0.new_empty(_per_sample_shape(x0))
-    if x0.numel() == 0:
-        return mean, var, logvar
+    if x0.numel():
+        def launch(ins, outs, p, c):
+            wrap(_q_posterior_kernel)[c.grid](*ins, outs[0], var, logvar, t, table_, *p.args, p.n, table_.shape[0],
+                                              p.sizes[1], p.sizes[2], CDT=tl_dtype(table_.dtype), **_kw(p, c))
 
-    def launch(ins, outs, p):
-        grid, kw = _grid(p, x0.shape[0])
-        _q_posterior_kernel[grid](*ins, outs[0], var, logvar, t, table_, *flat_strides(p), p.n, table_.shape[0],
-                                  p.sizes[1], p.sizes[2], CDT=tl_dtype(table_.dtype), **kw)
-
-    run([x0, x_t], [mean], launch)
+        run((x0, x_t), (mean,), launch)
     return mean, var, logvar
 
 
-@q_posterior_op.register_fake
-def _(x0, x_t, t, table_):
-    return torch.empty_like(x0), x0.new_empty(_per_sample_shape(x0)), x0.new_empty(_per_sample_shape(x0))
-
-
-@torch.library.custom_op(f"{NS}::q_posterior_backward", mutates_args=())
-def q_posterior_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, x0_like: torch.Tensor,
-                            xt_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _q_posterior_backward(wrap, grad, t, table_, x0_like, xt_like):
+    """(grad of x0, grad of x_t) of the posterior mean, laid out like x0_like / xt_like."""
     gx0, gxt = torch.empty_like(x0_like), torch.empty_like(xt_like)
-    if grad.numel() == 0:
-        return gx0, gxt
+    if grad.numel():
+        def launch(ins, outs, p, c):
+            wrap(linear2_bwd_kernel)[c.grid](*ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1],
+                                             p.sizes[2], CA=COLUMN["posterior_mean_coef1"],
+                                             CB=COLUMN["posterior_mean_coef2"], CDT=tl_dtype(table_.dtype),
+                                             **_kw(p, c))
 
-    def launch(ins, outs, p):
-        grid, kw = _grid(p, grad.shape[0])
-        linear2_bwd_kernel[grid](*ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1],
-                                 p.sizes[2], CA=COLUMN["posterior_mean_coef1"], CB=COLUMN["posterior_mean_coef2"],
-                                 CDT=tl_dtype(table_.dtype), **kw)
-
-    run([grad], [gx0, gxt], launch)
+        run((grad,), (gx0, gxt), launch)
     return gx0, gxt
 
 
-@q_posterior_backward_op.register_fake
-def _(grad, t, table_, x0_like, xt_like):
-    return torch.empty_like(x0_like), torch.empty_like(xt_like)
+def _predict_xstart(wrap, model_output, x_t, t, table_, mean_type):
+    """x0 implied by the model output (unclipped), like x_t."""
+    out = torch.empty_like(x_t)
+    if out.numel():
+        def launch(ins, outs, p, c):
+            wrap(_predict_kernel)[c.grid](*ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1],
+                                          p.sizes[2], MEAN=mean_type, CDT=tl_dtype(table_.dtype), **_kw(p, c))
+
+        run((model_output, x_t), (out,), launch)
+    return out
+
+
+def _predict_xstart_backward(wrap, grad, t, table_, mo_like, xt_like, mean_type):
+    """(grad of model_output, grad of x_t), laid out like mo_like / xt_like."""
+    gmo, gxt = torch.empty_like(mo_like), torch.empty_like(xt_like)
+    if grad.numel():
+        def launch(ins, outs, p, c):
+            wrap(_predict_bwd_kernel)[c.grid](*ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1],
+                                              p.sizes[2], MEAN=mean_type, CDT=tl_dtype(table_.dtype), **_kw(p, c))
+
+        run((grad,), (gmo, gxt), launch)
+    return gmo, gxt
+
+
+def _normal_kl(wrap, mean1, logvar1, mean2, logvar2):
+    """KL in nats at the broadcast shape, in the promoted dtype."""
+    args = (mean1, logvar1, mean2, logvar2)
+    shape = torch.broadcast_shapes(*[a.shape for a in args])
+    out = torch.empty(shape, dtype=_out_dtype(*args), device=mean1.device)
+    if out.numel():
+        bs = _batched(shape)
+
+        def launch(ins, outs, p, c):
+            wrap(_normal_kl_kernel)[c.grid](*ins, *outs, *p.args, p.n, p.sizes[1], p.sizes[2],
+                                            CDT=tl_dtype(compute_dtype(*args)), **_kw(p, c))
+
+        run([_expanded(a, shape, bs) for a in args], (out.reshape(bs),), launch)
+    return out
+
+
+def _normal_kl_backward(wrap, grad, mean1, logvar1, mean2, logvar2):
+    """Gradients of the four operands at the broadcast shape, in the compute dtype."""
+    args = (mean1, logvar1, mean2, logvar2)
+    shape = grad.shape
+    cdt = compute_dtype(*args)
+    outs = [torch.empty(shape, dtype=cdt, device=grad.device) for _ in args]
+    if grad.numel():
+        bs = _batched(shape)
+
+        def launch(ins, o, p, c):
+            # the four outputs share one layout: pass the first one's strides once
+            wrap(_normal_kl_bwd_kernel)[c.grid](*ins, *o, *p.args[:24], p.n, p.sizes[1], p.sizes[2],
+                                                CDT=tl_dtype(cdt), **_kw(p, c))
+
+        run([grad.reshape(bs)] + [_expanded(a, shape, bs) for a in args], [o.reshape(bs) for o in outs], launch)
+    return outs
+
+
+def _dgll(wrap, x, means, log_scales):
+    """log-likelihood in nats, x's shape (log_scales broadcast)."""
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, means.dtype), device=x.device)
+    if out.numel():
+        bs = _batched(x.shape)
+
+        def launch(ins, outs, p, c):
+            wrap(_dgll_kernel)[c.grid](*ins, *outs, *p.args, p.n, p.sizes[1], p.sizes[2],
+                                       CDT=tl_dtype(compute_dtype(x, means, log_scales)), **_kw(p, c))
+
+        run((x.reshape(bs), means.reshape(bs), _expanded(log_scales, x.shape, bs)), (out.reshape(bs),), launch)
+    return out
+
+
+def _dgll_backward(wrap, grad, x, means, log_scales):
+    """(grad of means, grad of log_scales) at x's shape, in the compute dtype."""
+    cdt = compute_dtype(x, means, log_scales)
+    gmu = torch.empty(x.shape, dtype=cdt, device=x.device)
+    gls = torch.empty(x.shape, dtype=cdt, device=x.device)
+    if x.numel():
+        bs = _batched(x.shape)
+
+        def launch(ins, o, p, c):
+            wrap(_dgll_bwd_kernel)[c.grid](*ins, *o, *p.args[:20], p.n, p.sizes[1], p.sizes[2], CDT=tl_dtype(cdt),
+                                           **_kw(p, c))
+
+        run((grad.reshape(bs), x.reshape(bs), means.reshape(bs), _expanded(log_scales, x.shape, bs)),
+            (gmu.reshape(bs), gls.reshape(bs)), launch)
+    return gmu, gls
+
+
+# -- library ops and autograd -------------------------------------------------------------------
+def _reduce_to(g, like):
+    return g.sum_to_size(like.shape).to(like.dtype) if g.shape != like.shape else g.to(like.dtype)
+
+
+@define("q_posterior", lambda x0, x_t, t, table_: (torch.empty_like(x0), x0.new_empty(_per_sample_shape(x0)),
+                                                       x0.new_empty(_per_sample_shape(x0))))
+def q_posterior_op(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                   table_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _q_posterior(wrap_triton, x0, x_t, t, table_)
+
+
+@define("q_posterior_backward",
+            lambda grad, t, table_, x0_like, xt_like: (torch.empty_like(x0_like), torch.empty_like(xt_like)))
+def q_posterior_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, x0_like: torch.Tensor,
+                            xt_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _q_posterior_backward(wrap_triton, grad, t, table_, x0_like, xt_like)
 
 
 def _q_posterior_setup(ctx, inputs, output):
@@ -210,54 +309,26 @@ def _q_posterior_setup(ctx, inputs, output):
 
 def _q_posterior_bwd(ctx, g_mean, g_var, g_logvar):
     t, table_, x0, x_t = ctx.saved_tensors
-    gx0, gxt = q_posterior_backward_op(g_mean, t, table_, x0, x_t)
+    args = (g_mean, t, table_, x0, x_t)
+    gx0, gxt = call(q_posterior_backward_op, _q_posterior_backward, None, args, args)
     return gx0, gxt, None, None
 
 
 q_posterior_op.register_autograd(_q_posterior_bwd, setup_context=_q_posterior_setup)
+_QPosterior = autograd_function("QPosterior", _q_posterior, _q_posterior_setup, _q_posterior_bwd)
 
 
-# -- predict_xstart ----------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::predict_xstart", mutates_args=())
+@define("predict_xstart", lambda model_output, x_t, t, table_, mean_type: torch.empty_like(x_t))
 def predict_xstart_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table_: torch.Tensor,
                       mean_type: int) -> torch.Tensor:
-    out = torch.empty_like(x_t)
-    if out.numel() == 0:
-        return out
-
-    def launch(ins, outs, p):
-        grid, kw = _grid(p, x_t.shape[0])
-        _predict_kernel[grid](*ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1], p.sizes[2],
-                              MEAN=mean_type, CDT=tl_dtype(table_.dtype), **kw)
-
-    run([model_output, x_t], [out], launch)
-    return out
+    return _predict_xstart(wrap_triton, model_output, x_t, t, table_, mean_type)
 
 
-@predict_xstart_op.register_fake
-def _(model_output, x_t, t, table_, mean_type):
-    return torch.empty_like(x_t)
-
-
-@torch.library.custom_op(f"{NS}::predict_xstart_backward", mutates_args=())
+@define("predict_xstart_backward", lambda grad, t, table_, mo_like, xt_like, mean_type: (
+    torch.empty_like(mo_like), torch.empty_like(xt_like)))
 def predict_xstart_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mo_like: torch.Tensor,
                                xt_like: torch.Tensor, mean_type: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gmo, gxt = torch.empty_like(mo_like), torch.empty_like(xt_like)
-    if grad.numel() == 0:
-        return gmo, gxt
-
-    def launch(ins, outs, p):
-        grid, kw = _grid(p, grad.shape[0])
-        _predict_bwd_kernel[grid](*ins, *outs, t, table_, *flat_strides(p), p.n, table_.shape[0], p.sizes[1],
-                                  p.sizes[2], MEAN=mean_type, CDT=tl_dtype(table_.dtype), **kw)
-
-    run([grad], [gmo, gxt], launch)
-    return gmo, gxt
-
-
-@predict_xstart_backward_op.register_fake
-def _(grad, t, table_, mo_like, xt_like, mean_type):
-    return torch.empty_like(mo_like), torch.empty_like(xt_like)
+    return _predict_xstart_backward(wrap_triton, grad, t, table_, mo_like, xt_like, mean_type)
 
 
 def _predict_setup(ctx, inputs, output):
@@ -268,157 +339,76 @@ def _predict_setup(ctx, inputs, output):
 
 def _predict_bwd(ctx, grad):
     t, table_, mo, x_t = ctx.saved_tensors
-    gmo, gxt = predict_xstart_backward_op(grad, t, table_, mo, x_t, ctx.mean_type)
+    args = (grad, t, table_, mo, x_t, ctx.mean_type)
+    gmo, gxt = call(predict_xstart_backward_op, _predict_xstart_backward, None, args, args[:5])
     return gmo, gxt, None, None, None
 
 
 predict_xstart_op.register_autograd(_predict_bwd, setup_context=_predict_setup)
+_PredictXstart = autograd_function("PredictXstart", _predict_xstart, _predict_setup, _predict_bwd)
 
 
-# -- normal_kl ---------------------------------------------------------------------------------
-def _out_dtype(*args):
-    """The promoted dtype of the operands (float32 if any is not floating point)."""
-    if not all(a.is_floating_point() for a in args):
-        return torch.float32
-    return functools.reduce(torch.promote_types, [a.dtype for a in args])
+def _normal_kl_fake(mean1, logvar1, mean2, logvar2):
+    args = (mean1, logvar1, mean2, logvar2)
+    return mean1.new_empty(torch.broadcast_shapes(*[a.shape for a in args]), dtype=_out_dtype(*args))
 
 
-@torch.library.custom_op(f"{NS}::normal_kl", mutates_args=())
+@define("normal_kl", _normal_kl_fake)
 def normal_kl_op(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor,
                  logvar2: torch.Tensor) -> torch.Tensor:
-    args = (mean1, logvar1, mean2, logvar2)
-    shape = torch.broadcast_shapes(*[a.shape for a in args])
-    out = torch.empty(shape, dtype=_out_dtype(*args), device=mean1.device)
-    if out.numel() == 0:
-        return out
-    bs = _batched(shape)
-    ins = [a.expand(shape).reshape(bs) if a.ndim else a.reshape(1).expand(bs) for a in args]
-
-    def launch(ins, outs, p):
-        grid, kw = _grid(p, bs[0])
-        _normal_kl_kernel[grid](*ins, *outs, *flat_strides(p), p.n, p.sizes[1], p.sizes[2],
-                                CDT=tl_dtype(compute_dtype(*args)), **kw)
-
-    run(ins, [out.reshape(bs)], launch)
-    return out
+    return _normal_kl(wrap_triton, mean1, logvar1, mean2, logvar2)
 
 
-@normal_kl_op.register_fake
-def _(mean1, logvar1, mean2, logvar2):
-    args = (mean1, logvar1, mean2, logvar2)
-    shape = torch.broadcast_shapes(*[a.shape for a in args])
-    return mean1.new_empty(shape, dtype=_out_dtype(*args))
-
-
-@torch.library.custom_op(f"{NS}::normal_kl_backward", mutates_args=())
+@define("normal_kl_backward", lambda grad, mean1, logvar1, mean2, logvar2: [
+    grad.new_empty(grad.shape, dtype=compute_dtype(mean1, logvar1, mean2, logvar2)) for _ in range(4)])
 def normal_kl_backward_op(grad: torch.Tensor, mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor,
                           logvar2: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of the four operands at the broadcast shape, in the compute dtype."""
-    args = (mean1, logvar1, mean2, logvar2)
-    shape = grad.shape
-    cdt = compute_dtype(*args)
-    outs = [torch.empty(shape, dtype=cdt, device=grad.device) for _ in args]
-    if grad.numel() == 0:
-        return outs
-    bs = _batched(shape)
-    ins = [grad.reshape(bs)] + [a.expand(shape).reshape(bs) if a.ndim else a.reshape(1).expand(bs) for a in args]
-
-    def launch(ins, o, p):
-        grid, kw = _grid(p, bs[0])
-        # the four outputs share one layout: pass the first one's strides once
-        _normal_kl_bwd_kernel[grid](*ins, *o, *flat_strides(p)[:24], p.n, p.sizes[1], p.sizes[2],
-                                    CDT=tl_dtype(cdt), **kw)
-
-    run(ins, [o.reshape(bs) for o in outs], launch)
-    return outs
+    return _normal_kl_backward(wrap_triton, grad, mean1, logvar1, mean2, logvar2)
 
 
-@normal_kl_backward_op.register_fake
-def _(grad, mean1, logvar1, mean2, logvar2):
-    cdt = compute_dtype(mean1, logvar1, mean2, logvar2)
-    return [grad.new_empty(grad.shape, dtype=cdt) for _ in range(4)]
-
-
-def _kl_setup(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _reduce_to(g, like):
-    return g.sum_to_size(like.shape).to(like.dtype) if g.shape != like.shape else g.to(like.dtype)
-
-
 def _kl_bwd(ctx, grad):
-    args = ctx.saved_tensors
-    grads = normal_kl_backward_op(grad, *args)
-    return tuple(_reduce_to(g, a) if need else None for g, a, need in zip(grads, args, ctx.needs_input_grad))
+    args = (grad, *ctx.saved_tensors)
+    grads = call(normal_kl_backward_op, _normal_kl_backward, None, args, args)
+    return tuple(_reduce_to(g, a) if need else None for g, a, need in zip(grads, args[1:], ctx.needs_input_grad))
 
 
-normal_kl_op.register_autograd(_kl_bwd, setup_context=_kl_setup)
+normal_kl_op.register_autograd(_kl_bwd, setup_context=_save_inputs)
+_NormalKl = autograd_function("NormalKl", _normal_kl, _save_inputs, _kl_bwd)
 
 
-# -- discretized Gaussian log-likelihood -------------------------------------------------------
-@torch.library.custom_op(f"{NS}::discretized_gaussian_log_likelihood", mutates_args=())
+@define("discretized_gaussian_log_likelihood", lambda x, means, log_scales: x.new_empty(
+    x.shape, dtype=torch.promote_types(x.dtype, means.dtype)))
 def dgll_op(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, means.dtype), device=x.device)
-    if out.numel() == 0:
-        return out
-    bs = _batched(x.shape)
-    ins = [x.reshape(bs), means.reshape(bs),
-           log_scales.expand(x.shape).reshape(bs) if log_scales.ndim else log_scales.reshape(1).expand(bs)]
-
-    def launch(ins, outs, p):
-        grid, kw = _grid(p, bs[0])
-        _dgll_kernel[grid](*ins, *outs, *flat_strides(p), p.n, p.sizes[1], p.sizes[2],
-                           CDT=tl_dtype(compute_dtype(x, means, log_scales)), **kw)
-
-    run(ins, [out.reshape(bs)], launch)
-    return out
+    return _dgll(wrap_triton, x, means, log_scales)
 
 
-@dgll_op.register_fake
-def _(x, means, log_scales):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, means.dtype))
-
-
-@torch.library.custom_op(f"{NS}::discretized_gaussian_log_likelihood_backward", mutates_args=())
-def dgll_backward_op(grad: torch.Tensor, x: torch.Tensor, means: torch.Tensor,
-                     log_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad of means, grad of log_scales) at x's shape, in the compute dtype."""
-    cdt = compute_dtype(x, means, log_scales)
-    gmu = torch.empty(x.shape, dtype=cdt, device=x.device)
-    gls = torch.empty(x.shape, dtype=cdt, device=x.device)
-    if x.numel() == 0:
-        return gmu, gls
-    bs = _batched(x.shape)
-    ins = [grad.reshape(bs), x.reshape(bs), means.reshape(bs),
-           log_scales.expand(x.shape).reshape(bs) if log_scales.ndim else log_scales.reshape(1).expand(bs)]
-
-    def launch(ins, o, p):
-        grid, kw = _grid(p, bs[0])
-        _dgll_bwd_kernel[grid](*ins, *o, *flat_strides(p)[:20], p.n, p.sizes[1], p.sizes[2], CDT=tl_dtype(cdt), **kw)
-
-    run(ins, [gmu.reshape(bs), gls.reshape(bs)], launch)
-    return gmu, gls
-
-
-@dgll_backward_op.register_fake
-def _(grad, x, means, log_scales):
+def _dgll_backward_fake(grad, x, means, log_scales):
     cdt = compute_dtype(x, means, log_scales)
     return x.new_empty(x.shape, dtype=cdt), x.new_empty(x.shape, dtype=cdt)
 
 
-def _dgll_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+@define("discretized_gaussian_log_likelihood_backward", _dgll_backward_fake)
+def dgll_backward_op(grad: torch.Tensor, x: torch.Tensor, means: torch.Tensor,
+                     log_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of means, grad of log_scales) at x's shape, in the compute dtype."""
+    return _dgll_backward(wrap_triton, grad, x, means, log_scales)
 
 
 def _dgll_bwd(ctx, grad):
     x, means, log_scales = ctx.saved_tensors
-    gmu, gls = dgll_backward_op(grad, x, means, log_scales)
+    args = (grad, x, means, log_scales)
+    gmu, gls = call(dgll_backward_op, _dgll_backward, None, args, args)
     gx = (-gmu).to(x.dtype) if ctx.needs_input_grad[0] else None  # centred = x - means (piecewise in x)
     return gx, _reduce_to(gmu, means), _reduce_to(gls, log_scales)
 
 
-dgll_op.register_autograd(_dgll_bwd, setup_context=_dgll_setup)
+dgll_op.register_autograd(_dgll_bwd, setup_context=_save_inputs)
+_Dgll = autograd_function("Dgll", _dgll, _save_inputs, _dgll_bwd)
 
 
 # -- backend functions -------------------------------------------------------------------------
@@ -427,7 +417,8 @@ def q_posterior(x0, x_t, t, schedule):
     check_device(x0, x_t)
     if float64_fallback(x0):
         return reference.q_posterior(x0, x_t, t, schedule)
-    return q_posterior_op(x0, x_t, t, table(schedule, x0.device, compute_dtype(x0)))
+    args = (x0, x_t, t, table(schedule, x0.device, torch.float32))
+    return call(q_posterior_op, _q_posterior, _QPosterior, args, args, diff=(x0, x_t))
 
 
 def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
@@ -435,8 +426,8 @@ def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
     check_device(model_output, x_t)
     if float64_fallback(x_t):
         return reference.predict_xstart(model_output, x_t, t, schedule, mean_type=mean_type)
-    return predict_xstart_op(model_output, x_t, t, table(schedule, x_t.device, compute_dtype(x_t)),
-                             MEAN_IDS[mean_type])
+    args = (model_output, x_t, t, table(schedule, x_t.device, torch.float32), MEAN_IDS[mean_type])
+    return call(predict_xstart_op, _predict_xstart, _PredictXstart, args, args[:4], diff=(model_output, x_t))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -444,7 +435,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     check_device(mean1, logvar1, mean2, logvar2)
     if float64_fallback(mean1, logvar1, mean2, logvar2):
         return reference.normal_kl(mean1, logvar1, mean2, logvar2)
-    return normal_kl_op(mean1, logvar1, mean2, logvar2)
+    args = (mean1, logvar1, mean2, logvar2)
+    return call(normal_kl_op, _normal_kl, _NormalKl, args, args, diff=args)
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
@@ -452,4 +444,5 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     check_device(x, means, log_scales)
     if float64_fallback(x, means, log_scales):
         return reference.discretized_gaussian_log_likelihood(x, means, log_scales)
-    return dgll_op(x, means, log_scales)
+    args = (x, means, log_scales)
+    return call(dgll_op, _dgll, _Dgll, args, args, diff=args)

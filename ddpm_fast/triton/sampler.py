@@ -3,9 +3,10 @@
 MODE 0 p_mean_variance: writes mean, pred_xstart, and the variance / log variance (full size for a
 learned variance, else one value per sample). MODE 1 p_sample_step: writes sample, pred_xstart.
 MODE 2 ddim_step: writes sample, pred_xstart. Noise: read from a tensor (NOISE=1), or generated
-in-kernel with Philox (NOISE=2: tl.randn(seed, b * N + n), the seed read from a device tensor),
-or none (NOISE=0: t = 0 only / eta = 0). With in-kernel noise the draw for an element depends on its
-position in the layout's walk order (see _layout), so it is deterministic per seed and layout.
+in-kernel with Philox (NOISE=2: tl.randn(seed, b * N + i), i the element's row-major index within its
+sample, the seed read from a device tensor), or none (NOISE=0: t = 0 only / eta = 0). The counter is
+the logical index, not the walk order (_layout's logical stride set), so a seed draws the same noise for
+contiguous, channels_last and sliced inputs, and the same as the CPU and CUDA backends.
 
 Dynamic thresholding needs each sample's quantile of |x0| before any output can be written:
 pass 1 (kernel): |x0| -> a [B, N] buffer; passes 2-3: torch.kthvalue over that buffer (one or two
@@ -23,12 +24,10 @@ import triton
 import triton.language as tl
 
 from . import _math as M
-from ._layout import flat_strides, run
+from ._dispatch import call, define, wrap_triton
+from ._layout import run
 from .. import reference
-from ._runtime import (LEARNED, MEAN_IDS, VAR_IDS, block_for, cdiv, check_device, compute_dtype, float64_fallback,
-                       seed_tensor, table, tl_dtype)
-
-NS = "ddpm_fast_triton"
+from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, float64_fallback, seed_tensor, table, tl_dtype
 
 
 @triton.jit
@@ -46,10 +45,10 @@ def _xstart(out, xt, s, table_ptr, t, MEAN: tl.constexpr, CLIP: tl.constexpr, DT
 @triton.jit
 def _abs_xstart_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
                        m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3,
-                       N, T, D2, D3, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+                       N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                       IDX64: tl.constexpr, CDT: tl.constexpr):
     """|predict_xstart| into a contiguous [B, N] buffer (for the per-sample quantile)."""
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
@@ -61,13 +60,13 @@ def _abs_xstart_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
 def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed_ptr, thr_ptr, t_ptr, table_ptr,
                     m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, x_sb, x_s1, x_s2, x_s3, z_sb, z_s1, z_s2, z_s3,
                     a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, d_sb, d_s1, d_s2, d_s3,
-                    N, T, D2, D3, sample_max, eta,
+                    l_sb, l_s1, l_s2, l_s3, N, T, D2, D3, n_chunks, sample_max, eta,
                     MODE: tl.constexpr, MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, DT: tl.constexpr,
-                    NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart)."""
-    b = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(0)
-    n = chunk * BLOCK + tl.arange(0, BLOCK)
+                    NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                    CDT: tl.constexpr):
+    """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart).
+    l_*: the row-major strides (l_sb = N) giving in-kernel noise its counter b * N + row-major index."""
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
@@ -79,7 +78,7 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
     if NOISE == 1:
         z = M.load(nz_ptr, b, n, m, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
-        z = tl.randn(tl.load(seed_ptr), b * N + n).to(CDT)
+        z = tl.randn(tl.load(seed_ptr), M.offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
     if MODE == 2:
         s1m = M.col(table_ptr, t, M.SQRT_1M_ABAR)
         s1m_prev = M.col(table_ptr, t, M.SQRT_1M_ABAR_PREV)
@@ -132,45 +131,46 @@ def _quantile(a: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(below, above, float(rank - np.float32(lo)))
 
 
-def _launch(mode, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip, dynamic_threshold,
+def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip, dynamic_threshold,
             sample_max_value, eta, outs):
+    """Fill outs (see _sampler_kernel) for MODE ``mode``; noise: a tensor, or Philox from seed[0], or neither."""
     B = x_t.shape[0]
     cdt = table_.dtype
     learned = var_type in LEARNED
     if learned:
-        c = model_output.shape[1] // 2
-        mo, mv = model_output[:, :c], model_output[:, c:]
+        half = model_output.shape[1] // 2
+        mo, mv = model_output.narrow(1, 0, half), model_output.narrow(1, half, half)
     else:
         mo, mv = model_output, model_output
-    thr = None
+    thr = []
     if dynamic_threshold is not None:
-        def launch_abs(ins, _, p):
-            BLOCK, warps = block_for(p.n)
+        def launch_abs(ins, _, p, c):
             buf = torch.empty((B, p.n), dtype=cdt, device=x_t.device)
-            _abs_xstart_kernel[(cdiv(p.n, BLOCK), B)](*ins, buf, t, table_, *flat_strides(p), p.n, table_.shape[0],
-                                                      p.sizes[1], p.sizes[2], MEAN=mean_type, FLAT=p.flat,
-                                                      BLOCK=BLOCK, CDT=tl_dtype(cdt), num_warps=warps)
-            nonlocal thr
-            thr = _quantile(buf, dynamic_threshold)
+            wrap(_abs_xstart_kernel)[c.grid](*ins, buf, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1],
+                                             p.sizes[2], c.n_chunks, MEAN=mean_type, FLAT=p.flat, BLOCK=c.block,
+                                             IDX64=c.idx64, CDT=tl_dtype(cdt), num_warps=c.warps)
+            thr.append(_quantile(buf, dynamic_threshold))
 
-        run([mo, x_t], [], launch_abs)
+        run((mo, x_t), (), launch_abs)
     noise_mode = 0 if (noise is None and seed is None) else (1 if noise is not None else 2)
     full = mode == 0 and learned  # variance outputs full size (else one value per sample, or none)
 
-    def launch(ins, o, p):
-        BLOCK, warps = block_for(p.n)
-        st = flat_strides(p)
+    def launch(ins, o, p, c):
+        # stride sets: the 4 inputs, the outputs (2, or 4 when full), then the row-major set if in-kernel noise
+        sets = list(p.strides[:4 + len(o)])
         if not full:  # the per-sample / absent outputs take x_t's strides (never used)
-            st = st + st[8:12] * 2
+            sets += [p.strides[2]] * 2
+        sets.append(p.strides[-1] if noise_mode == 2 else p.strides[2])  # unused unless NOISE == 2
         o34 = (o[2], o[3]) if full else ((outs[2], outs[3]) if mode == 0 else (o[0], o[0]))
-        _sampler_kernel[(cdiv(p.n, BLOCK), B)](
-            *ins, o[0], o[1], *o34, seed if seed is not None else t, thr if thr is not None else t, t, table_,
-            *st, p.n, table_.shape[0], p.sizes[1], p.sizes[2], float(sample_max_value), float(eta),
-            MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip, DT=dynamic_threshold is not None, NOISE=noise_mode,
-            FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(cdt), num_warps=warps)
+        wrap(_sampler_kernel)[c.grid](
+            *ins, o[0], o[1], *o34, seed if seed is not None else t, thr[0] if thr else t, t, table_,
+            *(s for st in sets for s in st), p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
+            float(sample_max_value), float(eta), MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip,
+            DT=dynamic_threshold is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
+            CDT=tl_dtype(cdt), num_warps=c.warps)
 
-    ins = [mo, mv, x_t, noise if noise is not None else x_t]
-    run(ins, list(outs[:4]) if full else list(outs[:2]), launch)
+    ins = (mo, mv, x_t, noise if noise is not None else x_t)
+    run(ins, outs[:4] if full else outs[:2], launch, logical=noise_mode == 2)
 
 
 def _dt(dynamic_threshold: float):
@@ -181,50 +181,56 @@ def _per_sample(x):
     return (x.shape[0],) + (1,) * (x.ndim - 1)
 
 
-@torch.library.custom_op(f"{NS}::p_mean_variance", mutates_args=())
-def p_mean_variance_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table_: torch.Tensor,
-                       mean_type: int, var_type: int, clip: bool, dynamic_threshold: float,
-                       sample_max_value: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _p_mean_variance(wrap, model_output, x_t, t, table_, mean_type, var_type, clip, dynamic_threshold,
+                     sample_max_value):
     """(mean, pred_xstart, variance, log_variance); dynamic_threshold < 0 means none."""
-    learned = var_type in LEARNED
-    extra = (torch.empty_like(x_t), torch.empty_like(x_t)) if learned else (
-        x_t.new_empty(_per_sample(x_t)), x_t.new_empty(_per_sample(x_t)))
-    outs = [torch.empty_like(x_t), torch.empty_like(x_t), *extra]
+    outs = _p_mean_variance_fake(model_output, x_t, t, table_, mean_type, var_type, clip, dynamic_threshold,
+                                 sample_max_value)
     if x_t.numel():
-        _launch(0, model_output, x_t, t, table_, None, None, mean_type, var_type, clip, _dt(dynamic_threshold),
+        _launch(wrap, 0, model_output, x_t, t, table_, None, None, mean_type, var_type, clip, _dt(dynamic_threshold),
                 sample_max_value, 0.0, outs)
-    return tuple(outs)
+    return outs
 
 
-@p_mean_variance_op.register_fake
-def _(model_output, x_t, t, table_, mean_type, var_type, clip, dynamic_threshold, sample_max_value):
+def _p_mean_variance_fake(model_output, x_t, t, table_, mean_type, var_type, clip, dynamic_threshold,
+                          sample_max_value):
     if var_type in LEARNED:
         return tuple(torch.empty_like(x_t) for _ in range(4))
     return torch.empty_like(x_t), torch.empty_like(x_t), x_t.new_empty(_per_sample(x_t)), x_t.new_empty(_per_sample(x_t))
 
 
-@torch.library.custom_op(f"{NS}::sampler_step", mutates_args=())
+def _sampler_step(wrap, model_output, x_t, t, table_, noise, seed, ddim, mean_type, var_type, clip, dynamic_threshold,
+                  sample_max_value, eta):
+    """(sample, pred_xstart) of one DDPM (ddim=False) or DDIM step; noise tensor, or Philox from seed[0], or none."""
+    outs = (torch.empty_like(x_t), torch.empty_like(x_t))
+    if x_t.numel():
+        _launch(wrap, 2 if ddim else 1, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip,
+                _dt(dynamic_threshold), sample_max_value, eta, outs)
+    return outs
+
+
+@define("p_mean_variance", _p_mean_variance_fake)
+def p_mean_variance_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table_: torch.Tensor,
+                       mean_type: int, var_type: int, clip: bool, dynamic_threshold: float,
+                       sample_max_value: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, pred_xstart, variance, log_variance); dynamic_threshold < 0 means none."""
+    return _p_mean_variance(wrap_triton, model_output, x_t, t, table_, mean_type, var_type, clip, dynamic_threshold,
+                            sample_max_value)
+
+
+@define("sampler_step", lambda model_output, x_t, *rest: (torch.empty_like(x_t), torch.empty_like(x_t)))
 def sampler_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table_: torch.Tensor,
                     noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], ddim: bool, mean_type: int,
                     var_type: int, clip: bool, dynamic_threshold: float, sample_max_value: float,
                     eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sample, pred_xstart) of one DDPM (ddim=False) or DDIM step; noise tensor, or Philox from seed[0], or none."""
-    outs = [torch.empty_like(x_t), torch.empty_like(x_t)]
-    if x_t.numel():
-        _launch(2 if ddim else 1, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip,
-                _dt(dynamic_threshold), sample_max_value, eta, outs)
-    return outs[0], outs[1]
-
-
-@sampler_step_op.register_fake
-def _(model_output, x_t, t, table_, noise, seed, ddim, mean_type, var_type, clip, dynamic_threshold, sample_max_value,
-      eta):
-    return torch.empty_like(x_t), torch.empty_like(x_t)
+    return _sampler_step(wrap_triton, model_output, x_t, t, table_, noise, seed, ddim, mean_type, var_type, clip,
+                         dynamic_threshold, sample_max_value, eta)
 
 
 # -- backend functions -------------------------------------------------------------------------
 def _table(schedule, x_t):
-    return table(schedule, x_t.device, compute_dtype(x_t))
+    return table(schedule, x_t.device, torch.float32)
 
 
 def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False,
@@ -235,9 +241,9 @@ def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip
         return reference.p_mean_variance(model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
                                          clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
                                          sample_max_value=sample_max_value)
-    mean, px, var, logvar = p_mean_variance_op(
-        model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type], bool(clip_denoised),
-        -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value))
+    args = (model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type], bool(clip_denoised),
+            -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value))
+    mean, px, var, logvar = call(p_mean_variance_op, _p_mean_variance, None, args, args[:4])
     return {"mean": mean, "variance": var, "log_variance": logvar, "pred_xstart": px}
 
 
@@ -258,10 +264,10 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_d
                                        clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
                                        sample_max_value=sample_max_value, noise=noise, generator=generator, seed=seed)
     nz, sd = _noise_args(noise, generator, seed, x_t.device, True)
-    sample, px = sampler_step_op(
-        model_output, x_t, t, _table(schedule, x_t), nz, sd, False, MEAN_IDS[mean_type], VAR_IDS[var_type],
-        bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value),
-        0.0)
+    args = (model_output, x_t, t, _table(schedule, x_t), nz, sd, False, MEAN_IDS[mean_type], VAR_IDS[var_type],
+            bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold),
+            float(sample_max_value), 0.0)
+    sample, px = call(sampler_step_op, _sampler_step, None, args, args[:6])
     return {"sample": sample, "pred_xstart": px}
 
 
@@ -275,8 +281,8 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
                                    mean_type=mean_type, var_type=var_type, noise=noise, generator=generator,
                                    seed=seed)
     nz, sd = _noise_args(noise, generator, seed, x_t.device, eta != 0.0)
-    sample, px = sampler_step_op(
-        model_output, x_t, t, _table(schedule, x_t), nz, sd, True, MEAN_IDS[mean_type], VAR_IDS[var_type],
-        bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value),
-        float(eta))
+    args = (model_output, x_t, t, _table(schedule, x_t), nz, sd, True, MEAN_IDS[mean_type], VAR_IDS[var_type],
+            bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold),
+            float(sample_max_value), float(eta))
+    sample, px = call(sampler_step_op, _sampler_step, None, args, args[:6])
     return {"sample": sample, "pred_xstart": px}

@@ -12,16 +12,17 @@ Modes: "vb" (vb_terms_bpd: x_t given), "mse", "rescaled_mse", "kl", "rescaled_kl
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _math as M
-from ._layout import flat_strides, run
+from ._dispatch import autograd_function, call, define, wrap_triton
+from ._layout import run
 from .. import reference
-from ._runtime import float64_fallback, LEARNED, MEAN_IDS, VAR_IDS, block_for, cdiv, check_device, compute_dtype, table, tl_dtype
-
-NS = "ddpm_fast_triton"
+from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, float64_fallback, table, tl_dtype
 WEIGHTING_IDS = {"simple": 0, "elbo": 1, "min_snr": 2}
 MODES = ("vb", "mse", "rescaled_mse", "kl", "rescaled_kl")
 
@@ -58,10 +59,8 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
                    N, T, D2, D3, n_chunks,
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
-                   CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(0)
-    n = chunk * BLOCK + tl.arange(0, BLOCK)
+                   IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
@@ -93,9 +92,9 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
 
 
 @triton.jit
-def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_chunks, N, T, gamma, vb_scale, loss_scale,
-                      MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr, DO_VB: tl.constexpr,
-                      DO_MSE: tl.constexpr, CBLOCK: tl.constexpr):
+def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_chunks, N, T, gamma, vb_scale,
+                      loss_scale, MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr,
+                      DO_VB: tl.constexpr, DO_MSE: tl.constexpr, CBLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = M.load_t(t_ptr, b, T)
     vb = M.row_sum(part_ptr, 2 * b, n_chunks, CBLOCK) / N / 0.6931471805599453 * vb_scale
@@ -115,12 +114,11 @@ def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_c
 def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_ptr, gmv_ptr, t_ptr, table_ptr,
                    m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
                    gm_sb, gm_s1, gm_s2, gm_s3, gv_sb, gv_s1, gv_s2, gv_s3,
-                   N, T, D2, D3, gamma, vb_scale, loss_scale,
+                   N, T, D2, D3, n_chunks, gamma, vb_scale, loss_scale,
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr, WEIGHTING: tl.constexpr,
-                   FLAT: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                   FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
+    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M.load_t(t_ptr, b, T)
     g_loss = tl.load(gl_ptr + b).to(CDT)
@@ -166,6 +164,7 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
 
 
 # -- launch configuration --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
 def _flags(mode: str, var_type: int, num_timesteps: int) -> dict:
     learned = var_type in LEARNED
     do_mse = mode in ("mse", "rescaled_mse")
@@ -183,7 +182,7 @@ def _flags(mode: str, var_type: int, num_timesteps: int) -> dict:
 def _halves(mo: torch.Tensor, var_type: int):
     if var_type in LEARNED:
         c = mo.shape[1] // 2
-        return mo[:, :c], mo[:, c:]
+        return mo.narrow(1, 0, c), mo.narrow(1, c, c)  # narrow: the cheapest view call
     return mo, mo
 
 
@@ -194,48 +193,37 @@ def _check_mode(mode, weighting):
         raise ValueError(f"weighting: unknown id {weighting!r}")
 
 
-@torch.library.custom_op(f"{NS}::vb_losses", mutates_args=())
-def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor,
-                 table_: torch.Tensor, mean_type: int, var_type: int, mode: str, clip: bool, weighting: int,
-                 min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
+def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
     """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
     _check_mode(mode, weighting)
-    B, T = x0.shape[0], table_.shape[0]
+    B, T = x0.shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
     f = _flags(mode, var_type, T)
     outs = [torch.empty(B, dtype=table_.dtype, device=x0.device) for _ in range(3)]
     if B == 0 or x0.numel() == 0:
         return tuple(o.fill_(float("nan")) for o in outs)
     mo, mv = _halves(model_output, var_type)
 
-    def launch(ins, _, p):
-        BLOCK, warps = block_for(p.n)
-        n_chunks = cdiv(p.n, BLOCK)
-        part = torch.empty((B, 2, n_chunks), dtype=table_.dtype, device=x0.device)
-        _vb_fwd_kernel[(n_chunks, B)](
-            *ins, part, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2], n_chunks,
+    def launch(ins, _, p, c):
+        part = torch.empty((B, 2, c.n_chunks), dtype=table_.dtype, device=x0.device)
+        wrap(_vb_fwd_kernel)[c.grid](
+            *ins, part, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
             MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"],
-            DO_MSE=f["DO_MSE"], FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
-        _vb_finish_kernel[(B,)](
-            part, *outs, t, table_, n_chunks, p.n, T, min_snr_gamma, f["vb_scale"], f["loss_scale"],
+            DO_MSE=f["DO_MSE"], FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
+            num_warps=c.warps)
+        wrap(_vb_finish_kernel)[(B,)](
+            part, *outs, t, table_, c.n_chunks, p.n, T, min_snr_gamma, f["vb_scale"], f["loss_scale"],
             MEAN=mean_type, VAR=var_type, WEIGHTING=weighting, DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], CBLOCK=64)
 
-    run([mo, mv, x0, xn], [], launch)
+    run((mo, mv, x0, xn), (), launch)
     return tuple(outs)
 
 
-@vb_losses_op.register_fake
-def _(model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
-    return tuple(x0.new_empty((x0.shape[0],), dtype=table_.dtype) for _ in range(3))
-
-
-@torch.library.custom_op(f"{NS}::vb_losses_backward", mutates_args=())
-def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch.Tensor, model_output: torch.Tensor,
-                          x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mean_type: int,
-                          var_type: int, mode: str, clip: bool, weighting: int,
-                          min_snr_gamma: float) -> torch.Tensor:
+def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip,
+                        weighting, min_snr_gamma):
     """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
     _check_mode(mode, weighting)
-    B, T = x0.shape[0], table_.shape[0]
+    B, T = x0.shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
     f = _flags(mode, var_type, T)
     grad = torch.empty_like(model_output)
     if grad.numel() == 0:
@@ -243,22 +231,37 @@ def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch
     mo, mv = _halves(model_output, var_type)
     gmo, gmv = _halves(grad, var_type)
 
-    def launch(ins, outs, p):
-        BLOCK, warps = block_for(p.n)
-        _vb_bwd_kernel[(cdiv(p.n, BLOCK), B)](
-            g_loss, g_mse, g_vb, *ins, *outs, t, table_, *flat_strides(p), p.n, T, p.sizes[1], p.sizes[2],
-            min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"],
-            DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"], WEIGHTING=weighting,
-            FLAT=p.flat, BLOCK=BLOCK, CDT=tl_dtype(table_.dtype), num_warps=warps)
+    def launch(ins, outs, p, c):
+        wrap(_vb_bwd_kernel)[c.grid](
+            g_loss, g_mse, g_vb, *ins, *outs, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2],
+            c.n_chunks, min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip,
+            FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"],
+            WEIGHTING=weighting, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
+            num_warps=c.warps)
 
-    run([mo, mv, x0, xn], [gmo, gmv], launch)
+    run((mo, mv, x0, xn), (gmo, gmv), launch)
     return grad
 
 
-@vb_losses_backward_op.register_fake
-def _(g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting,
-      min_snr_gamma):
-    return torch.empty_like(model_output)
+# -- library ops and autograd -------------------------------------------------------------------
+@define("vb_losses", lambda model_output, x0, xn, t, table_, *flags: tuple(
+    x0.new_empty((x0.shape[0],), dtype=table_.dtype) for _ in range(3)))
+def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor,
+                 table_: torch.Tensor, mean_type: int, var_type: int, mode: str, clip: bool, weighting: int,
+                 min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
+    return _vb_losses(wrap_triton, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting,
+                      min_snr_gamma)
+
+
+@define("vb_losses_backward", lambda g_loss, g_mse, g_vb, model_output, *rest: torch.empty_like(model_output))
+def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch.Tensor, model_output: torch.Tensor,
+                          x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mean_type: int,
+                          var_type: int, mode: str, clip: bool, weighting: int,
+                          min_snr_gamma: float) -> torch.Tensor:
+    """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
+    return _vb_losses_backward(wrap_triton, g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type,
+                               var_type, mode, clip, weighting, min_snr_gamma)
 
 
 def _setup(ctx, inputs, output):
@@ -276,11 +279,18 @@ def _backward(ctx, g_loss, g_mse, g_vb):
     mo, x0, xn, t, table_ = ctx.saved_tensors
     B = x0.shape[0]
     zero = lambda g: g.contiguous() if g is not None else x0.new_zeros((B,), dtype=table_.dtype)  # noqa: E731
-    grad = vb_losses_backward_op(zero(g_loss), zero(g_mse), zero(g_vb), mo, x0, xn, t, table_, *ctx.flags)
+    tensors = (zero(g_loss), zero(g_mse), zero(g_vb), mo, x0, xn, t, table_)
+    grad = call(vb_losses_backward_op, _vb_losses_backward, None, (*tensors, *ctx.flags), tensors)
     return (grad,) + (None,) * 10
 
 
 vb_losses_op.register_autograd(_backward, setup_context=_setup)
+_VbLosses = autograd_function("VbLosses", _vb_losses, _setup, _backward)
+
+
+def _vb_call(*args):
+    """vb_losses on (model_output, x0, xn, t, table_, *options) by the cheapest route (_dispatch.call)."""
+    return call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])
 
 
 # -- backend functions -------------------------------------------------------------------------
@@ -290,9 +300,9 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, cli
     if float64_fallback(x0):
         return reference.vb_terms_bpd(model_output, x0, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
                                       clip_denoised=clip_denoised)
-    tab = table(schedule, x0.device, compute_dtype(x0))
-    return vb_losses_op(model_output, x0, x_t, t, tab, MEAN_IDS[mean_type], VAR_IDS[var_type], "vb",
-                        bool(clip_denoised), 0, 5.0)[2]
+    tab = table(schedule, x0.device, torch.float32)
+    return _vb_call(model_output, x0, x_t, t, tab, MEAN_IDS[mean_type], VAR_IDS[var_type], "vb",
+                    bool(clip_denoised), 0, 5.0)[2]
 
 
 def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
@@ -302,10 +312,10 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
     if float64_fallback(x0):
         return reference.training_losses(model_output, x0, t, noise, schedule, mean_type=mean_type, var_type=var_type,
                                          loss_type=loss_type, weighting=weighting, min_snr_gamma=min_snr_gamma)
-    tab = table(schedule, x0.device, compute_dtype(x0))
+    tab = table(schedule, x0.device, torch.float32)
     var_id = VAR_IDS[var_type]
-    loss, mse, vb = vb_losses_op(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,
-                                 WEIGHTING_IDS[weighting], float(min_snr_gamma))
+    loss, mse, vb = _vb_call(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,
+                             WEIGHTING_IDS[weighting], float(min_snr_gamma))
     if loss_type in ("kl", "rescaled_kl"):
         return {"loss": loss, "vb": vb}
     terms = {"mse": mse, "loss": loss}

@@ -1,0 +1,81 @@
+"""How a Triton op is reached: straight to its launcher in plain eager mode, through torch.library otherwise.
+
+Every op has one host launcher ``impl(wrap, *args)`` (allocates outputs, launches ``wrap(kernel)[grid]``).
+It is reached three ways, all running the same launcher:
+
+- plain eager, no gradient needed: ``impl(direct, *args)``, no dispatcher in between;
+- plain eager, an input requires grad: a torch.autograd.Function built from the op's setup_context /
+  backward (the cheapest autograd node Python offers, about a third of a custom op's);
+- anything else (torch.compile, fake / functional tracing, dispatch modes, functorch transforms, tensor
+  subclasses): the registered torch.library op, whose body calls ``impl(wrap_triton, *args)``.
+
+On a GPU the op is a ``torch.library.triton_op``: torch.compile traces through its body, sees each
+kernel via ``wrap_triton`` and inlines it into its graph; the body is also its fake implementation.
+Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) wrap_triton cannot capture interpreted
+kernels, so the op is an opaque ``torch.library.custom_op`` with an explicit fake.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import wrap_triton  # noqa: F401  (the op bodies' wrap)
+
+from ._runtime import INTERPRET
+
+NS = "ddpm_fast_triton"
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct(kernel):
+    """The eager launchers' wrap: launch the kernel itself."""
+    return kernel
+
+
+def define(name: str, fake):
+    """Decorator: register an annotated op body as ``ddpm_fast_triton::name`` (triton_op on GPUs; a custom_op
+    with ``fake`` as its fake implementation under the interpreter)."""
+    def register(body):
+        if INTERPRET:
+            op = torch.library.custom_op(f"{NS}::{name}", body, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(f"{NS}::{name}", body, mutates_args=())
+
+    return register
+
+
+def plain_eager(*tensors) -> bool:
+    """True if the kernels may be launched directly: plain tensors, not under torch.compile, no dispatch
+    mode (fake / functional tensors, FlopCounter, ...) and no functorch transform (vmap, grad)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    for x in tensors:
+        if x is not None and type(x) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
+def autograd_function(name: str, impl, setup_context, backward):
+    """A torch.autograd.Function running ``impl(direct, *args)`` forward, with the op's autograd formula
+    (the same setup_context and backward as its register_autograd)."""
+
+    def forward(ctx, *args):
+        out = impl(direct, *args)
+        setup_context(ctx, args, out)
+        return out
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                     "backward": staticmethod(backward)})
+
+
+def call(op, impl, fn, args, tensors, diff=()):
+    """Run one op on ``args``: its launcher directly, its autograd.Function ``fn`` when an input in ``diff``
+    requires grad, or the library ``op`` when not plain eager (``tensors``: every tensor argument)."""
+    if not plain_eager(*tensors):
+        return op(*args)
+    if fn is not None and torch.is_grad_enabled():
+        for x in diff:
+            if x is not None and x.requires_grad:
+                return fn.apply(*args)
+    return impl(direct, *args)
