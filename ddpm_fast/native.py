@@ -14,6 +14,7 @@ instead (same results, ordinary autograd), so no gradient is ever silently dropp
 from __future__ import annotations
 
 import functools
+import types
 import weakref
 
 import torch
@@ -339,8 +340,11 @@ def _cuda_float64_via_reference(fn):
     return op
 
 
+# The ops unwrapped, for CPU tensors only (ddpm_fast.ops' compiled CPU path): no per-argument CUDA test.
+cpu_ops = types.SimpleNamespace()
 for _name in ("q_sample", "q_posterior", "predict_xstart", "p_mean_variance", "normal_kl",
               "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd", "training_losses",
               "p_sample_step", "ddim_step"):
+    setattr(cpu_ops, _name, globals()[_name])
     globals()[_name] = _cuda_float64_via_reference(globals()[_name])
 del _name

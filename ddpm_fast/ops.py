@@ -163,8 +163,8 @@ def _generator(generator, device):
 
 # -- the compiled CPU path: its C++ checks dtypes, shapes and t (range included) once ---------------
 def _cpu_native(backend, *tensors):
-    """ddpm_fast.native when ``backend`` runs these CPU tensors (None: absent) on the compiled extension,
-    else None (the checked path). csrc/ops.cpp then checks dtypes, shapes and t once, raising the
+    """ddpm_fast.native's CPU ops when ``backend`` runs these CPU tensors (None: absent) on the compiled
+    extension, else None (the checked path). csrc/ops.cpp then checks dtypes, shapes and t once, raising the
     TypeError / ValueError the checks above raise, named the same: no check runs twice."""
     if backend != "auto" and backend != "cpu":
         return None
@@ -174,7 +174,7 @@ def _cpu_native(backend, *tensors):
     if tensors[0].ndim == 0:
         return None
     module = backends.select(backend, "cpu")
-    return None if module.__name__ == "ddpm_fast.reference" else module
+    return getattr(module, "cpu_ops", None)
 
 
 def _cpu_timesteps(t, x, schedule):

@@ -77,9 +77,11 @@ def test_times_and_ratios_are_measured_and_consistent(quick_run):
             continue
         assert r["blocks"] == meta["rounds"], r
         assert math.isfinite(r["us_per_call"]) and r["us_per_call"] > 0, r
-        assert math.isclose(r["x_torch_add"], r["us_per_call"] / base[0]["us_per_call"], rel_tol=1e-9)
-        if (r["op"], r["mode"]) in ref:
-            assert math.isclose(r["x_reference"], r["us_per_call"] / ref[(r["op"], r["mode"])], rel_tol=1e-9)
+        assert math.isfinite(r["x_torch_add"]) and r["x_torch_add"] > 0, r
+        if r["impl"] == "reference":
+            assert r["x_reference"] == 1.0
+        elif (r["op"], r["mode"]) in ref:
+            assert math.isfinite(r["x_reference"]) and r["x_reference"] > 0, r
 
 
 @pytest.mark.skipif(not backends.availability()["cpu"][0], reason="the compiled CPU backend is unavailable")
@@ -112,3 +114,10 @@ def test_the_calls_return_the_ops_outputs():
     assert isinstance(out, torch.Tensor) and out.shape == host.TINY
     grads = rows[("training_losses hybrid", "fwd+bwd", backend)].fn()
     assert grads[0].shape == (2, 6, 8, 8) and torch.isfinite(grads[0]).all()
+
+
+def test_ratios_pair_the_rounds():
+    row, base = host.Row("a", "fwd", "x", "backend"), host.Row("b", "fwd", "y", "baseline")
+    row.samples_us, base.samples_us = [10.0, 40.0, 30.0], [5.0, 10.0, 30.0]  # ratios 2, 4, 1
+    assert host.round_ratio(row, base) == 2.0
+    assert row.us == 30.0
