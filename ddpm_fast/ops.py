@@ -147,6 +147,15 @@ def _thresholding(dynamic_threshold, sample_max_value):
     _number("sample_max_value", sample_max_value, 1.0, float("inf"))
 
 
+def _broadcastable(*shapes) -> bool:
+    """Whether the shapes broadcast together (torch.broadcast_shapes costs ~25 us a call; this ~1 us)."""
+    for k in range(1, max(len(s) for s in shapes) + 1):
+        sizes = {s[-k] for s in shapes if len(s) >= k} - {1}
+        if len(sizes) > 1:
+            return False
+    return True
+
+
 def _seed(seed):
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
@@ -229,10 +238,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, backend="auto"):
     names = ("mean1", "logvar1", "mean2", "logvar2")
     args = [_tensor(n, a, batched=False) for n, a in zip(names, (mean1, logvar1, mean2, logvar2))]
     device = _same_device(**dict(zip(names, args)))
-    try:
-        torch.broadcast_shapes(*[a.shape for a in args])
-    except RuntimeError:
-        raise ValueError(f"mean1, logvar1, mean2, logvar2: shapes {[tuple(a.shape) for a in args]} do not broadcast") from None
+    if not _broadcastable(*[a.shape for a in args]):
+        raise ValueError(f"mean1, logvar1, mean2, logvar2: shapes {[tuple(a.shape) for a in args]} do not broadcast")
     return backends.select(backend, device.type).normal_kl(*args)
 
 
@@ -245,10 +252,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, *, backend="auto")
     _tensor("log_scales", log_scales, batched=False)
     _same_shape("x", x, means=means)
     device = _same_device(x=x, means=means, log_scales=log_scales)
-    try:
-        torch.broadcast_shapes(x.shape, log_scales.shape)
-    except RuntimeError:
-        raise ValueError(f"log_scales: shape {tuple(log_scales.shape)} does not broadcast to {tuple(x.shape)}") from None
+    if not _broadcastable(x.shape, log_scales.shape):
+        raise ValueError(f"log_scales: shape {tuple(log_scales.shape)} does not broadcast to {tuple(x.shape)}")
     return backends.select(backend, device.type).discretized_gaussian_log_likelihood(x, means, log_scales)
 
 
