@@ -182,8 +182,15 @@ def _cpu_native(backend, *tensors):
             return None
     if tensors[0].ndim == 0:
         return None
-    module = backends.select(backend, "cpu")
-    return getattr(module, "cpu_ops", None)
+    global _compiled_cpu_ops
+    if _compiled_cpu_ops is False:  # resolved once: backends caches whether the extension loads
+        _compiled_cpu_ops = getattr(backends.select("auto", "cpu"), "cpu_ops", None)
+    if _compiled_cpu_ops is None and backend == "cpu":
+        backends.select(backend, "cpu")  # raises BackendUnavailableError with the reason
+    return _compiled_cpu_ops
+
+
+_compiled_cpu_ops = False  # ddpm_fast.native.cpu_ops, or None without the compiled extension; False: not looked up
 
 
 def _cpu_timesteps(t, x, schedule):
