@@ -29,23 +29,40 @@ inline bool cuda_path(const Tensor& x) {
 
 at::ScalarType compute_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Argument checks, once, here: ddpm_fast/ops.py sends CPU tensors on the compiled path straight to these
+// (no Python duplicate of them), so each raises the Python exception ops.py would (TypeError / ValueError
+// through TORCH_CHECK_TYPE / TORCH_CHECK_VALUE) with a message that names the argument.
 void check_t(const Tensor& t, int64_t B, const Tensor& table) {
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == B && t.is_contiguous(),
-              "t: expected a contiguous int64 tensor [", B, "]");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "t: expected an int64 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.is_contiguous(), "t: expected a contiguous tensor of shape (",
+                    B, ",), got shape ", t.sizes());
   TORCH_CHECK(table.dim() == 2 && table.size(1) >= kNumCols && table.is_contiguous(),
               "table: expected the schedule's packed table [T, ", int(kNumCols), "]");
-  TORCH_CHECK(t.device() == table.device(), "t: expected it on the table's device ", table.device());
+  TORCH_CHECK_VALUE(t.device() == table.device(), "t: expected it on the table's device ", table.device(),
+                    ", got ", t.device());
   if (!cuda_path(t)) {
     const int64_t* tp = t.data_ptr<int64_t>();
     const int64_t T = table.size(0);
     for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(tp[b] >= 0 && tp[b] < T, "t: expected timesteps in [0, ", T, "), got ", tp[b]);
+      TORCH_CHECK_VALUE(tp[b] >= 0 && tp[b] < T, "t: expected timesteps in [0, ", T, "), got ", tp[b]);
   }
 }
 
-void check_same(const char* name, const Tensor& x, const Tensor& ref) {
-  TORCH_CHECK(x.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), ", got ", x.sizes());
-  TORCH_CHECK(x.device() == ref.device(), name, ": expected device ", ref.device(), ", got ", x.device());
+void check_input(const char* name, const Tensor& x) {
+  const auto s = x.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, name,
+                   ": expected a float16, bfloat16, float32 or float64 tensor, got ", s);
+  TORCH_CHECK_VALUE(x.dim() >= 1, name, ": expected a batched tensor [B, ...], got a 0-dim tensor");
+}
+
+// x is checked against ref (itself already checked): same shape, device and dtype; the message names both
+void check_same(const char* name, const Tensor& x, const char* ref_name, const Tensor& ref) {
+  TORCH_CHECK_VALUE(x.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " (that of ", ref_name,
+                    "), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == ref.device(), name, ": expected device ", ref.device(), " (like ", ref_name,
+                    "), got ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (that of ",
+                   ref_name, "), got ", x.scalar_type());
 }
 
 // The driver's view of x; on CUDA a non-direct input is first copied into the plan's layout. The Operand
@@ -134,19 +151,28 @@ std::pair<Tensor, Tensor> halves(const Tensor& mo, bool learned) {
   return {mo.narrow(1, 0, c), mo.narrow(1, c, c)};
 }
 
-void check_model_output(const Tensor& mo, const Tensor& x, int64_t var_type) {
-  TORCH_CHECK(mo.scalar_type() == x.scalar_type(), "model_output: expected dtype ", x.scalar_type());
+// model_output against x (x_t or x0, named x_name, checked first): its shape, or doubled channels for a
+// learned variance
+void check_model_output(const Tensor& mo, const char* x_name, const Tensor& x, int64_t var_type) {
+  TORCH_CHECK_TYPE(mo.scalar_type() == x.scalar_type(), "model_output: expected dtype ", x.scalar_type(),
+                   " (that of ", x_name, "), got ", mo.scalar_type());
+  TORCH_CHECK_VALUE(mo.device() == x.device(), "model_output: expected device ", x.device(), " (like ", x_name,
+                    "), got ", mo.device());
   if (is_learned(var_type)) {
-    TORCH_CHECK(x.dim() >= 2 && mo.dim() == x.dim() && mo.size(0) == x.size(0) && mo.size(1) == 2 * x.size(1),
-                "model_output: a learned variance needs doubled channels");
+    bool ok = x.dim() >= 2 && mo.dim() == x.dim() && mo.size(1) == 2 * x.size(1);
+    for (int64_t d = 0; ok && d < x.dim(); ++d) ok = d == 1 || mo.size(d) == x.size(d);
+    TORCH_CHECK_VALUE(ok, "model_output: a learned variance needs ", x_name, "'s shape ", x.sizes(),
+                      " with doubled channels (mean and variance halves), got ", mo.sizes());
   } else {
-    check_same("model_output", mo, x);
+    TORCH_CHECK_VALUE(mo.sizes() == x.sizes(), "model_output: expected shape ", x.sizes(), " (that of ", x_name,
+                      "), got ", mo.sizes());
   }
 }
 
 // ---- ops ---------------------------------------------------------------------------------------------
 Tensor q_sample(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
-  check_same("noise", noise, x0);
+  check_input("x0", x0);
+  check_same("noise", noise, "x0", x0);
   check_t(t, x0.size(0), table);
   Plan p = make_plan(x0);
   Tensor out = alloc_like_plan(p, x0.sizes(), x0.options());
@@ -171,7 +197,8 @@ std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad, const Tensor& t, 
 
 std::tuple<Tensor, Tensor, Tensor> q_posterior(const Tensor& x0, const Tensor& x_t, const Tensor& t,
                                                const Tensor& table) {
-  check_same("x_t", x_t, x0);
+  check_input("x0", x0);
+  check_same("x_t", x_t, "x0", x0);
   check_t(t, x0.size(0), table);
   Plan p = make_plan(x0);
   Tensor mean = alloc_like_plan(p, x0.sizes(), x0.options());
@@ -183,7 +210,8 @@ std::tuple<Tensor, Tensor, Tensor> q_posterior(const Tensor& x0, const Tensor& x
 }
 
 Tensor predict_xstart(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table, int64_t mean_type) {
-  check_model_output(mo, x_t, kFixedSmall);
+  check_input("x_t", x_t);
+  check_model_output(mo, "x_t", x_t, kFixedSmall);
   check_t(t, x_t.size(0), table);
   Plan p = make_plan(x_t);
   Tensor out = alloc_like_plan(p, x_t.sizes(), x_t.options());
@@ -217,7 +245,8 @@ void check_thresh(const c10::optional<Tensor>& thresh, const Tensor& x) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> p_mean_variance(const Tensor& mo, const Tensor& x_t, const Tensor& t,
                                                            const Tensor& table, int64_t mean_type, int64_t var_type,
                                                            bool clip, const c10::optional<Tensor>& thresh) {
-  check_model_output(mo, x_t, var_type);
+  check_input("x_t", x_t);
+  check_model_output(mo, "x_t", x_t, var_type);
   check_t(t, x_t.size(0), table);
   check_thresh(thresh, x_t);
   bool learned = is_learned(var_type);
@@ -247,12 +276,13 @@ std::tuple<Tensor, Tensor> p_sample_step(const Tensor& mo, const Tensor& x_t, co
                                          int64_t mean_type, int64_t var_type, bool clip,
                                          const c10::optional<Tensor>& thresh, const c10::optional<Tensor>& noise,
                                          int64_t seed) {
-  check_model_output(mo, x_t, var_type);
+  check_input("x_t", x_t);
+  check_model_output(mo, "x_t", x_t, var_type);
   check_t(t, x_t.size(0), table);
   check_thresh(thresh, x_t);
   bool learned = is_learned(var_type);
   Tensor nz = noise.has_value() ? *noise : Tensor();
-  if (nz.defined()) check_same("noise", nz, x_t);
+  if (nz.defined()) check_same("noise", nz, "x_t", x_t);
   Plan p = make_plan(x_t);
   auto [out, v] = halves(mo, learned);
   Tensor sample = alloc_like_plan(p, x_t.sizes(), x_t.options());
@@ -272,11 +302,12 @@ std::tuple<Tensor, Tensor> ddim_step(const Tensor& mo, const Tensor& x_t, const 
                                      int64_t mean_type, int64_t var_type, bool clip,
                                      const c10::optional<Tensor>& thresh, double eta,
                                      const c10::optional<Tensor>& noise, int64_t seed) {
-  check_model_output(mo, x_t, var_type);
+  check_input("x_t", x_t);
+  check_model_output(mo, "x_t", x_t, var_type);
   check_t(t, x_t.size(0), table);
   check_thresh(thresh, x_t);
   Tensor nz = noise.has_value() ? *noise : Tensor();
-  if (nz.defined()) check_same("noise", nz, x_t);
+  if (nz.defined()) check_same("noise", nz, "x_t", x_t);
   Plan p = make_plan(x_t);
   Tensor out = halves(mo, is_learned(var_type)).first;
   Tensor sample = alloc_like_plan(p, x_t.sizes(), x_t.options());
@@ -326,8 +357,9 @@ template <class P> void reduce_params(P& q, const Plan& p) {
 std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd(const Tensor& mo, const Tensor& x0, const Tensor& x_t,
                                                 const Tensor& t, const Tensor& table, int64_t mean_type,
                                                 int64_t var_type, bool clip, bool need_grad) {
-  check_model_output(mo, x_t, var_type);
-  check_same("x0", x0, x_t);
+  check_input("x_t", x_t);
+  check_model_output(mo, "x_t", x_t, var_type);
+  check_same("x0", x0, "x_t", x_t);
   check_t(t, x_t.size(0), table);
   bool learned = is_learned(var_type);
   Plan p = make_plan(x0);
@@ -351,8 +383,9 @@ std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd(const Tensor& mo, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
     const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table, int64_t mean_type,
     int64_t var_type, int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad) {
-  check_model_output(mo, x0, var_type);
-  check_same("noise", noise, x0);
+  check_input("x0", x0);
+  check_model_output(mo, "x0", x0, var_type);
+  check_same("noise", noise, "x0", x0);
   check_t(t, x0.size(0), table);
   bool learned = is_learned(var_type);
   Plan p = make_plan(x0);

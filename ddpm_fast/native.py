@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
+import weakref
 
 import torch
 
@@ -88,7 +90,30 @@ def _ops():
     return getattr(torch.ops, OPS_NAMESPACE)
 
 
+_OVERLOADS: dict = {}
+
+
+def _op(name):
+    """torch.ops.ddpm_fast.<name>.default, looked up once (the overload packet's call costs ~3 us more)."""
+    op = _OVERLOADS.get(name)
+    if op is None:
+        op = _OVERLOADS[name] = getattr(_ops(), name).default
+    return op
+
+
+_CPU_TABLES = weakref.WeakKeyDictionary()  # schedule -> {dtype: its CPU table}: no device hashing per call
+
+
 def _table(schedule, x):
+    if x.is_cpu:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        tables = _CPU_TABLES.get(schedule)
+        if tables is None:
+            tables = _CPU_TABLES[schedule] = {}
+        table = tables.get(dtype)
+        if table is None:
+            table = tables[dtype] = schedule.table(torch.device("cpu"), dtype)
+        return table
     return schedule.table(x.device, compute_dtype(x.dtype))
 
 
@@ -206,19 +231,19 @@ def _register_fakes() -> None:
 # -- ops ----------------------------------------------------------------------------------------------
 def q_sample(x0, t, noise, schedule):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise: [B, ...] in x0's dtype."""
-    return _ops().q_sample(x0, t, noise, _table(schedule, x0))
+    return _op("q_sample")(x0, t, noise, _table(schedule, x0))
 
 
 def q_posterior(x0, x_t, t, schedule):
     """(mean [B, ...], variance [B, 1, ...], clipped log variance [B, 1, ...]) in x0's dtype."""
-    mean, var, logvar = _ops().q_posterior(x0, x_t, t, _table(schedule, x0))
+    mean, var, logvar = _op("q_posterior")(x0, x_t, t, _table(schedule, x0))
     shape = (-1,) + (1,) * (x0.ndim - 1)
     return mean, var.reshape(shape), logvar.reshape(shape)
 
 
 def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
     """x0 implied by the model output (unclipped), [B, C, ...] in x_t's dtype."""
-    return _ops().predict_xstart(model_output, x_t, t, _table(schedule, x_t), MEAN_TYPES.index(mean_type))
+    return _op("predict_xstart")(model_output, x_t, t, _table(schedule, x_t), MEAN_TYPES.index(mean_type))
 
 
 def _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value):
@@ -227,7 +252,7 @@ def _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_thresho
         return None
     out = model_output[:, : x_t.shape[1]] if var_type in reference.LEARNED_VAR_TYPES else model_output
     ct = compute_dtype(x_t.dtype)  # the quantile sees the unrounded prediction, as in the reference
-    x0 = _ops().predict_xstart(out.to(ct), x_t.to(ct), t, _table(schedule, x_t), MEAN_TYPES.index(mean_type))
+    x0 = _op("predict_xstart")(out.to(ct), x_t.to(ct), t, _table(schedule, x_t), MEAN_TYPES.index(mean_type))
     s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), dynamic_threshold, dim=1)
     return s.clamp(min=1.0, max=sample_max_value).contiguous()
 
@@ -240,7 +265,7 @@ def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip
                                          clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
                                          sample_max_value=sample_max_value)
     thresh = _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
-    mean, var, logvar, pred = _ops().p_mean_variance(
+    mean, var, logvar, pred = _op("p_mean_variance")(
         model_output, x_t, t, _table(schedule, x_t), MEAN_TYPES.index(mean_type), VAR_TYPES.index(var_type),
         bool(clip_denoised), thresh)
     if var_type not in reference.LEARNED_VAR_TYPES:
@@ -251,13 +276,13 @@ def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise in nats (broadcasts)."""
-    out = _ops().normal_kl(mean1, logvar1, mean2, logvar2)
+    out = _op("normal_kl")(mean1, logvar1, mean2, logvar2)
     return out.to(functools.reduce(torch.promote_types, [a.dtype for a in (mean1, logvar1, mean2, logvar2)]))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """Elementwise log-likelihood (nats) of x in [-1, 1] on 256 bins under N(means, exp(log_scales)^2)."""
-    out = _ops().discretized_gaussian_log_likelihood(x, means, log_scales)
+    out = _op("discretized_gaussian_log_likelihood")(x, means, log_scales)
     return out.to(torch.promote_types(x.dtype, means.dtype))
 
 
@@ -266,14 +291,14 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, cli
     if _grad_needed(x0, x_t):
         return reference.vb_terms_bpd(model_output, x0, x_t, t, schedule, mean_type=mean_type,
                                       var_type=var_type, clip_denoised=clip_denoised)
-    vb, _, _ = _ops().vb_terms_bpd(model_output, x0, x_t, t, _table(schedule, x0), MEAN_TYPES.index(mean_type),
+    vb, _, _ = _op("vb_terms_bpd")(model_output, x0, x_t, t, _table(schedule, x0), MEAN_TYPES.index(mean_type),
                                    VAR_TYPES.index(var_type), bool(clip_denoised), _grad_needed(model_output))
     return vb
 
 
 def prior_bpd(x0, schedule):
     """KL(q(x_{T-1} | x0) || N(0, I)) per sample in bits/dim: [B]."""
-    return _ops().prior_bpd(x0, _table(schedule, x0))
+    return _op("prior_bpd")(x0, _table(schedule, x0))
 
 
 def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type,
@@ -283,7 +308,7 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
         return reference.training_losses(model_output, x0, t, noise, schedule, mean_type=mean_type,
                                          var_type=var_type, loss_type=loss_type, weighting=weighting,
                                          min_snr_gamma=min_snr_gamma)
-    loss, mse, vb, _, _, _ = _ops().training_losses(
+    loss, mse, vb, _, _, _ = _op("training_losses")(
         model_output, x0, t, noise, _table(schedule, x0), MEAN_TYPES.index(mean_type), VAR_TYPES.index(var_type),
         LOSS_TYPES.index(loss_type), WEIGHTINGS.index(weighting), float(min_snr_gamma),
         _grad_needed(model_output))
@@ -322,7 +347,7 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_d
                                        seed=seed)
     thresh = _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
     philox = 0 if noise is not None else _philox_seed(seed, generator, x_t.device)
-    sample, pred = _ops().p_sample_step(
+    sample, pred = _op("p_sample_step")(
         model_output, x_t, t, _table(schedule, x_t), MEAN_TYPES.index(mean_type), VAR_TYPES.index(var_type),
         bool(clip_denoised), thresh, noise, philox)
     return {"sample": sample, "pred_xstart": pred}
@@ -339,7 +364,7 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
                                    seed=seed)
     thresh = _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
     philox = 0 if (noise is not None or eta == 0.0) else _philox_seed(seed, generator, x_t.device)
-    sample, pred = _ops().ddim_step(
+    sample, pred = _op("ddim_step")(
         model_output, x_t, t, _table(schedule, x_t), MEAN_TYPES.index(mean_type), VAR_TYPES.index(var_type),
         bool(clip_denoised), thresh, float(eta), noise, philox)
     return {"sample": sample, "pred_xstart": pred}
@@ -353,15 +378,18 @@ def _cuda_float64_via_reference(fn):
     @functools.wraps(fn)
     def op(*args, **kwargs):
         for a in args:
-            if isinstance(a, torch.Tensor) and a.dtype == torch.float64 and (a.is_cuda or EMULATED):
+            if isinstance(a, torch.Tensor) and (a.is_cuda or EMULATED) and a.dtype == torch.float64:
                 return ref(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return op
 
 
+# The ops unwrapped, for CPU tensors only (ddpm_fast.ops' compiled CPU path): no per-argument CUDA test.
+cpu_ops = types.SimpleNamespace()
 for _name in ("q_sample", "q_posterior", "predict_xstart", "p_mean_variance", "normal_kl",
               "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd", "training_losses",
               "p_sample_step", "ddim_step"):
+    setattr(cpu_ops, _name, globals()[_name])
     globals()[_name] = _cuda_float64_via_reference(globals()[_name])
 del _name

@@ -148,6 +148,15 @@ def _thresholding(dynamic_threshold, sample_max_value):
     _number("sample_max_value", sample_max_value, 1.0, float("inf"))
 
 
+def _broadcastable(*shapes) -> bool:
+    """Whether the shapes broadcast together (torch.broadcast_shapes costs ~25 us a call; this ~1 us)."""
+    for k in range(1, max(len(s) for s in shapes) + 1):
+        sizes = {s[-k] for s in shapes if len(s) >= k} - {1}
+        if len(sizes) > 1:
+            return False
+    return True
+
+
 def _seed(seed):
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
@@ -162,12 +171,50 @@ def _generator(generator, device):
             raise ValueError(f"generator: expected a generator on {device.type}, got one on {generator.device}")
 
 
+# -- the compiled CPU path: its C++ checks dtypes, shapes and t (range included) once ---------------
+def _cpu_native(backend, *tensors):
+    """ddpm_fast.native's CPU ops when ``backend`` runs these CPU tensors (None: absent) on the compiled
+    extension, else None (the checked path). csrc/ops.cpp then checks dtypes, shapes and t once, raising the
+    TypeError / ValueError the checks above raise, named the same: no check runs twice."""
+    if backend != "auto" and backend != "cpu":
+        return None
+    for x in tensors:
+        if x is not None and not (isinstance(x, torch.Tensor) and x.is_cpu):
+            return None
+    if tensors[0].ndim == 0:
+        return None
+    global _compiled_cpu_ops
+    if _compiled_cpu_ops is False:  # resolved once: backends caches whether the extension loads
+        _compiled_cpu_ops = getattr(backends.select("auto", "cpu"), "cpu_ops", None)
+    if _compiled_cpu_ops is None and backend == "cpu":
+        backends.select(backend, "cpu")  # raises BackendUnavailableError with the reason
+    return _compiled_cpu_ops
+
+
+_compiled_cpu_ops = False  # ddpm_fast.native.cpu_ops, or None without the compiled extension; False: not looked up
+
+
+def _cpu_timesteps(t, x, schedule):
+    """t for the compiled CPU op: an int range-checked here and broadcast; an int64 [B] CPU tensor as is
+    (the C++ checks its shape and range, reading it on the host anyway); anything else via _timesteps."""
+    if type(t) is int:
+        if not 0 <= t < schedule.num_timesteps:
+            raise ValueError(f"t: expected timesteps in [0, {schedule.num_timesteps}), got {t}")
+        return torch.full((x.shape[0],), t, dtype=torch.int64)
+    if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.ndim == 1 and t.is_cpu and t.is_contiguous():
+        return t
+    return _timesteps(t, x.shape[0], schedule, x.device, False)
+
+
 # -- ops --------------------------------------------------------------------------------------
 def q_sample(x0, t, noise, schedule, *, backend="auto", validate=None):
     """Forward noising x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
 
     x0, noise: [B, ...] same shape and dtype; t: [B] int64. Returns x_t [B, ...] in x0's dtype.
     """
+    native = _cpu_native(backend, x0, noise)
+    if native is not None:
+        return native.q_sample(x0, _cpu_timesteps(t, x0, _schedule(schedule)), noise, schedule)
     _tensor("x0", x0), _tensor("noise", noise)
     _same_shape("x0", x0, noise=noise), _same_dtype("x0", x0, noise=noise)
     device = _same_device(x0=x0, noise=noise)
@@ -180,6 +227,9 @@ def q_posterior(x0, x_t, t, schedule, *, backend="auto", validate=None):
 
     log_variance is the clipped one (post_var_1 at t = 0, where the variance itself is 0).
     """
+    native = _cpu_native(backend, x0, x_t)
+    if native is not None:
+        return native.q_posterior(x0, x_t, _cpu_timesteps(t, x0, _schedule(schedule)), schedule)
     _tensor("x0", x0), _tensor("x_t", x_t)
     _same_shape("x0", x0, x_t=x_t), _same_dtype("x0", x0, x_t=x_t)
     device = _same_device(x0=x0, x_t=x_t)
@@ -196,10 +246,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, backend="auto"):
     names = ("mean1", "logvar1", "mean2", "logvar2")
     args = [_tensor(n, a, batched=False) for n, a in zip(names, (mean1, logvar1, mean2, logvar2))]
     device = _same_device(**dict(zip(names, args)))
-    try:
-        torch.broadcast_shapes(*[a.shape for a in args])
-    except RuntimeError:
-        raise ValueError(f"mean1, logvar1, mean2, logvar2: shapes {[tuple(a.shape) for a in args]} do not broadcast") from None
+    if not _broadcastable(*[a.shape for a in args]):
+        raise ValueError(f"mean1, logvar1, mean2, logvar2: shapes {[tuple(a.shape) for a in args]} do not broadcast")
     return backends.select(backend, device.type).normal_kl(*args)
 
 
@@ -212,10 +260,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, *, backend="auto")
     _tensor("log_scales", log_scales, batched=False)
     _same_shape("x", x, means=means)
     device = _same_device(x=x, means=means, log_scales=log_scales)
-    try:
-        torch.broadcast_shapes(x.shape, log_scales.shape)
-    except RuntimeError:
-        raise ValueError(f"log_scales: shape {tuple(log_scales.shape)} does not broadcast to {tuple(x.shape)}") from None
+    if not _broadcastable(x.shape, log_scales.shape):
+        raise ValueError(f"log_scales: shape {tuple(log_scales.shape)} does not broadcast to {tuple(x.shape)}")
     return backends.select(backend, device.type).discretized_gaussian_log_likelihood(x, means, log_scales)
 
 
@@ -241,8 +287,21 @@ def _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, x
     return _timesteps(t, x_t.shape[0], _schedule(schedule), device, validate), device
 
 
+def _cpu_model_args(t, x, schedule, mean_type, var_type, xstart=True):
+    """_model_args on the compiled CPU path: the options and t here, the tensors in C++."""
+    _option("mean_type", mean_type, MEAN_TYPES), _option("var_type", var_type, VAR_TYPES)
+    t = _cpu_timesteps(t, x, _schedule(schedule))
+    if xstart:
+        _xstart_defined(mean_type, schedule)
+    return t
+
+
 def predict_xstart(model_output, x_t, t, schedule, *, mean_type, backend="auto", validate=None):
     """x0 implied by the model's (mean) output for mean_type, unclipped: [B, C, ...] in x_t's dtype."""
+    native = _cpu_native(backend, x_t, model_output)
+    if native is not None:
+        t = _cpu_model_args(t, x_t, schedule, mean_type, "fixed_small")
+        return native.predict_xstart(model_output, x_t, t, schedule, mean_type=mean_type)
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, "fixed_small", validate)
     _xstart_defined(mean_type, schedule)
     return backends.select(backend, device.type).predict_xstart(model_output, x_t, t, schedule, mean_type=mean_type)
@@ -254,6 +313,14 @@ def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip
 
     variance / log_variance are [B, 1, ...] for fixed variance types, [B, C, ...] for learned ones.
     """
+    native = _cpu_native(backend, x_t, model_output)
+    if native is not None:
+        t = _cpu_model_args(t, x_t, schedule, mean_type, var_type)
+        _thresholding(dynamic_threshold, sample_max_value)
+        return native.p_mean_variance(
+            model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
+            clip_denoised=bool(clip_denoised), dynamic_threshold=dynamic_threshold,
+            sample_max_value=float(sample_max_value))
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate)
     _xstart_defined(mean_type, schedule)
     _thresholding(dynamic_threshold, sample_max_value)
@@ -270,6 +337,11 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, cli
     KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0; the decoder NLL -log p(x0|x_1) for t = 0.
     model_output: [B, C, ...], or [B, 2C, ...] for learned variance types.
     """
+    native = _cpu_native(backend, x_t, model_output, x0)
+    if native is not None:
+        t = _cpu_model_args(t, x_t, schedule, mean_type, var_type)
+        return native.vb_terms_bpd(model_output, x0, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
+                                   clip_denoised=bool(clip_denoised))
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, x0=x0)
     _xstart_defined(mean_type, schedule)
     return backends.select(backend, device.type).vb_terms_bpd(
@@ -297,9 +369,18 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
         _number("min_snr_gamma", min_snr_gamma, 0.0, float("inf"), lo_open=True)
         if mean_type == "x_prev":
             raise ValueError("weighting: 'min_snr' is defined for mean_type 'epsilon', 'x0' or 'v', not 'x_prev'")
-    t, device = _model_args(model_output, x0, t, schedule, mean_type, var_type, validate, x_name="x0", noise=noise)
+    native = _cpu_native(backend, x0, model_output, noise)
+    if native is not None:
+        t = _cpu_model_args(t, x0, schedule, mean_type, var_type, xstart=False)
+        device = None
+    else:
+        t, device = _model_args(model_output, x0, t, schedule, mean_type, var_type, validate, x_name="x0",
+                                noise=noise)
     if loss_type in ("kl", "rescaled_kl") or var_type in LEARNED_VAR_TYPES or weighting != "simple":
         _xstart_defined(mean_type, schedule)  # the vb term and the snr weights need x_0 / finite coefficients
+    if native is not None:
+        return native.training_losses(model_output, x0, t, noise, schedule, mean_type=mean_type, var_type=var_type,
+                                      loss_type=loss_type, weighting=weighting, min_snr_gamma=float(min_snr_gamma))
     return backends.select(backend, device.type).training_losses(
         model_output, x0, t, noise, schedule, mean_type=mean_type, var_type=var_type, loss_type=loss_type,
         weighting=weighting, min_snr_gamma=float(min_snr_gamma),
@@ -316,6 +397,16 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_d
     Philox) or else from ``generator`` (default: torch's global generator).
     dynamic_threshold: a quantile in (0, 1] for Imagen's dynamic thresholding (replaces clipping).
     """
+    native = _cpu_native(backend, x_t, model_output, noise)
+    if native is not None:
+        t = _cpu_model_args(t, x_t, schedule, mean_type, var_type)
+        _thresholding(dynamic_threshold, sample_max_value)
+        if generator is not None:
+            _generator(generator, x_t.device)
+        return native.p_sample_step(
+            model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
+            clip_denoised=bool(clip_denoised), dynamic_threshold=dynamic_threshold,
+            sample_max_value=float(sample_max_value), noise=noise, generator=generator, seed=_seed(seed))
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, noise=noise)
     _xstart_defined(mean_type, schedule)
     _thresholding(dynamic_threshold, sample_max_value)
@@ -332,6 +423,17 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
               backend="auto", validate=None):
     """One DDIM step from t to the schedule's previous step (respaced schedules work): dict
     "sample" and "pred_xstart". var_type only says whether model_output carries a variance half."""
+    native = _cpu_native(backend, x_t, model_output, noise)
+    if native is not None:
+        t = _cpu_model_args(t, x_t, schedule, mean_type, var_type)
+        eta = _number("eta", eta, 0.0, float("inf"))
+        _thresholding(dynamic_threshold, sample_max_value)
+        if generator is not None:
+            _generator(generator, x_t.device)
+        return native.ddim_step(
+            model_output, x_t, t, schedule, eta=eta, clip_denoised=bool(clip_denoised),
+            dynamic_threshold=dynamic_threshold, sample_max_value=float(sample_max_value), mean_type=mean_type,
+            var_type=var_type, noise=noise, generator=generator, seed=_seed(seed))
     t, device = _model_args(model_output, x_t, t, schedule, mean_type, var_type, validate, noise=noise)
     _xstart_defined(mean_type, schedule)
     eta = _number("eta", eta, 0.0, float("inf"))

@@ -57,6 +57,8 @@ def _parser():
     p.add_argument("--out", default="bench-results", help="output folder (default: bench-results/)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs (default: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--host", action="store_true", help="time the host cost per call on tiny tensors, one thread, "
+                   "and the CPU bandwidth floors instead (see ddpm_fast/bench/host.py)")
     return p
 
 
@@ -217,6 +219,9 @@ class _Progress:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.host:
+        from . import host
+        return host.main(args)
     import torch
 
     from . import measure
