@@ -211,6 +211,10 @@ class GaussianDiffusion:
             out["pred_xstart"] = pred
             if self.mean_type != "x_prev":
                 out["mean"] = ops.q_posterior(pred, x, t, self.schedule, **self._bk())[0]
+        if self.var_type == "fixed_small":
+            # improved-diffusion's fixed_small variance is the posterior variance itself (0 at t = 0);
+            # only its log is clipped. The op returns exp(clipped log variance): correct t = 0 from the table.
+            out["variance"] = self._col("posterior_variance", t, x).to(out["variance"].dtype)
         out["variance"] = self._full(out["variance"], x)
         out["log_variance"] = self._full(out["log_variance"], x)
         return out

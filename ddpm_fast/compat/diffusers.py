@@ -39,6 +39,7 @@ math is float32 for 16-bit inputs (more accurate than the parent's 16-bit arithm
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -55,23 +56,24 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
     ) from exc
 
 from .. import ops
-from ..schedule import COLUMN, NoiseSchedule
+from ..schedule import COLUMN, NoiseSchedule, betas_problem
 
 __all__ = ["FastDDPMScheduler", "FastDDIMScheduler"]
+
+_log = logging.getLogger(__name__)
 
 _MEAN_TYPE = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
 _LOG_1E20 = math.log(1e-20)  # the parent's floor on the posterior variance, as a log
 
 
 class _Plan:
-    """A respaced schedule and the map original timestep -> its row (-1: not a step)."""
+    """A respaced schedule and the map original timestep -> its row (-1: the parent's step runs there)."""
 
-    def __init__(self, schedule: NoiseSchedule, rows: np.ndarray, final_t: int, ok: np.ndarray):
+    def __init__(self, schedule: NoiseSchedule, rows: np.ndarray, final_t: int, all_ok: bool):
         self.schedule = schedule
-        self.rows = rows  # int64 [T]: row of each original timestep in schedule, -1 if none
-        self.ok = ok  # bool [T]: the fused step reproduces the parent at this timestep
+        self.rows = rows  # int64 [T]: row in schedule of each timestep the fused step reproduces, else -1
         self.final_t = final_t  # original timestep of row 0
-        self.all_ok = bool(ok[rows >= 0].all()) if (rows >= 0).any() else True
+        self.all_ok = all_ok  # every step of the scheduler's loop is fused (per-sample tensors allowed)
         self._rows_dev: dict = {}
 
     def rows_on(self, device):
@@ -81,19 +83,45 @@ class _Plan:
         return r
 
 
+def _fusable_steps(steps, base: NoiseSchedule, mean_type):
+    """(steps the fused ops can take, whether that is all of them). Left to the parent: timesteps past
+    the betas (trained_betas shorter than num_train_timesteps) and, for an epsilon model, steps with
+    alphas_cumprod = 0 (zero terminal SNR: x_0 = (x_t - eps) / 0, where the parent returns inf / nan,
+    or a clipped value)."""
+    T = base.num_timesteps
+    abar = base.alphas_cumprod.numpy()
+    good = [t for t in steps if 0 <= t < T and not (mean_type == "epsilon" and abar[t] == 0.0)]
+    return good, len(good) == len(steps)
+
+
+_UNSET = object()
+
+
 class _FastMixin:
     """Shared by both schedulers: the float64 base schedule, the fused add_noise / get_velocity."""
 
     backend = "auto"  # the ddpm_fast backend of every op
     validate = None  # check per-sample timesteps on the host (None: for CPU tensors only, where it is free)
 
-    def _base_schedule(self) -> NoiseSchedule:
-        base = self.__dict__.get("_ddpm_fast_base")
-        if base is None:
-            # The parent's own float32 betas (its schedule, rescaling included), tables in float64.
-            base = NoiseSchedule(self.betas.detach().cpu().double())
+    def _base_schedule(self):
+        """The parent's own float32 betas (its schedule, rescaling included) as float64 tables; None when
+        a NoiseSchedule cannot hold them (a beta outside (0, 1]: diffusers runs those, so the parent does)."""
+        base = self.__dict__.get("_ddpm_fast_base", _UNSET)
+        if base is _UNSET:
+            betas = self.betas.detach().cpu().double()
+            problem = betas_problem(betas.numpy()) if betas.ndim == 1 and betas.numel() else "betas: empty"
+            base = None if problem else NoiseSchedule(betas)
             self.__dict__["_ddpm_fast_base"] = base
+            if problem:
+                self._say(problem)
         return base
+
+    def _say(self, reason):
+        """Log once per scheduler and reason, at debug level, that the parent's code runs."""
+        said = self.__dict__.setdefault("_ddpm_fast_said", set())
+        if reason not in said:
+            said.add(reason)
+            _log.debug("%s runs diffusers' own code where %s", type(self).__name__, reason)
 
     def _plan(self) -> _Plan:
         plan = self.__dict__.get("_ddpm_fast_plan")
@@ -106,55 +134,98 @@ class _FastMixin:
         self.__dict__.pop("_ddpm_fast_plan", None)
         return out
 
-    @staticmethod
-    def _timesteps_arg(timesteps, device):
+    def _noising_timesteps(self, timesteps, batch, device, T):
+        """timesteps as the fused q_sample takes them (an int, or an int64 tensor [B] or 0-dim), or None
+        where the parent must run: diffusers flattens the tensor and broadcasts it against the batch, so a
+        one-element tensor means every sample; values outside [0, T) (checked on the host where that is
+        free) and other shapes are the parent's."""
         if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
-            return int(timesteps)
+            t = int(timesteps)
+            return t if 0 <= t < T else None
         if not isinstance(timesteps, torch.Tensor):
-            timesteps = torch.as_tensor(timesteps)
-        return timesteps.to(device)
+            try:
+                timesteps = torch.as_tensor(timesteps)
+            except (TypeError, ValueError, RuntimeError):
+                return None
+        if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+            return None
+        n = timesteps.numel()
+        if n == 1:
+            t = timesteps.reshape(())
+        elif n == batch:
+            t = timesteps.reshape(batch)
+        else:
+            return None
+        if self.validate or (self.validate is None and t.device.type == "cpu"):  # a host read: free on the CPU
+            if n and (int(t.min()) < 0 or int(t.max()) >= T):
+                return None
+            if t.ndim == 0 and t.device.type == "cpu":
+                return int(t)
+        return t.to(device)
+
+    def _noising(self, parent, x, noise, timesteps, velocity):
+        base = self._base_schedule()
+        t = why = None
+        if base is None:
+            why = "betas outside (0, 1]"
+        elif not (isinstance(x, torch.Tensor) and isinstance(noise, torch.Tensor) and x.is_floating_point()
+                  and noise.is_floating_point() and x.ndim >= 1 and noise.shape == x.shape):
+            why = "inputs that are not two float tensors of one shape"
+        else:
+            t = self._noising_timesteps(timesteps, x.shape[0], x.device, base.num_timesteps)
+            if t is None:
+                why = "timesteps are not integers in range, one per sample or one for all"
+        if why is not None:
+            self._say(why)
+            return parent(x, noise, timesteps)
+        dtype = torch.promote_types(x.dtype, noise.dtype)  # the parent's result dtype
+        x, noise = x.to(dtype), noise.to(dtype)
+        if velocity:  # v = sqrt(abar) noise - sqrt(1 - abar) sample: q_sample of noise with -sample as its noise
+            return ops.q_sample(noise, t, -x, base, backend=self.backend, validate=False)
+        return ops.q_sample(x, t, noise, base, backend=self.backend, validate=False)
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise; float32 table whatever the dtype.
 
-        original_samples, noise: [B, ...]; timesteps: int tensor [B] (original timesteps)."""
-        if noise.dtype != original_samples.dtype:
-            noise = noise.to(original_samples.dtype)
-        t = self._timesteps_arg(timesteps, original_samples.device)
-        return ops.q_sample(original_samples, t, noise, self._base_schedule(), backend=self.backend,
-                            validate=self.validate)
+        original_samples, noise: [B, ...]; timesteps: int tensor [B], [1] or 0-dim (original timesteps)."""
+        return self._noising(super().add_noise, original_samples, noise, timesteps, velocity=False)
 
     def get_velocity(self, sample, noise, timesteps):
-        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (q_sample of noise with -sample as its noise)."""
-        if noise.dtype != sample.dtype:
-            noise = noise.to(sample.dtype)
-        t = self._timesteps_arg(timesteps, sample.device)
-        return ops.q_sample(noise, t, -sample, self._base_schedule(), backend=self.backend, validate=self.validate)
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample."""
+        return self._noising(super().get_velocity, sample, noise, timesteps, velocity=True)
 
     # -- step helpers --------------------------------------------------------------------------------
     def _rows(self, plan, timestep, batch, device):
-        """(row tensor [B] or None if the parent must run, draw-noise flag or None if unknown)."""
+        """(row tensor [B], draw-noise flag or None if unknown), or (None, None) where the parent must run.
+
+        A one-element tensor is one timestep for every sample (the parent's reading); an integer tensor
+        [B] is our extension (each sample at its own step). Anything else is the parent's to take."""
         T = plan.rows.shape[0]
-        if isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and timestep.device.type == "cpu":
-            timestep = int(timestep)  # a host value: free to read
+        if isinstance(timestep, torch.Tensor):
+            if timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool:
+                return None, None
+            if timestep.numel() == 1:
+                timestep = timestep.reshape(())
+                if timestep.device.type == "cpu":
+                    timestep = int(timestep)  # a host value: free to read
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             t = int(timestep)
-            if not 0 <= t < T or plan.rows[t] < 0 or not plan.ok[t]:
+            if not 0 <= t < T or plan.rows[t] < 0:
                 return None, None
             return torch.full((batch,), int(plan.rows[t]), dtype=torch.int64, device=device), t > 0
-        if not isinstance(timestep, torch.Tensor) or timestep.is_floating_point():
-            raise TypeError(f"timestep: expected an int or an integer tensor, got {timestep!r}")
+        if not isinstance(timestep, torch.Tensor):
+            return None, None
         if timestep.ndim == 0 and not plan.all_ok:
-            return None, None  # a scalar on the device in an inexpressible config: the parent's step
+            return None, None  # a scalar on the device in a partly fused config: the parent's step
         t = timestep.to(device=device, dtype=torch.int64)
         if t.ndim == 0:
             t = t.expand(batch)
         elif t.shape != (batch,):
-            raise ValueError(f"timestep: expected a scalar or shape ({batch},), got {tuple(t.shape)}")
+            return None, None  # the parent's (it raises for a tensor of several timesteps)
         if not plan.all_ok:
             raise ValueError(
-                "timestep: this scheduler's timestep spacing cannot be run as one fused per-sample step "
-                "(see FastDDIMScheduler's docstring); pass a scalar timestep"
+                "timestep: this scheduler's configuration cannot run every step as one fused per-sample step "
+                "(see docs/compatibility.md); pass one timestep for the batch"
             )
         if self.validate or (self.validate is None and device.type == "cpu"):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
@@ -164,6 +235,17 @@ class _FastMixin:
                 raise ValueError(f"timestep: every value must be one of self.timesteps, got {t.tolist()}")
             return rows, None
         return plan.rows_on(device)[t.clamp(0, T - 1)], None
+
+    def _inputs_why(self, model_output, sample):
+        """Why the parent must run for these tensors, or None."""
+        if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)):
+            return "inputs that are not tensors"
+        if not sample.is_floating_point() or model_output.dtype != sample.dtype or sample.ndim < 2:
+            return "model_output and sample of different dtypes (the parent promotes), or not float [B, C, ...]"
+        if self.config.thresholding and not (self.config.sample_max_value >= 1
+                                             and 0 < self.config.dynamic_thresholding_ratio <= 1):
+            return "thresholding with sample_max_value < 1 or a ratio outside (0, 1]"
+        return None
 
     @staticmethod
     def _noise(shape, generator, device, dtype, like):
@@ -180,39 +262,55 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
     def _make_plan(self) -> _Plan:
         base = self._base_schedule()
         T = base.num_timesteps
-        ok = np.ones(T, dtype=bool)
+        mean_type = _MEAN_TYPE.get(self.config.prediction_type)
         if self.custom_timesteps or self.num_inference_steps:
-            keep = sorted(set(int(v) for v in self.timesteps.cpu().tolist()))  # once, at set-up
-            schedule = base.respace(keep)
-            rows = np.full(T, -1, dtype=np.int64)
-            rows[keep] = np.arange(len(keep))
-            return _Plan(schedule, rows, keep[0], ok)
-        return _Plan(base, np.arange(T, dtype=np.int64), 0, ok)
+            steps = sorted(set(int(v) for v in self.timesteps.cpu().tolist()))  # once, at set-up
+        else:
+            steps = list(range(T))
+        keep, all_ok = _fusable_steps(steps, base, mean_type)
+        rows = np.full(T, -1, dtype=np.int64)
+        if not keep:
+            return _Plan(base, rows, 0, False)
+        rows[keep] = np.arange(len(keep))
+        if keep == list(range(T)):
+            return _Plan(base, rows, 0, all_ok)
+        return _Plan(base.respace(keep), rows, keep[0], all_ok)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """x_t -> x_{t_prev}. model_output: [B, C, ...] (or [B, 2C, ...] for learned variances);
         timestep: int, 0-dim tensor or per-sample int tensor [B]; sample: [B, C, ...]."""
-        var = self.config.variance_type
+        var = self.variance_type  # what the parent's step reads (its _get_variance reads the config)
         mean_type = _MEAN_TYPE.get(self.config.prediction_type)
         thresholding = bool(self.config.thresholding)
-        if var == "fixed_large_log" or mean_type is None or (thresholding and self.config.sample_max_value < 1):
+        why = self._inputs_why(model_output, sample)
+        if why is None:
+            learned = var in ("learned", "learned_range")
+            if self._base_schedule() is None:
+                why = "betas outside (0, 1]"
+            elif var != self.config.variance_type or var == "fixed_large_log":
+                why = "variance_type 'fixed_large_log' (the parent takes sqrt(log beta)) or changed after set-up"
+            elif mean_type is None:
+                why = "an unknown prediction_type"
+            elif model_output.shape != ((sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]) if learned
+                                        else sample.shape):
+                why = "a model_output without the variance half (or of another shape)"
+        rows = None
+        if why is None:
+            plan = self._plan()
+            B, C = sample.shape[0], sample.shape[1]
+            rows, draw = self._rows(plan, timestep, B, sample.device)
+            if rows is None:
+                why = "a timestep the fused step does not take (see docs/compatibility.md)"
+        if why is not None:
+            self._say(why)
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        plan = self._plan()
-        B, C = sample.shape[0], sample.shape[1]
-        rows, draw = self._rows(plan, timestep, B, sample.device)
-        if rows is None:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        learned = var in ("learned", "learned_range")
-        if learned and model_output.shape[1] != 2 * C:
-            raise ValueError(f"model_output: variance_type={var!r} needs {2 * C} channels (mean and variance), "
-                             f"got shape {tuple(model_output.shape)}")
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
         var_part = model_output[:, C:] if learned else None
         if var == "learned":
             # diffusers' "learned" output is the variance itself; the op's is its log.
             model_output = torch.cat([model_output[:, :C], torch.log(var_part)], dim=1)
-        op_var = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"}.get(var, var)
+        # fixed_small_log: the parent's std is exp(0.5 log var), i.e. fixed_small's; an unknown variance_type
+        # falls through every branch of the parent's _get_variance: fixed_small too.
+        op_var = var if var in ("fixed_large", "learned", "learned_range") else "fixed_small"
         r = float(self.config.clip_sample_range)
         clip_in_op = bool(self.config.clip_sample) and not thresholding and r == 1.0
         noise = None
@@ -245,7 +343,7 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
             # the posterior variance is 0, floored at 1e-20); the respaced row 0 adds none.
             last = (rows == 0).reshape(shape)
             log_beta = table[rows, COLUMN["log_betas"]].reshape(last.shape)
-            if var in ("fixed_small", "fixed_small_log"):
+            if op_var == "fixed_small":
                 log_var = torch.full_like(log_beta, _LOG_1E20)
             elif var == "fixed_large":
                 log_var = log_beta
@@ -270,8 +368,9 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
     def _make_plan(self) -> _Plan:
         base = self._base_schedule()
         T = base.num_timesteps
-        ratio = T // self.num_inference_steps
-        ts = sorted(set(int(v) for v in self.timesteps.cpu().tolist()))  # once, at set-up
+        ratio = self.config.num_train_timesteps // self.num_inference_steps  # the parent's step size
+        steps = sorted(set(int(v) for v in self.timesteps.cpu().tolist()))  # once, at set-up
+        ts, all_ok = _fusable_steps(steps, base, _MEAN_TYPE.get(self.config.prediction_type))
         one = bool(self.config.set_alpha_to_one)
         keep = set(ts)
         for t in ts:
@@ -282,19 +381,22 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
         keep = sorted(keep)
         rows = np.full(T, -1, dtype=np.int64)
         rows[keep] = np.arange(len(keep))
-        ok = np.zeros(T, dtype=bool)
+        rows_steps = np.full(T, -1, dtype=np.int64)
         for t in ts:
             i = rows[t]
             pred = keep[i - 1] if i > 0 else None  # the step the fused op goes to
             if t - ratio >= 0:
-                ok[t] = pred == t - ratio
+                ok = pred == t - ratio
             elif one:
-                ok[t] = pred is None
+                ok = pred is None
             else:
-                ok[t] = t > 0 and pred == 0
-        rows_steps = np.full(T, -1, dtype=np.int64)
-        rows_steps[ts] = rows[ts]
-        return _Plan(base.respace(keep), rows_steps, keep[0], ok)
+                ok = t > 0 and pred == 0
+            if ok:
+                rows_steps[t] = i
+            all_ok = all_ok and ok
+        if not keep:
+            return _Plan(base, rows_steps, 0, False)
+        return _Plan(base.respace(keep), rows_steps, keep[0], all_ok)
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
@@ -306,14 +408,34 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
         mean_type = _MEAN_TYPE.get(self.config.prediction_type)
         thresholding = bool(self.config.thresholding)
         args = (model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict)
-        if mean_type is None or (thresholding and self.config.sample_max_value < 1):
+        why = self._inputs_why(model_output, sample)
+        if why is None:
+            try:
+                eta_f = float(eta)
+            except (TypeError, ValueError, RuntimeError):
+                eta_f = float("nan")
+            if self._base_schedule() is None:
+                why = "betas outside (0, 1]"
+            elif mean_type is None:
+                why = "an unknown prediction_type"
+            elif model_output.shape != sample.shape:
+                why = "a model_output of another shape than sample"
+            elif not eta_f >= 0:
+                why = "eta < 0 (the parent adds no noise and shrinks the direction term)"
+            elif eta_f > 0 and variance_noise is not None and (
+                    not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != sample.shape
+                    or variance_noise.dtype != sample.dtype):
+                why = "a variance_noise of another shape or dtype than sample"
+        rows = None
+        if why is None:
+            plan = self._plan()
+            rows, _ = self._rows(plan, timestep, sample.shape[0], sample.device)
+            if rows is None:
+                why = "a timestep the fused step does not take (see docs/compatibility.md)"
+        if why is not None:
+            self._say(why)
             return super().step(*args)
-        plan = self._plan()
-        rows, _ = self._rows(plan, timestep, sample.shape[0], sample.device)
-        if rows is None:
-            return super().step(*args)
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
+        eta = eta_f
         noise = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
@@ -324,8 +446,6 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             noise = variance_noise
             if noise is None:
                 noise = self._noise(model_output.shape, generator, model_output.device, model_output.dtype, sample)
-            elif noise.dtype != sample.dtype:
-                noise = noise.to(sample.dtype)
         r = float(self.config.clip_sample_range)
         clipping = thresholding or bool(self.config.clip_sample)
         if not clipping or (use_clipped_model_output and (thresholding or r == 1.0)):
