@@ -236,6 +236,15 @@ class _FastMixin:
             return rows, None
         return plan.rows_on(device)[t.clamp(0, T - 1)], None
 
+    @staticmethod
+    def _per_sample(timestep):
+        """The parent cannot take several timesteps: say so in one ValueError instead of its obscure one."""
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
+            raise ValueError(
+                "timestep: per-sample timesteps (one per sample) run only on the fused path, and this call "
+                "takes diffusers' own code (see docs/compatibility.md); pass one timestep for the batch"
+            )
+
     def _inputs_why(self, model_output, sample):
         """Why the parent must run for these tensors, or None."""
         if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)):
@@ -303,6 +312,7 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
                 why = "a timestep the fused step does not take (see docs/compatibility.md)"
         if why is not None:
             self._say(why)
+            self._per_sample(timestep)
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         var_part = model_output[:, C:] if learned else None
         if var == "learned":
@@ -434,6 +444,7 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                 why = "a timestep the fused step does not take (see docs/compatibility.md)"
         if why is not None:
             self._say(why)
+            self._per_sample(timestep)
             return super().step(*args)
         eta = eta_f
         noise = None
