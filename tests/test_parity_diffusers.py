@@ -396,3 +396,17 @@ def test_parent_behaviours_kept():
         a.step(mo, 5, x)
     with pytest.raises(IndexError):
         b.step(mo, 5, x)
+
+
+def test_timesteps_assigned_after_set_up():
+    """A pipeline may assign a slice of self.timesteps (img2img): the parent's DDPM then steps to the next
+    entry of the new tensor, and its last entry to t = -1; ours follows."""
+    a, b, g = make(DDPMScheduler, FastDDPMScheduler, {"clip_sample": False}, {"timestep_spacing": "leading"})
+    x, mo = torch.randn(B, C, 4, 4), torch.randn(B, C, 4, 4)
+    b.step(mo, a.timesteps[0], x)  # plan built from the full tensor
+    for s in (a, b, g):
+        s.timesteps = s.timesteps[:4]  # ends at t > 0: that step goes to abar_prev = 1
+    t = a.timesteps[-1]
+    kw = lambda: {"generator": torch.Generator().manual_seed(0)}  # noqa: E731
+    check(b.step(mo, t, x, **kw()).prev_sample, a.step(mo, t, x, **kw()).prev_sample,
+          g.step(mo.double(), t, x.double(), **kw()).prev_sample, "assigned timesteps")

@@ -74,6 +74,7 @@ class _Plan:
         self.rows = rows  # int64 [T]: row in schedule of each timestep the fused step reproduces, else -1
         self.final_t = final_t  # original timestep of row 0
         self.all_ok = all_ok  # every step of the scheduler's loop is fused (per-sample tensors allowed)
+        self.source = None  # the self.timesteps tensor the plan was built from
         self._rows_dev: dict = {}
 
     def rows_on(self, device):
@@ -125,8 +126,11 @@ class _FastMixin:
 
     def _plan(self) -> _Plan:
         plan = self.__dict__.get("_ddpm_fast_plan")
-        if plan is None:
+        # Rebuilt when self.timesteps is another tensor (a pipeline may assign a slice of it): the parent
+        # reads self.timesteps at every step. An identity check, no host read.
+        if plan is None or plan.source is not self.timesteps:
             plan = self.__dict__["_ddpm_fast_plan"] = self._make_plan()
+            plan.source = self.timesteps
         return plan
 
     def set_timesteps(self, *args, **kwargs):
