@@ -227,6 +227,9 @@ class GaussianDiffusion:
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return ops.predict_xstart(eps, x_t, t, self.schedule, mean_type="epsilon", **self._bk())
 
+    def _predict_xstart_from_xprev(self, x_t, t, xprev):
+        return ops.predict_xstart(xprev, x_t, t, self.schedule, mean_type="x_prev", **self._bk())
+
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         # Not an op: eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1) from the device table.
         return ((self._col("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)

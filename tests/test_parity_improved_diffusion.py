@@ -256,6 +256,14 @@ def test_methods_sweep():
                          *[orc.ddim_reverse(mod, xt, t, clip, d) for d in run.keys()])):
                     for k in ("sample", "pred_xstart"):
                         check(a[k], r32[k], r64[k], dtype, f"{what} {name} {k}")
+                for name, a, fn in (("_predict_xstart_from_eps", ours._predict_xstart_from_eps, "sqrt_recip"),
+                                    ("_predict_xstart_from_xprev", ours._predict_xstart_from_xprev, "inv_c1")):
+                    m = mod[:, :x0.shape[1]]
+                    other = "sqrt_recipm1" if fn == "sqrt_recip" else "c2_c1"
+                    r32, r64 = (orc.ex(fn, t, xt, d) * (m if fn == "inv_c1" else xt).to(d)
+                                - orc.ex(other, t, xt, d) * (xt if fn == "inv_c1" else m).to(d)
+                                for d in (torch.float32, torch.float64))
+                    check(a(xt, t, m), r32, r64, dtype, f"{what} {name}")
                 vb = ours._vb_terms_bpd(Fixed(mod), x0d, xt, t, clip_denoised=clip)["output"]
                 check(vb, orc.vb(mod, x0d, xt, t, clip, torch.float32), orc.vb(mod, x0d, xt, t, clip, torch.float64),
                       dtype, what + " vb_terms_bpd")
