@@ -410,3 +410,19 @@ def test_timesteps_assigned_after_set_up():
     kw = lambda: {"generator": torch.Generator().manual_seed(0)}  # noqa: E731
     check(b.step(mo, t, x, **kw()).prev_sample, a.step(mo, t, x, **kw()).prev_sample,
           g.step(mo.double(), t, x.double(), **kw()).prev_sample, "assigned timesteps")
+
+
+def test_learned_variance_without_its_half_and_the_debug_note(caplog):
+    """A learned variance type given only the mean half: the parent runs at t = 0 (no variance read) and
+    raises at t > 0; so do we, its code. The switch to the parent's code is logged once, at debug level."""
+    x, mo = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    a, b = DDPMScheduler(variance_type="learned_range"), FastDDPMScheduler(variance_type="learned_range")
+    with caplog.at_level("DEBUG", logger="ddpm_fast.compat.diffusers"):
+        for _ in range(3):
+            torch.testing.assert_close(b.step(mo, 0, x).prev_sample, a.step(mo, 0, x).prev_sample)
+    notes = [r for r in caplog.records if r.name == "ddpm_fast.compat.diffusers"]
+    assert len(notes) == 1 and "variance half" in notes[0].getMessage()
+    with pytest.raises(TypeError):
+        a.step(mo, 5, x)
+    with pytest.raises(TypeError):
+        b.step(mo, 5, x)

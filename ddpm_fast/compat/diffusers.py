@@ -16,23 +16,23 @@ the same variance noise: the same ``generator`` draws the same noise) but:
 diffusers' timestep conventions are kept: DDPM steps to the next entry of ``self.timesteps``
 (t - 1 before ``set_timesteps``); DDIM steps to t - T // num_inference_steps, with
 ``final_alpha_cumprod`` (``set_alpha_to_one``) below 0. ``set_timesteps`` builds the respaced
-table once on the host.
+table once on the host (at the first step after it; rebuilt if ``self.timesteps`` is reassigned).
 
-Where the fused ops cannot express the parent exactly, ``step`` calls the parent (same result,
-parent speed):
-- DDPM ``variance_type="fixed_large_log"`` (the parent takes sqrt(log beta): NaN for t > 0);
-- a DDIM step t -> t - T // n that is not a step of one respaced process: with diffusers' spacings
-  (whose steps are at least T // n apart) only ``set_alpha_to_one=False`` with a final step at t = 0
-  (e.g. "leading" without steps_offset, "linspace"), where the parent steps from abar_0 to abar_0;
-  per-sample timesteps then raise ValueError;
-- ``thresholding`` with ``sample_max_value < 1``; a scalar timestep that is not in ``self.timesteps``
-  (after ``set_timesteps``) or out of range.
-Partly fused (ops plus a few elementwise torch ops on the device table; still no sync), because the
-ops have no option for it yet: DDIM with clipping or thresholding and use_clipped_model_output=False
-(diffusers' default: clipped x0 but the model's own eps) or clip_sample_range != 1; DDPM with
-clip_sample_range != 1; a DDPM last step whose t > 0 (steps_offset, "trailing"), where the parent
-still adds noise. DDPM variance_type="learned" (diffusers: the variance itself) is passed to the op
-as its log.
+A drop-in class never raises where its parent does not: where a configuration, schedule, timestep or
+input is outside what the fused ops express, the call runs the parent's own code (same result, parent
+speed), logged once per reason at debug level. docs/compatibility.md lists, for every parent method and
+option, whether it is fused, partly fused, the parent's path, or differs (and why). In short:
+- parent's path: DDPM ``variance_type="fixed_large_log"``; betas outside (0, 1] (diffusers runs them);
+  an epsilon model at a step where alphas_cumprod = 0 (zero terminal SNR); ``thresholding`` with
+  ``sample_max_value < 1``; DDIM ``eta < 0``; a DDIM step that is not one step of one respaced process
+  (``set_alpha_to_one=False`` with a last step at t = 0); a timestep not in ``self.timesteps`` or out of
+  range; model_output / sample of different dtypes; add_noise timesteps that are neither one per sample
+  nor one for all. Per-sample timestep tensors (our extension) raise ValueError on such calls.
+- partly fused (fused ops plus a few elementwise torch ops on the device table; still no sync): DDIM
+  with clipping or thresholding and use_clipped_model_output=False (diffusers' default) or
+  clip_sample_range != 1; DDPM with clip_sample_range != 1; a DDPM last step whose t > 0.
+- an unknown ``variance_type`` is the parent's fall-through, fixed_small; "learned" (the variance itself)
+  is passed to the op as its log.
 Differences: a per-sample or CUDA timestep tensor draws the DDPM variance noise even at t = 0 (the
 parent draws none there; the result is the same, the generator advances once more); elementwise
 math is float32 for 16-bit inputs (more accurate than the parent's 16-bit arithmetic).
