@@ -410,7 +410,18 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             all_ok = all_ok and ok
         if not keep:
             return _Plan(base, rows_steps, 0, False)
-        return _Plan(base.respace(keep), rows_steps, keep[0], all_ok)
+        plan = _Plan(base.respace(keep), rows_steps, keep[0], all_ok)
+        # Steps where diffusers' default clipping (clipped x0, the model's eps) runs as one fused step plus
+        # a swap of x0 (see step): the swap cancels sqrt(abar_prev) x0 against itself, a rounding of size
+        # sqrt(abar_prev / abar) |x_t - sqrt(1 - abar) eps|; kept where that ratio is <= 2 (all but the last
+        # steps of schedules whose abar collapses, e.g. cosine at t = T - 1).
+        ab, abp = plan.schedule.alphas_cumprod.numpy(), plan.schedule.alphas_cumprod_prev.numpy()
+        swap = np.zeros(T, dtype=bool)
+        good = rows_steps >= 0
+        swap[good] = abp[rows_steps[good]] <= 4.0 * ab[rows_steps[good]]
+        plan.swap = swap
+        plan.swap_all = bool(swap[good].all()) if good.any() else False
+        return plan
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
@@ -472,15 +483,39 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                 validate=False,
             )
             prev, pred = out["sample"], out["pred_xstart"]
+        elif not use_clipped_model_output and self._swap_ok(plan, timestep):
+            # diffusers' default: x0 clipped (or thresholded) but the model's own eps in the direction term.
+            # ops.ddim_step re-derives eps from the clipped x0 when it clips, so: one fused unclipped step
+            # (the parent's update with the unclipped x0), then swap x0 for the clipped x0 in its first term:
+            # prev = prev_unclipped + sqrt(abar_prev) (x0_clipped - x0). Three elementwise ops, no sync.
+            out = ops.ddim_step(model_output, sample, rows, plan.schedule, eta=float(eta), mean_type=mean_type,
+                                clip_denoised=False, noise=noise, backend=self.backend, validate=False)
+            raw = out["pred_xstart"]
+            pred = self._threshold_sample(raw) if thresholding else raw.clamp(-r, r)
+            coef = plan.schedule.table(sample.device)[rows, COLUMN["sqrt_alphas_cumprod_prev"]]
+            coef = coef.reshape(-1, *([1] * (sample.ndim - 1)))
+            if sample.dtype == torch.float32:
+                prev = torch.addcmul(out["sample"], coef, pred - raw)
+            else:
+                prev = torch.addcmul(out["sample"].float(), coef.to(torch.promote_types(coef.dtype, sample.dtype)),
+                                     pred.float() - raw.float()).to(sample.dtype)
         else:
-            # diffusers' default (clip x0 but keep the model's eps) or clipping to [-r, r]: ops.ddim_step
-            # always re-derives eps from the clipped x0, so: the fused x0 prediction, then the update
+            # use_clipped_model_output with clip_sample_range != 1, or a step where the swap above would lose
+            # precision: the fused x0 prediction, then the update
             # from the float32 device table (a few elementwise ops; no sync).
             prev, pred = self._ddim_unfused(model_output, sample, rows, plan, mean_type, float(eta), noise,
                                             use_clipped_model_output, thresholding, r)
         if not return_dict:
             return (prev, pred)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+
+    @staticmethod
+    def _swap_ok(plan, timestep):
+        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep.device.type == "cpu":
+            timestep = int(timestep)
+        if isinstance(timestep, (int, np.integer)):
+            return bool(plan.swap[int(timestep)])
+        return plan.swap_all
 
     def _ddim_unfused(self, model_output, sample, rows, plan, mean_type, eta, noise, use_clipped, thresholding, r):
         raw = ops.predict_xstart(model_output, sample, rows, plan.schedule, mean_type=mean_type,
