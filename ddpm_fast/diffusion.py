@@ -211,6 +211,10 @@ class GaussianDiffusion:
             out["pred_xstart"] = pred
             if self.mean_type != "x_prev":
                 out["mean"] = ops.q_posterior(pred, x, t, self.schedule, **self._bk())[0]
+        if self.var_type == "fixed_small":
+            # improved-diffusion's fixed_small variance is the posterior variance itself (0 at t = 0);
+            # only its log is clipped. The op returns exp(clipped log variance): correct t = 0 from the table.
+            out["variance"] = self._col("posterior_variance", t, x).to(out["variance"].dtype)
         out["variance"] = self._full(out["variance"], x)
         out["log_variance"] = self._full(out["log_variance"], x)
         return out
@@ -222,6 +226,9 @@ class GaussianDiffusion:
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return ops.predict_xstart(eps, x_t, t, self.schedule, mean_type="epsilon", **self._bk())
+
+    def _predict_xstart_from_xprev(self, x_t, t, xprev):
+        return ops.predict_xstart(xprev, x_t, t, self.schedule, mean_type="x_prev", **self._bk())
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         # Not an op: eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1) from the device table.
@@ -306,12 +313,15 @@ class GaussianDiffusion:
         """
         if eta != 0.0:
             raise ValueError(f"eta: the reverse ODE is only defined for eta = 0, got {eta}")
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   model_kwargs=model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        abar_next = self._col("alphas_cumprod_next", t, x)
+        model_output = self._run_model(model, x, t, model_kwargs)
+        # 16-bit inputs: x0, eps and the update in float32 (eps = (x / sqrt(abar) - x0) / sqrt(1/abar - 1)
+        # would amplify a 16-bit rounding of x0 by 1 / sqrt(1/abar - 1), ~100x at t = 0), rounded once.
+        xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        out = self._p_mean_variance_from_output(model_output.to(xc.dtype), xc, t, clip_denoised, denoised_fn)
+        eps = self._predict_eps_from_xstart(xc, t, out["pred_xstart"])
+        abar_next = self._col("alphas_cumprod_next", t, xc)
         sample = out["pred_xstart"] * torch.sqrt(abar_next) + torch.sqrt(1 - abar_next) * eps
-        return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"]}
+        return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"].to(x.dtype)}
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
                          device=None, progress=False, eta=0.0):

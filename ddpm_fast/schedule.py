@@ -84,10 +84,23 @@ def _check_betas(betas) -> np.ndarray:
         raise ValueError(f"betas: expected a 1-D array, got shape {tuple(arr.shape)}")
     if arr.size == 0:
         raise ValueError("betas: expected at least one timestep, got an empty array")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0.0) or np.any(arr > 1.0):
-        bad = arr[~(np.isfinite(arr) & (arr > 0.0) & (arr <= 1.0))][:3]
-        raise ValueError(f"betas: every beta must be in (0, 1], found {bad.tolist()}")
+    problem = betas_problem(arr)
+    if problem is not None:
+        raise ValueError(problem)
     return arr
+
+
+def betas_problem(betas) -> str | None:
+    """Why ``betas`` cannot make a NoiseSchedule (each must be finite and in (0, 1]), or None if it can.
+
+    Never raises on a 1-D array of numbers: the diffusers compat schedulers ask it before building
+    a schedule, and run the parent's own code for betas it rejects (diffusers accepts any betas).
+    """
+    arr = np.asarray(betas, dtype=np.float64)
+    ok = np.isfinite(arr) & (arr > 0.0) & (arr <= 1.0)
+    if ok.all():
+        return None
+    return f"betas: every beta must be in (0, 1], found {arr[~ok][:3].tolist()}"
 
 
 class NoiseSchedule:

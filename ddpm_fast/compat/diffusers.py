@@ -16,29 +16,30 @@ the same variance noise: the same ``generator`` draws the same noise) but:
 diffusers' timestep conventions are kept: DDPM steps to the next entry of ``self.timesteps``
 (t - 1 before ``set_timesteps``); DDIM steps to t - T // num_inference_steps, with
 ``final_alpha_cumprod`` (``set_alpha_to_one``) below 0. ``set_timesteps`` builds the respaced
-table once on the host.
+table once on the host (at the first step after it; rebuilt if ``self.timesteps`` is reassigned).
 
-Where the fused ops cannot express the parent exactly, ``step`` calls the parent (same result,
-parent speed):
-- DDPM ``variance_type="fixed_large_log"`` (the parent takes sqrt(log beta): NaN for t > 0);
-- a DDIM step t -> t - T // n that is not a step of one respaced process: with diffusers' spacings
-  (whose steps are at least T // n apart) only ``set_alpha_to_one=False`` with a final step at t = 0
-  (e.g. "leading" without steps_offset, "linspace"), where the parent steps from abar_0 to abar_0;
-  per-sample timesteps then raise ValueError;
-- ``thresholding`` with ``sample_max_value < 1``; a scalar timestep that is not in ``self.timesteps``
-  (after ``set_timesteps``) or out of range.
-Partly fused (ops plus a few elementwise torch ops on the device table; still no sync), because the
-ops have no option for it yet: DDIM with clipping or thresholding and use_clipped_model_output=False
-(diffusers' default: clipped x0 but the model's own eps) or clip_sample_range != 1; DDPM with
-clip_sample_range != 1; a DDPM last step whose t > 0 (steps_offset, "trailing"), where the parent
-still adds noise. DDPM variance_type="learned" (diffusers: the variance itself) is passed to the op
-as its log.
+A drop-in class never raises where its parent does not: where a configuration, schedule, timestep or
+input is outside what the fused ops express, the call runs the parent's own code (same result, parent
+speed), logged once per reason at debug level. docs/compatibility.md lists, for every parent method and
+option, whether it is fused, partly fused, the parent's path, or differs (and why). In short:
+- parent's path: DDPM ``variance_type="fixed_large_log"``; betas outside (0, 1] (diffusers runs them);
+  an epsilon model at a step where alphas_cumprod = 0 (zero terminal SNR); ``thresholding`` with
+  ``sample_max_value < 1``; DDIM ``eta < 0``; a DDIM step that is not one step of one respaced process
+  (``set_alpha_to_one=False`` with a last step at t = 0); a timestep not in ``self.timesteps`` or out of
+  range; model_output / sample of different dtypes; add_noise timesteps that are neither one per sample
+  nor one for all. Per-sample timestep tensors (our extension) raise ValueError on such calls.
+- partly fused (fused ops plus a few elementwise torch ops on the device table; still no sync): DDIM
+  with clipping or thresholding and use_clipped_model_output=False (diffusers' default) or
+  clip_sample_range != 1; DDPM with clip_sample_range != 1; a DDPM last step whose t > 0.
+- an unknown ``variance_type`` is the parent's fall-through, fixed_small; "learned" (the variance itself)
+  is passed to the op as its log.
 Differences: a per-sample or CUDA timestep tensor draws the DDPM variance noise even at t = 0 (the
 parent draws none there; the result is the same, the generator advances once more); elementwise
 math is float32 for 16-bit inputs (more accurate than the parent's 16-bit arithmetic).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -55,23 +56,25 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
     ) from exc
 
 from .. import ops
-from ..schedule import COLUMN, NoiseSchedule
+from ..schedule import COLUMN, NoiseSchedule, betas_problem
 
 __all__ = ["FastDDPMScheduler", "FastDDIMScheduler"]
+
+_log = logging.getLogger(__name__)
 
 _MEAN_TYPE = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
 _LOG_1E20 = math.log(1e-20)  # the parent's floor on the posterior variance, as a log
 
 
 class _Plan:
-    """A respaced schedule and the map original timestep -> its row (-1: not a step)."""
+    """A respaced schedule and the map original timestep -> its row (-1: the parent's step runs there)."""
 
-    def __init__(self, schedule: NoiseSchedule, rows: np.ndarray, final_t: int, ok: np.ndarray):
+    def __init__(self, schedule: NoiseSchedule, rows: np.ndarray, final_t: int, all_ok: bool):
         self.schedule = schedule
-        self.rows = rows  # int64 [T]: row of each original timestep in schedule, -1 if none
-        self.ok = ok  # bool [T]: the fused step reproduces the parent at this timestep
+        self.rows = rows  # int64 [T]: row in schedule of each timestep the fused step reproduces, else -1
         self.final_t = final_t  # original timestep of row 0
-        self.all_ok = bool(ok[rows >= 0].all()) if (rows >= 0).any() else True
+        self.all_ok = all_ok  # every step of the scheduler's loop is fused (per-sample tensors allowed)
+        self.source = None  # the self.timesteps tensor the plan was built from
         self._rows_dev: dict = {}
 
     def rows_on(self, device):
@@ -81,24 +84,53 @@ class _Plan:
         return r
 
 
+def _fusable_steps(steps, base: NoiseSchedule, mean_type):
+    """(steps the fused ops can take, whether that is all of them). Left to the parent: timesteps past
+    the betas (trained_betas shorter than num_train_timesteps) and, for an epsilon model, steps with
+    alphas_cumprod = 0 (zero terminal SNR: x_0 = (x_t - eps) / 0, where the parent returns inf / nan,
+    or a clipped value)."""
+    T = base.num_timesteps
+    abar = base.alphas_cumprod.numpy()
+    good = [t for t in steps if 0 <= t < T and not (mean_type == "epsilon" and abar[t] == 0.0)]
+    return good, len(good) == len(steps)
+
+
+_UNSET = object()
+
+
 class _FastMixin:
     """Shared by both schedulers: the float64 base schedule, the fused add_noise / get_velocity."""
 
     backend = "auto"  # the ddpm_fast backend of every op
     validate = None  # check per-sample timesteps on the host (None: for CPU tensors only, where it is free)
 
-    def _base_schedule(self) -> NoiseSchedule:
-        base = self.__dict__.get("_ddpm_fast_base")
-        if base is None:
-            # The parent's own float32 betas (its schedule, rescaling included), tables in float64.
-            base = NoiseSchedule(self.betas.detach().cpu().double())
+    def _base_schedule(self):
+        """The parent's own float32 betas (its schedule, rescaling included) as float64 tables; None when
+        a NoiseSchedule cannot hold them (a beta outside (0, 1]: diffusers runs those, so the parent does)."""
+        base = self.__dict__.get("_ddpm_fast_base", _UNSET)
+        if base is _UNSET:
+            betas = self.betas.detach().cpu().double()
+            problem = betas_problem(betas.numpy()) if betas.ndim == 1 and betas.numel() else "betas: empty"
+            base = None if problem else NoiseSchedule(betas)
             self.__dict__["_ddpm_fast_base"] = base
+            if problem:
+                self._say(problem)
         return base
+
+    def _say(self, reason):
+        """Log once per scheduler and reason, at debug level, that the parent's code runs."""
+        said = self.__dict__.setdefault("_ddpm_fast_said", set())
+        if reason not in said:
+            said.add(reason)
+            _log.debug("%s runs diffusers' own code where %s", type(self).__name__, reason)
 
     def _plan(self) -> _Plan:
         plan = self.__dict__.get("_ddpm_fast_plan")
-        if plan is None:
+        # Rebuilt when self.timesteps is another tensor (a pipeline may assign a slice of it): the parent
+        # reads self.timesteps at every step. An identity check, no host read.
+        if plan is None or plan.source is not self.timesteps:
             plan = self.__dict__["_ddpm_fast_plan"] = self._make_plan()
+            plan.source = self.timesteps
         return plan
 
     def set_timesteps(self, *args, **kwargs):
@@ -106,55 +138,98 @@ class _FastMixin:
         self.__dict__.pop("_ddpm_fast_plan", None)
         return out
 
-    @staticmethod
-    def _timesteps_arg(timesteps, device):
+    def _noising_timesteps(self, timesteps, batch, device, T):
+        """timesteps as the fused q_sample takes them (an int, or an int64 tensor [B] or 0-dim), or None
+        where the parent must run: diffusers flattens the tensor and broadcasts it against the batch, so a
+        one-element tensor means every sample; values outside [0, T) (checked on the host where that is
+        free) and other shapes are the parent's."""
         if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
-            return int(timesteps)
+            t = int(timesteps)
+            return t if 0 <= t < T else None
         if not isinstance(timesteps, torch.Tensor):
-            timesteps = torch.as_tensor(timesteps)
-        return timesteps.to(device)
+            try:
+                timesteps = torch.as_tensor(timesteps)
+            except (TypeError, ValueError, RuntimeError):
+                return None
+        if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+            return None
+        n = timesteps.numel()
+        if n == 1:
+            t = timesteps.reshape(())
+        elif n == batch:
+            t = timesteps.reshape(batch)
+        else:
+            return None
+        if self.validate or (self.validate is None and t.device.type == "cpu"):  # a host read: free on the CPU
+            if n and (int(t.min()) < 0 or int(t.max()) >= T):
+                return None
+            if t.ndim == 0 and t.device.type == "cpu":
+                return int(t)
+        return t.to(device)
+
+    def _noising(self, parent, x, noise, timesteps, velocity):
+        base = self._base_schedule()
+        t = why = None
+        if base is None:
+            why = "betas outside (0, 1]"
+        elif not (isinstance(x, torch.Tensor) and isinstance(noise, torch.Tensor) and x.is_floating_point()
+                  and noise.is_floating_point() and x.ndim >= 1 and noise.shape == x.shape):
+            why = "inputs that are not two float tensors of one shape"
+        else:
+            t = self._noising_timesteps(timesteps, x.shape[0], x.device, base.num_timesteps)
+            if t is None:
+                why = "timesteps are not integers in range, one per sample or one for all"
+        if why is not None:
+            self._say(why)
+            return parent(x, noise, timesteps)
+        dtype = torch.promote_types(x.dtype, noise.dtype)  # the parent's result dtype
+        x, noise = x.to(dtype), noise.to(dtype)
+        if velocity:  # v = sqrt(abar) noise - sqrt(1 - abar) sample: q_sample of noise with -sample as its noise
+            return ops.q_sample(noise, t, -x, base, backend=self.backend, validate=False)
+        return ops.q_sample(x, t, noise, base, backend=self.backend, validate=False)
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise; float32 table whatever the dtype.
 
-        original_samples, noise: [B, ...]; timesteps: int tensor [B] (original timesteps)."""
-        if noise.dtype != original_samples.dtype:
-            noise = noise.to(original_samples.dtype)
-        t = self._timesteps_arg(timesteps, original_samples.device)
-        return ops.q_sample(original_samples, t, noise, self._base_schedule(), backend=self.backend,
-                            validate=self.validate)
+        original_samples, noise: [B, ...]; timesteps: int tensor [B], [1] or 0-dim (original timesteps)."""
+        return self._noising(super().add_noise, original_samples, noise, timesteps, velocity=False)
 
     def get_velocity(self, sample, noise, timesteps):
-        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (q_sample of noise with -sample as its noise)."""
-        if noise.dtype != sample.dtype:
-            noise = noise.to(sample.dtype)
-        t = self._timesteps_arg(timesteps, sample.device)
-        return ops.q_sample(noise, t, -sample, self._base_schedule(), backend=self.backend, validate=self.validate)
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample."""
+        return self._noising(super().get_velocity, sample, noise, timesteps, velocity=True)
 
     # -- step helpers --------------------------------------------------------------------------------
     def _rows(self, plan, timestep, batch, device):
-        """(row tensor [B] or None if the parent must run, draw-noise flag or None if unknown)."""
+        """(row tensor [B], draw-noise flag or None if unknown), or (None, None) where the parent must run.
+
+        A one-element tensor is one timestep for every sample (the parent's reading); an integer tensor
+        [B] is our extension (each sample at its own step). Anything else is the parent's to take."""
         T = plan.rows.shape[0]
-        if isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and timestep.device.type == "cpu":
-            timestep = int(timestep)  # a host value: free to read
+        if isinstance(timestep, torch.Tensor):
+            if timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool:
+                return None, None
+            if timestep.numel() == 1:
+                timestep = timestep.reshape(())
+                if timestep.device.type == "cpu":
+                    timestep = int(timestep)  # a host value: free to read
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             t = int(timestep)
-            if not 0 <= t < T or plan.rows[t] < 0 or not plan.ok[t]:
+            if not 0 <= t < T or plan.rows[t] < 0:
                 return None, None
             return torch.full((batch,), int(plan.rows[t]), dtype=torch.int64, device=device), t > 0
-        if not isinstance(timestep, torch.Tensor) or timestep.is_floating_point():
-            raise TypeError(f"timestep: expected an int or an integer tensor, got {timestep!r}")
+        if not isinstance(timestep, torch.Tensor):
+            return None, None
         if timestep.ndim == 0 and not plan.all_ok:
-            return None, None  # a scalar on the device in an inexpressible config: the parent's step
+            return None, None  # a scalar on the device in a partly fused config: the parent's step
         t = timestep.to(device=device, dtype=torch.int64)
         if t.ndim == 0:
             t = t.expand(batch)
         elif t.shape != (batch,):
-            raise ValueError(f"timestep: expected a scalar or shape ({batch},), got {tuple(t.shape)}")
+            return None, None  # the parent's (it raises for a tensor of several timesteps)
         if not plan.all_ok:
             raise ValueError(
-                "timestep: this scheduler's timestep spacing cannot be run as one fused per-sample step "
-                "(see FastDDIMScheduler's docstring); pass a scalar timestep"
+                "timestep: this scheduler's configuration cannot run every step as one fused per-sample step "
+                "(see docs/compatibility.md); pass one timestep for the batch"
             )
         if self.validate or (self.validate is None and device.type == "cpu"):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
@@ -164,6 +239,26 @@ class _FastMixin:
                 raise ValueError(f"timestep: every value must be one of self.timesteps, got {t.tolist()}")
             return rows, None
         return plan.rows_on(device)[t.clamp(0, T - 1)], None
+
+    @staticmethod
+    def _per_sample(timestep):
+        """The parent cannot take several timesteps: say so in one ValueError instead of its obscure one."""
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
+            raise ValueError(
+                "timestep: per-sample timesteps (one per sample) run only on the fused path, and this call "
+                "takes diffusers' own code (see docs/compatibility.md); pass one timestep for the batch"
+            )
+
+    def _inputs_why(self, model_output, sample):
+        """Why the parent must run for these tensors, or None."""
+        if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)):
+            return "inputs that are not tensors"
+        if not sample.is_floating_point() or model_output.dtype != sample.dtype or sample.ndim < 2:
+            return "model_output and sample of different dtypes (the parent promotes), or not float [B, C, ...]"
+        if self.config.thresholding and not (self.config.sample_max_value >= 1
+                                             and 0 < self.config.dynamic_thresholding_ratio <= 1):
+            return "thresholding with sample_max_value < 1 or a ratio outside (0, 1]"
+        return None
 
     @staticmethod
     def _noise(shape, generator, device, dtype, like):
@@ -180,39 +275,56 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
     def _make_plan(self) -> _Plan:
         base = self._base_schedule()
         T = base.num_timesteps
-        ok = np.ones(T, dtype=bool)
+        mean_type = _MEAN_TYPE.get(self.config.prediction_type)
         if self.custom_timesteps or self.num_inference_steps:
-            keep = sorted(set(int(v) for v in self.timesteps.cpu().tolist()))  # once, at set-up
-            schedule = base.respace(keep)
-            rows = np.full(T, -1, dtype=np.int64)
-            rows[keep] = np.arange(len(keep))
-            return _Plan(schedule, rows, keep[0], ok)
-        return _Plan(base, np.arange(T, dtype=np.int64), 0, ok)
+            steps = sorted(set(int(v) for v in self.timesteps.cpu().tolist()))  # once, at set-up
+        else:
+            steps = list(range(T))
+        keep, all_ok = _fusable_steps(steps, base, mean_type)
+        rows = np.full(T, -1, dtype=np.int64)
+        if not keep:
+            return _Plan(base, rows, 0, False)
+        rows[keep] = np.arange(len(keep))
+        if keep == list(range(T)):
+            return _Plan(base, rows, 0, all_ok)
+        return _Plan(base.respace(keep), rows, keep[0], all_ok)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """x_t -> x_{t_prev}. model_output: [B, C, ...] (or [B, 2C, ...] for learned variances);
         timestep: int, 0-dim tensor or per-sample int tensor [B]; sample: [B, C, ...]."""
-        var = self.config.variance_type
+        var = self.variance_type  # what the parent's step reads (its _get_variance reads the config)
         mean_type = _MEAN_TYPE.get(self.config.prediction_type)
         thresholding = bool(self.config.thresholding)
-        if var == "fixed_large_log" or mean_type is None or (thresholding and self.config.sample_max_value < 1):
+        why = self._inputs_why(model_output, sample)
+        if why is None:
+            learned = var in ("learned", "learned_range")
+            if self._base_schedule() is None:
+                why = "betas outside (0, 1]"
+            elif var != self.config.variance_type or var == "fixed_large_log":
+                why = "variance_type 'fixed_large_log' (the parent takes sqrt(log beta)) or changed after set-up"
+            elif mean_type is None:
+                why = "an unknown prediction_type"
+            elif model_output.shape != ((sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]) if learned
+                                        else sample.shape):
+                why = "a model_output without the variance half (or of another shape)"
+        rows = None
+        if why is None:
+            plan = self._plan()
+            B, C = sample.shape[0], sample.shape[1]
+            rows, draw = self._rows(plan, timestep, B, sample.device)
+            if rows is None:
+                why = "a timestep the fused step does not take (see docs/compatibility.md)"
+        if why is not None:
+            self._say(why)
+            self._per_sample(timestep)
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        plan = self._plan()
-        B, C = sample.shape[0], sample.shape[1]
-        rows, draw = self._rows(plan, timestep, B, sample.device)
-        if rows is None:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        learned = var in ("learned", "learned_range")
-        if learned and model_output.shape[1] != 2 * C:
-            raise ValueError(f"model_output: variance_type={var!r} needs {2 * C} channels (mean and variance), "
-                             f"got shape {tuple(model_output.shape)}")
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
         var_part = model_output[:, C:] if learned else None
         if var == "learned":
             # diffusers' "learned" output is the variance itself; the op's is its log.
             model_output = torch.cat([model_output[:, :C], torch.log(var_part)], dim=1)
-        op_var = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"}.get(var, var)
+        # fixed_small_log: the parent's std is exp(0.5 log var), i.e. fixed_small's; an unknown variance_type
+        # falls through every branch of the parent's _get_variance: fixed_small too.
+        op_var = var if var in ("fixed_large", "learned", "learned_range") else "fixed_small"
         r = float(self.config.clip_sample_range)
         clip_in_op = bool(self.config.clip_sample) and not thresholding and r == 1.0
         noise = None
@@ -245,7 +357,7 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
             # the posterior variance is 0, floored at 1e-20); the respaced row 0 adds none.
             last = (rows == 0).reshape(shape)
             log_beta = table[rows, COLUMN["log_betas"]].reshape(last.shape)
-            if var in ("fixed_small", "fixed_small_log"):
+            if op_var == "fixed_small":
                 log_var = torch.full_like(log_beta, _LOG_1E20)
             elif var == "fixed_large":
                 log_var = log_beta
@@ -270,8 +382,9 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
     def _make_plan(self) -> _Plan:
         base = self._base_schedule()
         T = base.num_timesteps
-        ratio = T // self.num_inference_steps
-        ts = sorted(set(int(v) for v in self.timesteps.cpu().tolist()))  # once, at set-up
+        ratio = self.config.num_train_timesteps // self.num_inference_steps  # the parent's step size
+        steps = sorted(set(int(v) for v in self.timesteps.cpu().tolist()))  # once, at set-up
+        ts, all_ok = _fusable_steps(steps, base, _MEAN_TYPE.get(self.config.prediction_type))
         one = bool(self.config.set_alpha_to_one)
         keep = set(ts)
         for t in ts:
@@ -282,19 +395,33 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
         keep = sorted(keep)
         rows = np.full(T, -1, dtype=np.int64)
         rows[keep] = np.arange(len(keep))
-        ok = np.zeros(T, dtype=bool)
+        rows_steps = np.full(T, -1, dtype=np.int64)
         for t in ts:
             i = rows[t]
             pred = keep[i - 1] if i > 0 else None  # the step the fused op goes to
             if t - ratio >= 0:
-                ok[t] = pred == t - ratio
+                ok = pred == t - ratio
             elif one:
-                ok[t] = pred is None
+                ok = pred is None
             else:
-                ok[t] = t > 0 and pred == 0
-        rows_steps = np.full(T, -1, dtype=np.int64)
-        rows_steps[ts] = rows[ts]
-        return _Plan(base.respace(keep), rows_steps, keep[0], ok)
+                ok = t > 0 and pred == 0
+            if ok:
+                rows_steps[t] = i
+            all_ok = all_ok and ok
+        if not keep:
+            return _Plan(base, rows_steps, 0, False)
+        plan = _Plan(base.respace(keep), rows_steps, keep[0], all_ok)
+        # Steps where diffusers' default clipping (clipped x0, the model's eps) runs as one fused step plus
+        # a swap of x0 (see step): the swap cancels sqrt(abar_prev) x0 against itself, a rounding of size
+        # sqrt(abar_prev / abar) |x_t - sqrt(1 - abar) eps|; kept where that ratio is <= 2 (all but the last
+        # steps of schedules whose abar collapses, e.g. cosine at t = T - 1).
+        ab, abp = plan.schedule.alphas_cumprod.numpy(), plan.schedule.alphas_cumprod_prev.numpy()
+        swap = np.zeros(T, dtype=bool)
+        good = rows_steps >= 0
+        swap[good] = abp[rows_steps[good]] <= 4.0 * ab[rows_steps[good]]
+        plan.swap = swap
+        plan.swap_all = bool(swap[good].all()) if good.any() else False
+        return plan
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
@@ -306,14 +433,35 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
         mean_type = _MEAN_TYPE.get(self.config.prediction_type)
         thresholding = bool(self.config.thresholding)
         args = (model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict)
-        if mean_type is None or (thresholding and self.config.sample_max_value < 1):
+        why = self._inputs_why(model_output, sample)
+        if why is None:
+            try:
+                eta_f = float(eta)
+            except (TypeError, ValueError, RuntimeError):
+                eta_f = float("nan")
+            if self._base_schedule() is None:
+                why = "betas outside (0, 1]"
+            elif mean_type is None:
+                why = "an unknown prediction_type"
+            elif model_output.shape != sample.shape:
+                why = "a model_output of another shape than sample"
+            elif not eta_f >= 0:
+                why = "eta < 0 (the parent adds no noise and shrinks the direction term)"
+            elif eta_f > 0 and variance_noise is not None and (
+                    not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != sample.shape
+                    or variance_noise.dtype != sample.dtype):
+                why = "a variance_noise of another shape or dtype than sample"
+        rows = None
+        if why is None:
+            plan = self._plan()
+            rows, _ = self._rows(plan, timestep, sample.shape[0], sample.device)
+            if rows is None:
+                why = "a timestep the fused step does not take (see docs/compatibility.md)"
+        if why is not None:
+            self._say(why)
+            self._per_sample(timestep)
             return super().step(*args)
-        plan = self._plan()
-        rows, _ = self._rows(plan, timestep, sample.shape[0], sample.device)
-        if rows is None:
-            return super().step(*args)
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
+        eta = eta_f
         noise = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
@@ -324,8 +472,6 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             noise = variance_noise
             if noise is None:
                 noise = self._noise(model_output.shape, generator, model_output.device, model_output.dtype, sample)
-            elif noise.dtype != sample.dtype:
-                noise = noise.to(sample.dtype)
         r = float(self.config.clip_sample_range)
         clipping = thresholding or bool(self.config.clip_sample)
         if not clipping or (use_clipped_model_output and (thresholding or r == 1.0)):
@@ -337,15 +483,39 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                 validate=False,
             )
             prev, pred = out["sample"], out["pred_xstart"]
+        elif not use_clipped_model_output and self._swap_ok(plan, timestep):
+            # diffusers' default: x0 clipped (or thresholded) but the model's own eps in the direction term.
+            # ops.ddim_step re-derives eps from the clipped x0 when it clips, so: one fused unclipped step
+            # (the parent's update with the unclipped x0), then swap x0 for the clipped x0 in its first term:
+            # prev = prev_unclipped + sqrt(abar_prev) (x0_clipped - x0). Three elementwise ops, no sync.
+            out = ops.ddim_step(model_output, sample, rows, plan.schedule, eta=float(eta), mean_type=mean_type,
+                                clip_denoised=False, noise=noise, backend=self.backend, validate=False)
+            raw = out["pred_xstart"]
+            pred = self._threshold_sample(raw) if thresholding else raw.clamp(-r, r)
+            coef = plan.schedule.table(sample.device)[rows, COLUMN["sqrt_alphas_cumprod_prev"]]
+            coef = coef.reshape(-1, *([1] * (sample.ndim - 1)))
+            if sample.dtype == torch.float32:
+                prev = torch.addcmul(out["sample"], coef, pred - raw)
+            else:
+                prev = torch.addcmul(out["sample"].float(), coef.to(torch.promote_types(coef.dtype, sample.dtype)),
+                                     pred.float() - raw.float()).to(sample.dtype)
         else:
-            # diffusers' default (clip x0 but keep the model's eps) or clipping to [-r, r]: ops.ddim_step
-            # always re-derives eps from the clipped x0, so: the fused x0 prediction, then the update
+            # use_clipped_model_output with clip_sample_range != 1, or a step where the swap above would lose
+            # precision: the fused x0 prediction, then the update
             # from the float32 device table (a few elementwise ops; no sync).
             prev, pred = self._ddim_unfused(model_output, sample, rows, plan, mean_type, float(eta), noise,
                                             use_clipped_model_output, thresholding, r)
         if not return_dict:
             return (prev, pred)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+
+    @staticmethod
+    def _swap_ok(plan, timestep):
+        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep.device.type == "cpu":
+            timestep = int(timestep)
+        if isinstance(timestep, (int, np.integer)):
+            return bool(plan.swap[int(timestep)])
+        return plan.swap_all
 
     def _ddim_unfused(self, model_output, sample, rows, plan, mean_type, eta, noise, use_clipped, thresholding, r):
         raw = ops.predict_xstart(model_output, sample, rows, plan.schedule, mean_type=mean_type,
