@@ -98,7 +98,9 @@ def table(results: dict) -> str:
                   OP_HEAD + "flags", "-" * WIDTH]
         for r in (r for r in rows if (r["size"], r["dtype"]) == (size, dtype) and r["backend"] not in hidden):
             if r["status"] == "ok":
-                spread = f"{r['spread_pct']:.0f}" if r.get("spread_pct") is not None and r["runs"] >= 4 else "-"
+                spread = "-"
+                if r.get("spread_pct") is not None and r["runs"] >= 4:
+                    spread = f"{r['spread_pct']:.0f}" if r["spread_pct"] < 999.5 else ">999"
                 fixed = (f"{r['label']:<30} {r['backend']:<9} {_g(r['median_ms']):>7} {spread:>4} "
                          f"{_g(r['speedup_vs_eager'], 3):>7} {_g(r['speedup_vs_compile'], 3):>6} "
                          f"{_f(r['pct_copy_bw'], '.0f'):>5} {_f(r['aten_ops'], 'd'):>4} {_f(r['syncs'], 'd'):>5} ")
