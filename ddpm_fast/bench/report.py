@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import pathlib
 import textwrap
 
 SCHEMA = "ddpm_fast.bench/2"
@@ -233,9 +234,22 @@ def write_png(results: dict, path: str) -> str:
     return ""
 
 
+def results_dir(path) -> pathlib.Path:
+    """Create the output folder ``path`` (parents too). A folder created here gets a .gitignore that
+    ignores everything in it (as pytest does for its cache), so results never show up as untracked
+    files in a git working tree; an existing folder is left as it is."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        path.mkdir(parents=True)
+        (path / ".gitignore").write_text("# made by ddpm-fast: results, not sources\n*\n")
+    elif not path.is_dir():
+        raise SystemExit(f"{path}: exists and is not a folder")
+    return path
+
+
 def write_all(results: dict, out_dir: str) -> dict:
     """Write results.json, results.csv and speedup.png into out_dir; returns {kind: path or why not}."""
-    os.makedirs(out_dir, exist_ok=True)
+    results_dir(out_dir)
     paths = {k: os.path.join(out_dir, n) for k, n in
              (("json", "results.json"), ("csv", "results.csv"), ("png", "speedup.png"), ("table", "table.txt"))}
     why_no_png = write_png(results, paths["png"])
