@@ -94,8 +94,15 @@ def table(results: dict) -> str:
             groups.append(key)
     hidden = set(results.get("skipped_backends") or ())  # listed once at the end instead
     for size, dtype in groups:
-        at = (meta.get("copy_gbps_at") or {}).get(f"{size} {dtype}")
-        lines += ["", f"== {size} {dtype} on {meta['device']} ==" + (f" (copy at size {at:.1f} GB/s)" if at else ""),
+        # the copy rate at this size, measured with each op in its rounds: its range over the ops
+        at = [r["copy_gbps_at_size"] for r in rows if (r["size"], r["dtype"]) == (size, dtype)
+              and r.get("copy_gbps_at_size")]
+        at_text = ""
+        if at:
+            lo, hi = min(at), max(at)
+            at_text = f" (copy at size {lo:.1f} GB/s)" if hi < 1.1 * lo else \
+                f" (copy at size {lo:.1f}-{hi:.1f} GB/s over the ops: see copy_gbps_at_size)"
+        lines += ["", f"== {size} {dtype} on {meta['device']} ==" + at_text,
                   OP_HEAD + "flags", "-" * WIDTH]
         for r in (r for r in rows if (r["size"], r["dtype"]) == (size, dtype) and r["backend"] not in hidden):
             if r["status"] == "ok":
