@@ -307,6 +307,7 @@ def main(argv=None) -> int:
     print(table(results))
     print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['table']}; chart: {paths['png']}")
     print(f"total {meta['elapsed_s']:.1f} s")
+    print(meta["verdict"].split(";")[0].split(". ")[0].rstrip(".") + ".")  # the verdict, last
     return 0
 
 
