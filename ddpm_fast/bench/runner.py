@@ -412,29 +412,28 @@ def _bench_case(case, shape, dtype, device, impls, skipped, budget, meta, args, 
         timed = [e for e in timed if e[0]["status"] == "ok"]
         entries = [(call, arg_sets) for _, call, arg_sets, _ in timed] + [(torch.clone, copy_srcs)]
         got = measure.time_interleaved(entries, device, budget)
-    if got is not None:
-        copy_t = got.timings[-1]
-        copy_gbps = 2 * one / (copy_t.median_ms * 1e-3) / 1e9
-        for i, (r, call, arg_sets, count) in enumerate(timed):
-            t = got.timings[i]
-            r.update(median_ms=t.median_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms, iqr_ms=t.iqr_ms, runs=t.runs,
-                     rounds=got.n_rounds, spread_pct=100.0 * t.iqr_ms / t.median_ms if t.median_ms > 0 else None,
-                     other_load_cores=got.load.other_cores, copy_gbps_at_size=copy_gbps,
-                     _samples=(t, got.rounds[i]))
-            if count:
-                try:
-                    c = measure.count_ops(call, arg_sets[0])
-                    r.update(aten_ops=c.ops, kernels=c.kernels, syncs=c.syncs, h2d=c.h2d)
-                except Exception as exc:
-                    r["note"] = (r["note"] + "; " if r["note"] else "") + f"ops not counted: {_why(exc)}"
-        meta["copy_gbps_at"].setdefault(f"{size} {dt}", []).append(copy_gbps)
+    copy_t = got.timings[-1]
+    copy_gbps = 2 * one / (copy_t.median_ms * 1e-3) / 1e9
+    for i, (r, call, arg_sets, count) in enumerate(timed):
+        t = got.timings[i]
+        r.update(median_ms=t.median_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms, iqr_ms=t.iqr_ms, runs=t.runs,
+                 rounds=got.n_rounds, spread_pct=100.0 * t.iqr_ms / t.median_ms if t.median_ms > 0 else None,
+                 other_load_cores=got.load.other_cores, copy_gbps_at_size=copy_gbps,
+                 _samples=(t, got.rounds[i]))
+        if count:
+            try:
+                c = measure.count_ops(call, arg_sets[0])
+                r.update(aten_ops=c.ops, kernels=c.kernels, syncs=c.syncs, h2d=c.h2d)
+            except Exception as exc:
+                r["note"] = (r["note"] + "; " if r["note"] else "") + f"ops not counted: {_why(exc)}"
+    meta["copy_gbps_at"].setdefault(f"{size} {dt}", []).append(copy_gbps)
     progress.update(len(impls))
     _speedups(out)
     reliability.assess_rows(out, meta)
     for r in out:
         r.pop("_samples", None)
     if device.type == "cuda":
-        del sets, fresh
+        del sets, fresh, copy_srcs, entries
         torch.cuda.empty_cache()
     return out
 
