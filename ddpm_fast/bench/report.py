@@ -102,8 +102,8 @@ def table(results: dict) -> str:
             lo, hi = min(at), max(at)
             at_text = f" (copy at size {lo:.1f} GB/s)" if hi < 1.1 * lo else \
                 f" (copy at size {lo:.1f}-{hi:.1f} GB/s over the ops: see copy_gbps_at_size)"
-        lines += ["", f"== {size} {dtype} on {meta['device']} ==" + at_text,
-                  OP_HEAD + "flags", "-" * WIDTH]
+        lines += [""] + _wrap(f"== {size} {dtype} on {meta['device']} ==" + at_text, indent="   ")
+        lines += [OP_HEAD + "flags", "-" * WIDTH]
         for r in (r for r in rows if (r["size"], r["dtype"]) == (size, dtype) and r["backend"] not in hidden):
             if r["status"] == "ok":
                 spread = "-"
