@@ -13,7 +13,7 @@ SUBCOMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: ddpm-fast {" + ",".join(SUBCOMMANDS) + "} [options]", ""]
+    lines = ["usage: ddpm-fast {" + ",".join(SUBCOMMANDS) + "} [options]", "       ddpm-fast --version", ""]
     lines += [f"  {name:<6} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run `ddpm-fast COMMAND --help` for a command's options."]
     return "\n".join(lines)
@@ -23,6 +23,15 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        import platform
+
+        import torch
+
+        from . import __version__
+
+        print(f"ddpm-fast {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

@@ -17,37 +17,45 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pathlib
 import sys
 import time
 
 import numpy as np
 import torch
 
+from .bench.report import results_dir
 from .diffusion import create_gaussian_diffusion
 from .resample import UniformSampler
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's line breaks and shows every option's default."""
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="ddpm-fast demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=700, help="training steps (default 700)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--channels", type=int, default=32, help="UNet width (default 32)")
-    p.add_argument("--diffusion-steps", type=int, default=100, help="T of the diffusion process (default 100)")
-    p.add_argument("--noise-schedule", default="cosine", choices=("cosine", "linear"))
-    p.add_argument("--eval-points", type=int, default=5, help="held-out bits/dim evaluations over training")
+    p = argparse.ArgumentParser(prog="ddpm-fast demo", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--steps", type=int, default=700, help="training steps (optimizer updates)")
+    p.add_argument("--batch-size", type=int, default=64, help="training images per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (linear warm-up over 100 steps)")
+    p.add_argument("--channels", type=int, default=32, help="UNet width (base channel count)")
+    p.add_argument("--diffusion-steps", type=int, default=100, help="T, the number of steps of the diffusion process")
+    p.add_argument("--noise-schedule", default="cosine", choices=("cosine", "linear"), help="beta schedule")
+    p.add_argument("--eval-points", type=int, default=5,
+                   help="held-out bits/dim evaluations over training (the points of bpd_curve.png)")
     p.add_argument("--eval-images", type=int, default=64, help="held-out images per curve point")
-    p.add_argument("--final-eval-images", type=int, default=0, help="held-out images for the final NLL (0: all)")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--ddim-steps", type=int, default=50)
-    p.add_argument("--holdout", type=float, default=0.15, help="held-out fraction (default 0.15)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--final-eval-images", type=int, default=0,
+                   help="held-out images for the final NLL (0: all of the held-out set)")
+    p.add_argument("--num-samples", type=int, default=64, help="images sampled by each sampler for the PNG grids")
+    p.add_argument("--ddim-steps", type=int, default=50, help="steps of the DDIM sampling loop")
+    p.add_argument("--holdout", type=float, default=0.15, help="fraction of the digits held out for the NLL")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the training and the samples")
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cpu", "cuda"),
+                   help="ddpm_fast backend of the diffusion ops")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: 8x8 images are too small to gain from more, and extra "
-                        "threads spin when the cores are shared)")
-    p.add_argument("--out-dir", default="ddpm_fast_demo")
+                   help="torch CPU threads (8x8 images are too small to gain from more, and extra threads spin "
+                        "when the cores are shared)")
+    p.add_argument("--out-dir", default="demo-results",
+                   help="output folder; a new one gets a .gitignore of its own, so git ignores it wherever it is")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -131,8 +139,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))
-    out = pathlib.Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.out_dir)
     torch.manual_seed(args.seed)
     train, held = load_digits_split(args.holdout, args.seed)
     diffusion = create_gaussian_diffusion(steps=args.diffusion_steps, learn_sigma=True, noise_schedule=args.noise_schedule,

@@ -208,9 +208,36 @@ def _cpu_timesteps(t, x, schedule):
 
 # -- ops --------------------------------------------------------------------------------------
 def q_sample(x0, t, noise, schedule, *, backend="auto", validate=None):
-    """Forward noising x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
+    """Forward noising: a sample of q(x_t | x_0), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
 
-    x0, noise: [B, ...] same shape and dtype; t: [B] int64. Returns x_t [B, ...] in x0's dtype.
+    Args:
+        x0: clean samples [B, ...], float16 / bfloat16 / float32 / float64.
+        t: 0-based timesteps in [0, T): an integer tensor [B] on the inputs' device (one per
+            sample), or a Python int / 0-dim tensor used for every sample.
+        noise: the N(0, I) draw, x0's shape and dtype.
+        schedule: a ddpm_fast.NoiseSchedule (e.g. ``NoiseSchedule.named("linear", 1000)``, or a
+            respaced one); its float64 tables are cached on the device in float32 on first use.
+        backend: "auto" (default: the compiled CUDA kernels for CUDA tensors, else Triton; the
+            compiled CPU extension for CPU tensors, else the reference), "reference" (plain
+            PyTorch, always available), "triton", "cpu" or "cuda". An unavailable backend raises
+            BackendUnavailableError saying why (``ddpm-fast info`` lists them).
+        validate: check that every t is in [0, T) (ValueError otherwise). None (default): on for
+            CPU tensors, off for CUDA tensors, where it would cost a host sync (an out-of-range t
+            there is still never read out of bounds; see the module docstring).
+
+    Returns:
+        x_t: [B, ...] in x0's dtype (computed in float32, float64 for float64). Differentiable
+        with respect to x0 and noise.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("linear", 1000)
+        >>> x0, noise = torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)
+        >>> x_t = F.q_sample(x0, torch.tensor([0, 999]), noise, schedule)
+        >>> x_t.shape, x_t.dtype
+        (torch.Size([2, 3, 8, 8]), torch.float32)
+        >>> x_t[:, 0, 0, 0]  # sqrt(1 - abar_t) at t = 0 and t = 999
+        tensor([0.0100, 1.0000])
     """
     native = _cpu_native(backend, x0, noise)
     if native is not None:
@@ -223,9 +250,38 @@ def q_sample(x0, t, noise, schedule, *, backend="auto", validate=None):
 
 
 def q_posterior(x0, x_t, t, schedule, *, backend="auto", validate=None):
-    """q(x_{t-1} | x_t, x0): (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]).
+    """The forward process posterior q(x_{t-1} | x_t, x_0).
 
-    log_variance is the clipped one (post_var_1 at t = 0, where the variance itself is 0).
+    Args:
+        x0: clean samples [B, ...] (float16 / bfloat16 / float32 / float64).
+        x_t: noised samples, x0's shape and dtype.
+        t: 0-based timesteps in [0, T): an integer tensor [B] on the inputs' device (one per
+            sample), or a Python int / 0-dim tensor used for every sample.
+        schedule: a ddpm_fast.NoiseSchedule (e.g. ``NoiseSchedule.named("linear", 1000)``, or a
+            respaced one); its float64 tables are cached on the device in float32 on first use.
+        backend: "auto" (default: the compiled CUDA kernels for CUDA tensors, else Triton; the
+            compiled CPU extension for CPU tensors, else the reference), "reference" (plain
+            PyTorch, always available), "triton", "cpu" or "cuda". An unavailable backend raises
+            BackendUnavailableError saying why (``ddpm-fast info`` lists them).
+        validate: check that every t is in [0, T) (ValueError otherwise). None (default): on for
+            CPU tensors, off for CUDA tensors, where it would cost a host sync (an out-of-range t
+            there is still never read out of bounds; see the module docstring).
+
+    Returns:
+        (mean, variance, log_variance): mean [B, ...] in x0's dtype (post_c1_t x0 + post_c2_t
+        x_t); variance and log_variance [B, 1, ...] (broadcastable to x0), the log variance
+        clipped: at t = 0, where the variance is 0, it is that of t = 1. Only mean is
+        differentiable.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("cosine", 1000)
+        >>> x0 = torch.zeros(2, 3, 4, 4)
+        >>> mean, var, logvar = F.q_posterior(x0, x0, torch.tensor([0, 500]), schedule)
+        >>> mean.shape, var.shape, logvar.shape
+        (torch.Size([2, 3, 4, 4]), torch.Size([2, 1, 1, 1]), torch.Size([2, 1, 1, 1]))
+        >>> float(var[0]), bool(torch.isfinite(logvar).all())
+        (0.0, True)
     """
     native = _cpu_native(backend, x0, x_t)
     if native is not None:
@@ -238,10 +294,26 @@ def q_posterior(x0, x_t, t, schedule, *, backend="auto", validate=None):
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2, *, backend="auto"):
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise in nats; arguments broadcast.
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
 
-    Finite for log variances a network outputs (|logvar| up to ~80 in float32); beyond that
-    exp() overflows to inf, as the true KL does.
+    Args:
+        mean1, logvar1: the first Gaussian's mean and log variance.
+        mean2, logvar2: the second Gaussian's. All four are floating-point tensors on one device
+            whose shapes broadcast (a [B, 1, ...] log variance against a [B, C, ...] mean, say).
+        backend: "auto" (default), "reference", "triton", "cpu" or "cuda" (see q_sample).
+
+    Returns:
+        The KL, of the broadcast shape. Finite for log variances a network outputs (|logvar| up to
+        ~80 in float32); beyond that exp() overflows to inf, as the true KL does. Differentiable
+        with respect to all four inputs.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> zero = torch.zeros(3)
+        >>> F.normal_kl(zero, zero, zero, zero)
+        tensor([0., 0., 0.])
+        >>> F.normal_kl(torch.tensor([1.0]), torch.zeros(1), torch.zeros(1), torch.zeros(1))  # (1 - 0)^2 / 2
+        tensor([0.5000])
     """
     names = ("mean1", "logvar1", "mean2", "logvar2")
     args = [_tensor(n, a, batched=False) for n, a in zip(names, (mean1, logvar1, mean2, logvar2))]
@@ -252,9 +324,28 @@ def normal_kl(mean1, logvar1, mean2, logvar2, *, backend="auto"):
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales, *, backend="auto"):
-    """log p(x) for x in [-1, 1] discretized to 256 bins under N(means, exp(log_scales)^2), nats.
+    """log p(x) of images discretized to 256 bins of [-1, 1] under a Gaussian, elementwise, in nats.
 
-    x, means: same shape; log_scales broadcastable. Elementwise; floored at log(1e-12).
+    The decoder likelihood L_0 of DDPM: bin half-width 1/255, the edge bins open below -0.999
+    and above 0.999, the normal cdf approximated as in improved-diffusion, the log floored at
+    log(1e-12); computed without the float32 cancellation of cdf(x + 1/255) - cdf(x - 1/255)
+    far from the mean.
+
+    Args:
+        x: the data, values in [-1, 1] (e.g. uint8 pixels / 127.5 - 1), any floating dtype.
+        means: the Gaussian's means, x's shape and device.
+        log_scales: the log standard deviations (not variances), broadcastable to x.
+        backend: "auto" (default), "reference", "triton", "cpu" or "cuda" (see q_sample).
+
+    Returns:
+        log-likelihoods (<= 0), x's shape. Differentiable with respect to means and log_scales.
+
+    Example:
+        >>> import math, torch, ddpm_fast as F
+        >>> x = torch.tensor([-1.0, 0.0, 1.0])
+        >>> ll = F.discretized_gaussian_log_likelihood(x, x, torch.full((3,), math.log(1e-3)))
+        >>> bool((ll <= 0).all()), bool((ll > -1e-3).all())  # a sharp Gaussian on the bin: p ~ 1
+        (True, True)
     """
     _tensor("x", x, batched=False), _tensor("means", means, batched=False)
     _tensor("log_scales", log_scales, batched=False)
@@ -296,8 +387,44 @@ def _cpu_model_args(t, x, schedule, mean_type, var_type, xstart=True):
     return t
 
 
-def predict_xstart(model_output, x_t, t, schedule, *, mean_type, backend="auto", validate=None):
-    """x0 implied by the model's (mean) output for mean_type, unclipped: [B, C, ...] in x_t's dtype."""
+def predict_xstart(model_output, x_t, t, schedule, *, mean_type="epsilon", backend="auto", validate=None):
+    """The clean sample x_0 implied by the model's (mean) output, unclipped.
+
+    x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (epsilon), the output itself (x0),
+    (x_{t-1} - post_c2_t x_t) / post_c1_t (x_prev), sqrt(abar_t) x_t - sqrt(1 - abar_t) v (v).
+
+    Args:
+        model_output: the network's (mean) output, x_t's shape.
+        x_t: noised samples [B, ...] (float16 / bfloat16 / float32 / float64).
+        t: 0-based timesteps in [0, T): an integer tensor [B] on the inputs' device (one per
+            sample), or a Python int / 0-dim tensor used for every sample.
+        schedule: a ddpm_fast.NoiseSchedule (e.g. ``NoiseSchedule.named("linear", 1000)``, or a
+            respaced one); its float64 tables are cached on the device in float32 on first use.
+        mean_type: what the model's (mean) output predicts: "epsilon" (default, the noise),
+            "x0" (the clean sample), "x_prev" (the posterior mean of x_{t-1}) or "v"
+            (sqrt(abar) eps - sqrt(1 - abar) x0).
+        backend: "auto" (default: the compiled CUDA kernels for CUDA tensors, else Triton; the
+            compiled CPU extension for CPU tensors, else the reference), "reference" (plain
+            PyTorch, always available), "triton", "cpu" or "cuda". An unavailable backend raises
+            BackendUnavailableError saying why (``ddpm-fast info`` lists them).
+        validate: check that every t is in [0, T) (ValueError otherwise). None (default): on for
+            CPU tensors, off for CUDA tensors, where it would cost a host sync (an out-of-range t
+            there is still never read out of bounds; see the module docstring).
+
+    Returns:
+        x_0 [B, ...] in x_t's dtype. Differentiable with respect to model_output and x_t.
+        ValueError for mean_type "epsilon" on a zero-terminal-SNR schedule (x_0 is undefined at
+        its last step; use "v").
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("linear", 1000)
+        >>> x0, eps = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+        >>> t = torch.tensor([10, 900])
+        >>> x_t = F.q_sample(x0, t, eps, schedule)
+        >>> torch.allclose(F.predict_xstart(eps, x_t, t, schedule), x0, atol=1e-3)  # mean_type="epsilon"
+        True
+    """
     native = _cpu_native(backend, x_t, model_output)
     if native is not None:
         t = _cpu_model_args(t, x_t, schedule, mean_type, "fixed_small")
@@ -307,11 +434,53 @@ def predict_xstart(model_output, x_t, t, schedule, *, mean_type, backend="auto",
     return backends.select(backend, device.type).predict_xstart(model_output, x_t, t, schedule, mean_type=mean_type)
 
 
-def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False,
+def p_mean_variance(model_output, x_t, t, schedule, *, mean_type="epsilon", var_type="fixed_small",
+                    clip_denoised=False,
                     dynamic_threshold=None, sample_max_value=1.0, backend="auto", validate=None):
-    """The model's p(x_{t-1} | x_t): dict mean, variance, log_variance, pred_xstart.
+    """The model's reverse step p(x_{t-1} | x_t): its mean, variance and predicted x_0.
 
-    variance / log_variance are [B, 1, ...] for fixed variance types, [B, C, ...] for learned ones.
+    Args:
+        model_output: the network's output [B, C, ...] (x_t's shape), or [B, 2C, ...] (mean half
+            first, then the variance half) for var_type "learned" / "learned_range".
+        x_t: noised samples [B, C, ...] (float16 / bfloat16 / float32 / float64).
+        t: 0-based timesteps in [0, T): an integer tensor [B] on the inputs' device (one per
+            sample), or a Python int / 0-dim tensor used for every sample.
+        schedule: a ddpm_fast.NoiseSchedule (e.g. ``NoiseSchedule.named("linear", 1000)``, or a
+            respaced one); its float64 tables are cached on the device in float32 on first use.
+        mean_type: what the model's (mean) output predicts: "epsilon" (default, the noise),
+            "x0" (the clean sample), "x_prev" (the posterior mean of x_{t-1}) or "v"
+            (sqrt(abar) eps - sqrt(1 - abar) x0).
+        var_type: the model's variance: "fixed_small" (default, the posterior variance),
+            "fixed_large" (beta_t; improved-diffusion's create_gaussian_diffusion default),
+            "learned" (model_output's second channel half is the log variance) or
+            "learned_range" (the second half v in [-1, 1] interpolates log beta_t and the
+            clipped posterior log variance). With a learned type model_output has 2C channels.
+        clip_denoised: clamp the predicted x_0 to [-1, 1] before it is used. Default False.
+        dynamic_threshold: None (default) or a quantile p in (0, 1]: Imagen's dynamic
+            thresholding of the predicted x_0: per sample, s = the p-quantile of |x_0| clamped to
+            [1, sample_max_value], then x_0 = clamp(x_0, -s, s) / s. Used instead of clipping.
+        sample_max_value: the largest threshold dynamic thresholding may use (>= 1; default 1).
+        backend: "auto" (default: the compiled CUDA kernels for CUDA tensors, else Triton; the
+            compiled CPU extension for CPU tensors, else the reference), "reference" (plain
+            PyTorch, always available), "triton", "cpu" or "cuda". An unavailable backend raises
+            BackendUnavailableError saying why (``ddpm-fast info`` lists them).
+        validate: check that every t is in [0, T) (ValueError otherwise). None (default): on for
+            CPU tensors, off for CUDA tensors, where it would cost a host sync (an out-of-range t
+            there is still never read out of bounds; see the module docstring).
+
+    Returns:
+        dict with "mean" [B, C, ...], "variance" and "log_variance" ([B, 1, ...] for fixed
+        variance types, [B, C, ...] for learned ones) and "pred_xstart" [B, C, ...], in x_t's
+        dtype.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("cosine", 100)
+        >>> x_t, out = torch.randn(2, 3, 4, 4), torch.randn(2, 6, 4, 4)  # eps and variance halves
+        >>> p = F.p_mean_variance(out, x_t, torch.tensor([5, 50]), schedule, var_type="learned_range",
+        ...                       clip_denoised=True)
+        >>> sorted(p), p["variance"].shape, float(p["pred_xstart"].abs().max()) <= 1.0
+        (['log_variance', 'mean', 'pred_xstart', 'variance'], torch.Size([2, 3, 4, 4]), True)
     """
     native = _cpu_native(backend, x_t, model_output)
     if native is not None:
@@ -330,12 +499,53 @@ def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip
     )
 
 
-def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False,
+def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type="epsilon", var_type="fixed_small",
+                 clip_denoised=False,
                  backend="auto", validate=None):
-    """The variational-bound term at t per sample, in bits/dim: [B] float32 (float64 for float64).
+    """The variational-bound term of each sample at its t, in bits per dimension.
 
-    KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0; the decoder NLL -log p(x0|x_1) for t = 0.
-    model_output: [B, C, ...], or [B, 2C, ...] for learned variance types.
+    L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0 and the decoder NLL
+    L_0 = -log p(x0 | x_1) for t = 0, each averaged over the non-batch dimensions and divided by
+    ln 2 (as improved-diffusion's _vb_terms_bpd).
+
+    Args:
+        model_output: the network's output [B, C, ...] (x_t's shape), or [B, 2C, ...] (mean half
+            first, then the variance half) for var_type "learned" / "learned_range".
+        x0: clean samples [B, C, ...], values in [-1, 1] (the decoder term discretizes them).
+        x_t: noised samples, x0's shape and dtype.
+        t: 0-based timesteps in [0, T): an integer tensor [B] on the inputs' device (one per
+            sample), or a Python int / 0-dim tensor used for every sample.
+        schedule: a ddpm_fast.NoiseSchedule (e.g. ``NoiseSchedule.named("linear", 1000)``, or a
+            respaced one); its float64 tables are cached on the device in float32 on first use.
+        mean_type: what the model's (mean) output predicts: "epsilon" (default, the noise),
+            "x0" (the clean sample), "x_prev" (the posterior mean of x_{t-1}) or "v"
+            (sqrt(abar) eps - sqrt(1 - abar) x0).
+        var_type: the model's variance: "fixed_small" (default, the posterior variance),
+            "fixed_large" (beta_t; improved-diffusion's create_gaussian_diffusion default),
+            "learned" (model_output's second channel half is the log variance) or
+            "learned_range" (the second half v in [-1, 1] interpolates log beta_t and the
+            clipped posterior log variance). With a learned type model_output has 2C channels.
+        clip_denoised: clamp the predicted x_0 to [-1, 1] before it is used. Default False.
+        backend: "auto" (default: the compiled CUDA kernels for CUDA tensors, else Triton; the
+            compiled CPU extension for CPU tensors, else the reference), "reference" (plain
+            PyTorch, always available), "triton", "cpu" or "cuda". An unavailable backend raises
+            BackendUnavailableError saying why (``ddpm-fast info`` lists them).
+        validate: check that every t is in [0, T) (ValueError otherwise). None (default): on for
+            CPU tensors, off for CUDA tensors, where it would cost a host sync (an out-of-range t
+            there is still never read out of bounds; see the module docstring).
+
+    Returns:
+        [B] float32 (float64 for float64 inputs). Differentiable with respect to model_output.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("linear", 1000)
+        >>> x0, eps = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+        >>> t = torch.tensor([0, 1, 500, 999])
+        >>> x_t = F.q_sample(x0, t, eps, schedule)
+        >>> vb = F.vb_terms_bpd(eps, x0, x_t, t, schedule)  # a perfect epsilon model, fixed_small
+        >>> vb.shape, bool(vb[1:].abs().max() < 1e-3)  # its KL terms vanish
+        (torch.Size([4]), True)
     """
     native = _cpu_native(backend, x_t, model_output, x0)
     if native is not None:
@@ -350,19 +560,87 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, cli
 
 
 def prior_bpd(x0, schedule, *, backend="auto"):
-    """The prior term L_T = KL(q(x_{T-1}|x0) || N(0, I)) per sample in bits/dim: [B]."""
+    """The prior term L_T = KL(q(x_{T-1} | x0) || N(0, I)) of each sample, in bits per dimension.
+
+    Args:
+        x0: clean samples [B, ...] (float16 / bfloat16 / float32 / float64).
+        schedule: a ddpm_fast.NoiseSchedule (e.g. ``NoiseSchedule.named("linear", 1000)``, or a
+            respaced one); its float64 tables are cached on the device in float32 on first use.
+        backend: "auto" (default), "reference", "triton", "cpu" or "cuda" (see q_sample).
+
+    Returns:
+        [B] float32 (float64 for float64 inputs), the mean over the non-batch dimensions
+        divided by ln 2. Differentiable with respect to x0.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> prior = F.prior_bpd(torch.rand(2, 3, 8, 8) * 2 - 1, F.NoiseSchedule.named("linear", 1000))
+        >>> prior.shape, bool((prior >= 0).all() and (prior < 1e-4).all())  # T = 1000 leaves ~nothing
+        (torch.Size([2]), True)
+    """
     _tensor("x0", x0)
     _schedule(schedule)
     return backends.select(backend, x0.device.type).prior_bpd(x0, schedule)
 
 
-def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type,
+def training_losses(model_output, x0, t, noise, schedule, *, mean_type="epsilon", var_type="fixed_small",
+                    loss_type="mse",
                     weighting="simple", min_snr_gamma=5.0, backend="auto", validate=None):
     """improved-diffusion's training losses for the model's output at x_t = q_sample(x0, t, noise).
 
-    Returns a dict of [B] tensors (float32, or float64): "loss"; "mse" (mse losses); "vb" (kl losses,
-    and mse losses with a learned variance: the hybrid loss). weighting ("simple", "elbo",
-    "min_snr" with min_snr_gamma) weights the mse; see ddpm_fast.reference.loss_weight.
+    The defaults (mean_type="epsilon", var_type="fixed_small", loss_type="mse", weighting="simple")
+    give the simple DDPM loss, the mean squared error of the predicted noise.
+
+    Args:
+        model_output: the network's output [B, C, ...] (x_t's shape), or [B, 2C, ...] (mean half
+            first, then the variance half) for var_type "learned" / "learned_range".
+        x0: clean samples [B, C, ...] in [-1, 1] (float16 / bfloat16 / float32 / float64).
+        t: 0-based timesteps in [0, T): an integer tensor [B] on the inputs' device (one per
+            sample), or a Python int / 0-dim tensor used for every sample.
+        noise: the noise x_t was made with, x0's shape and dtype.
+        schedule: a ddpm_fast.NoiseSchedule (e.g. ``NoiseSchedule.named("linear", 1000)``, or a
+            respaced one); its float64 tables are cached on the device in float32 on first use.
+        mean_type: what the model's (mean) output predicts: "epsilon" (default, the noise),
+            "x0" (the clean sample), "x_prev" (the posterior mean of x_{t-1}) or "v"
+            (sqrt(abar) eps - sqrt(1 - abar) x0).
+        var_type: the model's variance: "fixed_small" (default, the posterior variance),
+            "fixed_large" (beta_t; improved-diffusion's create_gaussian_diffusion default),
+            "learned" (model_output's second channel half is the log variance) or
+            "learned_range" (the second half v in [-1, 1] interpolates log beta_t and the
+            clipped posterior log variance). With a learned type model_output has 2C channels.
+        loss_type: "mse" (default; with a learned variance the hybrid loss: mse plus the vb term,
+            which sees the model's mean through a stop-gradient), "rescaled_mse" (as mse, the vb
+            term scaled by T / 1000), "kl" (the vb term alone) or "rescaled_kl" (kl times T).
+        weighting: how the mse is weighted per sample: "simple" (default, 1), "elbo" (the true
+            ELBO weight, making the mse the KL term in bits/dim up to a constant) or "min_snr"
+            (Hang et al. 2023, min(SNR, min_snr_gamma) based; not for mean_type "x_prev").
+        min_snr_gamma: the gamma of "min_snr" weighting (> 0; default 5).
+        backend: "auto" (default: the compiled CUDA kernels for CUDA tensors, else Triton; the
+            compiled CPU extension for CPU tensors, else the reference), "reference" (plain
+            PyTorch, always available), "triton", "cpu" or "cuda". An unavailable backend raises
+            BackendUnavailableError saying why (``ddpm-fast info`` lists them).
+        validate: check that every t is in [0, T) (ValueError otherwise). None (default): on for
+            CPU tensors, off for CUDA tensors, where it would cost a host sync (an out-of-range t
+            there is still never read out of bounds; see the module docstring).
+
+    Returns:
+        dict of [B] float32 tensors (float64 for float64 inputs): "loss", plus "mse" (mse loss
+        types) and "vb" (kl types, and mse types with a learned variance). Differentiable with
+        respect to model_output.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("cosine", 1000)
+        >>> x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+        >>> t = torch.randint(0, 1000, (4,))
+        >>> out = torch.zeros(4, 3, 8, 8, requires_grad=True)  # the model's predicted noise
+        >>> losses = F.training_losses(out, x0, t, noise, schedule)  # the simple DDPM loss
+        >>> sorted(losses), torch.allclose(losses["loss"], (noise ** 2).mean(dim=(1, 2, 3)))
+        (['loss', 'mse'], True)
+        >>> losses["loss"].mean().backward()
+        >>> hybrid = F.training_losses(torch.randn(4, 6, 8, 8), x0, t, noise, schedule, var_type="learned_range")
+        >>> sorted(hybrid)
+        ['loss', 'mse', 'vb']
     """
     _option("loss_type", loss_type, LOSS_TYPES), _option("weighting", weighting, WEIGHTINGS)
     if weighting == "min_snr":
@@ -387,15 +665,60 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
     )
 
 
-def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True,
+def p_sample_step(model_output, x_t, t, schedule, *, mean_type="epsilon", var_type="fixed_small",
+                  clip_denoised=True,
                   dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None, seed=None,
                   backend="auto", validate=None):
-    """One ancestral DDPM step x_t -> x_{t-1}: dict "sample" and "pred_xstart" [B, C, ...].
+    """One ancestral DDPM sampling step x_t -> x_{t-1} (no noise is added at t = 0).
 
-    noise: the N(0, I) draw [B, C, ...]; none is added at t = 0. When None, it is drawn from ``seed``
-    (an int: deterministic for a given seed and backend; fused backends generate it in-kernel with
-    Philox) or else from ``generator`` (default: torch's global generator).
-    dynamic_threshold: a quantile in (0, 1] for Imagen's dynamic thresholding (replaces clipping).
+    Args:
+        model_output: the network's output [B, C, ...] (x_t's shape), or [B, 2C, ...] (mean half
+            first, then the variance half) for var_type "learned" / "learned_range".
+        x_t: the current samples [B, C, ...] (float16 / bfloat16 / float32 / float64).
+        t: 0-based timesteps in [0, T): an integer tensor [B] on the inputs' device (one per
+            sample), or a Python int / 0-dim tensor used for every sample.
+        schedule: a ddpm_fast.NoiseSchedule (e.g. ``NoiseSchedule.named("linear", 1000)``, or a
+            respaced one); its float64 tables are cached on the device in float32 on first use.
+        mean_type: what the model's (mean) output predicts: "epsilon" (default, the noise),
+            "x0" (the clean sample), "x_prev" (the posterior mean of x_{t-1}) or "v"
+            (sqrt(abar) eps - sqrt(1 - abar) x0).
+        var_type: the model's variance: "fixed_small" (default, the posterior variance),
+            "fixed_large" (beta_t; improved-diffusion's create_gaussian_diffusion default),
+            "learned" (model_output's second channel half is the log variance) or
+            "learned_range" (the second half v in [-1, 1] interpolates log beta_t and the
+            clipped posterior log variance). With a learned type model_output has 2C channels.
+        clip_denoised: clamp the predicted x_0 to [-1, 1] before it is used. Default True.
+        dynamic_threshold: None (default) or a quantile p in (0, 1]: Imagen's dynamic
+            thresholding of the predicted x_0: per sample, s = the p-quantile of |x_0| clamped to
+            [1, sample_max_value], then x_0 = clamp(x_0, -s, s) / s. Used instead of clipping.
+        sample_max_value: the largest threshold dynamic thresholding may use (>= 1; default 1).
+        noise: the N(0, I) draw [B, C, ...] (x_t's shape and dtype), or None (default) to draw it
+            from seed or generator.
+        generator: used when noise and seed are None: a torch.Generator on x_t's device (default:
+            torch's global generator).
+        seed: an int in [0, 2**63): draw the noise from this seed; fused backends generate it
+            in-kernel (Philox-4x32-10, the stream of triton.language.randn), so a seed gives the
+            same noise on every backend to float32 rounding. Takes precedence over generator.
+        backend: "auto" (default: the compiled CUDA kernels for CUDA tensors, else Triton; the
+            compiled CPU extension for CPU tensors, else the reference), "reference" (plain
+            PyTorch, always available), "triton", "cpu" or "cuda". An unavailable backend raises
+            BackendUnavailableError saying why (``ddpm-fast info`` lists them).
+        validate: check that every t is in [0, T) (ValueError otherwise). None (default): on for
+            CPU tensors, off for CUDA tensors, where it would cost a host sync (an out-of-range t
+            there is still never read out of bounds; see the module docstring).
+
+    Returns:
+        dict with "sample" (x_{t-1}) and "pred_xstart", [B, C, ...] in x_t's dtype.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("linear", 1000)
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> for i in reversed(range(3)):  # the last three steps of a sampling loop
+        ...     eps = torch.zeros_like(x)  # stands in for the network
+        ...     x = F.p_sample_step(eps, x, i, schedule, seed=i)["sample"]
+        >>> x.shape, bool(torch.isfinite(x).all())
+        (torch.Size([2, 3, 8, 8]), True)
     """
     native = _cpu_native(backend, x_t, model_output, noise)
     if native is not None:
@@ -421,8 +744,53 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_d
 def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,
               sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None, seed=None,
               backend="auto", validate=None):
-    """One DDIM step from t to the schedule's previous step (respaced schedules work): dict
-    "sample" and "pred_xstart". var_type only says whether model_output carries a variance half."""
+    """One DDIM step from t to the schedule's previous step (works on respaced schedules).
+
+    Args:
+        model_output: the network's output [B, C, ...] (x_t's shape), or [B, 2C, ...] (mean half
+            first, then the variance half) for var_type "learned" / "learned_range".
+        x_t: the current samples [B, C, ...] (float16 / bfloat16 / float32 / float64).
+        t: 0-based timesteps in [0, T): an integer tensor [B] on the inputs' device (one per
+            sample), or a Python int / 0-dim tensor used for every sample.
+        schedule: a ddpm_fast.NoiseSchedule, usually respaced
+            (``schedule.respace(F.space_timesteps(1000, "ddim50"))``); t indexes its steps.
+        eta: the DDIM noise scale, >= 0 (default 0: deterministic; 1: DDPM-like variance).
+        clip_denoised: clamp the predicted x_0 to [-1, 1] before it is used. Default True.
+        dynamic_threshold: None (default) or a quantile p in (0, 1]: Imagen's dynamic
+            thresholding of the predicted x_0: per sample, s = the p-quantile of |x_0| clamped to
+            [1, sample_max_value], then x_0 = clamp(x_0, -s, s) / s. Used instead of clipping.
+        sample_max_value: the largest threshold dynamic thresholding may use (>= 1; default 1).
+        mean_type: what the model's (mean) output predicts: "epsilon" (default, the noise),
+            "x0" (the clean sample), "x_prev" (the posterior mean of x_{t-1}) or "v"
+            (sqrt(abar) eps - sqrt(1 - abar) x0).
+        var_type: only says whether model_output carries a variance half ("learned",
+            "learned_range": [B, 2C, ...], the half is ignored) or not ("fixed_small", default;
+            "fixed_large").
+        noise: the N(0, I) draw for eta > 0 (x_t's shape and dtype), or None to draw it from seed
+            or generator as in p_sample_step.
+        generator: a torch.Generator on x_t's device, used when noise and seed are None.
+        seed: an int in [0, 2**63): in-kernel Philox noise as in p_sample_step.
+        backend: "auto" (default: the compiled CUDA kernels for CUDA tensors, else Triton; the
+            compiled CPU extension for CPU tensors, else the reference), "reference" (plain
+            PyTorch, always available), "triton", "cpu" or "cuda". An unavailable backend raises
+            BackendUnavailableError saying why (``ddpm-fast info`` lists them).
+        validate: check that every t is in [0, T) (ValueError otherwise). None (default): on for
+            CPU tensors, off for CUDA tensors, where it would cost a host sync (an out-of-range t
+            there is still never read out of bounds; see the module docstring).
+
+    Returns:
+        dict with "sample" (x at the previous step) and "pred_xstart", [B, C, ...] in x_t's dtype.
+        eps is re-derived from the (clipped) x_0 as in improved-diffusion.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> ddim = F.NoiseSchedule.named("linear", 1000).respace(F.space_timesteps(1000, "ddim10"))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> for i in reversed(range(ddim.num_timesteps)):  # a 10-step DDIM loop, eta = 0
+        ...     x = F.ddim_step(torch.zeros_like(x), x, i, ddim)["sample"]
+        >>> x.shape, ddim.num_timesteps
+        (torch.Size([2, 3, 8, 8]), 10)
+    """
     native = _cpu_native(backend, x_t, model_output, noise)
     if native is not None:
         t = _cpu_model_args(t, x_t, schedule, mean_type, var_type)

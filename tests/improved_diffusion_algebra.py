@@ -1,7 +1,7 @@
 """improved-diffusion's own algebra for the decoder likelihood, to tie the reference to its outputs.
 
 improved-diffusion computes the bin mass as cdf(y+) - cdf(y-) with cdf = 0.5 (1 + tanh(...)). Far from
-the mean both cdfs round to 0 or 1 in float32 and the difference cancels: on shared/golden's inputs its
+the mean both cdfs round to 0 or 1 in float32 and the difference cancels: on the golden inputs (tests/data/) its
 float32 decoder term is off by up to 4% of the value that the same formula has in float64. ddpm_fast's
 reference computes the same function without that cancellation (reference._discretized_gaussian_log_likelihood).
 To compare against improved-diffusion's float32 numbers, the golden tests swap this algebra in.

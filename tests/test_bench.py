@@ -1,6 +1,6 @@
 """`ddpm-fast bench`: the --quick run end to end on the CPU and the files it writes; the byte
-counts of ddpm_fast.traffic; the check that gates timing; op and sync counting. No timings are
-asserted anywhere."""
+counts of ddpm_fast.traffic; the check that gates timing; op and sync counting; interleaved timing
+and the flags that mark unreliable rows. No timings are asserted anywhere."""
 import csv
 import datetime
 import importlib.util
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ddpm_fast import reference, traffic
-from ddpm_fast.bench import cases, check, measure
+from ddpm_fast.bench import cases, check, measure, reliability, report
 from ddpm_fast.bench.report import CSV_COLUMNS, SCHEMA
 from ddpm_fast.schedule import COLUMNS
 
@@ -50,6 +50,9 @@ def test_quick_json(quick_run):
     assert meta["copy_gbps"] > 0 and meta["copy_bytes"] > 0
     assert meta["kept_freed_memory"] is (platform.libc_ver()[0] == "glibc")  # mallopt needs glibc
     assert set(meta["copy_gbps_at"]) == {"8x3x32x32 float32"} and meta["copy_gbps_at"]["8x3x32x32 float32"] > 0
+    assert isinstance(meta["trustworthy"], bool) and meta["verdict"].startswith(
+        "TRUSTWORTHY" if meta["trustworthy"] else "NOT TRUSTWORTHY")
+    assert not meta["trustworthy"] and "--quick" in meta["verdict"]  # a smoke run is never a measurement
     shape = (8, 3, 32, 32)  # the --quick CPU size
     assert meta["sizes"] == ["8x3x32x32"] and meta["dtypes"] == ["float32"]
     for case in cases.CASES:
@@ -61,7 +64,7 @@ def test_quick_json(quick_run):
         assert ref["aten_ops"] > 1 and ref["syncs"] == 0  # the reference never syncs
         assert ref["speedup_vs_eager"] == pytest.approx(1.0)
         assert ref["gbps"] == pytest.approx(ref["bytes"] / (ref["median_ms"] * 1e-3) / 1e9)
-        assert ref["pct_copy_bw"] == pytest.approx(100 * ref["gbps"] / meta["copy_gbps_at"]["8x3x32x32 float32"])
+        assert ref["pct_copy_bw"] == pytest.approx(100 * ref["gbps"] / ref["copy_gbps_at_size"])
         assert mine["compile"]["status"] == "skipped"  # off under --quick
         for r in mine.values():
             assert r["size"] == "8x3x32x32" and r["device"] == "cpu" and r["dtype"] == "float32"
@@ -70,6 +73,10 @@ def test_quick_json(quick_run):
                 assert r["note"], r  # every row that was not timed says why
             if r["kind"] == "fused" and r["status"] == "ok":
                 assert r["check"] == "pass"
+            if r["status"] == "ok":  # every timed row is assessed, and a flagged one says why
+                assert r["rounds"] >= 1 and r["spread_pct"] == pytest.approx(100 * r["iqr_ms"] / r["median_ms"])
+                assert r["reliable"] is (r["flags"] == "") and bool(r["unreliable_why"]) is (r["flags"] != "")
+                assert set(filter(None, r["flags"].split(","))) <= {"spread", "load", "few", ">copy"}
         assert mine["triton"]["status"] == "skipped"  # never timed on the CPU
         if HAVE_DIFFUSERS:
             peer = mine["diffusers"]
@@ -114,6 +121,15 @@ def test_quick_csv_png_table(quick_run):
     for case in cases.CASES:
         assert case.label in table
     assert "Sampling loops" in table and "Not timed:" in table
+    assert max(len(line) for line in table.splitlines()) <= report.WIDTH
+    assert " ".join(table.split()).endswith(" ".join(results["meta"]["verdict"].split()))  # the verdict ends it
+    flagged = [r for r in results["rows"] if r["status"] == "ok" and not r["reliable"]]
+    for r in flagged:  # each flagged row is marked on its table line
+        assert any(line.startswith(f"{r['label']:<30} {r['backend']:<9}") and f"!{r['flags']}" in line
+                   for line in table.splitlines()), r
+    for r in table_rows:
+        if r["status"] == "ok":
+            assert r["reliable"] in ("True", "False") and (r["reliable"] == "False") is bool(r["flags"])
 
 
 def test_compile_path(tmp_path):
@@ -257,3 +273,68 @@ def test_time_calls_rotates_inputs():
     t = measure.time_calls(seen.append, sets, "cpu", measure.Budget(warmup=1, min_runs=5, min_seconds=0.0,
                                                                     max_runs=5, max_seconds=10.0))
     assert t.runs == 5 and seen == [0, 0, 1, 2, 0, 1]
+
+
+def test_time_interleaved_rotates_implementations_within_rounds():
+    calls = []
+    a = (lambda x: calls.append(("a", x)), [(0,), (1,)])
+    b = (lambda x: calls.append(("b", x)), [(5,)])
+    c = (lambda x: calls.append(("c", x)), [(7,)])
+    got = measure.time_interleaved([a, b, c], "cpu", measure.Budget(warmup=1, min_runs=3, min_seconds=0.0,
+                                                                    max_runs=3, max_seconds=10.0))
+    assert [t.runs for t in got.timings] == [3, 3, 3] and got.n_rounds == 3
+    timed = calls[3:]  # after one warm-up call each
+    # equally fast entries: one call each per round, the round's first entry rotating a, b, c
+    assert [name for name, _ in timed] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [x for name, x in timed if name == "a"] == [0, 1, 0]  # each entry rotates its own input sets
+    assert got.rounds == [[0, 1, 2]] * 3
+
+
+def test_time_interleaved_gives_fast_entries_more_calls_per_round():
+    import time
+
+    slow = (lambda: time.sleep(0.02), [()])
+    fast = (lambda: None, [()])
+    got = measure.time_interleaved([slow, fast], "cpu", measure.Budget(warmup=3, min_runs=2, min_seconds=0.0,
+                                                                       max_runs=20, max_seconds=10.0))
+    # the slow entry sets the rounds; the fast one gets up to max_runs // min_runs = 10 calls in each
+    assert got.timings[0].runs == 2 and 2 < got.timings[1].runs <= 20
+    assert set(got.rounds[1]) == {0, 1}
+
+
+def test_paired_ratio_quartiles_pairs_rounds():
+    base = measure.summarize([10.0, 20.0, 30.0])
+    other = measure.summarize([5.0, 5.0, 10.0, 15.0])
+    q = measure.paired_ratio_quartiles(base, [0, 1, 2], other, [0, 0, 1, 2])
+    assert q == pytest.approx((2.0, 2.0, 2.0))  # 10 / 5, 20 / 10, 30 / 15
+    assert measure.paired_ratio_quartiles(base, [0, 1, 2], other, [3, 3, 3, 3]) is None
+
+
+def test_load_between_counts_only_other_processes():
+    # 2 s of wall time; the machine was busy 3.0 core-seconds, 1.0 of them ours: others used 1 core
+    load = measure.load_between((10.0, 100.0, 5.0), (12.0, 103.0, 6.0))
+    assert load.other_cores == pytest.approx(1.0) and load.own_cores == pytest.approx(0.5)
+    assert measure.load_between((0.0, None, 0.0), (1.0, None, 0.5)).other_cores is None
+    probe = measure.LoadProbe().stop()
+    if os.path.exists("/proc/stat"):
+        assert probe.other_cores is not None and probe.other_cores >= 0
+
+
+def test_flags_mark_spread_load_few_and_copy():
+    limit = reliability.load_limit_cores("cpu", cpu_count=4, torch_threads=2)
+    assert limit == pytest.approx(2 + reliability.LOAD_SLACK_CORES)
+    good = {"runs": 50, "spread_pct": 5.0, "other_load_cores": 0.1, "pct_copy_bw": 70.0}
+    assert reliability.flags_of(good, limit) == []
+    assert [f for f, _ in reliability.flags_of(dict(good, spread_pct=35.0), limit)] == ["spread"]
+    assert [f for f, _ in reliability.flags_of(dict(good, other_load_cores=2.5), limit)] == ["load"]
+    assert [f for f, _ in reliability.flags_of(dict(good, runs=3), limit)] == ["few"]
+    assert [f for f, _ in reliability.flags_of(dict(good, pct_copy_bw=5412.0), limit)] == [">copy"]
+    assert reliability.flags_of(dict(good, other_load_cores=9.0), None) == []  # load unknown: not flagged
+    rows = [dict(good, status="ok"), dict(good, status="ok", spread_pct=35.0, other_load_cores=3.0)]
+    meta = {"load_limit_cores": limit, "quick": False}
+    reliability.assess_rows(rows, meta)
+    assert rows[0]["reliable"] and not rows[1]["reliable"] and rows[1]["flags"] == "spread,load"
+    ok, text = reliability.verdict({"meta": meta, "rows": rows, "loops": []})
+    assert not ok and text.startswith("NOT TRUSTWORTHY: 1 of 2 timed rows") and "load: 1, spread: 1" in text
+    ok, text = reliability.verdict({"meta": meta, "rows": rows[:1], "loops": []})
+    assert ok and text.startswith("TRUSTWORTHY")

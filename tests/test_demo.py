@@ -26,6 +26,7 @@ def test_demo_runs_a_few_steps(tmp_path, capsys):
     assert rc == 0
     for name in ("checkpoint.pt", "metrics.json", "bpd_curve.png", "samples_ddpm.png", "samples_ddim.png"):
         assert (out / name).stat().st_size > 0, name
+    assert (out / ".gitignore").read_text().splitlines()[-1] == "*"  # a results folder git ignores
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s for s, _ in metrics["bpd_curve"]] == [0, 4]
     bpd = metrics["heldout_bpd_final"]
@@ -40,3 +41,36 @@ def test_demo_runs_a_few_steps(tmp_path, capsys):
 def test_demo_rejects_bad_flags(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--num-samples", "0", "--out-dir", str(tmp_path)])
+
+
+def test_demo_help_gives_every_option_a_text_and_its_default(capsys):
+    from ddpm_fast.demo import _parser
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for action in _parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        assert f"(default:{action.default})" in text, action.dest
+    assert "(default:demo-results)" in text
+
+
+def test_version(capsys):
+    import ddpm_fast
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"ddpm-fast {ddpm_fast.__version__} (torch {torch.__version__}")
+
+
+def test_results_dir_ignores_itself_and_leaves_existing_folders_alone(tmp_path):
+    from ddpm_fast.bench.report import results_dir
+
+    new = results_dir(tmp_path / "a" / "b")
+    assert new.is_dir() and (new / ".gitignore").read_text().splitlines()[-1] == "*"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    results_dir(mine)
+    assert not (mine / ".gitignore").exists()

@@ -1,7 +1,7 @@
 """GaussianDiffusion / SpacedDiffusion / samplers against improved-diffusion's outputs and semantics.
 
 - Golden: the methods (on the reference backend: the class's semantics), called with a fake model
-  returning improved-diffusion's fixed model output, against shared/golden/ (improved-diffusion's own
+  returning improved-diffusion's fixed model output, against tests/data/ (improved-diffusion's own
   numbers) for every mean, variance and loss type. Tolerance as tests/test_golden.py: 4e-6 of the
   array's scale (float32 rounding).
 - Respaced: improved-diffusion defines SpacedDiffusion as GaussianDiffusion on the respaced betas
@@ -32,7 +32,7 @@ from ddpm_fast.diffusion import (
 from improved_diffusion_algebra import use_improved_diffusions_decoder
 from ddpm_fast.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "improved_diffusion_golden.npz"
+GOLDEN = pathlib.Path(__file__).resolve().parent / "data" / "improved_diffusion_golden.npz"
 MEAN_TYPES = ("epsilon", "x0", "x_prev")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
@@ -54,7 +54,8 @@ class FixedModel(torch.nn.Module):
 
 def _golden():
     if not GOLDEN.exists():
-        pytest.skip(f"golden file not found at {GOLDEN}")
+        pytest.fail(f"golden file missing: {GOLDEN} (part of the repository; see tests/data/README.md)",
+                    pytrace=False)
     return np.load(GOLDEN)
 
 

@@ -1,4 +1,4 @@
-"""The reference path against improved-diffusion's own outputs (shared/golden/, see its README).
+"""The reference path against improved-diffusion's own outputs (tests/data/, see its README).
 
 improved-diffusion gathers float64 tables into float32 and computes in float32, as we do, so a
 correct implementation agrees to float32 rounding: we allow 4e-6 of the array's scale (a few ulps
@@ -21,11 +21,35 @@ import ddpm_fast as F
 from improved_diffusion_algebra import discretized_gaussian_log_likelihood as id_decoder
 from improved_diffusion_algebra import use_improved_diffusions_decoder
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "improved_diffusion_golden.npz"
-if not GOLDEN.exists():
-    pytest.skip(f"golden file not found at {GOLDEN}", allow_module_level=True)
+GOLDEN = pathlib.Path(__file__).resolve().parent / "data" / "improved_diffusion_golden.npz"
 
-G = np.load(GOLDEN)
+
+class _Golden:
+    """The golden arrays, loaded on first use. The file ships with the repository: a missing one is a
+    failure of every test that needs it (never a skip), so a broken checkout cannot pass quietly."""
+
+    def __init__(self, path):
+        self.path, self._npz = path, None
+
+    def _load(self):
+        if self._npz is None:
+            if not self.path.exists():
+                pytest.fail(f"golden file missing: {self.path} (it is part of the repository; see "
+                            f"tests/data/README.md)", pytrace=False)
+            self._npz = np.load(self.path)
+        return self._npz
+
+    def __getitem__(self, key):
+        return self._load()[key]
+
+    def __contains__(self, key):
+        return key in self._load().files
+
+    def keys(self):
+        return self._load().files
+
+
+G = _Golden(GOLDEN)
 SCHEDULES = ("linear", "cosine")
 MEAN_TYPES = ("epsilon", "x0", "x_prev")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")

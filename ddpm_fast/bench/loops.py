@@ -15,7 +15,7 @@ import torch
 
 from .. import ops
 from .cases import DDIM_STEPS, SEED, T, schedules
-from .measure import count_ops
+from .measure import LoadProbe, count_ops
 
 LOOPS = (("ddpm", T), ("ddim", DDIM_STEPS))
 COUNTED = 10  # ops and syncs per step are counted over the first 10 steps
@@ -161,7 +161,8 @@ def run_loops(device, dtype, shape, impls, progress=None, max_steps=None) -> lis
                 fn, short = make(loop, device=device, run_steps=steps), make(loop, device=device, run_steps=COUNTED)
                 base = {"loop": loop, "steps": steps, "impl": name, "size": "x".join(map(str, shape)),
                         "total_ms": None, "net_ms": None, "outside_ms_per_step": None, "ops_per_step": None,
-                        "syncs_per_step": None, "status": "ok",
+                        "syncs_per_step": None, "status": "ok", "other_load_cores": None, "reliable": None,
+                        "flags": "", "unreliable_why": "",
                         "note": "" if steps == full else f"first {steps} of {full} steps only"}
                 eager = dict(base, mode="eager")
                 graph = dict(base, mode="cuda_graph")
@@ -171,7 +172,9 @@ def run_loops(device, dtype, shape, impls, progress=None, max_steps=None) -> lis
                 try:
                     short(net, x)  # warm-up
                     timed_net = _TimedNet(net, device)
+                    probe = LoadProbe()
                     total = _wall(fn, timed_net, x, device)
+                    eager["other_load_cores"] = probe.stop().other_cores
                     net_s = timed_net.seconds()
                     counter = count_ops(short, (net, x))
                 except Exception as exc:

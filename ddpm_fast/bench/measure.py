@@ -1,10 +1,16 @@
-"""Timing, copy bandwidth, and counting the tensor ops and host syncs of one call.
+"""Timing, copy bandwidth, machine load, and counting the tensor ops and host syncs of one call.
 
 Timing: warm-up calls, then one timed call at a time, rotating over several input sets so that
 no set stays in cache; CPU: time.perf_counter (monotonic); CUDA: a pair of CUDA events per call.
+The implementations of one op are timed interleaved (time_interleaved): every round runs each of
+them, in a rotated order, so that a change in the machine's load hits all of them alike instead of
+whichever happened to be timed at that moment. While they run, LoadProbe measures how much CPU time
+other processes took (Linux /proc/stat), so that a row timed on a busy machine can be flagged.
 """
 from __future__ import annotations
 
+import os
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -88,6 +94,157 @@ def time_calls(fn, input_sets, device, budget: Budget) -> Timing:
         if len(samples) >= budget.min_runs and spent >= budget.min_seconds:
             break
     return summarize(samples)
+
+
+def _time_one(fn, args, cuda: bool) -> float:
+    """Milliseconds of one call fn(*args)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - t0) * 1e3
+
+
+@dataclass
+class Interleaved:
+    """What time_interleaved measured: one Timing per entry, the round of each of its samples
+    (``rounds[i][j]`` is the round in which ``timings[i].samples_ms[j]`` was taken), the number of
+    rounds and the machine load over the whole measurement."""
+
+    timings: list
+    rounds: list
+    n_rounds: int
+    load: "Load"
+
+
+def time_interleaved(entries, device, budget: Budget) -> Interleaved:
+    """Time several implementations of one op against each other, interleaved.
+
+    ``entries``: a list of (fn, input_sets); each fn is called as fn(*input_sets[j]), rotating j
+    over its own sets. After each entry's warm-up, the entries run in rounds: a round calls every
+    entry, one timed call at a time, round-robin, starting with a different entry each round
+    (round r starts with entry r mod n). A fast entry gets several calls per round -- as many as
+    fit in one call of the slowest, at most max_runs // min_runs -- spread through the round, so
+    that every entry's samples cover the same stretch of wall time. Rounds continue until every
+    entry has min_runs samples and the entries together spent min_seconds each, or until they
+    spent max_seconds each in total, or every entry has max_runs samples.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = len(entries)
+    estimates = []
+    for fn, sets in entries:
+        t0, fastest = time.perf_counter(), math.inf
+        for i in range(max(1, budget.warmup)):  # at least one call; slow calls get fewer warm-up calls
+            sync(device)
+            fastest = min(fastest, _time_one(fn, sets[i % len(sets)], cuda))
+            if time.perf_counter() - t0 > budget.max_seconds / 2:
+                break
+        estimates.append(max(fastest, 1e-6))
+    cap = max(1, budget.max_runs // max(1, budget.min_runs))
+    reps = [max(1, min(cap, int(max(estimates) / e))) for e in estimates]
+    samples = [[] for _ in entries]
+    rounds = [[] for _ in entries]
+    calls = [0] * n
+    spent = 0.0
+    probe = LoadProbe()
+    rnd = 0
+    while True:
+        order = [(rnd + j) % n for j in range(n)]
+        for rep in range(max(reps)):
+            for i in order:
+                if rep >= reps[i] or len(samples[i]) >= budget.max_runs:
+                    continue
+                fn, sets = entries[i]
+                ms = _time_one(fn, sets[calls[i] % len(sets)], cuda)
+                calls[i] += 1
+                samples[i].append(ms)
+                rounds[i].append(rnd)
+                spent += ms / 1e3
+        rnd += 1
+        if spent >= budget.max_seconds * n or all(len(s) >= budget.max_runs for s in samples):
+            break
+        if all(len(s) >= budget.min_runs for s in samples) and spent >= budget.min_seconds * n:
+            break
+    return Interleaved([summarize(s) for s in samples], rounds, rnd, probe.stop())
+
+
+def paired_ratio_quartiles(base: Timing, base_rounds, other: Timing, other_rounds):
+    """(q1, median, q3) over rounds of median(base in that round) / median(other in that round):
+    the spread of a speedup measured interleaved. None with fewer than 2 common rounds."""
+    def by_round(timing, rounds):
+        out = {}
+        for ms, r in zip(timing.samples_ms, rounds):
+            out.setdefault(r, []).append(ms)
+        return {r: statistics.median(v) for r, v in out.items()}
+
+    a, b = by_round(base, base_rounds), by_round(other, other_rounds)
+    ratios = sorted(a[r] / b[r] for r in a.keys() & b.keys() if b[r] > 0)
+    if len(ratios) < 2:
+        return None
+    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, med, q3
+
+
+# -- machine load ---------------------------------------------------------------------------
+@dataclass
+class Load:
+    """CPU time taken by other processes while we measured, in cores (1.0 = one core busy all the
+    time), including time the hypervisor gave to other guests (steal). None where unknown."""
+
+    wall_s: float
+    other_cores: float | None
+    own_cores: float | None
+
+
+def _machine_busy_seconds():
+    """Seconds of CPU time every process (and, on a VM, steal) used since boot, from /proc/stat;
+    None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already inside user)
+    ticks = [int(x) for x in fields[1:9]]
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def load_between(start, end) -> Load:
+    """Load from two (wall s, machine busy s or None, own CPU s) snapshots."""
+    wall = max(end[0] - start[0], 1e-9)
+    own = (end[2] - start[2]) / wall
+    if start[1] is None or end[1] is None:
+        return Load(wall, None, own)
+    machine = (end[1] - start[1]) / wall
+    return Load(wall, max(0.0, machine - own), own)
+
+
+class LoadProbe:
+    """Started on construction; stop() returns the Load since then."""
+
+    def __init__(self):
+        self.start = snapshot()
+
+    def stop(self) -> Load:
+        return load_between(self.start, snapshot())
+
+
+def snapshot():
+    return time.perf_counter(), _machine_busy_seconds(), _own_seconds()
 
 
 def copy_bandwidth(device, nbytes: int, budget: Budget) -> tuple:

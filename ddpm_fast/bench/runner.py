@@ -16,6 +16,7 @@ import functools
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
         return host.main(args)
     import torch
 
-    from . import measure
+    from . import measure, reliability
     from .loops import LOOPS, run_loops
     from .report import SCHEMA, table, write_all
 
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
     discovery_s = time.perf_counter() - t_discover
     gpu = dev == "cuda"
     if args.quick:
-        budget = measure.Budget(warmup=1, min_runs=3, min_seconds=0.01, max_runs=20, max_seconds=0.15)
+        budget = measure.Budget(warmup=1, min_runs=5, min_seconds=0.01, max_runs=20, max_seconds=0.15)
     elif gpu:
         budget = measure.Budget(warmup=10, min_runs=50, min_seconds=0.2, max_runs=2000, max_seconds=1.0)
     else:
@@ -268,7 +269,9 @@ def main(argv=None) -> int:
             "dtypes": [str(d).replace("torch.", "") for d in dtypes], "sizes": ["x".join(map(str, s)) for s in sizes],
             "impls": [n for n, _ in impls], "budget": vars(budget), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": _loadavg(),
-            "discovery_s": discovery_s}
+            "discovery_s": discovery_s,
+            "load_limit_cores": reliability.load_limit_cores(dev, os.cpu_count() or 1, torch.get_num_threads()),
+            "spread_limit_pct": reliability.SPREAD_LIMIT_PCT}
     meta.update(_versions())
     print(f"ddpm-fast bench on {meta['device_name']} ({device}); implementations: {', '.join(meta['impls'])}",
           file=sys.stderr)
@@ -298,13 +301,18 @@ def main(argv=None) -> int:
         for r in loops:
             r["dtype"] = str(loop_dtype).replace("torch.", "")
     progress.close()
+    reliability.assess_loops(loops, meta)
+    # the copy rate at each size: median over the op cases (each measured in its own rounds)
+    meta["copy_gbps_at"] = {k: statistics.median(v) for k, v in meta["copy_gbps_at"].items() if v}
     meta["elapsed_s"] = time.perf_counter() - started
     meta["loadavg_end"] = _loadavg()
     results = {"meta": meta, "rows": rows, "loops": loops, "skipped_backends": skipped}
+    meta["trustworthy"], meta["verdict"] = reliability.verdict(results)
     paths = write_all(results, args.out)
     print(table(results))
     print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['table']}; chart: {paths['png']}")
     print(f"total {meta['elapsed_s']:.1f} s")
+    print(meta["verdict"].split(";")[0].split(". ")[0].rstrip(".") + ".")  # the verdict, last
     return 0
 
 
@@ -315,7 +323,7 @@ def _bench_case(case, shape, dtype, device, impls, skipped, budget, meta, args, 
     import torch
 
     from .. import ops, reference
-    from . import check, measure, peers
+    from . import check, measure, peers, reliability
 
     size = "x".join(map(str, shape))
     dt = str(dtype).replace("torch.", "")
@@ -326,27 +334,24 @@ def _bench_case(case, shape, dtype, device, impls, skipped, budget, meta, args, 
     sets = [first] + [case.inputs(shape, dtype, device, gen)
                       for _ in range(measure.rotation_count(set_bytes, device, args.quick) - 1)]
 
-    copy_key = f"{size} {dt}"
-    if copy_key not in meta["copy_gbps_at"]:  # the copy rate at this working set: the %copy yardstick
-        # as many copy sources as cover the op's rotated working set (same cache footprint)
-        one = math.prod(shape) * dtype.itemsize
-        meta["copy_gbps_at"][copy_key] = measure.copy_bandwidth_at(shape, dtype, device,
-                                                                   -(-len(sets) * set_bytes // one), budget)
-
     def row(backend, kind, **kw):
         r = {"op": case.name, "label": case.label, "api": case.op, "backend": backend, "kind": kind, "size": size,
              "device": str(device), "dtype": dt, "status": "ok", "check": "n/a", "max_rel_err": None,
              "median_ms": None, "q1_ms": None, "q3_ms": None, "iqr_ms": None, "runs": 0,
              "speedup_vs_eager": None, "speedup_vs_compile": None, "bytes": nbytes, "gbps": None,
              "pct_copy_bw": None, "aten_ops": None, "kernels": None, "syncs": None, "h2d": None,
-             "compile_s": None, "note": "", "input_sets": len(sets)}
+             "compile_s": None, "note": "", "input_sets": len(sets), "rounds": None, "spread_pct": None,
+             "speedup_vs_eager_q1": None, "speedup_vs_eager_q3": None, "speedup_vs_compile_q1": None,
+             "speedup_vs_compile_q3": None, "copy_gbps_at_size": None, "other_load_cores": None,
+             "reliable": None, "flags": "", "unreliable_why": ""}
         r.update(kw)
         return r
 
     out = [row(name, "skipped", status="skipped", note=why) for name, why in skipped.items()]
     fresh = None  # check inputs and reference outputs, shared by every implementation checked
+    timed = []  # (row, call, argument sets, count ops?) of every implementation that passed its check
     for name, kind in impls:
-        progress.note(f"{case.name} {name} {size} {dt}")
+        progress.note(f"{case.name} {name} {size} {dt} (check)")
         r = row(name, kind)
         out.append(r)
         try:
@@ -357,10 +362,8 @@ def _bench_case(case, shape, dtype, device, impls, skipped, budget, meta, args, 
                     continue
                 r["label"], r["note"] = case.label, peer.name
                 r["max_rel_err"] = check.peer_error(peer, case, sets[0])
-                call = peer.call
-                arg_sets = [s.args + (peer.timestep(s.t0),) for s in sets]
-                with torch.no_grad():
-                    _time_and_count(r, call, arg_sets, device, budget, count=True)
+                timed.append((r, functools.partial(_no_grad, peer.call),
+                              [s.args + (peer.timestep(s.t0),) for s in sets], True))
                 continue
             if kind == "compiled":
                 # A fresh compile per op variant, size and dtype, so that compile_s is its own
@@ -391,41 +394,85 @@ def _bench_case(case, shape, dtype, device, impls, skipped, budget, meta, args, 
                 if not res.ok:
                     r.update(status="failed_check", note=f"not timed: {res.detail}")
                     continue
-            call = functools.partial(_run, case, fn)
-            _time_and_count(r, call, [s.args for s in sets], device, budget, count=kind != "compiled")
+            timed.append((r, functools.partial(_run, case, fn), [s.args for s in sets], kind != "compiled"))
         except Exception as exc:  # report and go on with the next implementation
-            r.update(status="error", note=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
-        finally:
-            progress.update(1)
-    _speedups(out, meta["copy_gbps_at"][copy_key])
+            r.update(status="error", note=_why(exc))
+
+    # The %copy yardstick: x.clone() over as many sources as cover the op's rotated working set
+    # (the same cache footprint), timed in the same rounds as the implementations.
+    one = math.prod(shape) * dtype.itemsize
+    copy_srcs = [(torch.empty(shape, dtype=dtype, device=device).uniform_(),)
+                 for _ in range(max(1, -(-len(sets) * set_bytes // one)))]
+    progress.note(f"{case.name} {size} {dt}: timing {len(timed)} implementations interleaved")
+    entries = [(call, arg_sets) for _, call, arg_sets, _ in timed] + [(torch.clone, copy_srcs)]
+    try:
+        got = measure.time_interleaved(entries, device, budget)
+    except Exception:  # an implementation failed while timed: find it, time the others without it
+        for r, call, arg_sets, _ in timed:
+            try:
+                for args_ in arg_sets:
+                    call(*args_)
+            except Exception as exc:
+                r.update(status="error", note=f"failed while timed: {_why(exc)}")
+        timed = [e for e in timed if e[0]["status"] == "ok"]
+        entries = [(call, arg_sets) for _, call, arg_sets, _ in timed] + [(torch.clone, copy_srcs)]
+        got = measure.time_interleaved(entries, device, budget)
+    copy_t = got.timings[-1]
+    copy_gbps = 2 * one / (copy_t.median_ms * 1e-3) / 1e9
+    for i, (r, call, arg_sets, count) in enumerate(timed):
+        t = got.timings[i]
+        r.update(median_ms=t.median_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms, iqr_ms=t.iqr_ms, runs=t.runs,
+                 rounds=got.n_rounds, spread_pct=100.0 * t.iqr_ms / t.median_ms if t.median_ms > 0 else None,
+                 other_load_cores=got.load.other_cores, copy_gbps_at_size=copy_gbps,
+                 _samples=(t, got.rounds[i]))
+        if count:
+            try:
+                c = measure.count_ops(call, arg_sets[0])
+                r.update(aten_ops=c.ops, kernels=c.kernels, syncs=c.syncs, h2d=c.h2d)
+            except Exception as exc:
+                r["note"] = (r["note"] + "; " if r["note"] else "") + f"ops not counted: {_why(exc)}"
+    meta["copy_gbps_at"].setdefault(f"{size} {dt}", []).append(copy_gbps)
+    progress.update(len(impls))
+    _speedups(out)
+    reliability.assess_rows(out, meta)
+    for r in out:
+        r.pop("_samples", None)
     if device.type == "cuda":
-        del sets, fresh
+        del sets, fresh, copy_srcs, entries
         torch.cuda.empty_cache()
     return out
+
+
+def _no_grad(fn, *args):
+    import torch
+
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _why(exc) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def _run(case, fn, *args):
     return case.run(fn, args)
 
 
-def _time_and_count(r, call, arg_sets, device, budget, *, count):
+def _speedups(rows):
+    """GB/s, %copy and the speedups of every timed row; the speedups' spread from the rounds in
+    which both implementations ran (interleaved timing pairs them)."""
     from . import measure
 
-    timing = measure.time_calls(call, arg_sets, device, budget)
-    r.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms, iqr_ms=timing.iqr_ms,
-             runs=timing.runs)
-    if count:
-        c = measure.count_ops(call, arg_sets[0])
-        r.update(aten_ops=c.ops, kernels=c.kernels, syncs=c.syncs, h2d=c.h2d)
-
-
-def _speedups(rows, copy_gbps):
     ok = {r["backend"]: r for r in rows if r["status"] == "ok" and r["median_ms"]}
     eager, compiled = ok.get("reference"), ok.get("compile")
     for r in ok.values():
         r["gbps"] = r["bytes"] / (r["median_ms"] * 1e-3) / 1e9
-        r["pct_copy_bw"] = 100.0 * r["gbps"] / copy_gbps
-        if eager:
-            r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"]
-        if compiled:
-            r["speedup_vs_compile"] = compiled["median_ms"] / r["median_ms"]
+        if r.get("copy_gbps_at_size"):
+            r["pct_copy_bw"] = 100.0 * r["gbps"] / r["copy_gbps_at_size"]
+        for base, key in ((eager, "speedup_vs_eager"), (compiled, "speedup_vs_compile")):
+            if base is None:
+                continue
+            r[key] = base["median_ms"] / r["median_ms"]
+            q = measure.paired_ratio_quartiles(*base["_samples"], *r["_samples"])
+            if q is not None:
+                r[key + "_q1"], r[key + "_q3"] = q[0], q[2]
