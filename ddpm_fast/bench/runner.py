@@ -57,6 +57,8 @@ def _parser():
     p.add_argument("--out", default="bench-results", help="output folder (default: bench-results/)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs (default: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--e2e", action="store_true", help="the end-to-end benchmark instead (training and sampling "
+                   "loops with real U-Nets; its own options: `ddpm-fast bench --e2e --help`)")
     return p
 
 
@@ -216,6 +218,10 @@ class _Progress:
 
 
 def main(argv=None) -> int:
+    if "--e2e" in (sys.argv[1:] if argv is None else argv):  # its own parser: see bench/e2e.py
+        from .e2e import main as e2e_main
+
+        return e2e_main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--e2e"])
     args = _parser().parse_args(argv)
     import torch
 
