@@ -46,6 +46,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -556,13 +557,14 @@ def _f(x, fmt, none="-"):
 def table(results: dict) -> str:
     """The console table (lines of at most 100 characters)."""
     meta = results["meta"]
-    lines = [f"ddpm-fast bench --e2e: {meta['device_name']} ({meta['device']})",
-             f"torch {meta['torch_version']}, diffusers {meta['diffusers_version']}, {meta['torch_threads']} torch "
-             f"threads, fused backend: {meta['fused_backend']}, {meta.get('elapsed_s', 0):.0f} s, {meta['timestamp']}"]
+    head = (f"ddpm-fast bench --e2e: {meta['device_name']} ({meta['device']}); torch {meta['torch_version']}, "
+            f"diffusers {meta['diffusers_version']}, {meta['torch_threads']} torch threads, fused backend: "
+            f"{meta['fused_backend']}; {meta.get('elapsed_s', 0):.0f} s in all, {meta['timestamp']}")
+    lines = textwrap.wrap(head, 100)
     loads = [x for x in (meta.get("loadavg_start"), meta.get("loadavg_end")) if x is not None]
     if loads and meta["device"].startswith("cpu") and max(loads) > (meta.get("cpu_count") or 1):
-        lines.append(f"WARNING: load average {max(loads):.1f} on {meta['cpu_count']} cores: other processes shared "
-                     f"the CPU; times are inflated and noisy")
+        lines += textwrap.wrap(f"WARNING: load average {max(loads):.1f} on {meta['cpu_count']} cores: other "
+                               f"processes shared the CPU; times are inflated and noisy", 100)
     if meta["quick"]:
         lines.append("QUICK MODE: a smoke run of a few steps of everything; not a measurement")
     if meta["fused_backend"] == "reference":
