@@ -5,7 +5,7 @@ Two networks: diffusers' UNet2DModel in a small configuration (3x32x32, 32/64 ch
 (ddpm_fast.demo_model, 1x8x8, width 32, 2 output channels).
 
 Training: improved-diffusion's recipe (hybrid loss: MSE on eps + the vb term of a learned-range
-variance, cosine schedule, T = 1000, AdamW, EMA of the weights), with the uniform and the loss-aware
+variance, cosine schedule, T = 1000, AdamW at lr 1e-4, EMA of the weights at 0.9999), with the uniform and the loss-aware
 (loss-second-moment) timestep sampler, run two ways from the same initial weights, data, noise and
 sampler seed: "eager" (GaussianDiffusion with backend="reference": improved-diffusion's algebra in
 plain PyTorch) and "fused" (backend="auto": the compiled kernels). The two ways run in lockstep, one
@@ -243,7 +243,7 @@ class _Trainer:
     """One way of training: a diffusion with its backend, a copy of the network, AdamW, EMA and a
     timestep sampler with its own seeded generator."""
 
-    def __init__(self, way, net, sampler_name, device, clock, seed, lr=2e-4, ema_rate=0.9999):
+    def __init__(self, way, net, sampler_name, device, clock, seed, lr=1e-4, ema_rate=0.9999):
         from ..diffusion import create_gaussian_diffusion
         from ..resample import create_named_schedule_sampler
 
@@ -419,7 +419,7 @@ def sample_two_ways(spec_name, net, image, batch, loop, run_steps, warmup, devic
         gens = {w: torch.Generator(device).manual_seed(seed + 1) for w in WAYS_SAMPLE}
         return scheds, {w: x.clone() for w in WAYS_SAMPLE}, gens
 
-    def one(way, sched, x, ts, gen, timed):
+    def one(sched, x, ts, gen, timed):
         t_batch = ts.to(device).expand(batch)
         m0 = clock.mark()
         out = timed(x, t_batch)
@@ -439,7 +439,7 @@ def sample_two_ways(spec_name, net, image, batch, loop, run_steps, warmup, devic
             for i, ts in enumerate(scheds["diffusers"].timesteps[:n]):
                 order = WAYS_SAMPLE if i % 2 == 0 else WAYS_SAMPLE[::-1]
                 for w in order:
-                    xs[w], st = one(w, scheds[w], xs[w], ts, gens[w], timed)
+                    xs[w], st = one(scheds[w], xs[w], ts, gens[w], timed)
                     if phase == "timed":
                         stamps[w].append(st)
                 if progress and phase == "timed" and (i + 1) % 50 == 0:
@@ -519,10 +519,10 @@ def run_e2e(device, quick: bool, out_dir, *, full: bool = False, seed: int = 0, 
         torch.manual_seed(seed + 5)
         net = _demo_net(SWEEP_CHANNELS)
         for batch in SWEEP_BATCHES:
-            rows, _, _ = train_two_ways("demo-unet", net, image, batch, "uniform", device,
-                                     plan.sweep_train_steps + 1, 1, seed + 3, say)
+            rows, _, trained = train_two_ways("demo-unet", net, image, batch, "uniform", device,
+                                              plan.sweep_train_steps + 1, 1, seed + 3, say)
             sweep += [_sweep_row("train", r) for r in rows]
-            rows = sample_two_ways("demo-unet", net, image, batch, "ddpm", plan.sweep_sample_steps, 1, device,
+            rows = sample_two_ways("demo-unet", trained, image, batch, "ddpm", plan.sweep_sample_steps, 1, device,
                                    seed + 9, say)
             sweep += [_sweep_row("ddpm", r) for r in rows]
     meta["elapsed_s"] = time.perf_counter() - started
