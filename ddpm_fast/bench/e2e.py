@@ -5,14 +5,17 @@ Two networks: diffusers' UNet2DModel in a small configuration (3x32x32, 32/64 ch
 (ddpm_fast.demo_model, 1x8x8, width 32, 2 output channels).
 
 Training: improved-diffusion's recipe (hybrid loss: MSE on eps + the vb term of a learned-range
-variance, cosine schedule, T = 1000, AdamW at lr 1e-4, EMA of the weights at 0.9999), with the uniform and the loss-aware
-(loss-second-moment) timestep sampler, run two ways from the same initial weights, data, noise and
-sampler seed: "eager" (GaussianDiffusion with backend="reference": improved-diffusion's algebra in
-plain PyTorch) and "fused" (backend="auto": the compiled kernels). The two ways run in lockstep, one
-step of each in turn (alternating which goes first), so that a busy machine slows both alike. The
-loss-aware sampler's history is pre-filled (improved-diffusion's sampler is uniform until every t
-has 10 losses, which a short run never reaches): its importance-sampled draw and its update are
-what is timed. Data: fixed synthetic 8-bit images (smooth random fields), not a dataset.
+variance, cosine schedule, T = 1000, AdamW at lr 1e-4, EMA of the weights at 0.9999), with the
+uniform and the loss-aware (loss-second-moment) timestep sampler, run two ways from the same
+initial weights, data, noise and sampler seed: "eager" (GaussianDiffusion with backend="reference":
+improved-diffusion's algebra in plain PyTorch) and "fused" (backend="auto": the compiled kernels).
+The two ways run in lockstep, one step of each in turn (alternating which goes first), so that a
+busy machine slows both alike. The loss-aware sampler's history is pre-filled (improved-diffusion's
+sampler is uniform until every t has 10 losses, which a short run never reaches): its
+importance-sampled draw and its update are what is timed. Data: fixed synthetic 8-bit images
+(smooth random fields), not a dataset. Default sizes (chosen to run in under 3 minutes on a 2-core
+CPU): 10 training steps (2 warm-up) at batch 8 (diffusers U-Net) and 64 (demo U-Net); sampling at
+batch 4 and 8, the diffusers U-Net's DDPM loop cut to its first 100 of 1000 steps (--full: all).
 
 Per training step (medians over the timed steps; the first steps are warm-up): total time, the
 network's forward and backward (backward: from the moment the gradient of the network's output
@@ -345,6 +348,9 @@ def _median_row(per_step: list) -> dict:
 
 def train_two_ways(spec_name, net, image, batch, sampler_name, device, plan_steps, warmup, seed, progress=None):
     """Train ``net`` two ways in lockstep: (rows per way, agreement dict, the fused way's trained network)."""
+    size = "x".join(map(str, (batch, *image)))
+    if progress:
+        progress(f"train {spec_name} {size}, {sampler_name} sampler: {plan_steps} steps each way")
     clock = Clock(device)
     trainers = {w: _Trainer(w, net, sampler_name, device, clock, seed + 17) for w in WAYS_TRAIN}
     data = synthetic_images(max(256, batch), image, seed).to(device)
@@ -356,13 +362,11 @@ def train_two_ways(spec_name, net, image, batch, sampler_name, device, plan_step
         order = WAYS_TRAIN if i % 2 == 0 else WAYS_TRAIN[::-1]
         for w in order:
             trainers[w].step(x0, noise, count_memory=(i == 0))
-        if progress:
-            progress(f"train {spec_name} {sampler_name} {'x'.join(map(str, (batch, *image)))} step {i + 1}/{plan_steps}")
     rows = []
     for w, tr in trainers.items():
         per_step = tr.times(warmup)
-        row = {"model": spec_name, "sampler": sampler_name, "way": w, "backend": tr.diffusion.backend if w == "eager"
-               else _fused_backend(device), "size": "x".join(map(str, (batch, *image))), "steps": plan_steps,
+        row = {"model": spec_name, "sampler": sampler_name, "way": w,
+               "backend": "reference" if w == "eager" else _fused_backend(device), "size": size, "steps": plan_steps,
                "timed_steps": len(per_step), **_median_row(per_step),
                "loss_saved_bytes": tr.saved.loss_bytes, "net_saved_bytes": tr.saved.net_bytes,
                "peak_step_bytes": tr.peak_bytes, "losses": [float(v) for v in torch.stack(tr.losses).cpu()]}
@@ -431,6 +435,9 @@ def sample_two_ways(spec_name, net, image, batch, loop, run_steps, warmup, devic
         m2 = clock.mark()
         return x, (m0, m1, m2)
 
+    if progress:
+        progress(f"sample {spec_name} {'x'.join(map(str, (batch, *image)))}, {loop}: {run_steps} of {full} steps "
+                 f"each way")
     stamps = {w: [] for w in WAYS_SAMPLE}
     with torch.no_grad():
         for phase, n in (("warmup", warmup), ("timed", run_steps)):
@@ -442,12 +449,11 @@ def sample_two_ways(spec_name, net, image, batch, loop, run_steps, warmup, devic
                     xs[w], st = one(scheds[w], xs[w], ts, gens[w], timed)
                     if phase == "timed":
                         stamps[w].append(st)
-                if progress and phase == "timed" and (i + 1) % 50 == 0:
-                    progress(f"sample {spec_name} {loop} step {i + 1}/{n}")
     clock.resolve()
     rows = []
     for w in WAYS_SAMPLE:
-        per = [{"total_ms": clock.ms(a, c), "net_ms": clock.ms(a, b), "step_ms": clock.ms(b, c)} for a, b, c in stamps[w]]
+        per = [{"total_ms": clock.ms(a, c), "net_ms": clock.ms(a, b), "step_ms": clock.ms(b, c)}
+               for a, b, c in stamps[w]]
         med = {k: statistics.median(p[k] for p in per) for k in per[0]}
         loop_ms = sum(p["total_ms"] for p in per)
         loop_net = sum(p["net_ms"] for p in per)
