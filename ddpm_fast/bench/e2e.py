@@ -131,17 +131,18 @@ class Plan:
     ddpm_steps: dict  # model name -> DDPM steps to run
     ddim_steps: int
     sample_warmup: int  # DDPM / DDIM steps run (and discarded) before the timed loop
-    sweep_train_steps: int  # timed training steps per sweep point (after one warm-up)
-    sweep_sample_steps: int  # timed DDPM steps per sweep point (after one warm-up)
+    sweep_train_steps: dict  # image size -> timed training steps per sweep point (after one warm-up)
+    sweep_sample_steps: dict  # image size -> timed DDPM steps per sweep point (after one warm-up)
 
     @staticmethod
     def make(quick: bool, full: bool) -> "Plan":
         if quick:
             return Plan(train_steps=3, warmup=1, ddpm_steps={m.name: 2 for m in MODELS}, ddim_steps=2,
-                        sample_warmup=1, sweep_train_steps=1, sweep_sample_steps=1)
+                        sample_warmup=1, sweep_train_steps={n: 1 for n in SWEEP_SIZES},
+                        sweep_sample_steps={n: 1 for n in SWEEP_SIZES})
         ddpm = {m.name: (T if full else m.ddpm_steps) for m in MODELS}
         return Plan(train_steps=10, warmup=2, ddpm_steps=ddpm, ddim_steps=DDIM_STEPS, sample_warmup=2,
-                    sweep_train_steps=3, sweep_sample_steps=5)
+                    sweep_train_steps={8: 8, 32: 3}, sweep_sample_steps={8: 20, 32: 5})
 
 
 # -- clocks and timed network ------------------------------------------------------------------
@@ -362,9 +363,10 @@ def train_two_ways(spec_name, net, image, batch, sampler_name, device, plan_step
         order = WAYS_TRAIN if i % 2 == 0 else WAYS_TRAIN[::-1]
         for w in order:
             trainers[w].step(x0, noise, count_memory=(i == 0))
-    rows = []
+    rows, nets = [], []
     for w, tr in trainers.items():
         per_step = tr.times(warmup)
+        nets += [p["net_ms"] for p in per_step]
         row = {"model": spec_name, "sampler": sampler_name, "way": w,
                "backend": "reference" if w == "eager" else _fused_backend(device), "size": size, "steps": plan_steps,
                "timed_steps": len(per_step), **_median_row(per_step),
@@ -373,12 +375,23 @@ def train_two_ways(spec_name, net, image, batch, sampler_name, device, plan_step
         rows.append(row)
     agree = _agreement(spec_name, sampler_name, rows[0]["losses"], rows[1]["losses"],
                        trainers["eager"].ts, trainers["fused"].ts)
-    eager, fused = rows
-    for r in rows:
-        r["speedup_total"] = eager["total_ms"] / r["total_ms"]
-        r["speedup_outside"] = eager["outside_ms"] / r["outside_ms"] if r["outside_ms"] > 0 else None
-        r["speedup_math"] = eager["math_ms"] / r["math_ms"] if r["math_ms"] > 0 else None
+    _speedups(rows, statistics.median(nets))
     return rows, agree, trainers["fused"].net
+
+
+def _speedups(rows, pooled_net_ms):
+    """Speedups of each row against the first (the eager / diffusers way): of the step as measured
+    (speedup_total); of the step with the network's time taken as the median over both ways' steps
+    (speedup_same_net: the network does the same work either way, so this keeps only what the ways
+    do differently, without the network's timing noise, which on a busy machine swamps it); of the
+    time outside the network and of the diffusion math."""
+    ref = rows[0]
+    for r in rows:
+        r["pooled_net_ms"] = pooled_net_ms
+        r["speedup_total"] = ref["total_ms"] / r["total_ms"]
+        r["speedup_same_net"] = (pooled_net_ms + ref["outside_ms"]) / (pooled_net_ms + r["outside_ms"])
+        r["speedup_outside"] = ref["outside_ms"] / r["outside_ms"] if r["outside_ms"] > 0 else None
+        r["speedup_math"] = ref["math_ms"] / r["math_ms"] if r["math_ms"] > 0 else None
 
 
 def _agreement(model, sampler, eager_losses, fused_losses, eager_ts, fused_ts) -> dict:
@@ -450,10 +463,11 @@ def sample_two_ways(spec_name, net, image, batch, loop, run_steps, warmup, devic
                     if phase == "timed":
                         stamps[w].append(st)
     clock.resolve()
-    rows = []
+    rows, nets = [], []
     for w in WAYS_SAMPLE:
         per = [{"total_ms": clock.ms(a, c), "net_ms": clock.ms(a, b), "step_ms": clock.ms(b, c)}
                for a, b, c in stamps[w]]
+        nets += [p["net_ms"] for p in per]
         med = {k: statistics.median(p[k] for p in per) for k in per[0]}
         loop_ms = sum(p["total_ms"] for p in per)
         loop_net = sum(p["net_ms"] for p in per)
@@ -465,10 +479,7 @@ def sample_two_ways(spec_name, net, image, batch, loop, run_steps, warmup, devic
                      "math_share": statistics.median(p["step_ms"] / p["total_ms"] for p in per),
                      "loop_ms": loop_ms, "loop_outside_ms": loop_ms - loop_net,
                      "note": "" if run_steps == full else f"first {run_steps} of {full} steps"})
-    ref = rows[0]
-    for r in rows:
-        r["speedup_total"] = ref["total_ms"] / r["total_ms"]
-        r["speedup_outside"] = ref["outside_ms"] / r["outside_ms"] if r["outside_ms"] > 0 else None
+    _speedups(rows, statistics.median(nets))
     diff = float((xs["diffusers"].float() - xs["fast"].float()).abs().max())
     for r in rows:
         r["max_abs_diff"] = diff
@@ -526,10 +537,10 @@ def run_e2e(device, quick: bool, out_dir, *, full: bool = False, seed: int = 0, 
         net = _demo_net(SWEEP_CHANNELS)
         for batch in SWEEP_BATCHES:
             rows, _, trained = train_two_ways("demo-unet", net, image, batch, "uniform", device,
-                                              plan.sweep_train_steps + 1, 1, seed + 3, say)
+                                              plan.sweep_train_steps[size] + 1, 1, seed + 3, say)
             sweep += [_sweep_row("train", r) for r in rows]
-            rows = sample_two_ways("demo-unet", trained, image, batch, "ddpm", plan.sweep_sample_steps, 1, device,
-                                   seed + 9, say)
+            rows = sample_two_ways("demo-unet", trained, image, batch, "ddpm", plan.sweep_sample_steps[size], 1,
+                                   device, seed + 9, say)
             sweep += [_sweep_row("ddpm", r) for r in rows]
     meta["elapsed_s"] = time.perf_counter() - started
     meta["loadavg_end"] = _loadavg()
@@ -540,7 +551,7 @@ def run_e2e(device, quick: bool, out_dir, *, full: bool = False, seed: int = 0, 
 
 def _sweep_row(kind, r) -> dict:
     keys = ("way", "size", "total_ms", "net_ms", "outside_ms", "math_ms", "outside_share", "math_share",
-            "speedup_total")
+            "pooled_net_ms", "speedup_total", "speedup_same_net", "speedup_outside", "speedup_math")
     return {"kind": kind, **{k: r[k] for k in keys}}
 
 
@@ -548,7 +559,8 @@ def _sweep_row(kind, r) -> dict:
 CSV_COLUMNS = (
     "section", "model", "sampler", "loop", "kind", "way", "backend", "size", "steps", "timed_steps", "steps_run",
     "steps_full", "total_ms", "net_fwd_ms", "net_bwd_ms", "net_ms", "outside_ms", "math_ms", "sampler_ms",
-    "optim_ms", "other_ms", "outside_share", "math_share", "speedup_total", "speedup_outside", "speedup_math",
+    "optim_ms", "other_ms", "outside_share", "math_share", "pooled_net_ms", "speedup_total", "speedup_same_net",
+    "speedup_outside", "speedup_math",
     "loss_saved_bytes", "net_saved_bytes", "peak_step_bytes", "max_abs_diff", "steps_compared", "step0_rel_diff",
     "max_rel_diff_first", "max_rel_diff_all", "same_timesteps", "rtol", "agree", "note", "device", "device_name",
     "torch_version", "ddpm_fast_version", "timestamp",
@@ -575,48 +587,62 @@ def table(results: dict) -> str:
         lines.append("QUICK MODE: a smoke run of a few steps of everything; not a measurement")
     if meta["fused_backend"] == "reference":
         lines.append("WARNING: no fused backend available here: the 'fused' way ran the reference")
+    lines += textwrap.wrap(
+        "ms per step, medians. net: the network (training: forward + backward); outside: the rest of the step; "
+        "math: the diffusion math (training: q_sample + loss forward + loss backward; sampling: the scheduler's "
+        "step). x tot: speedup of the step as measured; x =net: of the step with the network's time pooled "
+        "over both ways (same network: its timing noise left out); x out, x math: of the time outside the "
+        "network, of the math.", 100)
     plan = meta["plan"]
-    lines += ["", f"Training step: improved-diffusion recipe (hybrid loss, cosine T={T}, AdamW + EMA), eager "
-              f"reference", f"vs fused ops, same seed. ms, medians of {plan['train_steps'] - plan['warmup']} steps "
-              f"after {plan['warmup']} warm-up. net = forward + backward", "of the network; math = q_sample + loss "
-              "fwd + loss bwd; x = speedup vs eager; loss MB: saved tensors"]
+    lines += ["", *textwrap.wrap(
+        f"Training: improved-diffusion's recipe (hybrid loss, cosine T={T}, AdamW + EMA), eager reference vs "
+        f"fused ops, same seed; {plan['train_steps'] - plan['warmup']} steps timed after {plan['warmup']} warm-up",
+        100)]
     head = (f"{'model':<15}{'sampler':<11}{'way':<6}{'total':>7}{'net':>7}{'outside':>8}{'math':>7}"
-            f"{'out%':>6}{'math%':>6}{'x tot':>6}{'x out':>6}{'x math':>7}{'loss MB':>8}")
+            f"{'out%':>6}{'math%':>6}{'x tot':>6}{'x =net':>7}{'x out':>6}{'x math':>7}")
     lines += [head, "-" * len(head)]
     for r in results["train"]:
         lines.append(f"{r['model']:<15}{SAMPLER_LABEL.get(r['sampler'], r['sampler']):<11}{r['way']:<6}"
                      f"{r['total_ms']:>7.1f}{r['net_ms']:>7.1f}{r['outside_ms']:>8.2f}{r['math_ms']:>7.2f}"
                      f"{100 * r['outside_share']:>6.1f}{100 * r['math_share']:>6.1f}{r['speedup_total']:>6.2f}"
-                     f"{_f(r['speedup_outside'], '.2f'):>6}{_f(r['speedup_math'], '.2f'):>7}"
-                     f"{r['loss_saved_bytes'] / 2**20:>8.2f}")
-    lines += ["", f"Loss curves, eager vs fused: relative difference per step (agree: same timesteps and <= "
-              f"{AGREE_RTOL:g}", f"over the first {AGREE_STEPS} steps)"]
-    head = f"{'model':<15}{'sampler':<11}{'step 0':>9}{'first':>9}{'all':>9}{'same t':>8}{'agree':>7}"
+                     f"{r['speedup_same_net']:>7.2f}{_f(r['speedup_outside'], '.2f'):>6}"
+                     f"{_f(r['speedup_math'], '.2f'):>7}")
+    lines += ["", *textwrap.wrap(
+        f"Loss curves, eager vs fused: relative difference of the loss per step (agree: the same timesteps and "
+        f"<= {AGREE_RTOL:g} over the first {AGREE_STEPS} steps); MB: tensors saved by the loss's autograd graph",
+        100)]
+    head = (f"{'model':<15}{'sampler':<11}{'step 0':>9}{'first':>9}{'all':>9}{'same t':>8}{'agree':>7}"
+            f"{'MB eager':>10}{'MB fused':>10}")
     lines += [head, "-" * len(head)]
+    saved = {(r["model"], r["sampler"], r["way"]): r["loss_saved_bytes"] / 2**20 for r in results["train"]}
     for a in results["agreement"]:
+        key = (a["model"], a["sampler"])
         lines.append(f"{a['model']:<15}{SAMPLER_LABEL.get(a['sampler'], a['sampler']):<11}{a['step0_rel_diff']:>9.1e}"
                      f"{a['max_rel_diff_first']:>9.1e}{a['max_rel_diff_all']:>9.1e}"
-                     f"{'yes' if a['same_timesteps'] else 'NO':>8}{'yes' if a['agree'] else 'NO':>7}")
-    lines += ["", "Sampling: diffusers' schedulers vs ddpm_fast's Fast ones, same model, noise and generator.",
-              "ms per step (medians); steps: run / in the loop; diff: max |sample difference| at the end"]
-    head = (f"{'model':<15}{'loop':<5}{'way':<10}{'size':>10}{'steps':>10}{'total':>8}{'net':>8}{'outside':>8}"
-            f"{'out%':>6}{'x tot':>6}{'x out':>6}{'diff':>8}")
+                     f"{'yes' if a['same_timesteps'] else 'NO':>8}{'yes' if a['agree'] else 'NO':>7}"
+                     f"{saved[key + ('eager',)]:>10.2f}{saved[key + ('fused',)]:>10.2f}")
+    sizes = ", ".join(dict.fromkeys(f"{r['model']} {r['size']}" for r in results["sample"]))
+    lines += ["", *textwrap.wrap(
+        f"Sampling: diffusers' schedulers vs ddpm_fast's Fast ones, same model, noise and generator ({sizes}). "
+        f"steps: run / in the loop; diff: max |difference| of the two ways' samples at the end", 100)]
+    head = (f"{'model':<15}{'loop':<5}{'way':<10}{'steps':>10}{'total':>8}{'net':>8}{'outside':>8}"
+            f"{'out%':>6}{'x tot':>6}{'x =net':>7}{'x out':>6}{'diff':>8}")
     lines += [head, "-" * len(head)]
     for r in results["sample"]:
-        lines.append(f"{r['model']:<15}{r['loop']:<5}{r['way']:<10}{r['size']:>10}"
+        lines.append(f"{r['model']:<15}{r['loop']:<5}{r['way']:<10}"
                      f"{str(r['steps_run']) + '/' + str(r['steps_full']):>10}{r['total_ms']:>8.2f}{r['net_ms']:>8.2f}"
                      f"{r['outside_ms']:>8.3f}{100 * r['outside_share']:>6.1f}{r['speedup_total']:>6.2f}"
-                     f"{_f(r['speedup_outside'], '.2f'):>6}{r['max_abs_diff']:>8.1e}")
-    lines += ["", f"Sweep: the demo U-Net ({SWEEP_CHANNELS} channels), a training step (uniform sampler) and a DDPM "
-              f"sampling step:", "share of the step outside the network and in the diffusion math, ms per step "
-              "(medians)"]
-    head = (f"{'step':<6}{'size':<12}{'way':<11}{'total':>9}{'net':>9}{'outside':>9}{'out%':>7}{'math%':>7}"
-            f"{'x total':>8}")
+                     f"{r['speedup_same_net']:>7.2f}{_f(r['speedup_outside'], '.2f'):>6}{r['max_abs_diff']:>8.1e}")
+    lines += ["", *textwrap.wrap(
+        f"Sweep: the demo U-Net ({SWEEP_CHANNELS} channels), a training step (uniform sampler) and a DDPM sampling "
+        f"step: share of the step outside the network and in the diffusion math", 100)]
+    head = (f"{'step':<6}{'size':<12}{'way':<10}{'total':>9}{'net':>9}{'outside':>9}{'out%':>6}{'math%':>6}"
+            f"{'x tot':>6}{'x =net':>7}{'x out':>6}")
     lines += [head, "-" * len(head)]
     for r in results["sweep"]:
-        lines.append(f"{r['kind']:<6}{r['size']:<12}{r['way']:<11}{r['total_ms']:>9.2f}{r['net_ms']:>9.2f}"
-                     f"{r['outside_ms']:>9.3f}{100 * r['outside_share']:>7.1f}{100 * r['math_share']:>7.1f}"
-                     f"{r['speedup_total']:>8.2f}")
+        lines.append(f"{r['kind']:<6}{r['size']:<12}{r['way']:<10}{r['total_ms']:>9.2f}{r['net_ms']:>9.2f}"
+                     f"{r['outside_ms']:>9.3f}{100 * r['outside_share']:>6.1f}{100 * r['math_share']:>6.1f}"
+                     f"{r['speedup_total']:>6.2f}{r['speedup_same_net']:>7.2f}{_f(r['speedup_outside'], '.2f'):>6}")
     return "\n".join(lines)
 
 
