@@ -57,7 +57,7 @@ def test_training_rows(quick_run):
         assert len(r["losses"]) == plan["train_steps"] and all(v > 0 for v in r["losses"])
         assert 0 < r["net_fwd_ms"] and 0 < r["net_bwd_ms"]
         assert r["net_ms"] == pytest.approx(r["net_fwd_ms"] + r["net_bwd_ms"], rel=1e-6)
-        # quick: 2 timed steps, so medians are means and the parts add up exactly
+        # quick: one timed step, so the medians are its values and the parts add up exactly
         assert r["outside_ms"] == pytest.approx(r["total_ms"] - r["net_ms"], rel=1e-6, abs=1e-9)
         assert 0 < r["math_ms"] <= r["outside_ms"] < r["total_ms"]
         assert 0 < r["math_share"] <= r["outside_share"] < 1

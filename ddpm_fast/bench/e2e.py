@@ -137,7 +137,7 @@ class Plan:
     @staticmethod
     def make(quick: bool, full: bool) -> "Plan":
         if quick:
-            return Plan(train_steps=3, warmup=1, ddpm_steps={m.name: 2 for m in MODELS}, ddim_steps=2,
+            return Plan(train_steps=2, warmup=1, ddpm_steps={m.name: 2 for m in MODELS}, ddim_steps=2,
                         sample_warmup=1, sweep_train_steps={n: 1 for n in SWEEP_SIZES},
                         sweep_sample_steps={n: 1 for n in SWEEP_SIZES})
         ddpm = {m.name: (T if full else m.ddpm_steps) for m in MODELS}
@@ -252,7 +252,9 @@ class _Trainer:
         from ..resample import create_named_schedule_sampler
 
         self.way = way
+        # improved-diffusion's defaults (script_util): rescaled learned sigmas and timesteps
         self.diffusion = create_gaussian_diffusion(steps=T, learn_sigma=True, noise_schedule="cosine",
+                                                   rescale_learned_sigmas=True, rescale_timesteps=True,
                                                    backend="reference" if way == "eager" else "auto")
         self.net = copy.deepcopy(net).to(device).train()
         self.ema = [p.detach().clone() for p in self.net.parameters()]
