@@ -659,8 +659,10 @@ def csv_rows(results: dict) -> list:
 
 
 def plot(results: dict, path) -> bool:
-    """The sweep as a PNG: per step kind and image size, each batch and way's step split into network,
-    diffusion math and the rest (% of the step; total ms above each bar). False without matplotlib."""
+    """The sweep as a PNG: per step kind and image size, each batch and way's step split into the
+    network (its median over both ways' steps: the same network), the diffusion math and the rest
+    outside the network, in ms, stacked, as % of their sum; the sum in ms above each bar. False
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -671,38 +673,40 @@ def plot(results: dict, path) -> bool:
     sweep, meta = results["sweep"], results["meta"]
     kinds = [k for k in ("train", "ddpm") if any(r["kind"] == k for r in sweep)]
     sizes = list(dict.fromkeys(r["size"].split("x", 1)[1] for r in sweep))
-    fig, axes = plt.subplots(len(kinds), len(sizes), figsize=(4.2 * len(sizes), 3.4 * len(kinds)), squeeze=False)
-    colors = {"network": "#9aa5b1", "diffusion math": "#d9534f", "other": "#f0ad4e"}
+    fig, axes = plt.subplots(len(kinds), len(sizes), figsize=(4.2 * len(sizes), 3.3 * len(kinds) + 0.5),
+                             squeeze=False)
+    colors = {"network (same for both ways)": "#9aa5b1", "diffusion math": "#d9534f",
+              "other outside the network (AdamW, EMA, t sampler)": "#f0ad4e"}
     for i, kind in enumerate(kinds):
         for j, size in enumerate(sizes):
             ax = axes[i][j]
             rows = [r for r in sweep if r["kind"] == kind and r["size"].split("x", 1)[1] == size]
-            labels, x = [], 0
-            for r in rows:
-                parts = {"network": r["net_ms"], "diffusion math": r["math_ms"],
-                         "other": max(0.0, r["outside_ms"] - r["math_ms"])}
-                total = sum(parts.values())
-                bottom = 0.0
-                for name, v in parts.items():
+            labels = []
+            for x, r in enumerate(rows):
+                parts = (r["pooled_net_ms"], r["math_ms"], max(0.0, r["outside_ms"] - r["math_ms"]))
+                total, bottom = sum(parts), 0.0
+                for name, v in zip(colors, parts):
                     share = 100 * v / total if total > 0 else 0
-                    ax.bar(x, share, bottom=bottom, color=colors[name], label=name if x == 0 else None, width=0.8)
+                    ax.bar(x, share, bottom=bottom, color=colors[name], width=0.8,
+                           label=name if (i, j, x) == (0, 0, 0) else None)
                     bottom += share
-                ms = r["total_ms"]
-                ax.text(x, 101, f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}", ha="center", va="bottom", fontsize=6.5)
+                ax.text(x, 101, f"{total:.0f}" if total >= 100 else f"{total:.3g}", ha="center", va="bottom",
+                        fontsize=6.5)
                 labels.append(f"B{r['size'].split('x')[0]}\n{r['way']}")
-                x += 1
             ax.set_xticks(range(len(labels)), labels, fontsize=6.5)
             ax.set_ylim(0, 112)
             ax.set_ylabel("% of step time", fontsize=8)
             step = "training step" if kind == "train" else "DDPM sampling step"
-            ax.set_title(f"{step}, {size} (ms above bars)", fontsize=8.5)
+            ax.set_title(f"{step}, {size} (ms per step above bars)", fontsize=8.5)
             ax.tick_params(axis="y", labelsize=7)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
-    fig.suptitle(f"ddpm-fast bench --e2e: demo U-Net ({SWEEP_CHANNELS} channels), step time split; "
-                 f"{meta['device_name'][:70]}"
-                 + (" (QUICK)" if meta["quick"] else ""), fontsize=9)
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
+    loads = [x for x in (meta.get("loadavg_start"), meta.get("loadavg_end")) if x is not None]
+    busy = (f", load avg up to {max(loads):.0f} (busy)" if loads and meta["device"].startswith("cpu")
+            and max(loads) > (meta.get("cpu_count") or 1) else "")
+    fig.suptitle(f"ddpm-fast bench --e2e: demo U-Net ({SWEEP_CHANNELS} channels), where a step's time goes\n"
+                 f"{meta['device_name'][:80]}{busy}" + (" (QUICK: not a measurement)" if meta["quick"] else ""),
+                 fontsize=8.5)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
