@@ -23,8 +23,8 @@ arrives, an autograd hook, to the end of loss.backward()), time outside the netw
 diffusion math (q_sample + the loss forward + the loss backward up to the network's output), the
 timestep sampler, and the optimiser (zero_grad, AdamW, EMA). Memory: the bytes of the tensors the
 loss's autograd graph saves (distinct storages, torch.autograd.graph.saved_tensors_hooks; the
-network's own are counted apart); on CUDA also the peak allocated during the step. The loss curves
-of the two ways are compared step by step.
+network's own are counted apart); on CUDA also the peak allocated during the step (both on the last
+warm-up step). The loss curves of the two ways are compared step by step.
 
 Sampling: a 1000-step DDPM loop (learned-range variance) and a 50-step DDIM loop (eta = 0), with
 diffusers' DDPMScheduler / DDIMScheduler and with ddpm_fast's FastDDPMScheduler / FastDDIMScheduler,
@@ -268,15 +268,16 @@ class _Trainer:
         self.device, self.clock = device, clock
         self.timed = TimedNet(self.net, clock)
         self.losses, self.ts, self.segments = [], [], []
-        self.saved = None
+        self.saved, self.peak_bytes = None, None
 
     def step(self, x0, noise, count_memory=False):
-        """One training step; appends its loss, timesteps and time segments (ms, resolved later)."""
+        """One training step, in improved-diffusion's order (losses, the loss-aware sampler's update,
+        backward, optimiser, EMA); appends its loss, timesteps and time stamps. count_memory: also
+        count the saved tensors (and on CUDA the step's peak allocation)."""
         clock, timed = self.clock, self.timed
         timed.reset()
-        peak = None
         if count_memory and self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
         m0 = clock.mark()
@@ -286,16 +287,17 @@ class _Trainer:
             self.saved = SavedBytes(timed)
             with self.saved.hooks():
                 terms = self.diffusion.training_losses(timed, x0, t, noise=noise)
+                loss = (terms["loss"] * weights).mean()
         else:
             terms = self.diffusion.training_losses(timed, x0, t, noise=noise)
-        loss = (terms["loss"] * weights).mean()
+            loss = (terms["loss"] * weights).mean()
         m2 = clock.mark()
-        self.opt.zero_grad(set_to_none=True)
-        m3 = clock.mark()
-        loss.backward()
-        m4 = clock.mark()
         if self.loss_aware:
             self.sampler.update_with_local_losses(t, terms["loss"].detach())
+        m3 = clock.mark()
+        self.opt.zero_grad(set_to_none=True)
+        m4 = clock.mark()
+        loss.backward()
         m5 = clock.mark()
         self.opt.step()
         with torch.no_grad():
@@ -303,12 +305,11 @@ class _Trainer:
                 avg.lerp_(p.detach(), 1.0 - self.ema_rate)
         m6 = clock.mark()
         if count_memory and self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated(self.device) - base
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - base
         self.losses.append(loss.detach())
         self.ts.append(t)
         self.segments.append(((m0, m1, m2, m3, m4, m5, m6), list(timed.forwards), list(timed.grad_arrived)))
-        self.peak_bytes = peak if count_memory else getattr(self, "peak_bytes", None)
 
     def times(self, skip: int) -> list:
         """Per timed step: dict of ms segments (resolves the stamps)."""
@@ -317,13 +318,13 @@ class _Trainer:
         out = []
         for (m0, m1, m2, m3, m4, m5, m6), forwards, grads in self.segments[skip:]:
             net_fwd = sum(ms(a, b) for a, b in forwards)
-            grad_at = grads[0] if grads else m4
-            loss_bwd, net_bwd = ms(m3, grad_at), ms(grad_at, m4)
+            grad_at = grads[0] if grads else m5
+            loss_bwd, net_bwd = ms(m4, grad_at), ms(grad_at, m5)
             total = ms(m0, m6)
             math_ms = ms(m1, m2) - net_fwd + loss_bwd
             out.append({"total_ms": total, "net_fwd_ms": net_fwd, "net_bwd_ms": net_bwd, "net_ms": net_fwd + net_bwd,
                         "outside_ms": total - net_fwd - net_bwd, "math_ms": math_ms,
-                        "sampler_ms": ms(m0, m1) + ms(m4, m5), "optim_ms": ms(m2, m3) + ms(m5, m6)})
+                        "sampler_ms": ms(m0, m1) + ms(m2, m3), "optim_ms": ms(m3, m4) + ms(m5, m6)})
         return out
 
 
@@ -363,8 +364,8 @@ def train_two_ways(spec_name, net, image, batch, sampler_name, device, plan_step
         x0 = data[idx.to(device)]
         noise = torch.randn((batch, *image), generator=gen).to(device)
         order = WAYS_TRAIN if i % 2 == 0 else WAYS_TRAIN[::-1]
-        for w in order:
-            trainers[w].step(x0, noise, count_memory=(i == 0))
+        for w in order:  # memory: counted on the last warm-up step (not the first: lazy set-up)
+            trainers[w].step(x0, noise, count_memory=(i == max(0, warmup - 1)))
     rows, nets = [], []
     for w, tr in trainers.items():
         per_step = tr.times(warmup)
