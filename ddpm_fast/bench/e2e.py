@@ -192,9 +192,6 @@ class TimedNet:
     def _grad_hook(self, grad):
         self.grad_arrived.append(self.clock.mark())
 
-    def forward_ms(self) -> float:
-        return sum(self.clock.ms(a, b) for a, b in self.forwards)
-
 
 class SavedBytes:
     """saved_tensors_hooks that add up the distinct storages saved for backward, split into those
