@@ -570,6 +570,11 @@ def _f(x, fmt, none="-"):
     return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _ms(v) -> str:
+    """Milliseconds in at most 5 characters below 10 s: 3 significant digits or more."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
 def table(results: dict) -> str:
     """The console table (lines of at most 100 characters)."""
     meta = results["meta"]
@@ -596,13 +601,15 @@ def table(results: dict) -> str:
         f"Training: improved-diffusion's recipe (hybrid loss, cosine T={T}, AdamW + EMA), eager reference vs "
         f"fused ops, same seed; {plan['train_steps'] - plan['warmup']} steps timed after {plan['warmup']} warm-up",
         100)]
-    head = (f"{'model':<15}{'sampler':<11}{'way':<6}{'total':>7}{'net':>7}{'outside':>8}{'math':>7}"
-            f"{'out%':>6}{'math%':>6}{'x tot':>6}{'x =net':>7}{'x out':>6}{'x math':>7}")
+    lines.append("fwd, bwd: the network's forward and backward; out: outside the network")
+    head = (f"{'model':<15}{'sampler':<11}{'way':<6}{'total':>7}{'fwd':>6}{'bwd':>6}{'out':>6}{'math':>6}"
+            f"{'out%':>5}{'math%':>6}{'x tot':>6}{'x =net':>7}{'x out':>6}{'x math':>7}")
     lines += [head, "-" * len(head)]
     for r in results["train"]:
         lines.append(f"{r['model']:<15}{SAMPLER_LABEL.get(r['sampler'], r['sampler']):<11}{r['way']:<6}"
-                     f"{r['total_ms']:>7.1f}{r['net_ms']:>7.1f}{r['outside_ms']:>8.2f}{r['math_ms']:>7.2f}"
-                     f"{100 * r['outside_share']:>6.1f}{100 * r['math_share']:>6.1f}{r['speedup_total']:>6.2f}"
+                     f"{_ms(r['total_ms']):>7}{_ms(r['net_fwd_ms']):>6}{_ms(r['net_bwd_ms']):>6}"
+                     f"{_ms(r['outside_ms']):>6}{_ms(r['math_ms']):>6}"
+                     f"{100 * r['outside_share']:>5.1f}{100 * r['math_share']:>6.1f}{r['speedup_total']:>6.2f}"
                      f"{r['speedup_same_net']:>7.2f}{_f(r['speedup_outside'], '.2f'):>6}"
                      f"{_f(r['speedup_math'], '.2f'):>7}")
     lines += ["", *textwrap.wrap(
