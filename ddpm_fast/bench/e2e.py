@@ -34,7 +34,9 @@ Loops may be cut short (see --full / --quick): every row says how many of the st
 Sweep: the demo U-Net (3 channels) at 8x8 and 32x32, batch 1, 8 and 64: the share of a training
 step and of a DDPM sampling step outside the network, each way; plotted as a PNG.
 
-Timings are wall clock (perf_counter) on the CPU and CUDA events on a GPU.
+Timings are wall clock (perf_counter) on the CPU and CUDA events on a GPU. Speedups are given as
+measured and with the network's time pooled over both ways (the same network does the same work
+either way; on a busy machine its timing noise is larger than what the ways change).
 """
 from __future__ import annotations
 
@@ -739,7 +741,7 @@ def _parser():
     p.add_argument("--device", help="cpu or cuda[:N] (default: a GPU if there is one, else the CPU)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps of everything (not a measurement)")
     p.add_argument("--full", action="store_true", help="run every sampling loop to its last step (default: the "
-                   "diffusers U-Net's DDPM loop runs its first 100 of 1000 steps)")
+                   "diffusers U-Net's DDPM loop runs its first 100 of 1000 steps; --full adds minutes on a CPU)")
     p.add_argument("--out", default="bench-results", help="output folder (default: bench-results/)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--seed", type=int, default=0)
