@@ -488,9 +488,31 @@ def sample_two_ways(spec_name, net, image, batch, loop, run_steps, warmup, devic
 
 # -- the whole run -----------------------------------------------------------------------------
 def _device_name(device) -> str:
-    from .runner import _device_name as name
+    """The GPU's name, or the CPU's model name with its core and torch thread counts."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
-    return name(device)
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    from .. import __version__
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"ddpm_fast_version": __version__, "torch_version": torch.__version__, "diffusers_version":
+            version("diffusers")}
 
 
 def _loadavg():
@@ -504,8 +526,6 @@ def run_e2e(device, quick: bool, out_dir, *, full: bool = False, seed: int = 0, 
     """Run the end-to-end benchmark on ``device`` and write e2e.json, e2e.csv, e2e.txt and
     e2e_<device>.png to ``out_dir``. quick: a smoke run of a few steps of everything; full: every
     sampling loop to its last step. Returns the results dict (also the JSON)."""
-    from .runner import _versions
-
     device = torch.device(device)
     started = time.perf_counter()
     plan = Plan.make(quick, full)
@@ -581,7 +601,7 @@ def table(results: dict) -> str:
     """The console table (lines of at most 100 characters)."""
     meta = results["meta"]
     head = (f"ddpm-fast bench --e2e: {meta['device_name']} ({meta['device']}); torch {meta['torch_version']}, "
-            f"diffusers {meta['diffusers_version']}, {meta['torch_threads']} torch threads, fused backend: "
+            f"diffusers {meta['diffusers_version']}, fused backend: "
             f"{meta['fused_backend']}; {meta.get('elapsed_s', 0):.0f} s in all, {meta['timestamp']}")
     lines = textwrap.wrap(head, 100)
     loads = [x for x in (meta.get("loadavg_start"), meta.get("loadavg_end")) if x is not None]
