@@ -142,7 +142,7 @@ class Plan:
                         sweep_sample_steps={n: 1 for n in SWEEP_SIZES})
         ddpm = {m.name: (T if full else m.ddpm_steps) for m in MODELS}
         return Plan(train_steps=10, warmup=2, ddpm_steps=ddpm, ddim_steps=DDIM_STEPS, sample_warmup=2,
-                    sweep_train_steps={8: 8, 32: 3}, sweep_sample_steps={8: 20, 32: 5})
+                    sweep_train_steps={8: 8, 32: 3}, sweep_sample_steps={8: 20, 32: 10})
 
 
 # -- clocks and timed network ------------------------------------------------------------------
