@@ -60,6 +60,8 @@ def _parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--host", action="store_true", help="time the host cost per call on tiny tensors, one thread, "
                    "and the CPU bandwidth floors instead (see ddpm_fast/bench/host.py)")
+    p.add_argument("--e2e", action="store_true", help="the end-to-end benchmark instead (training and sampling "
+                   "loops with real U-Nets; its own options: `ddpm-fast bench --e2e --help`)")
     return p
 
 
@@ -219,6 +221,10 @@ class _Progress:
 
 
 def main(argv=None) -> int:
+    if "--e2e" in (sys.argv[1:] if argv is None else argv):  # its own parser: see bench/e2e.py
+        from .e2e import main as e2e_main
+
+        return e2e_main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--e2e"])
     args = _parser().parse_args(argv)
     if args.host:
         from . import host
