@@ -62,6 +62,24 @@ def short(name: str) -> str:
     return f"{m.group(1).split('_')[0]} {m.group(3)}<{m.group(2)}>" if m else name[:80]
 
 
+# Per-SM limits of sm_80 (A100) and sm_90 (H100/H200), from the CUDA occupancy calculator's tables.
+SM_LIMITS = {"sm_80": dict(regs=65536, threads=2048, blocks=32, smem=167936),
+             "sm_90": dict(regs=65536, threads=2048, blocks=32, smem=233472)}
+
+
+def occupancy(registers: int, threads_per_block: int, arch: str = "sm_90", smem_per_block: int = 0) -> dict:
+    """Theoretical occupancy of a kernel: {blocks_per_sm, occupancy (resident warps / max warps)}.
+    Registers are allocated per warp in units of 256 (a thread's count rounded up to 8)."""
+    lim = SM_LIMITS[arch]
+    warps = -(-threads_per_block // 32)
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = lim["regs"] // (regs_per_warp * warps)
+    by_threads = lim["threads"] // (warps * 32)
+    by_smem = lim["smem"] // smem_per_block if smem_per_block else lim["blocks"]
+    blocks = min(by_regs, by_threads, by_smem, lim["blocks"])
+    return {"blocks_per_sm": blocks, "occupancy": blocks * warps * 32 / lim["threads"]}
+
+
 def nvcc_command(nvcc: str, archs, output: Path) -> list[str]:
     """The nvcc call that compiles kernels.cu to an object for ``archs`` with ptxas' report."""
     import torch

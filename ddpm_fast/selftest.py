@@ -270,6 +270,10 @@ def aot_triton(archs=(80, 90)) -> dict:
     if proc.returncode != 0:
         return {"checked": 0, "failures": ["triton AOT failed: " + " | ".join(proc.stderr.splitlines()[-5:])]}
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    from ._ptxas import occupancy
+
+    for r in rows:  # the launchers' 4 warps
+        r.update(occupancy(r["regs"], 128, f"sm_{r['arch']}") if r["regs"] > 0 else {})
     failures = [f"triton {r['kernel']} sm_{r['arch']}: {r['spill_stores']} B spill stores" for r in rows
                 if r["spill_stores"] or r["spill_loads"]]
     return {"checked": len(rows), "failures": failures, "kernels": rows}
@@ -283,6 +287,9 @@ def aot_cuda(archs=("80", "90")) -> dict:
     if nvcc is None:
         raise StageSkipped("nvcc not found (CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda)")
     rows = _ptxas.compile_kernels(nvcc, archs)
+    for r in rows:  # body kernels run 256 threads a block, finish kernels 128
+        threads = 128 if r["name"].startswith("finish") else 256
+        r.update(_ptxas.occupancy(r.get("registers", 255), threads, r["arch"]))
     failures = [f"cuda {r['name']} {r['arch']}: {r['spill_stores']} B spill stores" for r in rows
                 if r.get("spill_stores") or r.get("spill_loads")]
     return {"checked": len(rows), "failures": failures, "kernels": rows}

@@ -110,3 +110,25 @@ def test_gpu_model_counts_eager_traffic_above_the_fused_floor():
     n = 8 * 3 * 16 * 16 * 4
     assert q["eager_bytes"] >= 6 * n and q["fused_bytes"] >= 3 * n
     assert "H100" in gpu_model.table_text(table)
+
+
+def test_occupancy_from_registers():
+    from ddpm_fast._ptxas import occupancy
+
+    # 128 registers x 4 warps: 16 K registers a block -> 4 blocks of 65536 -> 16 of 64 warps
+    assert occupancy(128, 128) == {"blocks_per_sm": 4, "occupancy": 0.25}
+    # 80 registers round to 2560 a warp, 8 warps a block: 3 blocks (24 of 64 warps)
+    assert occupancy(80, 256, "sm_80") == {"blocks_per_sm": 3, "occupancy": 0.375}
+    # few registers: the 2048-thread limit decides
+    assert occupancy(16, 256) == {"blocks_per_sm": 8, "occupancy": 1.0}
+
+
+def test_parse_ptxas_report():
+    from ddpm_fast._ptxas import parse_ptxas
+
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    32 bytes stack frame, 0 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers\n")
+    assert parse_ptxas(log) == [{"kernel": "_Z3fooPf", "arch": "sm_90", "stack": 32, "spill_stores": 0,
+                                 "spill_loads": 4, "registers": 40}]
