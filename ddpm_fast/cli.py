@@ -9,12 +9,13 @@ SUBCOMMANDS = {
     "build": ("ddpm_fast.build", "compile the extension now, with progress (--cuda-emu: the emulated CUDA one too)"),
     "bench": ("ddpm_fast.bench", "check and time every op on every available backend"),
     "demo": ("ddpm_fast.demo", "train a small diffusion model on sklearn's digits end to end"),
+    "selftest": ("ddpm_fast.selftest", "on a new (GPU) machine: build, check, capture, bench; one report"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: ddpm-fast {" + ",".join(SUBCOMMANDS) + "} [options]", "       ddpm-fast --version", ""]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run `ddpm-fast COMMAND --help` for a command's options."]
     return "\n".join(lines)
 

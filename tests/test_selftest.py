@@ -1,0 +1,134 @@
+"""`ddpm-fast selftest` on a machine without a GPU: the CPU stages run and pass, every GPU stage is
+listed as skipped with its reason, one JSON and one summary are written; --dry-run lists the budget."""
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from ddpm_fast import ops, selftest
+from ddpm_fast.bench import cases
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+def test_dry_run_lists_every_stage_with_budget(capsys):
+    assert selftest.main(["--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for stage in selftest.STAGES:
+        assert stage.name in text
+        if stage.needs_gpu:
+            assert f"{stage.name:<11} {stage.budget_s:>4} s  GPU  skipped here: needs a CUDA GPU" in text
+    total = sum(s.budget_s for s in selftest.STAGES)
+    assert f"budget {total} s" in text and total <= 8 * 60
+
+
+def test_cpu_run_passes_and_skips_gpu_stages_with_reasons(tmp_path, capsys):
+    assert selftest.main(["--skip", "aot", "--out", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    report = json.loads((run_dir / "selftest.json").read_text())
+    by_name = {s["name"]: s for s in report["stages"]}
+    assert set(by_name) == {s.name for s in selftest.STAGES} - {"aot"}
+    assert report["passed"] is True
+    assert by_name["build"]["status"] == "passed" and by_name["build"]["backends"]["cpu"]["available"]
+    assert by_name["ops"]["status"] == "passed" and by_name["ops"]["checked"] > 0
+    assert "cpu" in by_name["ops"]["backends"]
+    for stage in selftest.STAGES:
+        if stage.needs_gpu:
+            assert by_name[stage.name]["status"] == "skipped"
+            assert "needs a CUDA GPU" in by_name[stage.name]["reason"]
+    summary = (run_dir / "summary.txt").read_text()
+    assert "PASSED" in summary and "skipped" in summary
+    assert summary in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout", selftest.LAYOUTS)
+def test_relayout_keeps_values_and_grad_flag(layout):
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    y = selftest.relayout(x, layout)
+    assert torch.equal(y, x.detach()) and y.requires_grad and y.is_leaf
+    assert y.is_contiguous() == (layout == "contiguous")
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+def test_ops_stage_reports_a_wrong_result_and_layout_dependent_noise(monkeypatch):
+    """A backend whose q_sample is off by 1e-3, and whose seeded DDPM step draws other noise for
+    channels_last inputs, fails both checks."""
+    real_q_sample, real_step = ops.q_sample, ops.p_sample_step
+
+    def off_q_sample(*args, **kwargs):
+        return real_q_sample(*args, **kwargs) + 1e-3
+
+    def layout_step(model_output, x_t, *args, **kwargs):
+        if kwargs.get("seed") is not None and x_t.is_contiguous(memory_format=torch.channels_last):
+            kwargs["seed"] += 1
+        return real_step(model_output, x_t, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "q_sample", off_q_sample)
+    monkeypatch.setattr(ops, "p_sample_step", layout_step)
+    monkeypatch.setattr(cases, "CASES", tuple(c for c in cases.CASES if c.name in ("q_sample", "p_sample_step")))
+    res = selftest.check_ops(torch.device("cpu"), ["cpu"], dtypes=(torch.float32,), layouts=("contiguous",
+                             "channels_last"), fuzz=0)
+    q_fail = [f for f in res["failures"] if f.startswith("q_sample cpu")]
+    noise_fail = [f for f in res["failures"] if "seeded sample in channels_last" in f]
+    assert q_fail and all("max error" in f for f in q_fail)
+    assert noise_fail and not any("seeded sample in contiguous" in f for f in res["failures"])
+
+
+def test_check_ops_runs_every_case_on_the_backend(monkeypatch):
+    calls = []
+    real = ops.q_sample
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "q_sample", spy)
+    monkeypatch.setattr(cases, "CASES", (cases.BY_NAME["q_sample"],))
+    res = selftest.check_ops(torch.device("cpu"), ["cpu", "reference"], dtypes=(torch.float32,), fuzz=1)
+    assert res["failures"] == [] and res["checked"] == 3 * 2 * len(selftest.LAYOUTS)
+    assert calls.count("cpu") == calls.count("reference") == 3 * len(selftest.LAYOUTS)
+
+
+def test_fused_backends_on_cpu_name_the_ones_that_cannot_run():
+    ok, why = selftest._fused_backends(torch.device("cpu"))
+    assert "cpu" in ok or "cpu" in why
+    assert set(ok) | set(why) == {"cpu", "cuda_emu"}
+    assert all(isinstance(r, str) and r for r in why.values())
+
+
+def test_gpu_model_counts_eager_traffic_above_the_fused_floor():
+    from ddpm_fast.bench import gpu_model
+
+    table = gpu_model.rows((8, 3, 16, 16), torch.float32)
+    assert [r["op"] for r in table] == [c.label for c in cases.CASES]
+    for r in table:
+        assert r["eager_bytes"] >= r["fused_bytes"] > 0 and r["eager_ops"] >= 1
+    q = table[0]  # q_sample: eager is x0 * a, noise * b, add: at least 3 full reads + 3 full writes
+    n = 8 * 3 * 16 * 16 * 4
+    assert q["eager_bytes"] >= 6 * n and q["fused_bytes"] >= 3 * n
+    assert "H100" in gpu_model.table_text(table)
+
+
+def test_occupancy_from_registers():
+    from ddpm_fast._ptxas import occupancy
+
+    # 128 registers x 4 warps: 16 K registers a block -> 4 blocks of 65536 -> 16 of 64 warps
+    assert occupancy(128, 128) == {"blocks_per_sm": 4, "occupancy": 0.25}
+    # 80 registers round to 2560 a warp, 8 warps a block: 3 blocks (24 of 64 warps)
+    assert occupancy(80, 256, "sm_80") == {"blocks_per_sm": 3, "occupancy": 0.375}
+    # few registers: the 2048-thread limit decides
+    assert occupancy(16, 256) == {"blocks_per_sm": 8, "occupancy": 1.0}
+
+
+def test_parse_ptxas_report():
+    from ddpm_fast._ptxas import parse_ptxas
+
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    32 bytes stack frame, 0 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers\n")
+    assert parse_ptxas(log) == [{"kernel": "_Z3fooPf", "arch": "sm_90", "stack": 32, "spill_stores": 0,
+                                 "spill_loads": 4, "registers": 40}]
