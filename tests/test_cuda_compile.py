@@ -6,86 +6,20 @@ kernel (pytest -s). Takes a few minutes on 2 cores: one nvcc call builds both ar
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.cpp_extension import include_paths
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+from ddpm_fast._ptxas import compile_kernels, find_nvcc
+
 ARCHS = ("80", "90")
 
 
-def find_nvcc() -> str | None:
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(env)
-        if root and (Path(root) / "bin" / "nvcc").exists():
-            return str(Path(root) / "bin" / "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.exists() else None
-
-
-def parse_ptxas(log: str) -> list[dict]:
-    """[{kernel, arch, registers, spill_stores, spill_loads, stack}] from `ptxas -v` output."""
-    rows, current = [], None
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
-        if m:
-            current = {"kernel": m.group(1), "arch": m.group(2)}
-            rows.append(current)
-            continue
-        if current is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            current["registers"] = int(m.group(1))
-    return rows
-
-
-def demangle(names: list[str]) -> list[str]:
-    cxxfilt = shutil.which("c++filt")
-    if not cxxfilt:
-        return names
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return out if len(out) == len(names) else names
-
-
-def short(name: str) -> str:
-    """body_kernel<float, ddpm::TrainElem<float>> -> 'body TrainElem<float>'."""
-    m = re.search(r"(body_kernel|finish_kernel)<(float|double), ddpm::(\w+)<", name)
-    return f"{m.group(1).split('_')[0]} {m.group(3)}<{m.group(2)}>" if m else name[:80]
-
-
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
-def test_cuda_kernels_compile_without_spills(tmp_path):
-    nvcc = find_nvcc()
-    cuda_inc = str(Path(nvcc).resolve().parent.parent / "include")
-    incs = [f"-I{CSRC}"]
-    for p in include_paths(device_type="cuda") + [cuda_inc]:
-        incs += ["-isystem", p]
-    gencode = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
-    cmd = [nvcc, "-c", str(CSRC / "cuda" / "kernels.cu"), "-o", str(tmp_path / "kernels.o"), "-std=c++20", "-O3",
-           "--expt-relaxed-constexpr", "-DDDPM_WITH_CUDA", "-Xptxas", "-v", "--threads", "2",
-           "-Xcompiler", "-fPIC", *gencode, *incs]
-    if torch._C._GLIBCXX_USE_CXX11_ABI is not None:
-        cmd.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, "nvcc failed:\n" + "\n".join(log.splitlines()[-40:])
-    rows = parse_ptxas(log)
-    names = demangle([r["kernel"] for r in rows])
-    for r, n in zip(rows, names):
-        r["name"] = short(n)
+def test_cuda_kernels_compile_without_spills():
+    rows = compile_kernels(find_nvcc(), ARCHS)  # raises RuntimeError with nvcc's last lines if it fails
     for arch in ARCHS:
         assert any(r["arch"] == f"sm_{arch}" for r in rows), f"no kernel compiled for sm_{arch}"
     print(f"\n{'kernel':<40} {'arch':<6} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'stack':>5}")
