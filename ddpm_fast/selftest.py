@@ -52,7 +52,9 @@ STAGES = (
                               "generator=) and replay them"),
     Stage("sync_free", 15, True, "both sampling loops under torch.cuda.set_sync_debug_mode('error')"),
     Stage("second_gpu", 20, True, "the ops stage (fp32) on cuda:1 (needs a second GPU)"),
-    Stage("bench", 60, True, "ddpm-fast bench --device cuda --quick"),
+    Stage("bench", 45, True, "ddpm-fast bench --device cuda --quick"),
+    Stage("e2e", 15, True, "ddpm-fast bench --e2e --quick: real U-Nets trained and sampled both ways; the loss "
+                           "curves of the eager and fused ways must agree"),
     Stage("aot", 60, False, "Triton kernels compiled for sm_80/sm_90 (registers, no spills); on a CPU-only "
                             "machine also csrc/cuda with nvcc's ptxas report"),
 )
@@ -354,6 +356,13 @@ def _run_stage(stage: Stage, device: torch.device, out_dir: Path) -> dict:
             return {"checked": 1, "failures": ["bench exited " + str(proc.returncode) + ": "
                                                + " | ".join(proc.stderr.splitlines()[-3:])]}
         return {"checked": 1, "failures": [], "log": str(out_dir / "bench.log")}
+    if stage.name == "e2e":
+        from .bench.e2e import run_e2e
+
+        results = run_e2e(device, True, out_dir / "e2e")
+        failures = [f"{a['model']} {a['sampler']}: loss curves of the two ways differ" for a in results["agreement"]
+                    if not a["agree"]]
+        return {"checked": len(results["agreement"]), "failures": failures}
     if stage.name == "aot":
         res = aot_triton()
         if device.type != "cuda":  # on a GPU the build stage already compiled csrc/cuda for the local arch
