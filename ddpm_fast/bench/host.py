@@ -210,6 +210,10 @@ def plan(device_type: str = "cpu", seed: int = 0) -> list:
             rows.append(Row("all ops", "fwd", name, "skipped",
                             note="on CPU tensors Triton runs only in its interpreter (~1 ms a program): "
                                  "not a host cost; checked in tests/"))
+        elif name == "cuda_emu":
+            rows.append(Row("all ops", "fwd", name, "skipped",
+                            note="emulated CUDA: each launch runs the kernels on CPU fibers, so its time is not "
+                                 "the host cost of a GPU call; checked in tests/"))
         elif name in ("reference", device_type):
             runnable.append(name)
     for name in runnable:
