@@ -57,6 +57,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .runner import _device_name, _loadavg, _versions  # the op bench's run metadata, shared
+
 T = 1000
 DDIM_STEPS = 50
 SCHEMA = "ddpm_fast.bench.e2e/1"
@@ -487,41 +489,6 @@ def sample_two_ways(spec_name, net, image, batch, loop, run_steps, warmup, devic
 
 
 # -- the whole run -----------------------------------------------------------------------------
-def _device_name(device) -> str:
-    """The GPU's name, or the CPU's model name with its core and torch thread counts."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    from .. import __version__
-
-    def version(dist):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"ddpm_fast_version": __version__, "torch_version": torch.__version__, "diffusers_version":
-            version("diffusers")}
-
-
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
 def run_e2e(device, quick: bool, out_dir, *, full: bool = False, seed: int = 0, progress=None) -> dict:
     """Run the end-to-end benchmark on ``device`` and write e2e.json, e2e.csv, e2e.txt and
     e2e_<device>.png to ``out_dir``. quick: a smoke run of a few steps of everything; full: every
