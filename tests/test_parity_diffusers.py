@@ -26,6 +26,7 @@ from diffusers.schedulers import scheduling_ddim, scheduling_ddpm  # noqa: E402
 
 from ddpm_fast.compat import diffusers as compat  # noqa: E402
 from ddpm_fast.compat.diffusers import FastDDIMScheduler, FastDDPMScheduler  # noqa: E402
+from test_diffusers_compat import to64  # noqa: E402  (the parent in float64: the accuracy yardstick)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOOR = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -81,19 +82,6 @@ class Draws:
         for mod in (scheduling_ddpm, scheduling_ddim, compat):
             monkeypatch.setattr(mod, "randn_tensor", self)
         return self
-
-
-def to64(s):
-    """The parent computing in float64 from its own float32 betas."""
-    s.betas = s.betas.double()
-    s.alphas = 1.0 - s.betas
-    s.alphas_cumprod = torch.cumprod(s.alphas, 0)
-    if hasattr(s, "one"):
-        s.one = torch.tensor(1.0, dtype=torch.float64)
-    if hasattr(s, "final_alpha_cumprod"):
-        s.final_alpha_cumprod = (torch.tensor(1.0, dtype=torch.float64) if s.config.set_alpha_to_one
-                                 else s.alphas_cumprod[0])
-    return s
 
 
 def check(ours, parent, gold, what, known_gap=0.0):
