@@ -1,0 +1,339 @@
+"""Functional sampler steps -- the reference formulas of DPM-Solver++, Euler, Euler ancestral and UniPC.
+
+Every step is elementwise math over (model_output, sample, the history, one row of a SolverTable from
+ddpm_fast.solvers.tables): no host sync, no host-to-device copy once the table is on the device.
+
+Shapes and dtypes: model_output and sample [B, ...] (model_output [2B, ...] with guidance_scale: the
+unconditional half first, as diffusers' pipelines concatenate it); fp16 / bf16 / fp32 compute in float32,
+float64 in float64; results in sample's dtype. step_index: a Python int (every sample at that step) or
+an int64 tensor [B] (each sample at its own step). steps_done: the steps each sample has taken since its
+loop began (int or int64 [B]; default step_index, a loop begun at step 0): a multistep method uses
+order min(max_order[step_index], steps_done + 1) (its warm-up).
+
+history: the device-resident ring buffer of the converted model outputs, [solver_order, B, ...] in the
+compute dtype (``new_history``): the output of step j sits in slot j % solver_order. A step writes its
+slot in place. UniPC also keeps last_sample [B, ...] (the corrected sample the predictor started from),
+updated in place.
+
+Formulas (table columns in tables.py):
+- DPM-Solver++: x0 = conv_sample x + conv_model out; x_prev = c_sample x + c_m0 x0 + c_h1 x0[i-1]
+  + c_h2 x0[i-2] + c_noise noise (noise: the SDE variant's, float32 standard normal).
+- Euler: gamma = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax, else 0; sigma_hat =
+  sigma (1 + gamma); x <- x + s_noise noise sqrt(sigma_hat^2 - sigma^2); x0 = x - sigma_hat eps
+  (epsilon) | -sigma / sqrt(sigma^2 + 1) v + x / (sigma^2 + 1) (v) | out (sample);
+  x_prev = x + (x - x0) / sigma_hat (sigma_next - sigma_hat).
+- Euler ancestral: x0 as Euler's with gamma = 0; x_prev = x + (x - x0) / sigma (sigma_down - sigma)
+  + sigma_up noise.
+- UniPC: m = conv_sample x + conv_model out; x_c = c_this x + c_last last_sample + c_model m
+  + c_h1 m[i-1] + c_h2 m[i-2] + c_h3 m[i-3] (UniC); x_prev = p_sample x_c + p_m0 m + p_h1 m[i-1]
+  + p_h2 m[i-2] (UniP).
+- Classifier-free guidance (``cfg_combine``): out = uncond + s (cond - uncond); with guidance_rescale
+  r: out <- r out std(cond) / std(out) + (1 - r) out, std per sample over all other dims (unbiased).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..reference import compute_dtype
+from .tables import SolverTable
+
+__all__ = ["cfg_combine", "new_history", "dpm_solver_step", "euler_churns", "euler_step", "euler_ancestral_step", "unipc_step"]
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError(f"{name}: expected a tensor [B, ...], got a 0-dim tensor")
+
+
+def _check_table(table, kind):
+    if not isinstance(table, SolverTable):
+        raise TypeError(f"table: expected a SolverTable, got {type(table).__name__}")
+    if table.kind != kind:
+        raise ValueError(f"table: expected a {kind} table, got a {table.kind} table")
+
+
+def _guided(model_output, sample, guidance_scale, guidance_rescale):
+    """The model output the step uses, in the compute dtype: cfg-combined when guidance_scale is given."""
+    _check_tensor("model_output", model_output)
+    _check_tensor("sample", sample)
+    dtype = compute_dtype(sample.dtype)
+    if guidance_scale is not None:
+        out = _cfg(model_output, guidance_scale, guidance_rescale, dtype)
+    else:
+        out = model_output.to(dtype)
+    if out.shape != sample.shape:
+        what = "[2B, ...] of" if guidance_scale is not None else ""
+        raise ValueError(f"model_output: expected the shape {what}sample {tuple(sample.shape)}, got "
+                         f"{tuple(model_output.shape)}")
+    return out, dtype
+
+
+def _cfg(model_output, guidance_scale, guidance_rescale, dtype):
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale: expected a number, got {type(guidance_scale).__name__}")
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
+        raise TypeError(f"guidance_rescale: expected a number, got {type(guidance_rescale).__name__}")
+    if model_output.shape[0] % 2:
+        raise ValueError(f"model_output: classifier-free guidance needs [2B, ...] (unconditional half first), "
+                         f"got batch {model_output.shape[0]}")
+    uncond, cond = model_output.to(dtype).chunk(2)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale:
+        dims = list(range(1, guided.ndim))
+        ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = guidance_rescale * (guided * ratio) + (1.0 - guidance_rescale) * guided
+    return guided
+
+
+def cfg_combine(model_output: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance: uncond + guidance_scale (cond - uncond), optionally rescaled (diffusers'
+    rescale_noise_cfg with guidance_rescale).
+
+    model_output: [2B, ...] (unconditional half first); returns [B, ...] in model_output's dtype (math in
+    float32, float64 for float64).
+
+    >>> out = torch.cat([torch.zeros(1, 2), torch.ones(1, 2)])
+    >>> cfg_combine(out, 7.5)
+    tensor([[7.5000, 7.5000]])
+    """
+    _check_tensor("model_output", model_output)
+    return _cfg(model_output, guidance_scale, guidance_rescale, compute_dtype(model_output.dtype)).to(
+        model_output.dtype)
+
+
+def new_history(table: SolverTable, sample: torch.Tensor) -> torch.Tensor:
+    """A zeroed history ring buffer for table's sampler: [table.solver_order, B, ...] in sample's compute
+    dtype, on sample's device (zeros: a warm-up coefficient of 0 times a zero stays 0)."""
+    _check_tensor("sample", sample)
+    return sample.new_zeros((max(table.solver_order, 1), *sample.shape), dtype=compute_dtype(sample.dtype))
+
+
+class _Index:
+    """A step's table rows and history slots, for a host int step index or a device int64 tensor [B]."""
+
+    def __init__(self, step_index, steps_done, table, batch, device, validate):
+        n = table.num_steps
+        self.host = not isinstance(step_index, torch.Tensor)
+        if self.host:
+            if isinstance(step_index, bool) or not isinstance(step_index, int):
+                raise TypeError(f"step_index: expected an int or an int64 tensor [B], got {type(step_index).__name__}")
+            if not 0 <= step_index < n:
+                raise ValueError(f"step_index: expected a value in [0, {n}), got {step_index}")
+            if steps_done is None:
+                steps_done = step_index
+            if isinstance(steps_done, torch.Tensor) or isinstance(steps_done, bool) or not isinstance(steps_done, int):
+                raise TypeError("steps_done: with an int step_index, expected an int")
+            if steps_done < 0:
+                raise ValueError(f"steps_done: expected a value >= 0, got {steps_done}")
+        else:
+            if step_index.dtype not in (torch.int64, torch.int32) or step_index.shape != (batch,):
+                raise ValueError(f"step_index: expected an int64 tensor [B] = [{batch}], got {step_index.dtype} "
+                                 f"{tuple(step_index.shape)}")
+            step_index = step_index.to(device=device, dtype=torch.int64)
+            if steps_done is None:
+                steps_done = step_index
+            elif isinstance(steps_done, torch.Tensor):
+                if steps_done.shape not in ((batch,), ()):
+                    raise ValueError(f"steps_done: expected an int64 tensor [B] = [{batch}], got "
+                                     f"{tuple(steps_done.shape)}")
+                steps_done = steps_done.to(device=device, dtype=torch.int64).expand(batch)
+            else:
+                steps_done = torch.full((batch,), int(steps_done), dtype=torch.int64, device=device)
+            if validate or (validate is None and device.type == "cpu"):  # a host read: free on the CPU only
+                if batch and (int(step_index.min()) < 0 or int(step_index.max()) >= n):
+                    raise ValueError(f"step_index: expected values in [0, {n})")
+                if batch and int(steps_done.min()) < 0:
+                    raise ValueError("steps_done: expected values >= 0")
+            self.batch_range = torch.arange(batch, device=device)
+        self.step_index, self.steps_done, self.table = step_index, steps_done, table
+
+    def order(self, offset=0):
+        """min(max_order[i + offset], steps_done + 1 + offset) -- the predictor's (offset 0) or the previous
+        step's order (offset -1, the UniC corrector's); a host int or a device tensor [B]."""
+        if self.host:
+            return min(int(self.table.max_order[max(self.step_index + offset, 0)]), self.steps_done + 1 + offset)
+        max_order = self._device["max_order"][(self.step_index + offset).clamp_min(0)]
+        return torch.minimum(max_order, self.steps_done + 1 + offset)
+
+    def rows(self, device_tables, name, order):
+        """The table rows [B or 1, columns] at (step_index, order) -- order 0-based position in the table."""
+        table = device_tables[name]
+        if self.host:
+            return table[self.step_index, order].unsqueeze(0)
+        return table[self.step_index, order]
+
+    def slot(self, back):
+        """History slot of the output of step i - back: an int, or a device tensor [B]."""
+        size = self.history.shape[0]
+        if self.host:
+            return (self.step_index - back) % size
+        return torch.remainder(self.step_index - back, size)
+
+    def read(self, back):
+        s = self.slot(back)
+        return self.history[s] if self.host else self.history[s, self.batch_range]
+
+    def write(self, value):
+        s = self.slot(0)
+        if self.host:
+            self.history[s].copy_(value)
+        else:
+            self.history.index_put_((s, self.batch_range), value)
+
+
+def _column(rows, j, ndim):
+    """Column j of rows [B or 1, columns] shaped to broadcast against [B, ...] of ndim dims."""
+    return rows[:, j].reshape(-1, *([1] * (ndim - 1)))
+
+
+def _check_history(history, table, sample, dtype):
+    size = max(table.solver_order, 1)
+    if not isinstance(history, torch.Tensor):
+        raise TypeError(f"history: expected a tensor [{size}, B, ...] (see new_history), got {type(history).__name__}")
+    if history.shape != (size, *sample.shape) or history.dtype != dtype or history.device != sample.device:
+        raise ValueError(f"history: expected a {dtype} tensor {(size, *sample.shape)} on {sample.device} (see "
+                         f"new_history), got {history.dtype} {tuple(history.shape)} on {history.device}")
+
+
+def _noise(noise, generator, sample, dtype, name="noise"):
+    if noise is None:
+        return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=dtype)
+    if not isinstance(noise, torch.Tensor) or noise.shape != sample.shape:
+        raise ValueError(f"{name}: expected a tensor of sample's shape {tuple(sample.shape)}")
+    return noise.to(device=sample.device, dtype=dtype)
+
+
+# -- DPM-Solver++ -------------------------------------------------------------------------------------
+def dpm_solver_step(model_output, sample, step_index, table: SolverTable, history, *, steps_done=None,
+                    noise=None, generator=None, guidance_scale=None, guidance_rescale=0.0, validate=None):
+    """One DPM-Solver++ multistep step (orders 1-3, midpoint / heun, ODE or SDE): returns x_prev [B, ...]
+    in sample's dtype and writes the x0 prediction into history (in place).
+
+    noise: the SDE variant's standard normal [B, ...] (drawn in float32 from generator when None; ignored by
+    the ODE). validate: range-check a step_index tensor on the host (None: for CPU tensors only)."""
+    _check_table(table, "dpm_solver")
+    out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
+    _check_history(history, table, sample, dtype)
+    idx = _Index(step_index, steps_done, table, sample.shape[0], sample.device, validate)
+    idx._device = tables = table.on(sample.device, dtype)
+    idx.history = history
+    order = idx.order()
+    rows = idx.rows(tables, "coef", order - 1)
+    x = sample.to(dtype)
+    col = lambda j: _column(rows, j, x.ndim)  # noqa: E731
+    x0 = col(0) * x + col(1) * out
+    idx.write(x0)
+    x_prev = col(2) * x + col(3) * x0
+    for back in range(1, table.solver_order):
+        x_prev = x_prev + col(3 + back) * idx.read(back)
+    if bool(table.coef[:, :, 6].any()):  # the SDE variant
+        x_prev = x_prev + col(6) * _noise(noise, generator, sample, dtype)
+    return x_prev.to(sample.dtype)
+
+
+# -- Euler --------------------------------------------------------------------------------------------
+def _euler_x0(prediction_type, out, x, sigma, sigma_hat, input_scale):
+    if prediction_type == "epsilon":
+        return x - sigma_hat * out
+    if prediction_type == "v_prediction":
+        return out * (-sigma * input_scale) + x * (input_scale * input_scale)
+    return out
+
+
+def euler_churns(table: SolverTable, step_index, s_churn, s_tmin, s_tmax) -> bool:
+    """Whether an Euler step at the host step_index adds churn noise (gamma > 0), decided on the host
+    table; for step_index None (a per-sample tensor) whether any sample may (s_churn > 0)."""
+    if min(s_churn / (table.num_sigmas - 1), 2 ** 0.5 - 1) <= 0:
+        return False
+    return step_index is None or s_tmin <= float(table.coef[step_index, 0, 0]) <= s_tmax
+
+
+def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=0.0, s_tmin=0.0,
+               s_tmax=float("inf"), s_noise=1.0, noise=None, generator=None, guidance_scale=None,
+               guidance_rescale=0.0, validate=None):
+    """One Euler step (Karras et al.'s churn with s_churn / s_tmin / s_tmax / s_noise): returns
+    (x_prev, x0_pred), [B, ...] each, x_prev in sample's dtype, x0_pred in the compute dtype.
+
+    noise: the churn's standard normal [B, ...] (drawn from generator when None), used only where gamma > 0:
+    with a host step_index, none is drawn when gamma = 0 there; with a tensor [B], one is drawn whenever
+    s_churn > 0."""
+    _check_table(table, "euler")
+    for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
+    idx = _Index(step_index, None, table, sample.shape[0], sample.device, validate)
+    idx._device = tables = table.on(sample.device, dtype)
+    rows = idx.rows(tables, "coef", 0)
+    x = sample.to(dtype)
+    sigma, sigma_next, input_scale = (_column(rows, j, x.ndim) for j in range(3))
+    max_gamma = min(s_churn / (table.num_sigmas - 1), 2 ** 0.5 - 1)
+    if euler_churns(table, step_index if idx.host else None, s_churn, s_tmin, s_tmax):
+        gamma = torch.where((sigma >= s_tmin) & (sigma <= s_tmax), max_gamma, 0.0)
+        sigma_hat = sigma * (gamma + 1.0)
+        x = x + _noise(noise, generator, sample, dtype) * s_noise * (sigma_hat * sigma_hat - sigma * sigma).sqrt()
+    else:
+        sigma_hat = sigma
+    x0 = _euler_x0(table.prediction_type, out, x, sigma, sigma_hat, input_scale)
+    x_prev = x + (x - x0) / sigma_hat * (sigma_next - sigma_hat)
+    return x_prev.to(sample.dtype), x0
+
+
+def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *, noise=None, generator=None,
+                         guidance_scale=None, guidance_rescale=0.0, validate=None):
+    """One Euler ancestral step: returns (x_prev, x0_pred), [B, ...] each, x_prev in sample's dtype, x0_pred
+    in the compute dtype. noise: standard normal [B, ...] (drawn from generator when None)."""
+    _check_table(table, "euler_ancestral")
+    out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
+    idx = _Index(step_index, None, table, sample.shape[0], sample.device, validate)
+    idx._device = tables = table.on(sample.device, dtype)
+    rows = idx.rows(tables, "coef", 0)
+    x = sample.to(dtype)
+    sigma, sigma_up, sigma_down, input_scale = (_column(rows, j, x.ndim) for j in range(4))
+    x0 = _euler_x0(table.prediction_type, out, x, sigma, sigma, input_scale)
+    x_prev = x + (x - x0) / sigma * (sigma_down - sigma) + _noise(noise, generator, sample, dtype) * sigma_up
+    return x_prev.to(sample.dtype), x0
+
+
+# -- UniPC --------------------------------------------------------------------------------------------
+def unipc_step(model_output, sample, step_index, table: SolverTable, history, last_sample, *, steps_done=None,
+               guidance_scale=None, guidance_rescale=0.0, validate=None):
+    """One UniPC step: the UniC corrector of sample (skipped at a loop's first step and where the table
+    disables it), then the UniP predictor: returns x_prev [B, ...] in sample's dtype; writes the converted
+    output into history and the corrected sample into last_sample ([B, ...], compute dtype), in place."""
+    _check_table(table, "unipc")
+    out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
+    _check_history(history, table, sample, dtype)
+    if (not isinstance(last_sample, torch.Tensor) or last_sample.shape != sample.shape
+            or last_sample.dtype != dtype or last_sample.device != sample.device):
+        raise ValueError(f"last_sample: expected a {dtype} tensor {tuple(sample.shape)} on {sample.device}")
+    idx = _Index(step_index, steps_done, table, sample.shape[0], sample.device, validate)
+    idx._device = tables = table.on(sample.device, dtype)
+    idx.history = history
+    x = sample.to(dtype)
+    # UniC: order 0 (the identity) at the first step, else the previous step's predictor order
+    if idx.host:
+        corrector_order = 0 if idx.steps_done == 0 or idx.step_index == 0 else idx.order(-1)
+    else:
+        corrector_order = torch.where((idx.steps_done == 0) | (idx.step_index == 0), 0, idx.order(-1))
+    rows_c = idx.rows(tables, "corrector", corrector_order)
+    rows_p = idx.rows(tables, "coef", idx.order() - 1)
+    col_c = lambda j: _column(rows_c, j, x.ndim)  # noqa: E731
+    col_p = lambda j: _column(rows_p, j, x.ndim)  # noqa: E731
+    m = col_p(0) * x + col_p(1) * out
+    corrected = col_c(0) * x + col_c(1) * last_sample + col_c(2) * m
+    for back in range(1, table.solver_order + 1):
+        corrected = corrected + col_c(2 + back) * idx.read(back)
+    x_prev = col_p(2) * corrected + col_p(3) * m
+    for back in range(1, table.solver_order):
+        x_prev = x_prev + col_p(3 + back) * idx.read(back)
+    idx.write(m)
+    last_sample.copy_(corrected)
+    return x_prev.to(sample.dtype)
