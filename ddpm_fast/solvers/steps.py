@@ -39,7 +39,8 @@ import torch
 from ..reference import compute_dtype
 from .tables import SolverTable
 
-__all__ = ["cfg_combine", "new_history", "dpm_solver_step", "euler_churns", "euler_step", "euler_ancestral_step", "unipc_step"]
+__all__ = ["cfg_combine", "new_history", "dpm_solver_step", "euler_churns", "euler_step", "euler_ancestral_step",
+           "unipc_step"]
 
 
 # -- helpers ------------------------------------------------------------------------------------------
