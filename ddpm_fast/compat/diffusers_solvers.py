@@ -313,7 +313,7 @@ class _EulerMixin(_SolverMixin):
             return super().scale_model_input(sample, timestep)
         column = tables.EULER_COLUMNS.index("input_scale") if state["table"].kind == "euler" else \
             tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")
-        scale = state["table"].on(sample.device, sample.dtype)["coef"][self.step_index, 0, column]
+        scale = state["table"].on(sample.device, sample.dtype)["coef_columns"][self.step_index][0][column]
         self.is_scale_input_called = True
         return sample * scale
 

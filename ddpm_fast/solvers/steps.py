@@ -163,12 +163,14 @@ class _Index:
         max_order = self._device["max_order"][(self.step_index + offset).clamp_min(0)]
         return torch.minimum(max_order, self.steps_done + 1 + offset)
 
-    def rows(self, device_tables, name, order):
-        """The table rows [B or 1, columns] at (step_index, order) -- order 0-based position in the table."""
-        table = device_tables[name]
+    def columns(self, device_tables, name, order, ndim):
+        """The coefficients at (step_index, order -- 0-based in the table) as a tuple of tensors that
+        broadcast against [B, ...] of ndim dims: 0-dim views made once per table (host index; no op per
+        step) or [B, 1, ...] gathered per sample (tensor index)."""
         if self.host:
-            return table[self.step_index, order].unsqueeze(0)
-        return table[self.step_index, order]
+            return device_tables[name + "_columns"][self.step_index][order]
+        rows = device_tables[name][self.step_index, order]  # [B, columns]
+        return rows.t().reshape(rows.shape[1], rows.shape[0], *([1] * (ndim - 1))).unbind(0)
 
     def slot(self, back):
         """History slot of the output of step i - back: an int, or a device tensor [B]."""
@@ -187,11 +189,6 @@ class _Index:
             self.history[s].copy_(value)
         else:
             self.history.index_put_((s, self.batch_range), value)
-
-
-def _column(rows, j, ndim):
-    """Column j of rows [B or 1, columns] shaped to broadcast against [B, ...] of ndim dims."""
-    return rows[:, j].reshape(-1, *([1] * (ndim - 1)))
 
 
 def _check_history(history, table, sample, dtype):
@@ -226,16 +223,15 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
     idx._device = tables = table.on(sample.device, dtype)
     idx.history = history
     order = idx.order()
-    rows = idx.rows(tables, "coef", order - 1)
     x = sample.to(dtype)
-    col = lambda j: _column(rows, j, x.ndim)  # noqa: E731
-    x0 = col(0) * x + col(1) * out
+    conv_sample, conv_model, c_sample, c_m0, c_h1, c_h2, c_noise = idx.columns(tables, "coef", order - 1, x.ndim)
+    x0 = torch.addcmul(conv_sample * x, conv_model, out)
     idx.write(x0)
-    x_prev = col(2) * x + col(3) * x0
-    for back in range(1, table.solver_order):
-        x_prev = x_prev + col(3 + back) * idx.read(back)
-    if bool(table.coef[:, :, 6].any()):  # the SDE variant
-        x_prev = x_prev + col(6) * _noise(noise, generator, sample, dtype)
+    x_prev = torch.addcmul(c_sample * x, c_m0, x0)
+    for back, c_history in zip(range(1, table.solver_order), (c_h1, c_h2)):
+        x_prev.addcmul_(c_history, idx.read(back))
+    if table.sde:
+        x_prev.addcmul_(c_noise, _noise(noise, generator, sample, dtype))
     return x_prev.to(sample.dtype)
 
 
@@ -272,9 +268,8 @@ def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
     idx = _Index(step_index, None, table, sample.shape[0], sample.device, validate)
     idx._device = tables = table.on(sample.device, dtype)
-    rows = idx.rows(tables, "coef", 0)
     x = sample.to(dtype)
-    sigma, sigma_next, input_scale = (_column(rows, j, x.ndim) for j in range(3))
+    sigma, sigma_next, input_scale = idx.columns(tables, "coef", 0, x.ndim)
     max_gamma = min(s_churn / (table.num_sigmas - 1), 2 ** 0.5 - 1)
     if euler_churns(table, step_index if idx.host else None, s_churn, s_tmin, s_tmax):
         gamma = torch.where((sigma >= s_tmin) & (sigma <= s_tmax), max_gamma, 0.0)
@@ -295,9 +290,8 @@ def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
     idx = _Index(step_index, None, table, sample.shape[0], sample.device, validate)
     idx._device = tables = table.on(sample.device, dtype)
-    rows = idx.rows(tables, "coef", 0)
     x = sample.to(dtype)
-    sigma, sigma_up, sigma_down, input_scale = (_column(rows, j, x.ndim) for j in range(4))
+    sigma, sigma_up, sigma_down, input_scale, _ = idx.columns(tables, "coef", 0, x.ndim)
     x0 = _euler_x0(table.prediction_type, out, x, sigma, sigma, input_scale)
     x_prev = x + (x - x0) / sigma * (sigma_down - sigma) + _noise(noise, generator, sample, dtype) * sigma_up
     return x_prev.to(sample.dtype), x0
@@ -324,17 +318,15 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
         corrector_order = 0 if idx.steps_done == 0 or idx.step_index == 0 else idx.order(-1)
     else:
         corrector_order = torch.where((idx.steps_done == 0) | (idx.step_index == 0), 0, idx.order(-1))
-    rows_c = idx.rows(tables, "corrector", corrector_order)
-    rows_p = idx.rows(tables, "coef", idx.order() - 1)
-    col_c = lambda j: _column(rows_c, j, x.ndim)  # noqa: E731
-    col_p = lambda j: _column(rows_p, j, x.ndim)  # noqa: E731
-    m = col_p(0) * x + col_p(1) * out
-    corrected = col_c(0) * x + col_c(1) * last_sample + col_c(2) * m
+    c_this, c_last, c_model, *c_history = idx.columns(tables, "corrector", corrector_order, x.ndim)
+    conv_sample, conv_model, p_sample, p_m0, *p_history = idx.columns(tables, "coef", idx.order() - 1, x.ndim)
+    m = torch.addcmul(conv_sample * x, conv_model, out)
+    corrected = torch.addcmul(c_this * x, c_last, last_sample).addcmul_(c_model, m)
     for back in range(1, table.solver_order + 1):
-        corrected = corrected + col_c(2 + back) * idx.read(back)
-    x_prev = col_p(2) * corrected + col_p(3) * m
+        corrected.addcmul_(c_history[back - 1], idx.read(back))
+    x_prev = torch.addcmul(p_sample * corrected, p_m0, m)
     for back in range(1, table.solver_order):
-        x_prev = x_prev + col_p(3 + back) * idx.read(back)
+        x_prev.addcmul_(p_history[back - 1], idx.read(back))
     idx.write(m)
     last_sample.copy_(corrected)
     return x_prev.to(sample.dtype)

@@ -61,7 +61,8 @@ class SolverTable:
     buffer length a history needs (0: no history); num_sigmas: N + 1 (Euler's churn divides by N)."""
 
     def __init__(self, kind: str, coef: np.ndarray, max_order: np.ndarray, solver_order: int,
-                 num_sigmas: int, corrector: np.ndarray | None = None, prediction_type: str = "epsilon"):
+                 num_sigmas: int, corrector: np.ndarray | None = None, prediction_type: str = "epsilon",
+                 sde: bool = False):
         self.kind = kind
         self.prediction_type = prediction_type
         self.coef = coef
@@ -69,6 +70,7 @@ class SolverTable:
         self.max_order = max_order
         self.solver_order = solver_order
         self.num_sigmas = num_sigmas
+        self.sde = sde  # the step adds c_noise * noise (DPM-Solver++'s SDE variant)
         self._device_tables: dict = {}
 
     @property
@@ -76,8 +78,9 @@ class SolverTable:
         return self.coef.shape[0]
 
     def on(self, device, dtype=torch.float32) -> dict:
-        """{"coef", "corrector" (or None), "max_order"} as tensors on device; coefficient dtype float32
-        (float64 for dtype float64). The first call per (device, dtype) copies them (set_timesteps time)."""
+        """{"coef", "corrector" (or None), "max_order"} as tensors on device (coefficients in float32, float64
+        for dtype float64), and "coef_columns" / "corrector_columns": [row][order] tuples of 0-dim views.
+        The first call per (device, dtype) copies them (set_timesteps time)."""
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         key = (torch.device(device), dtype)
         tables = self._device_tables.get(key)
@@ -88,6 +91,10 @@ class SolverTable:
                               else torch.as_tensor(self.corrector, dtype=dtype).to(key[0])),
                 "max_order": torch.as_tensor(self.max_order, dtype=torch.int64).to(key[0]),
             }
+            for name in ("coef", "corrector"):  # 0-dim views per (row, order): a host-index step takes them
+                if tables[name] is not None:
+                    tables[name + "_columns"] = [[tuple(at_order.unbind(0)) for at_order in row]
+                                                 for row in tables[name]]
         return tables
 
 
@@ -189,7 +196,7 @@ def dpm_solver_table(sigmas, *, solver_order: int = 2, algorithm_type: str = "dp
                     on_u1 = -second * q - third / (r0 + r1)
                     c_m = [first + on_u0 / r0, -on_u0 / r0 + on_u1 / r1, -on_u1 / r1]
                 coef[i, k - 1] = (conv[0], conv[1], decay, c_m[0], c_m[1], c_m[2], noise)
-    return SolverTable("dpm_solver", coef, max_order, solver_order, n + 1, prediction_type=prediction_type)
+    return SolverTable("dpm_solver", coef, max_order, solver_order, n + 1, prediction_type=prediction_type, sde=sde)
 
 
 def euler_table(sigmas, *, prediction_type: str = "epsilon") -> SolverTable:
