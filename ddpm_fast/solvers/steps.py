@@ -211,11 +211,39 @@ def _noise(noise, generator, sample, dtype, name="noise"):
 # -- DPM-Solver++ -------------------------------------------------------------------------------------
 def dpm_solver_step(model_output, sample, step_index, table: SolverTable, history, *, steps_done=None,
                     noise=None, generator=None, guidance_scale=None, guidance_rescale=0.0, validate=None):
-    """One DPM-Solver++ multistep step (orders 1-3, midpoint / heun, ODE or SDE): returns x_prev [B, ...]
-    in sample's dtype and writes the x0 prediction into history (in place).
+    """One DPM-Solver++ multistep step (orders 1-3, midpoint / heun, ODE or SDE).
 
-    noise: the SDE variant's standard normal [B, ...] (drawn in float32 from generator when None; ignored by
-    the ODE). validate: range-check a step_index tensor on the host (None: for CPU tensors only)."""
+    Args:
+        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
+            unconditional half first, with guidance_scale); any float dtype.
+        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
+        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
+            [0, table.num_steps).
+        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        history: the ring buffer [solver_order, B, ...] (new_history); this step's x0 prediction is
+            written into slot step_index % solver_order, in place.
+        steps_done: steps since the loop began (int or int64 [B]; default step_index): the warm-up order.
+        noise: the SDE variant's standard normal [B, ...]; None: drawn in float32 from generator on
+            sample's device. The ODE variant ignores both.
+        generator: a torch.Generator on sample's device, or None.
+        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
+        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+
+    Returns:
+        x_prev [B, ...] in sample's dtype.
+
+    Example:
+        >>> from ddpm_fast.solvers import dpm_solver_table
+        >>> sigmas = torch.tensor([14.6, 4.0, 1.0, 0.2, 0.0])
+        >>> table = dpm_solver_table(sigmas, solver_order=2)
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> history = new_history(table, x)
+        >>> for i in range(table.num_steps):
+        ...     x = dpm_solver_step(torch.tanh(x), x, i, table, history)
+        >>> x.shape, history.shape
+        (torch.Size([2, 4, 8, 8]), torch.Size([2, 2, 4, 8, 8]))
+    """
     _check_table(table, "dpm_solver")
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, dtype)
@@ -255,12 +283,37 @@ def euler_churns(table: SolverTable, step_index, s_churn, s_tmin, s_tmax) -> boo
 def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=0.0, s_tmin=0.0,
                s_tmax=float("inf"), s_noise=1.0, noise=None, generator=None, guidance_scale=None,
                guidance_rescale=0.0, validate=None):
-    """One Euler step (Karras et al.'s churn with s_churn / s_tmin / s_tmax / s_noise): returns
-    (x_prev, x0_pred), [B, ...] each, x_prev in sample's dtype, x0_pred in the compute dtype.
+    """One Euler step, with Karras et al.'s churn.
 
-    noise: the churn's standard normal [B, ...] (drawn from generator when None), used only where gamma > 0:
-    with a host step_index, none is drawn when gamma = 0 there; with a tensor [B], one is drawn whenever
-    s_churn > 0."""
+    Args:
+        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
+            unconditional half first, with guidance_scale); any float dtype.
+        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
+        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
+            [0, table.num_steps).
+        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        s_churn, s_tmin, s_tmax, s_noise: the churn: gamma = min(s_churn / N, sqrt(2) - 1) where
+            s_tmin <= sigma <= s_tmax (N = table.num_sigmas - 1), noise scaled by s_noise.
+        noise: the churn's standard normal [B, ...], used only where gamma > 0; None: drawn from generator
+            (with a host step_index only when gamma > 0 there; with a tensor [B] whenever s_churn > 0).
+        generator: a torch.Generator on sample's device, or None.
+        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
+        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+
+    Returns:
+        (x_prev, x0_pred): [B, ...] each; x_prev in sample's dtype, x0_pred in the compute dtype.
+
+    Example:
+        >>> from ddpm_fast.solvers import euler_table
+        >>> table = euler_table(torch.tensor([14.6, 4.0, 1.0, 0.2, 0.0]))
+        >>> x = torch.randn(2, 4, 8, 8) * 14.6
+        >>> for i in range(table.num_steps):
+        ...     x_in = x * float(table.coef[i, 0, 2])  # scale_model_input: x / sqrt(sigma^2 + 1)
+        ...     x, x0 = euler_step(torch.tanh(x_in), x, i, table)
+        >>> x.shape
+        torch.Size([2, 4, 8, 8])
+    """
     _check_table(table, "euler")
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -284,8 +337,32 @@ def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=
 
 def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *, noise=None, generator=None,
                          guidance_scale=None, guidance_rescale=0.0, validate=None):
-    """One Euler ancestral step: returns (x_prev, x0_pred), [B, ...] each, x_prev in sample's dtype, x0_pred
-    in the compute dtype. noise: standard normal [B, ...] (drawn from generator when None)."""
+    """One Euler ancestral step.
+
+    Args:
+        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
+            unconditional half first, with guidance_scale); any float dtype.
+        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
+        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
+            [0, table.num_steps).
+        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        noise: standard normal [B, ...]; None: drawn from generator on sample's device.
+        generator: a torch.Generator on sample's device, or None.
+        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
+        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+
+    Returns:
+        (x_prev, x0_pred): [B, ...] each; x_prev in sample's dtype, x0_pred in the compute dtype.
+
+    Example:
+        >>> from ddpm_fast.solvers import euler_ancestral_table
+        >>> table = euler_ancestral_table(torch.tensor([14.6, 4.0, 1.0, 0.2, 0.0]))
+        >>> x = torch.randn(2, 4, 8, 8) * 14.6
+        >>> x, x0 = euler_ancestral_step(torch.tanh(x * 0.068), x, 0, table, generator=torch.Generator())
+        >>> x.dtype
+        torch.float32
+    """
     _check_table(table, "euler_ancestral")
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
     idx = _Index(step_index, None, table, sample.shape[0], sample.device, validate)
@@ -301,8 +378,38 @@ def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *
 def unipc_step(model_output, sample, step_index, table: SolverTable, history, last_sample, *, steps_done=None,
                guidance_scale=None, guidance_rescale=0.0, validate=None):
     """One UniPC step: the UniC corrector of sample (skipped at a loop's first step and where the table
-    disables it), then the UniP predictor: returns x_prev [B, ...] in sample's dtype; writes the converted
-    output into history and the corrected sample into last_sample ([B, ...], compute dtype), in place."""
+    disables it), then the UniP predictor.
+
+    Args:
+        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
+            unconditional half first, with guidance_scale); any float dtype.
+        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
+        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
+            [0, table.num_steps).
+        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        history: the ring buffer [solver_order, B, ...] (new_history); this step's converted output is
+            written into slot step_index % solver_order, in place.
+        last_sample: [B, ...] in the compute dtype (zeros before the first step): the corrected sample the
+            previous predictor started from; this step's corrected sample is written into it, in place.
+        steps_done: steps since the loop began (int or int64 [B]; default step_index): the warm-up order
+            and, at 0, no correction.
+        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
+        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+
+    Returns:
+        x_prev [B, ...] in sample's dtype.
+
+    Example:
+        >>> from ddpm_fast.solvers import unipc_table
+        >>> table = unipc_table(torch.tensor([14.6, 4.0, 1.0, 0.2, 0.0]), solver_order=3)
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> history, last_sample = new_history(table, x), torch.zeros(2, 4, 8, 8)
+        >>> for i in range(table.num_steps):
+        ...     x = unipc_step(torch.tanh(x), x, i, table, history, last_sample)
+        >>> x.shape
+        torch.Size([2, 4, 8, 8])
+    """
     _check_table(table, "unipc")
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, dtype)
