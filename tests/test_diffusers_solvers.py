@@ -88,12 +88,16 @@ class StandIn:
         self.channels_out = channels_out
 
     def __call__(self, x, t):
-        abar = float(np.interp(float(t), np.arange(NUM_TRAIN), self.abar))
-        a, s = math.sqrt(abar), math.sqrt(1 - abar)
+        if self.prediction_type == "flow_prediction":  # x_t = (1 - s) x0 + s eps, t = s * 1000
+            s = min(max(float(t) / NUM_TRAIN, 1e-3), 1 - 1e-3)
+            a = 1 - s
+        else:
+            abar = float(np.interp(float(t), np.arange(NUM_TRAIN), self.abar))
+            a, s = math.sqrt(abar), math.sqrt(1 - abar)
         x0 = 0.8 * torch.tanh(self.pattern.to(x.dtype) + 0.3 * x)
         eps = (x - a * x0) / s
-        out = {"epsilon": eps, "sample": x0, "original_sample": x0, "v_prediction": a * eps - s * x0}[
-            self.prediction_type]
+        out = {"epsilon": eps, "sample": x0, "original_sample": x0, "v_prediction": a * eps - s * x0,
+               "flow_prediction": eps - x0}[self.prediction_type]
         if self.channels_out:  # a learned-variance model: eps and the variance channels
             out = torch.cat([out, torch.zeros_like(out)[:, : self.channels_out - out.shape[1]]], 1)
         return out
@@ -183,6 +187,8 @@ DPM_CONFIGS = [
     {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
     {"beta_schedule": "squaredcos_cap_v2", "solver_order": 3, "algorithm_type": "sde-dpmsolver++"},
     {"variance_type": "learned_range"},
+    {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0, "solver_order": 3},
+    {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "algorithm_type": "sde-dpmsolver++"},
 ]
 UNIPC_CONFIGS = [
     {},
@@ -199,6 +205,9 @@ UNIPC_CONFIGS = [
     {"use_beta_sigmas": True},
     {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
     {"timestep_spacing": "leading", "steps_offset": 1},
+    {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 5.0},
+    {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "solver_order": 3, "solver_type": "bh1",
+     "final_sigmas_type": "sigma_min"},
 ]
 EULER_CONFIGS = [
     {},
@@ -295,7 +304,7 @@ def test_parent_state_kept():
     ("dpm", {"thresholding": True, "sample_max_value": 1.2}),
     ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     ("unipc", {"thresholding": True, "sample_max_value": 1.2}),
-    ("unipc", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    ("unipc", {"solver_p": DPMSolverMultistepScheduler()}),
 ])
 def test_unfused_configs_run_the_parent(monkeypatch, kind, cfg):
     """Outside the fused steps the parent's own step runs: identical results."""
@@ -352,6 +361,10 @@ def test_parent_errors_kept():
         a = FastEulerAncestralDiscreteScheduler(prediction_type="sample")
         a.set_timesteps(5)
         a.step(torch.zeros(SHAPE), a.timesteps[0], torch.zeros(SHAPE))
+    u = FastUniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", predict_x0=False)
+    u.set_timesteps(5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        u.step(torch.zeros(SHAPE), u.timesteps[0], torch.zeros(SHAPE))
     # a timestep that is not a view of self.timesteps: the parent's lookup (values equal: same index)
     d.set_timesteps(10)
     out = d.step(torch.zeros(SHAPE), d.timesteps[3].clone(), torch.zeros(SHAPE))

@@ -132,6 +132,8 @@ PARENT_CASES = [
     ("unipc", {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
     ("unipc", {"solver_order": 3, "predict_x0": False, "final_sigmas_type": "sigma_min", "prediction_type": "sample"}),
     ("unipc", {"solver_order": 2, "prediction_type": "v_prediction", "disable_corrector": [1, 4]}),
+    ("dpm", {"solver_order": 3, "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}),
+    ("unipc", {"solver_order": 3, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
     ("euler", {"prediction_type": "v_prediction"}), ("euler", {"use_karras_sigmas": True}),
     ("euler_a", {}), ("euler_a", {"prediction_type": "v_prediction"}),
 ]
@@ -150,11 +152,12 @@ def test_float64_steps_equal_the_parent_formulas(monkeypatch, kind, cfg):
     if kind == "dpm":
         table = dpm_solver_table(parent.sigmas, solver_order=c.solver_order, algorithm_type=c.algorithm_type,
                                  solver_type=c.solver_type, prediction_type=c.prediction_type,
-                                 lower_order_final=c.lower_order_final, final_sigmas_type=c.final_sigmas_type)
+                                 lower_order_final=c.lower_order_final, final_sigmas_type=c.final_sigmas_type,
+                                 flow_sigmas=c.use_flow_sigmas)
     elif kind == "unipc":
         table = unipc_table(parent.sigmas, solver_order=c.solver_order, solver_type=c.solver_type,
                             predict_x0=c.predict_x0, prediction_type=c.prediction_type,
-                            disable_corrector=c.disable_corrector)
+                            disable_corrector=c.disable_corrector, flow_sigmas=c.use_flow_sigmas)
     elif kind == "euler":
         table = euler_table(parent.sigmas, prediction_type=c.prediction_type)
     else:

@@ -17,10 +17,11 @@ sync, as the parent). Later steps follow ``step_index`` (the parent ignores the 
 
 Drop-in rule: never raise where the parent does not. The parent's own code runs (same results,
 parent speed; logged once per reason at debug level) for: DPM-Solver algorithm_type "dpmsolver" /
-"sde-dpmsolver" (deprecated upstream), flow sigmas / flow_prediction, thresholding, UniPC's solver_p,
-model_output and sample of different dtypes or shapes (after DPM's learned-variance slice), Euler
-called with an integer timestep (the parent raises), and every step after such a call until the next
-set_timesteps.
+"sde-dpmsolver" (deprecated upstream), thresholding, UniPC's solver_p, UniPC flow_prediction with
+predict_x0=False (the parent raises), model_output and sample of different dtypes or shapes (after
+DPM's learned-variance slice), Euler called with an integer timestep (the parent raises), and every
+step after such a call until the next set_timesteps. Flow sigmas (use_flow_sigmas, flow_shift,
+dynamic shifting) and flow_prediction are fused: alpha_t = 1 - sigma, sigma_t = sigma in the table.
 
 What differs:
 - ``model_outputs`` (DPM-Solver, UniPC) hold views of the history ring buffer in float32 (float64 for
@@ -205,12 +206,10 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
         c = self.config
         if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
             return f"algorithm_type {c.algorithm_type!r}"
-        if c.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
             return f"prediction_type {c.prediction_type!r}"
         if c.thresholding:
             return "thresholding"
-        if c.use_flow_sigmas:
-            return "use_flow_sigmas"
         return None
 
     def _build_table(self):
@@ -218,7 +217,8 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
         return tables.dpm_solver_table(
             self.sigmas, solver_order=c.solver_order, algorithm_type=c.algorithm_type, solver_type=c.solver_type,
             prediction_type=c.prediction_type, lower_order_final=c.lower_order_final,
-            euler_at_final=c.euler_at_final, final_sigmas_type=c.final_sigmas_type)
+            euler_at_final=c.euler_at_final, final_sigmas_type=c.final_sigmas_type,
+            flow_sigmas=c.use_flow_sigmas)
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         state = None
@@ -260,12 +260,10 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
 
     def _unsupported(self):
         c = self.config
-        if c.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
             return f"prediction_type {c.prediction_type!r}"
         if c.thresholding and self.predict_x0:
             return "thresholding"
-        if c.use_flow_sigmas:
-            return "use_flow_sigmas"
         if self.solver_p is not None:
             return "solver_p"
         return None
@@ -275,7 +273,7 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
         return tables.unipc_table(
             self.sigmas, solver_order=c.solver_order, solver_type=c.solver_type, predict_x0=self.predict_x0,
             prediction_type=c.prediction_type, lower_order_final=c.lower_order_final,
-            disable_corrector=self.disable_corrector)
+            disable_corrector=self.disable_corrector, flow_sigmas=c.use_flow_sigmas)
 
     def step(self, model_output, timestep, sample, return_dict=True):
         state = self._fused_ready(model_output, sample) if self.num_inference_steps is not None else None

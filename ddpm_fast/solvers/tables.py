@@ -6,8 +6,8 @@ float array [N + 1]: the N steps' sigmas and the final one, 0 for final_sigmas_t
 step is elementwise math over (model_output, sample, history, one table row) -- no host sync, no
 host-to-device copy.
 
-Notation (exact for every schedule): alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma * alpha,
-lambda = log(alpha) - log(sigma_t) = -log(sigma); step i goes from s0 = sigmas[i] to t = sigmas[i + 1],
+Notation (exact for every schedule): alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma * alpha (flow
+sigmas: alpha = 1 - sigma, sigma_t = sigma), lambda = log(alpha) - log(sigma_t); step i goes from s0 = sigmas[i] to t = sigmas[i + 1],
 h = lambda_t - lambda_s0; the k-th previous model output was taken at sigmas[i - k].
 
 Tables (float64 numpy on the host; ``on(device, dtype)`` gives the device tensors, cached):
@@ -50,6 +50,7 @@ EULER_COLUMNS = ("sigma", "sigma_next", "input_scale")
 EULER_ANCESTRAL_COLUMNS = ("sigma", "sigma_up", "sigma_down", "input_scale", "sigma_next")
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+MULTISTEP_PREDICTION_TYPES = PREDICTION_TYPES + ("flow_prediction",)
 
 
 class SolverTable:
@@ -110,11 +111,15 @@ def _sigmas64(sigmas) -> np.ndarray:
     return sigmas
 
 
-def _alpha_sigma_lambda(sigmas: np.ndarray):
-    """(alpha, sigma_t, lambda) of diffusers' sigmas: alpha = 1/sqrt(1+s^2), sigma_t = s alpha, lambda = -log s."""
-    alpha = 1.0 / np.sqrt(sigmas * sigmas + 1.0)
-    sigma_t = sigmas * alpha
-    with np.errstate(divide="ignore"):
+def _alpha_sigma_lambda(sigmas: np.ndarray, flow_sigmas: bool = False):
+    """(alpha, sigma_t, lambda) of diffusers' sigmas: alpha = 1/sqrt(1+s^2), sigma_t = s alpha, lambda = -log s
+    (flow sigmas: alpha = 1 - s, sigma_t = s)."""
+    if flow_sigmas:
+        alpha, sigma_t = 1.0 - sigmas, sigmas.copy()
+    else:
+        alpha = 1.0 / np.sqrt(sigmas * sigmas + 1.0)
+        sigma_t = sigmas * alpha
+    with np.errstate(divide="ignore", invalid="ignore"):
         lam = np.log(alpha) - np.log(sigma_t)  # +inf at a final sigma of 0
     return alpha, sigma_t, lam
 
@@ -124,11 +129,14 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
 
 
-def _conversion(prediction_type: str, alpha: float, sigma: float, to_x0: bool):
-    """(conv_sample, conv_model): the x0 (to_x0) or epsilon prediction as conv_sample * x + conv_model * out."""
+def _conversion(prediction_type: str, alpha: float, sigma: float, raw_sigma: float, to_x0: bool):
+    """(conv_sample, conv_model): the x0 (to_x0) or epsilon prediction as conv_sample * x + conv_model * out.
+    alpha, sigma: the step's alpha_t, sigma_t; raw_sigma: the schedule's sigma (flow_prediction's factor)."""
     if to_x0:
         return {"epsilon": (1.0 / alpha, -sigma / alpha), "sample": (0.0, 1.0),
-                "v_prediction": (alpha, -sigma)}[prediction_type]
+                "v_prediction": (alpha, -sigma), "flow_prediction": (1.0, -raw_sigma)}[prediction_type]
+    if prediction_type == "flow_prediction":
+        raise ValueError("prediction_type: 'flow_prediction' needs the data prediction (predict_x0=True)")
     return {"epsilon": (0.0, 1.0), "sample": (1.0 / sigma, -alpha / sigma),
             "v_prediction": (sigma, alpha)}[prediction_type]
 
@@ -136,18 +144,19 @@ def _conversion(prediction_type: str, alpha: float, sigma: float, to_x0: bool):
 def dpm_solver_table(sigmas, *, solver_order: int = 2, algorithm_type: str = "dpmsolver++",
                      solver_type: str = "midpoint", prediction_type: str = "epsilon",
                      lower_order_final: bool = True, euler_at_final: bool = False,
-                     final_sigmas_type: str = "zero") -> SolverTable:
+                     final_sigmas_type: str = "zero", flow_sigmas: bool = False) -> SolverTable:
     """DPM-Solver++ multistep (diffusers' DPMSolverMultistepScheduler) coefficients.
 
-    sigmas: float [N + 1] (the scheduler's ``sigmas`` after set_timesteps). Returns a SolverTable of
-    kind "dpm_solver", coef float64 [N, solver_order, 7] (DPM_COLUMNS)."""
+    sigmas: float [N + 1] (the scheduler's ``sigmas`` after set_timesteps); flow_sigmas: the scheduler's
+    use_flow_sigmas (alpha = 1 - sigma, sigma_t = sigma). Returns a SolverTable of kind "dpm_solver",
+    coef float64 [N, solver_order, 7] (DPM_COLUMNS)."""
     sig = _sigmas64(sigmas)
     _check_choice("solver_order", solver_order, (1, 2, 3))
     _check_choice("algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
     _check_choice("solver_type", solver_type, ("midpoint", "heun"))
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _check_choice("prediction_type", prediction_type, MULTISTEP_PREDICTION_TYPES)
     _check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-    alpha, sigma_t, lam = _alpha_sigma_lambda(sig)
+    alpha, sigma_t, lam = _alpha_sigma_lambda(sig, flow_sigmas)
     n = sig.shape[0] - 1
     sde = algorithm_type == "sde-dpmsolver++"
     coef = np.zeros((n, solver_order, len(DPM_COLUMNS)))
@@ -157,7 +166,7 @@ def dpm_solver_table(sigmas, *, solver_order: int = 2, algorithm_type: str = "dp
             last = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero")
             second_last = i == n - 2 and lower_order_final and n < 15
             max_order[i] = 1 if (solver_order == 1 or last) else (2 if (solver_order == 2 or second_last) else 3)
-            conv = _conversion(prediction_type, alpha[i], sigma_t[i], to_x0=True)
+            conv = _conversion(prediction_type, alpha[i], sigma_t[i], sig[i], to_x0=True)
             alpha_next, sigma_next = alpha[i + 1], sigma_t[i + 1]
             h = lam[i + 1] - lam[i]
             if sde:  # A D0 + E D1 + F D2 with the SDE's exp(-2h) terms, plus sigma_next sqrt(1 - e^{-2h}) noise
@@ -256,16 +265,16 @@ def _unipc_rhos(lam: np.ndarray, s0: int, t: int, order: int, predict_x0: bool, 
 
 def unipc_table(sigmas, *, solver_order: int = 2, solver_type: str = "bh2", predict_x0: bool = True,
                 prediction_type: str = "epsilon", lower_order_final: bool = True,
-                disable_corrector: Iterable[int] = ()) -> SolverTable:
+                disable_corrector: Iterable[int] = (), flow_sigmas: bool = False) -> SolverTable:
     """UniPC multistep (UniPCMultistepScheduler): predictor coef float64 [N, solver_order, 6], corrector
     float64 [N, solver_order + 1, 6]; rows whose corrector is disabled (step index - 1 in
-    disable_corrector, or step 0) hold the identity at every order."""
+    disable_corrector, or step 0) hold the identity at every order. flow_sigmas: as dpm_solver_table's."""
     sig = _sigmas64(sigmas)
     _check_choice("solver_order", solver_order, (1, 2, 3))
     _check_choice("solver_type", solver_type, ("bh1", "bh2"))
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    _check_choice("prediction_type", prediction_type, MULTISTEP_PREDICTION_TYPES)
     disabled = {int(i) for i in disable_corrector}
-    alpha, sigma_t, lam = _alpha_sigma_lambda(sig)
+    alpha, sigma_t, lam = _alpha_sigma_lambda(sig, flow_sigmas)
     n = sig.shape[0] - 1
     bh1 = solver_type == "bh1"
     scale = alpha if predict_x0 else sigma_t  # the factor of h_phi_1 and B(h): alpha_t (x0) or sigma_t (eps)
@@ -277,7 +286,7 @@ def unipc_table(sigmas, *, solver_order: int = 2, solver_type: str = "bh2", pred
                          dtype=np.int64)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for i in range(n):
-            conv = _conversion(prediction_type, alpha[i], sigma_t[i], to_x0=predict_x0)
+            conv = _conversion(prediction_type, alpha[i], sigma_t[i], sig[i], to_x0=predict_x0)
             for k in range(1, solver_order + 1):
                 order = min(k, i + 1)
                 h_phi_1, b_h, rks, rho = _unipc_rhos(lam, i, i + 1, order, predict_x0, bh1, predictor=True)
