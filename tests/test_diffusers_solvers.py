@@ -80,12 +80,13 @@ class StandIn:
     """A deterministic denoiser: x0 = 0.8 tanh(pattern + 0.3 x), the output of the configured prediction
     type at timestep t (alphas_cumprod interpolated at a fractional t), computed in x's dtype."""
 
-    def __init__(self, prediction_type="epsilon", channels_out=None):
+    def __init__(self, prediction_type="epsilon", channels_out=None, x0_scale=0.8):
         betas = torch.linspace(0.0001, 0.02, NUM_TRAIN, dtype=torch.float64)
         self.abar = torch.cumprod(1 - betas, 0).numpy()
         self.pattern = torch.sin(torch.arange(math.prod(SHAPE[1:]), dtype=torch.float64) * 0.37).reshape(SHAPE[1:])
         self.prediction_type = prediction_type
         self.channels_out = channels_out
+        self.x0_scale = x0_scale  # > 1: thresholding has work to do
 
     def __call__(self, x, t):
         if self.prediction_type == "flow_prediction":  # x_t = (1 - s) x0 + s eps, t = s * 1000
@@ -94,7 +95,7 @@ class StandIn:
         else:
             abar = float(np.interp(float(t), np.arange(NUM_TRAIN), self.abar))
             a, s = math.sqrt(abar), math.sqrt(1 - abar)
-        x0 = 0.8 * torch.tanh(self.pattern.to(x.dtype) + 0.3 * x)
+        x0 = self.x0_scale * torch.tanh(self.pattern.to(x.dtype) + 0.3 * x)
         eps = (x - a * x0) / s
         out = {"epsilon": eps, "sample": x0, "original_sample": x0, "v_prediction": a * eps - s * x0,
                "flow_prediction": eps - x0}[self.prediction_type]
@@ -150,7 +151,8 @@ def check(ours, parent, gold, what):
 def compare(kind, cfg, n, dtype, monkeypatch, begin=0, expect_fused=True, **step_kw):
     parent_cls, fast_cls, module = PAIRS[kind]
     cfg = {"num_train_timesteps": NUM_TRAIN, **cfg}
-    model = StandIn(cfg.get("prediction_type", "epsilon"), channels_out=6 if cfg.get("variance_type") else None)
+    model = StandIn(cfg.get("prediction_type", "epsilon"), channels_out=6 if cfg.get("variance_type") else None,
+                    x0_scale=1.6 if cfg.get("thresholding") else 0.8)
     spy = CountParentSteps(monkeypatch, parent_cls)
     ours, our_steps = run_loop(fast_cls(**cfg), n, dtype, model=model, draws=Draws(1), module=module,
                                monkeypatch=monkeypatch, begin=begin, **step_kw)
@@ -189,6 +191,8 @@ DPM_CONFIGS = [
     {"variance_type": "learned_range"},
     {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0, "solver_order": 3},
     {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "algorithm_type": "sde-dpmsolver++"},
+    {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5, "solver_order": 3},
+    {"thresholding": True, "prediction_type": "v_prediction"},
 ]
 UNIPC_CONFIGS = [
     {},
@@ -208,6 +212,8 @@ UNIPC_CONFIGS = [
     {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 5.0},
     {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "solver_order": 3, "solver_type": "bh1",
      "final_sigmas_type": "sigma_min"},
+    {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5, "solver_order": 3},
+    {"thresholding": True, "predict_x0": False, "final_sigmas_type": "sigma_min"},  # (no effect there)
 ]
 EULER_CONFIGS = [
     {},
@@ -301,9 +307,9 @@ def test_parent_state_kept():
 
 
 @pytest.mark.parametrize("kind, cfg", [
-    ("dpm", {"thresholding": True, "sample_max_value": 1.2}),
+    ("dpm", {"thresholding": True, "sample_max_value": 0.8}),
     ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
-    ("unipc", {"thresholding": True, "sample_max_value": 1.2}),
+    ("unipc", {"thresholding": True, "sample_max_value": 0.8}),
     ("unipc", {"solver_p": DPMSolverMultistepScheduler()}),
 ])
 def test_unfused_configs_run_the_parent(monkeypatch, kind, cfg):

@@ -48,6 +48,8 @@ def run_host(kind, table, x, n, noises):
 
 
 def step(kind, mo, x, index, table, history, last, noise, **kw):
+    if kind not in ("dpm", "unipc"):
+        kw.pop("dynamic_threshold", None)
     if kind == "dpm":
         return dpm_solver_step(mo, x, index, table, history, noise=noise, **kw)
     if kind == "unipc":
@@ -265,6 +267,13 @@ def test_bad_input_names_the_argument():
         dpm_solver_step(x, x.long(), 0, table, history)
     with pytest.raises(ValueError, match="last_sample"):
         unipc_step(x, x, 0, TABLES["unipc"](10), new_history(TABLES["unipc"](10), x), x[:1])
+    with pytest.raises(ValueError, match="dynamic_threshold"):
+        dpm_solver_step(x, x, 0, table, history, dynamic_threshold=1.5)
+    with pytest.raises(ValueError, match="sample_max_value"):
+        dpm_solver_step(x, x, 0, table, history, dynamic_threshold=0.9, sample_max_value=0.5)
+    eps_table = unipc_table(sigmas_of(10, final_zero=False), predict_x0=False)
+    with pytest.raises(ValueError, match="dynamic_threshold"):
+        unipc_step(x, x, 0, eps_table, new_history(eps_table, x), x.clone(), dynamic_threshold=0.9)
     with pytest.raises(TypeError, match="s_churn"):
         euler_step(x, x, 0, TABLES["euler"](10), s_churn=None)
 
@@ -283,5 +292,6 @@ def test_per_sample_path_without_host_sync():
         last = torch.zeros_like(x)
         with NoHostSync():
             for _ in range(3):  # noise None: drawn on the device (DPM's SDE variant, the Euler pair)
-                out = step(kind, torch.tanh(x), x, index, table, history, last, None, validate=False)
+                out = step(kind, torch.tanh(x), x, index, table, history, last, None, validate=False,
+                           dynamic_threshold=0.9)
         assert out.shape == x.shape and torch.isfinite(out).all()

@@ -17,11 +17,13 @@ sync, as the parent). Later steps follow ``step_index`` (the parent ignores the 
 
 Drop-in rule: never raise where the parent does not. The parent's own code runs (same results,
 parent speed; logged once per reason at debug level) for: DPM-Solver algorithm_type "dpmsolver" /
-"sde-dpmsolver" (deprecated upstream), thresholding, UniPC's solver_p, UniPC flow_prediction with
-predict_x0=False (the parent raises), model_output and sample of different dtypes or shapes (after
-DPM's learned-variance slice), Euler called with an integer timestep (the parent raises), and every
-step after such a call until the next set_timesteps. Flow sigmas (use_flow_sigmas, flow_shift,
-dynamic shifting) and flow_prediction are fused: alpha_t = 1 - sigma, sigma_t = sigma in the table.
+"sde-dpmsolver" (deprecated upstream), thresholding with sample_max_value < 1, UniPC's solver_p,
+UniPC flow_prediction with predict_x0=False (the parent raises), model_output and sample of
+different dtypes or shapes (after DPM's learned-variance slice), Euler called with an integer
+timestep (the parent raises), and every step after such a call until the next set_timesteps.
+Fused beyond the elementwise math: flow sigmas (use_flow_sigmas, flow_shift, dynamic shifting) and
+flow_prediction (alpha_t = 1 - sigma, sigma_t = sigma in the table); thresholding (the per-sample
+quantile of |x0|, ddpm_fast.reference's dynamic thresholding, on the device: still no sync).
 
 What differs:
 - ``model_outputs`` (DPM-Solver, UniPC) hold views of the history ring buffer in float32 (float64 for
@@ -189,6 +191,13 @@ class _MultistepMixin(_SolverMixin):
         for j in range(max(order - taken, 0)):
             self.model_outputs[j] = None
 
+    def _thresholding(self):
+        """The config's thresholding as the steps' dynamic_threshold / sample_max_value arguments."""
+        c = self.config
+        if not c.thresholding:
+            return {}
+        return {"dynamic_threshold": c.dynamic_thresholding_ratio, "sample_max_value": c.sample_max_value}
+
     def _hand_over(self, state):
         state["parent_only"] = True
         if state["history"] is not None:
@@ -208,8 +217,8 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
             return f"algorithm_type {c.algorithm_type!r}"
         if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
             return f"prediction_type {c.prediction_type!r}"
-        if c.thresholding:
-            return "thresholding"
+        if c.thresholding and c.sample_max_value < 1:
+            return "thresholding with sample_max_value < 1"
         return None
 
     def _build_table(self):
@@ -246,7 +255,8 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
                 noise = variance_noise.to(device=fused_output.device, dtype=torch.float32)
         step_index = self.step_index
         prev_sample = steps.dpm_solver_step(fused_output, sample, step_index, state["table"], history,
-                                            steps_done=self.lower_order_nums, noise=noise, validate=False)
+                                            steps_done=self.lower_order_nums, noise=noise, validate=False,
+                                            **self._thresholding())
         self._publish(state, step_index)
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
@@ -262,8 +272,8 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
         c = self.config
         if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
             return f"prediction_type {c.prediction_type!r}"
-        if c.thresholding and self.predict_x0:
-            return "thresholding"
+        if c.thresholding and self.predict_x0 and c.sample_max_value < 1:
+            return "thresholding with sample_max_value < 1"
         if self.solver_p is not None:
             return "solver_p"
         return None
@@ -286,7 +296,8 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
             return super().step(model_output, timestep, sample, return_dict=return_dict)
         step_index = self.step_index
         prev_sample = steps.unipc_step(model_output, sample, step_index, state["table"], history,
-                                       state["last_sample"], steps_done=self.lower_order_nums, validate=False)
+                                       state["last_sample"], steps_done=self.lower_order_nums, validate=False,
+                                       **(self._thresholding() if self.predict_x0 else {}))
         table = state["table"]
         order = self.config.solver_order
         self.this_order = min(int(table.max_order[step_index]), self.lower_order_nums + 1)

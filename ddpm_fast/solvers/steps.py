@@ -16,8 +16,9 @@ slot in place. UniPC also keeps last_sample [B, ...] (the corrected sample the p
 updated in place.
 
 Formulas (table columns in tables.py):
-- DPM-Solver++: x0 = conv_sample x + conv_model out; x_prev = c_sample x + c_m0 x0 + c_h1 x0[i-1]
-  + c_h2 x0[i-2] + c_noise noise (noise: the SDE variant's, float32 standard normal).
+- DPM-Solver++: x0 = conv_sample x + conv_model out (optionally dynamically thresholded: the one
+  per-sample reduction, reference.py's); x_prev = c_sample x + c_m0 x0 + c_h1 x0[i-1] + c_h2 x0[i-2]
+  + c_noise noise (noise: the SDE variant's, float32 standard normal). UniPC's m likewise.
 - Euler: gamma = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax, else 0; sigma_hat =
   sigma (1 + gamma); x <- x + s_noise noise sqrt(sigma_hat^2 - sigma^2); x0 = x - sigma_hat eps
   (epsilon) | -sigma / sqrt(sigma^2 + 1) v + x / (sigma^2 + 1) (v) | out (sample);
@@ -36,7 +37,7 @@ import math
 
 import torch
 
-from ..reference import compute_dtype
+from ..reference import _process_xstart, compute_dtype
 from .tables import SolverTable
 
 __all__ = ["cfg_combine", "new_history", "dpm_solver_step", "euler_churns", "euler_step", "euler_ancestral_step",
@@ -58,6 +59,16 @@ def _check_table(table, kind):
         raise TypeError(f"table: expected a SolverTable, got {type(table).__name__}")
     if table.kind != kind:
         raise ValueError(f"table: expected a {kind} table, got a {table.kind} table")
+
+
+def _check_thresholding(dynamic_threshold, sample_max_value):
+    for name, value in (("dynamic_threshold", dynamic_threshold), ("sample_max_value", sample_max_value)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
+        raise ValueError(f"dynamic_threshold: expected a value in (0, 1], got {dynamic_threshold}")
+    if not sample_max_value >= 1.0:
+        raise ValueError(f"sample_max_value: expected a value >= 1, got {sample_max_value}")
 
 
 def _guided(model_output, sample, guidance_scale, guidance_rescale):
@@ -210,7 +221,8 @@ def _noise(noise, generator, sample, dtype, name="noise"):
 
 # -- DPM-Solver++ -------------------------------------------------------------------------------------
 def dpm_solver_step(model_output, sample, step_index, table: SolverTable, history, *, steps_done=None,
-                    noise=None, generator=None, guidance_scale=None, guidance_rescale=0.0, validate=None):
+                    noise=None, generator=None, guidance_scale=None, guidance_rescale=0.0, dynamic_threshold=None,
+                    sample_max_value=1.0, validate=None):
     """One DPM-Solver++ multistep step (orders 1-3, midpoint / heun, ODE or SDE).
 
     Args:
@@ -228,6 +240,10 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
         generator: a torch.Generator on sample's device, or None.
         guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
         guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        dynamic_threshold: None, or the quantile p in (0, 1] of Imagen's dynamic thresholding of the x0
+            prediction (diffusers' thresholding / dynamic_thresholding_ratio): s = the per-sample p-quantile
+            of |x0| clamped to [1, sample_max_value], x0 = clamp(x0, -s, s) / s (a per-sample reduction).
+        sample_max_value: the largest s (>= 1).
         validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
 
     Returns:
@@ -245,6 +261,7 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
         (torch.Size([2, 4, 8, 8]), torch.Size([2, 2, 4, 8, 8]))
     """
     _check_table(table, "dpm_solver")
+    _check_thresholding(dynamic_threshold, sample_max_value)
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, dtype)
     idx = _Index(step_index, steps_done, table, sample.shape[0], sample.device, validate)
@@ -254,6 +271,8 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
     x = sample.to(dtype)
     conv_sample, conv_model, c_sample, c_m0, c_h1, c_h2, c_noise = idx.columns(tables, "coef", order - 1, x.ndim)
     x0 = torch.addcmul(conv_sample * x, conv_model, out)
+    if dynamic_threshold is not None:
+        x0 = _process_xstart(x0, False, dynamic_threshold, sample_max_value)
     idx.write(x0)
     x_prev = torch.addcmul(c_sample * x, c_m0, x0)
     for back, c_history in zip(range(1, table.solver_order), (c_h1, c_h2)):
@@ -376,7 +395,8 @@ def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *
 
 # -- UniPC --------------------------------------------------------------------------------------------
 def unipc_step(model_output, sample, step_index, table: SolverTable, history, last_sample, *, steps_done=None,
-               guidance_scale=None, guidance_rescale=0.0, validate=None):
+               guidance_scale=None, guidance_rescale=0.0, dynamic_threshold=None, sample_max_value=1.0,
+               validate=None):
     """One UniPC step: the UniC corrector of sample (skipped at a loop's first step and where the table
     disables it), then the UniP predictor.
 
@@ -395,6 +415,11 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
             and, at 0, no correction.
         guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
         guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        dynamic_threshold: None, or the quantile p in (0, 1] of Imagen's dynamic thresholding of the x0
+            prediction (predict_x0 tables only; diffusers' thresholding / dynamic_thresholding_ratio):
+            s = the per-sample p-quantile of |x0| clamped to [1, sample_max_value], x0 = clamp(x0, -s, s) / s
+            (a per-sample reduction).
+        sample_max_value: the largest s (>= 1).
         validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
 
     Returns:
@@ -411,6 +436,10 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
         torch.Size([2, 4, 8, 8])
     """
     _check_table(table, "unipc")
+    _check_thresholding(dynamic_threshold, sample_max_value)
+    if dynamic_threshold is not None and not table.predict_x0:
+        raise ValueError("dynamic_threshold: thresholds the x0 prediction; this table predicts epsilon "
+                         "(predict_x0=False)")
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, dtype)
     if (not isinstance(last_sample, torch.Tensor) or last_sample.shape != sample.shape
@@ -428,6 +457,8 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
     c_this, c_last, c_model, *c_history = idx.columns(tables, "corrector", corrector_order, x.ndim)
     conv_sample, conv_model, p_sample, p_m0, *p_history = idx.columns(tables, "coef", idx.order() - 1, x.ndim)
     m = torch.addcmul(conv_sample * x, conv_model, out)
+    if dynamic_threshold is not None:
+        m = _process_xstart(m, False, dynamic_threshold, sample_max_value)
     corrected = torch.addcmul(c_this * x, c_last, last_sample).addcmul_(c_model, m)
     for back in range(1, table.solver_order + 1):
         corrected.addcmul_(c_history[back - 1], idx.read(back))

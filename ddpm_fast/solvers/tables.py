@@ -7,8 +7,9 @@ step is elementwise math over (model_output, sample, history, one table row) -- 
 host-to-device copy.
 
 Notation (exact for every schedule): alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma * alpha (flow
-sigmas: alpha = 1 - sigma, sigma_t = sigma), lambda = log(alpha) - log(sigma_t); step i goes from s0 = sigmas[i] to t = sigmas[i + 1],
-h = lambda_t - lambda_s0; the k-th previous model output was taken at sigmas[i - k].
+sigmas: alpha = 1 - sigma, sigma_t = sigma), lambda = log(alpha) - log(sigma_t); step i goes from
+s0 = sigmas[i] to t = sigmas[i + 1], h = lambda_t - lambda_s0; the k-th previous model output was taken
+at sigmas[i - k].
 
 Tables (float64 numpy on the host; ``on(device, dtype)`` gives the device tensors, cached):
 
@@ -63,7 +64,7 @@ class SolverTable:
 
     def __init__(self, kind: str, coef: np.ndarray, max_order: np.ndarray, solver_order: int,
                  num_sigmas: int, corrector: np.ndarray | None = None, prediction_type: str = "epsilon",
-                 sde: bool = False):
+                 sde: bool = False, predict_x0: bool = True):
         self.kind = kind
         self.prediction_type = prediction_type
         self.coef = coef
@@ -72,6 +73,7 @@ class SolverTable:
         self.solver_order = solver_order
         self.num_sigmas = num_sigmas
         self.sde = sde  # the step adds c_noise * noise (DPM-Solver++'s SDE variant)
+        self.predict_x0 = predict_x0  # the history holds x0 predictions (else epsilon: UniPC's predict_x0=False)
         self._device_tables: dict = {}
 
     @property
@@ -303,4 +305,4 @@ def unipc_table(sigmas, *, solver_order: int = 2, solver_type: str = "bh2", pred
                 c_h1 = -scale[i] * h_phi_1 - sum(on_history) - c_model
                 corrector[i, k] = (0.0, ratio[i - 1], c_model, c_h1, *(on_history + [0.0, 0.0])[:2])
     return SolverTable("unipc", coef, max_order, solver_order, n + 1, corrector=corrector,
-                       prediction_type=prediction_type)
+                       prediction_type=prediction_type, predict_x0=predict_x0)
