@@ -429,3 +429,22 @@ def test_cuda_graph_captured_loop():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(static_out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_timesteps_reassigned_after_set_timesteps():
+    """A pipeline assigning scheduler.timesteps (a slice) after set_timesteps: the parent looks the first
+    timestep up in the new tensor; so do we (the host copy is refreshed, no device read in the step)."""
+    model = StandIn()
+    for kind in ("dpm", "euler"):
+        parent_cls, fast_cls, _ = PAIRS[kind]
+        results = []
+        for cls in (parent_cls, fast_cls):
+            s = cls()
+            s.set_timesteps(12)
+            s.timesteps = s.timesteps[3:]
+            x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+            for t in s.timesteps[:5]:
+                x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
+            results.append((x, s.step_index))
+        assert results[0][1] == results[1][1], kind
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)

@@ -86,14 +86,14 @@ class _SolverMixin:
     # -- per set_timesteps ----------------------------------------------------------------------------
     def set_timesteps(self, *args, **kwargs):
         out = super().set_timesteps(*args, **kwargs)
-        self._fast_prepare()
+        self.__dict__["_ddpm_fast"] = {"history": None, "last_sample": None, "parent_only": False}
+        self._fast_refresh(self.__dict__["_ddpm_fast"])
         return out
 
-    def _fast_prepare(self):
-        """Build the table from the parent's sigmas (host, float64) and put it on the timesteps' device."""
-        state = {"table": None, "sigmas": self.sigmas, "timesteps": self.timesteps, "history": None,
-                 "last_sample": None, "parent_only": False}
-        self.__dict__["_ddpm_fast"] = state
+    def _fast_refresh(self, state):
+        """Build the table from the parent's sigmas (host, float64), put it on the timesteps' device, keep a
+        host copy of the timesteps (set_timesteps time: one read). The loop's buffers are kept."""
+        state.update({"table": None, "host_timesteps": None, "sigmas": self.sigmas, "timesteps": self.timesteps})
         reason = self._unsupported()
         if reason is None:
             try:
@@ -103,17 +103,15 @@ class _SolverMixin:
         if reason is not None:
             self._say(reason)
             return
-        state["host_timesteps"] = self.timesteps.detach().cpu().numpy()  # set_timesteps time: one read
+        state["host_timesteps"] = self.timesteps.detach().cpu().numpy()
         state["table"].on(self.timesteps.device)
 
     def _fast_state(self):
+        """The fused state, None before set_timesteps. Reassigned sigmas / timesteps (an identity check, no
+        device read) rebuild the table, as the parent reads them at every step; the history stays."""
         state = self.__dict__.get("_ddpm_fast")
-        # the table follows the parent's sigmas / timesteps (an identity check: no device read)
-        if state is None or state["sigmas"] is not self.sigmas or state["timesteps"] is not self.timesteps:
-            if getattr(self, "num_inference_steps", None) is None:
-                return None
-            self._fast_prepare()
-            state = self.__dict__["_ddpm_fast"]
+        if state is not None and (state["sigmas"] is not self.sigmas or state["timesteps"] is not self.timesteps):
+            self._fast_refresh(state)
         return state
 
     # -- the step index -------------------------------------------------------------------------------
@@ -172,6 +170,7 @@ class _MultistepMixin(_SolverMixin):
         if history is None:
             dtype = compute_dtype(sample.dtype)
             history = state["history"] = steps.new_history(state["table"], sample)
+            state["slots"] = history.unbind(0)  # the slots' views, made once
             state["last_sample"] = torch.zeros(sample.shape, dtype=dtype, device=sample.device)
             state["dtype"] = sample.dtype
         elif (history.shape[1:] != sample.shape or state["dtype"] != sample.dtype
@@ -184,8 +183,8 @@ class _MultistepMixin(_SolverMixin):
     def _publish(self, state, step_index):
         """model_outputs as the parent keeps it (oldest first): views of the ring buffer's slots."""
         order = self.config.solver_order
-        history = state["history"]
-        self.model_outputs = [history[(step_index - back) % order] if step_index - back >= 0 else None
+        slots = state["slots"]
+        self.model_outputs = [slots[(step_index - back) % order] if step_index - back >= 0 else None
                               for back in range(order - 1, -1, -1)]
         taken = self.lower_order_nums + 1  # the steps since set_timesteps, this one included
         for j in range(max(order - taken, 0)):
