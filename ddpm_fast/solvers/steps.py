@@ -33,8 +33,7 @@ Formulas (table columns in tables.py):
 """
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
 from ..reference import _process_xstart, compute_dtype
@@ -130,18 +129,20 @@ def new_history(table: SolverTable, sample: torch.Tensor) -> torch.Tensor:
 class _Index:
     """A step's table rows and history slots, for a host int step index or a device int64 tensor [B]."""
 
-    def __init__(self, step_index, steps_done, table, batch, device, validate):
-        n = table.num_steps
+    def __init__(self, step_index, steps_done, table, sample, dtype, validate, history=None):
+        n, batch, device = table.num_steps, sample.shape[0], sample.device
         self.host = not isinstance(step_index, torch.Tensor)
         if self.host:
-            if isinstance(step_index, bool) or not isinstance(step_index, int):
+            if isinstance(step_index, bool) or not isinstance(step_index, (int, np.integer)):
                 raise TypeError(f"step_index: expected an int or an int64 tensor [B], got {type(step_index).__name__}")
+            step_index = int(step_index)
             if not 0 <= step_index < n:
                 raise ValueError(f"step_index: expected a value in [0, {n}), got {step_index}")
             if steps_done is None:
                 steps_done = step_index
-            if isinstance(steps_done, torch.Tensor) or isinstance(steps_done, bool) or not isinstance(steps_done, int):
+            if isinstance(steps_done, bool) or not isinstance(steps_done, (int, np.integer)):
                 raise TypeError("steps_done: with an int step_index, expected an int")
+            steps_done = int(steps_done)
             if steps_done < 0:
                 raise ValueError(f"steps_done: expected a value >= 0, got {steps_done}")
         else:
@@ -165,22 +166,24 @@ class _Index:
                     raise ValueError("steps_done: expected values >= 0")
             self.batch_range = torch.arange(batch, device=device)
         self.step_index, self.steps_done, self.table = step_index, steps_done, table
+        self.device_tables = table.on(device, dtype)  # cached: no copy after the first call
+        self.history = history
 
     def order(self, offset=0):
         """min(max_order[i + offset], steps_done + 1 + offset) -- the predictor's (offset 0) or the previous
         step's order (offset -1, the UniC corrector's); a host int or a device tensor [B]."""
         if self.host:
             return min(int(self.table.max_order[max(self.step_index + offset, 0)]), self.steps_done + 1 + offset)
-        max_order = self._device["max_order"][(self.step_index + offset).clamp_min(0)]
+        max_order = self.device_tables["max_order"][(self.step_index + offset).clamp_min(0)]
         return torch.minimum(max_order, self.steps_done + 1 + offset)
 
-    def columns(self, device_tables, name, order, ndim):
+    def columns(self, name, order, ndim):
         """The coefficients at (step_index, order -- 0-based in the table) as a tuple of tensors that
         broadcast against [B, ...] of ndim dims: 0-dim views made once per table (host index; no op per
         step) or [B, 1, ...] gathered per sample (tensor index)."""
         if self.host:
-            return device_tables[name + "_columns"][self.step_index][order]
-        rows = device_tables[name][self.step_index, order]  # [B, columns]
+            return self.device_tables[name + "_columns"][self.step_index][order]
+        rows = self.device_tables[name][self.step_index, order]  # [B, columns]
         return rows.t().reshape(rows.shape[1], rows.shape[0], *([1] * (ndim - 1))).unbind(0)
 
     def slot(self, back):
@@ -264,12 +267,10 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
     _check_thresholding(dynamic_threshold, sample_max_value)
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, dtype)
-    idx = _Index(step_index, steps_done, table, sample.shape[0], sample.device, validate)
-    idx._device = tables = table.on(sample.device, dtype)
-    idx.history = history
+    idx = _Index(step_index, steps_done, table, sample, dtype, validate, history)
     order = idx.order()
     x = sample.to(dtype)
-    conv_sample, conv_model, c_sample, c_m0, c_h1, c_h2, c_noise = idx.columns(tables, "coef", order - 1, x.ndim)
+    conv_sample, conv_model, c_sample, c_m0, c_h1, c_h2, c_noise = idx.columns("coef", order - 1, x.ndim)
     x0 = torch.addcmul(conv_sample * x, conv_model, out)
     if dynamic_threshold is not None:
         x0 = _process_xstart(x0, False, dynamic_threshold, sample_max_value)
@@ -338,10 +339,9 @@ def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
-    idx = _Index(step_index, None, table, sample.shape[0], sample.device, validate)
-    idx._device = tables = table.on(sample.device, dtype)
+    idx = _Index(step_index, None, table, sample, dtype, validate)
     x = sample.to(dtype)
-    sigma, sigma_next, input_scale = idx.columns(tables, "coef", 0, x.ndim)
+    sigma, sigma_next, input_scale = idx.columns("coef", 0, x.ndim)
     max_gamma = min(s_churn / (table.num_sigmas - 1), 2 ** 0.5 - 1)
     if euler_churns(table, step_index if idx.host else None, s_churn, s_tmin, s_tmax):
         gamma = torch.where((sigma >= s_tmin) & (sigma <= s_tmax), max_gamma, 0.0)
@@ -384,10 +384,9 @@ def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *
     """
     _check_table(table, "euler_ancestral")
     out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
-    idx = _Index(step_index, None, table, sample.shape[0], sample.device, validate)
-    idx._device = tables = table.on(sample.device, dtype)
+    idx = _Index(step_index, None, table, sample, dtype, validate)
     x = sample.to(dtype)
-    sigma, sigma_up, sigma_down, input_scale, _ = idx.columns(tables, "coef", 0, x.ndim)
+    sigma, sigma_up, sigma_down, input_scale, _ = idx.columns("coef", 0, x.ndim)
     x0 = _euler_x0(table.prediction_type, out, x, sigma, sigma, input_scale)
     x_prev = x + (x - x0) / sigma * (sigma_down - sigma) + _noise(noise, generator, sample, dtype) * sigma_up
     return x_prev.to(sample.dtype), x0
@@ -445,17 +444,15 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
     if (not isinstance(last_sample, torch.Tensor) or last_sample.shape != sample.shape
             or last_sample.dtype != dtype or last_sample.device != sample.device):
         raise ValueError(f"last_sample: expected a {dtype} tensor {tuple(sample.shape)} on {sample.device}")
-    idx = _Index(step_index, steps_done, table, sample.shape[0], sample.device, validate)
-    idx._device = tables = table.on(sample.device, dtype)
-    idx.history = history
+    idx = _Index(step_index, steps_done, table, sample, dtype, validate, history)
     x = sample.to(dtype)
     # UniC: order 0 (the identity) at the first step, else the previous step's predictor order
     if idx.host:
         corrector_order = 0 if idx.steps_done == 0 or idx.step_index == 0 else idx.order(-1)
     else:
         corrector_order = torch.where((idx.steps_done == 0) | (idx.step_index == 0), 0, idx.order(-1))
-    c_this, c_last, c_model, *c_history = idx.columns(tables, "corrector", corrector_order, x.ndim)
-    conv_sample, conv_model, p_sample, p_m0, *p_history = idx.columns(tables, "coef", idx.order() - 1, x.ndim)
+    c_this, c_last, c_model, *c_history = idx.columns("corrector", corrector_order, x.ndim)
+    conv_sample, conv_model, p_sample, p_m0, *p_history = idx.columns("coef", idx.order() - 1, x.ndim)
     m = torch.addcmul(conv_sample * x, conv_model, out)
     if dynamic_threshold is not None:
         m = _process_xstart(m, False, dynamic_threshold, sample_max_value)
