@@ -98,7 +98,7 @@ class _SolverMixin:
         if reason is None:
             try:
                 state["table"] = self._build_table()
-            except ValueError as exc:  # sigmas the table cannot hold: the parent's
+            except (ValueError, ArithmeticError) as exc:  # sigmas the table cannot hold: the parent's
                 reason = f"the schedule is outside the fused steps ({exc})"
         if reason is not None:
             self._say(reason)
