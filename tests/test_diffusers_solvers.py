@@ -448,3 +448,12 @@ def test_timesteps_reassigned_after_set_timesteps():
             results.append((x, s.step_index))
         assert results[0][1] == results[1][1], kind
         torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_host_bench_runs(capsys):
+    """python -m ddpm_fast.solvers.host_bench: a smoke run (its numbers are for reports, not checked)."""
+    from ddpm_fast.solvers import host_bench
+
+    host_bench.main(["--loops", "1", "--steps", "6"])
+    out = capsys.readouterr().out
+    assert out.count("UniPC bh2 o3") == 2 and "(0)" in out
