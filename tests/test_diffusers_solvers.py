@@ -457,3 +457,20 @@ def test_host_bench_runs(capsys):
     host_bench.main(["--loops", "1", "--steps", "6"])
     out = capsys.readouterr().out
     assert out.count("UniPC bh2 o3") == 2 and "(0)" in out
+
+
+def test_unipc_bh1_to_sigma_zero_is_finite():
+    """The documented difference: the parent's bh1 last step to sigma 0 is NaN (-inf * 0); ours is the
+    order-1 step there, the x0 prediction (for a sample-predicting model: its output)."""
+    a, b = UniPCMultistepScheduler(solver_type="bh1"), FastUniPCMultistepScheduler(solver_type="bh1",
+                                                                                  prediction_type="sample")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    for s in (a, b):
+        s.set_timesteps(6)
+    xa = xb = x
+    for t in a.timesteps:
+        xa = a.step(torch.tanh(xa), t, xa).prev_sample
+        last_output = torch.tanh(xb)
+        xb = b.step(last_output, t, xb).prev_sample
+    assert torch.isnan(xa).any()
+    torch.testing.assert_close(xb, last_output, rtol=1e-6, atol=1e-6)

@@ -32,8 +32,15 @@ What differs:
 - math is float32 for 16-bit inputs (the parents' UniPC computes in the sample's 16-bit dtype), float64
   for float64 inputs (the parents upcast to float32 only); the coefficients come from float64.
 - scale_model_input (Euler) multiplies by 1 / sqrt(sigma^2 + 1) from the table (the parent divides).
-- Where the parent produces NaN (UniPC bh1 or predict_x0=False stepping to a final sigma of 0; repeated
-  sigmas with lower_order_final=False) so may we: the coefficients are the same expressions.
+- noise (SDE DPM-Solver++, Euler's churn, Euler ancestral) is drawn by diffusers' randn_tensor exactly as
+  the parent draws it (same generator, same values); a CPU generator with CUDA samples therefore still
+  draws on the CPU and copies, as the parent does: pass a generator on the samples' device to avoid it.
+- UniPC bh1 stepping to a final sigma of 0 (final_sigmas_type "zero", the default): the parent's last
+  step returns NaN (its B(h) = -inf times a zero history term); ours returns the order-1 result, the x0
+  prediction. Elsewhere where the parent produces NaN (predict_x0=False stepping to sigma 0; repeated
+  sigmas with lower_order_final=False) so do we: the coefficients are the same expressions.
+- ``step`` takes one timestep for the batch, as the parent (per-sample step indices: the functional
+  steps of ddpm_fast.solvers).
 """
 from __future__ import annotations
 
