@@ -34,15 +34,17 @@ def model(x, i):
     return torch.tanh(0.5 * x + 0.01 * i) + 0.1 * torch.cos(x)
 
 
-def run_host(kind, table, x, n, noises):
-    """The loop with host step indices; snapshots before every step and at the end."""
+def run_host(kind, table, x, n, noises, begin=0):
+    """The loop with host step indices (from step begin on); snapshots before every step and at the end
+    (snaps[i - begin] is before step i)."""
     history = new_history(table, x) if kind in ("dpm", "unipc") else None
     last = torch.zeros_like(x, dtype=history.dtype) if kind == "unipc" else None
     snaps = []
-    for i in range(n):
+    for i in range(begin, n):
         snaps.append((x.clone(), None if history is None else history.clone(),
                       None if last is None else last.clone()))
-        x = step(kind, model(x, i), x, i, table, history, last, noises[i])
+        kw = {"steps_done": i - begin} if kind in ("dpm", "unipc") else {}
+        x = step(kind, model(x, i), x, i, table, history, last, noises[i], **kw)
     snaps.append((x.clone(), None if history is None else history.clone(), None if last is None else last.clone()))
     return snaps
 
@@ -93,6 +95,29 @@ def test_per_sample_step_indices_match_host_steps(kind):
             torch.testing.assert_close(history[:, j], snaps[i + 1][1][:, j], rtol=1e-6, atol=1e-6)
         if last is not None:
             torch.testing.assert_close(last[j], snaps[i + 1][2][j], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dpm", "unipc"])
+def test_per_sample_loops_begun_at_different_steps(kind):
+    """Samples whose loops began at different steps (img2img strengths): step_index [B] and steps_done [B]
+    give each sample its own loop's host-index step (warm-up orders and UniPC's first-step corrector)."""
+    n = 10
+    table = TABLES[kind](n)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(SHAPE, generator=gen)
+    noises = [torch.randn(SHAPE, generator=gen) for _ in range(n)]
+    begins, index = [0, 3, 6], [5, 4, 6]  # steps done: 5, 1, 0
+    runs = [run_host(kind, table, x, n, noises, begin=b) for b in begins]
+    pick = lambda j, what: runs[j][index[j] - begins[j]][what][j]  # noqa: E731
+    x_in = torch.stack([pick(j, 0) for j in range(3)])
+    history = torch.stack([runs[j][index[j] - begins[j]][1][:, j] for j in range(3)], 1)
+    last = torch.stack([pick(j, 2) for j in range(3)]) if kind == "unipc" else None
+    mo = torch.stack([model(runs[j][index[j] - begins[j]][0], index[j])[j] for j in range(3)])
+    noise = torch.stack([noises[index[j]][j] for j in range(3)])
+    steps_done = torch.tensor([i - b for i, b in zip(index, begins)])
+    out = step(kind, mo, x_in, torch.tensor(index), table, history, last, noise, steps_done=steps_done)
+    for j in range(3):
+        torch.testing.assert_close(out[j], runs[j][index[j] - begins[j] + 1][0][j], rtol=1e-6, atol=1e-6)
 
 
 def test_per_sample_steps_done_warm_up():
