@@ -1,0 +1,408 @@
+"""Drop-in diffusers schedulers over ddpm_fast.solvers: FastDPMSolverMultistepScheduler,
+FastEulerDiscreteScheduler, FastEulerAncestralDiscreteScheduler, FastUniPCMultistepScheduler.
+
+    from ddpm_fast.compat.diffusers_solvers import FastDPMSolverMultistepScheduler as DPMSolverMultistepScheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+Subclasses of diffusers' schedulers with the same config, methods and public state. After
+``set_timesteps`` (which builds the step table on the host in float64 from the parent's own ``sigmas``,
+so Karras / exponential / beta / Lu sigmas, every timestep_spacing, final_sigmas_type and
+rescale_betas_zero_snr only change the table) ``step`` is elementwise math on the device with a
+device-resident history: no host sync, no host-to-device copy, no torch.linalg.solve per step.
+
+The first step finds its step index without reading the device when the timestep is an element of
+``self.timesteps`` (``for t in scheduler.timesteps``: a view, located by its storage offset) or when
+``set_begin_index`` was called; any other timestep tensor is located by the parent's own code (one
+sync, as the parent). Later steps follow ``step_index`` (the parent ignores the timestep there too).
+
+Drop-in rule: never raise where the parent does not. The parent's own code runs (same results,
+parent speed; logged once per reason at debug level) for: DPM-Solver algorithm_type "dpmsolver" /
+"sde-dpmsolver" (deprecated upstream), thresholding with sample_max_value < 1, UniPC's solver_p,
+UniPC flow_prediction with predict_x0=False (the parent raises), model_output and sample of
+different dtypes or shapes (after DPM's learned-variance slice), Euler called with an integer
+timestep (the parent raises), and every step after such a call until the next set_timesteps.
+Fused beyond the elementwise math: flow sigmas (use_flow_sigmas, flow_shift, dynamic shifting) and
+flow_prediction (alpha_t = 1 - sigma, sigma_t = sigma in the table); thresholding (the per-sample
+quantile of |x0|, ddpm_fast.reference's dynamic thresholding, on the device: still no sync).
+
+What differs:
+- ``model_outputs`` (DPM-Solver, UniPC) hold views of the history ring buffer in float32 (float64 for
+  float64 inputs), not the model's dtype; UniPC's ``last_sample`` likewise. When the parent's code takes
+  over mid-loop they are handed over in the parent's dtypes.
+- math is float32 for 16-bit inputs (the parents' UniPC computes in the sample's 16-bit dtype), float64
+  for float64 inputs (the parents upcast to float32 only); the coefficients come from float64.
+- scale_model_input (Euler) multiplies by 1 / sqrt(sigma^2 + 1) from the table (the parent divides).
+- noise (SDE DPM-Solver++, Euler's churn, Euler ancestral) is drawn by diffusers' randn_tensor exactly as
+  the parent draws it (same generator, same values); a CPU generator with CUDA samples therefore still
+  draws on the CPU and copies, as the parent does: pass a generator on the samples' device to avoid it.
+- UniPC bh1 stepping to a final sigma of 0 (final_sigmas_type "zero", the default): the parent's last
+  step returns NaN (its B(h) = -inf times a zero history term); ours returns the order-1 result, the x0
+  prediction. Elsewhere where the parent produces NaN (predict_x0=False stepping to sigma 0; repeated
+  sigmas with lower_order_final=False) so do we: the coefficients are the same expressions.
+- ``step`` takes one timestep for the batch, as the parent (per-sample step indices: the functional
+  steps of ddpm_fast.solvers).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+try:
+    from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           UniPCMultistepScheduler)
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+    from diffusers.schedulers.scheduling_euler_discrete import logger as _euler_logger
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as exc:  # pragma: no cover - exercised only without diffusers
+    raise ImportError(
+        "ddpm_fast.compat.diffusers_solvers needs the optional 'diffusers' package: pip install 'ddpm-fast[diffusers]'"
+    ) from exc
+
+from ..reference import compute_dtype
+from ..solvers import steps, tables
+
+__all__ = ["FastDPMSolverMultistepScheduler", "FastEulerDiscreteScheduler", "FastEulerAncestralDiscreteScheduler",
+           "FastUniPCMultistepScheduler"]
+
+_log = logging.getLogger(__name__)
+
+_SCALE_WARNING = ("The `scale_model_input` function should be called before `step` to ensure correct denoising. "
+                  "See `StableDiffusionPipeline` for a usage example.")
+
+
+class _SolverMixin:
+    """Shared state handling: the table per set_timesteps, the step index without a sync, the fallback."""
+
+    def _unsupported(self) -> str | None:
+        """Why this configuration runs the parent's step (None: it is fused)."""
+        raise NotImplementedError
+
+    def _build_table(self) -> tables.SolverTable:
+        raise NotImplementedError
+
+    def _say(self, reason):
+        said = self.__dict__.setdefault("_ddpm_fast_said", set())
+        if reason not in said:
+            said.add(reason)
+            _log.debug("%s runs diffusers' own code where %s", type(self).__name__, reason)
+
+    # -- per set_timesteps ----------------------------------------------------------------------------
+    def set_timesteps(self, *args, **kwargs):
+        out = super().set_timesteps(*args, **kwargs)
+        self.__dict__["_ddpm_fast"] = {"history": None, "last_sample": None, "parent_only": False}
+        self._fast_refresh(self.__dict__["_ddpm_fast"])
+        return out
+
+    def _fast_refresh(self, state):
+        """Build the table from the parent's sigmas (host, float64), put it on the timesteps' device, keep a
+        host copy of the timesteps (set_timesteps time: one read). The loop's buffers are kept."""
+        state.update({"table": None, "host_timesteps": None, "sigmas": self.sigmas, "timesteps": self.timesteps})
+        reason = self._unsupported()
+        if reason is None:
+            try:
+                state["table"] = self._build_table()
+            except (ValueError, ArithmeticError) as exc:  # sigmas the table cannot hold: the parent's
+                reason = f"the schedule is outside the fused steps ({exc})"
+        if reason is not None:
+            self._say(reason)
+            return
+        state["host_timesteps"] = self.timesteps.detach().cpu().numpy()
+        state["table"].on(self.timesteps.device)
+
+    def _fast_state(self):
+        """The fused state, None before set_timesteps. Reassigned sigmas / timesteps (an identity check, no
+        device read) rebuild the table, as the parent reads them at every step; the history stays."""
+        state = self.__dict__.get("_ddpm_fast")
+        if state is not None and (state["sigmas"] is not self.sigmas or state["timesteps"] is not self.timesteps):
+            self._fast_refresh(state)
+        return state
+
+    # -- the step index -------------------------------------------------------------------------------
+    def _index_of_value(self, host_timesteps, value):
+        """The parent's index_for_timestep rule on the host copy: the second match if several, the last
+        index if none (DPM-Solver / UniPC; Euler's parent has no match only for foreign timesteps)."""
+        matches = np.nonzero(host_timesteps == value)[0]
+        if len(matches) == 0:
+            return len(host_timesteps) - 1
+        return int(matches[1] if len(matches) > 1 else matches[0])
+
+    def _init_step_index(self, timestep):
+        state = self.__dict__.get("_ddpm_fast")
+        ts = self.timesteps
+        if (self.begin_index is None and state is not None and state.get("host_timesteps") is not None
+                and isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and ts.ndim == 1
+                and timestep.dtype == ts.dtype and timestep.device == ts.device and ts.numel()
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+            offset = timestep.storage_offset() - ts.storage_offset()
+            position, rest = divmod(offset, ts.stride(0)) if ts.stride(0) else (-1, 1)
+            if rest == 0 and 0 <= position < ts.numel():  # an element of self.timesteps: read its host copy
+                value = state["host_timesteps"][position]
+                self._step_index = self._index_of_value(state["host_timesteps"], value)
+                return
+        super()._init_step_index(timestep)
+
+    # -- the fused or the parent's step ---------------------------------------------------------------
+    def _fused_ready(self, model_output, sample):
+        """The state when this call can take the fused step, else None (the parent's step runs)."""
+        state = self._fast_state()
+        if state is None or state["table"] is None:
+            return None
+        if state["parent_only"]:
+            return None
+        if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
+                and model_output.is_floating_point() and model_output.dtype == sample.dtype
+                and model_output.shape == sample.shape and sample.ndim >= 1
+                and model_output.device == sample.device):
+            self._say("model_output and sample are not float tensors of one dtype, shape and device")
+            self._hand_over(state)
+            return None
+        return state
+
+    def _hand_over(self, state):
+        """The parent's code takes the rest of the loop: give it its state in its own dtypes."""
+        state["parent_only"] = True
+
+
+class _MultistepMixin(_SolverMixin):
+    """DPM-Solver++ and UniPC: the history ring buffer and the parent's model_outputs / lower_order_nums."""
+
+    def _buffers(self, state, sample):
+        """The history ring buffer for this sample (made at the loop's first step), or None when the loop
+        changed shape, dtype or device midway (the parent's code takes over then)."""
+        history = state["history"]
+        if history is None:
+            dtype = compute_dtype(sample.dtype)
+            history = state["history"] = steps.new_history(state["table"], sample)
+            state["slots"] = history.unbind(0)  # the slots' views, made once
+            state["last_sample"] = torch.zeros(sample.shape, dtype=dtype, device=sample.device)
+            state["dtype"] = sample.dtype
+        elif (history.shape[1:] != sample.shape or state["dtype"] != sample.dtype
+              or history.device != sample.device):
+            self._say("the sample's shape, dtype or device changed within the loop")
+            self._hand_over(state)
+            return None
+        return history
+
+    def _publish(self, state, step_index):
+        """model_outputs as the parent keeps it (oldest first): views of the ring buffer's slots."""
+        order = self.config.solver_order
+        slots = state["slots"]
+        self.model_outputs = [slots[(step_index - back) % order] if step_index - back >= 0 else None
+                              for back in range(order - 1, -1, -1)]
+        taken = self.lower_order_nums + 1  # the steps since set_timesteps, this one included
+        for j in range(max(order - taken, 0)):
+            self.model_outputs[j] = None
+
+    def _thresholding(self):
+        """The config's thresholding as the steps' dynamic_threshold / sample_max_value arguments."""
+        c = self.config
+        if not c.thresholding:
+            return {}
+        return {"dynamic_threshold": c.dynamic_thresholding_ratio, "sample_max_value": c.sample_max_value}
+
+    def _hand_over(self, state):
+        state["parent_only"] = True
+        if state["history"] is not None:
+            dtype = state["dtype"]
+            self.model_outputs = [None if m is None else m.to(dtype) for m in self.model_outputs]
+            if getattr(self, "last_sample", None) is not None:
+                self.last_sample = state["last_sample"].to(dtype)
+
+
+class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepScheduler):
+    """DPMSolverMultistepScheduler whose step is ddpm_fast.solvers.dpm_solver_step (dpmsolver++ and
+    sde-dpmsolver++, orders 1-3, midpoint / heun, every sigma schedule); see the module docstring."""
+
+    def _unsupported(self):
+        c = self.config
+        if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+            return f"algorithm_type {c.algorithm_type!r}"
+        if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
+            return f"prediction_type {c.prediction_type!r}"
+        if c.thresholding and c.sample_max_value < 1:
+            return "thresholding with sample_max_value < 1"
+        return None
+
+    def _build_table(self):
+        c = self.config
+        return tables.dpm_solver_table(
+            self.sigmas, solver_order=c.solver_order, algorithm_type=c.algorithm_type, solver_type=c.solver_type,
+            prediction_type=c.prediction_type, lower_order_final=c.lower_order_final,
+            euler_at_final=c.euler_at_final, final_sigmas_type=c.final_sigmas_type,
+            flow_sigmas=c.use_flow_sigmas)
+
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+        state = None
+        if self.num_inference_steps is not None and isinstance(model_output, torch.Tensor):
+            if (self.config.prediction_type == "epsilon" and self.config.variance_type in ("learned", "learned_range")
+                    and model_output.ndim >= 2):
+                fused_output = model_output[:, :3]  # the parent's own slice of a learned-variance output
+            else:
+                fused_output = model_output
+            state = self._fused_ready(fused_output, sample)
+        history = self._buffers(state, sample) if state is not None else None
+        if history is not None and self.step_index is None:
+            self._init_step_index(timestep)
+        if history is None or not 0 <= self.step_index < state["table"].num_steps:
+            if history is not None:
+                self._hand_over(state)
+            return super().step(model_output, timestep, sample, generator=generator,
+                                variance_noise=variance_noise, return_dict=return_dict)
+        noise = None
+        if self.config.algorithm_type == "sde-dpmsolver++":
+            if variance_noise is None:
+                noise = randn_tensor(fused_output.shape, generator=generator, device=fused_output.device,
+                                     dtype=torch.float32)
+            else:
+                noise = variance_noise.to(device=fused_output.device, dtype=torch.float32)
+        step_index = self.step_index
+        prev_sample = steps.dpm_solver_step(fused_output, sample, step_index, state["table"], history,
+                                            steps_done=self.lower_order_nums, noise=noise, validate=False,
+                                            **self._thresholding())
+        self._publish(state, step_index)
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+
+class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
+    """UniPCMultistepScheduler whose step is ddpm_fast.solvers.unipc_step (bh1 / bh2, orders 1-3,
+    predict_x0 or not, disable_corrector, every sigma schedule); see the module docstring."""
+
+    def _unsupported(self):
+        c = self.config
+        if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
+            return f"prediction_type {c.prediction_type!r}"
+        if c.thresholding and self.predict_x0 and c.sample_max_value < 1:
+            return "thresholding with sample_max_value < 1"
+        if self.solver_p is not None:
+            return "solver_p"
+        return None
+
+    def _build_table(self):
+        c = self.config
+        return tables.unipc_table(
+            self.sigmas, solver_order=c.solver_order, solver_type=c.solver_type, predict_x0=self.predict_x0,
+            prediction_type=c.prediction_type, lower_order_final=c.lower_order_final,
+            disable_corrector=self.disable_corrector, flow_sigmas=c.use_flow_sigmas)
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        state = self._fused_ready(model_output, sample) if self.num_inference_steps is not None else None
+        history = self._buffers(state, sample) if state is not None else None
+        if history is not None and self.step_index is None:
+            self._init_step_index(timestep)
+        if history is None or not 0 <= self.step_index < state["table"].num_steps:
+            if history is not None:
+                self._hand_over(state)
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        step_index = self.step_index
+        prev_sample = steps.unipc_step(model_output, sample, step_index, state["table"], history,
+                                       state["last_sample"], steps_done=self.lower_order_nums, validate=False,
+                                       **(self._thresholding() if self.predict_x0 else {}))
+        table = state["table"]
+        order = self.config.solver_order
+        self.this_order = min(int(table.max_order[step_index]), self.lower_order_nums + 1)
+        self.timestep_list = self.timestep_list[1:] + [timestep] if order > 1 else [timestep]
+        self.last_sample = state["last_sample"]
+        self._publish(state, step_index)
+        if self.lower_order_nums < order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+
+class _EulerMixin(_SolverMixin):
+    def scale_model_input(self, sample, timestep):
+        state = self._fast_state()
+        if (state is None or state["table"] is None or not isinstance(sample, torch.Tensor)
+                or not sample.is_floating_point()):
+            return super().scale_model_input(sample, timestep)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if not 0 <= self.step_index < state["table"].num_steps:
+            return super().scale_model_input(sample, timestep)
+        column = tables.EULER_COLUMNS.index("input_scale") if state["table"].kind == "euler" else \
+            tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")
+        scale = state["table"].on(sample.device, sample.dtype)["coef_columns"][self.step_index][0][column]
+        self.is_scale_input_called = True
+        return sample * scale
+
+    def _euler_ready(self, model_output, timestep, sample):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            return None  # the parent raises
+        state = self._fused_ready(model_output, sample)
+        if state is not None and self.step_index is None:
+            self._init_step_index(timestep)
+        if state is not None and not 0 <= self.step_index < state["table"].num_steps:
+            return None
+        if state is not None and not self.is_scale_input_called:
+            _euler_logger.warning(_SCALE_WARNING)
+        return state
+
+
+class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
+    """EulerDiscreteScheduler whose step is ddpm_fast.solvers.euler_step (churn included, every sigma
+    schedule and interpolation_type); see the module docstring."""
+
+    def _unsupported(self):
+        if self.config.prediction_type not in ("epsilon", "sample", "original_sample", "v_prediction"):
+            return f"prediction_type {self.config.prediction_type!r}"
+        return None
+
+    def _build_table(self):
+        prediction = self.config.prediction_type
+        return tables.euler_table(self.sigmas, prediction_type="sample" if prediction == "original_sample"
+                                  else prediction)
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, return_dict=True):
+        state = self._euler_ready(model_output, timestep, sample)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                      for v in (s_churn, s_tmin, s_tmax, s_noise))
+        if state is None or not numbers:
+            return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                                s_noise=s_noise, generator=generator, return_dict=return_dict)
+        table, step_index = state["table"], self.step_index
+        noise = None
+        if steps.euler_churns(table, step_index, s_churn, s_tmin, s_tmax):
+            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                 generator=generator)
+        prev_sample, x0 = steps.euler_step(model_output, sample, step_index, table, s_churn=s_churn, s_tmin=s_tmin,
+                                           s_tmax=s_tmax, s_noise=s_noise, noise=noise, validate=False)
+        if table.prediction_type == "sample":
+            x0 = model_output  # the parent returns the model output itself
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, x0
+        return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class FastEulerAncestralDiscreteScheduler(_EulerMixin, EulerAncestralDiscreteScheduler):
+    """EulerAncestralDiscreteScheduler whose step is ddpm_fast.solvers.euler_ancestral_step; see the
+    module docstring."""
+
+    def _unsupported(self):
+        if self.config.prediction_type not in ("epsilon", "v_prediction"):
+            return f"prediction_type {self.config.prediction_type!r}"  # the parent raises for "sample"
+        return None
+
+    def _build_table(self):
+        return tables.euler_ancestral_table(self.sigmas, prediction_type=self.config.prediction_type)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        state = self._euler_ready(model_output, timestep, sample)
+        if state is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                             generator=generator)
+        prev_sample, x0 = steps.euler_ancestral_step(model_output, sample, self.step_index, state["table"],
+                                                     noise=noise, validate=False)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, x0
+        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -1,0 +1,322 @@
+"""ddpm_fast.solvers: the coefficient tables and the functional steps.
+
+- in float64 the functional steps reproduce diffusers' own step formulas (its float64 run) to ~1e-12:
+  every coefficient of every order / variant is checked, not only a loop's end;
+- per-sample step indices [B] give, for each sample, the host-index step at that sample's index;
+- classifier-free guidance inside a step equals cfg_combine then the step; cfg_combine and the rescale
+  against diffusers' formula;
+- dtypes (fp16 / bf16 in, float32 math, the input dtype out), bad input raising a named error, and no
+  host sync on the per-sample device path.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_fast.solvers import (cfg_combine, dpm_solver_step, dpm_solver_table, euler_ancestral_step,
+                               euler_ancestral_table, euler_step, euler_table, new_history, unipc_step,
+                               unipc_table)
+
+SHAPE = (3, 2, 4, 4)
+
+
+def sigmas_of(n, final_zero=True):
+    """A linear-schedule sigma ladder [n + 1] like diffusers' linspace spacing."""
+    betas = np.linspace(0.0001, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    t = np.linspace(0, 999, n + 1).round()[::-1][:-1].astype(np.int64)
+    sig = np.sqrt((1 - abar[t]) / abar[t])
+    return np.concatenate([sig, [0.0 if final_zero else math.sqrt((1 - abar[0]) / abar[0])]]).astype(np.float32)
+
+
+def model(x, i):
+    return torch.tanh(0.5 * x + 0.01 * i) + 0.1 * torch.cos(x)
+
+
+def run_host(kind, table, x, n, noises, begin=0):
+    """The loop with host step indices (from step begin on); snapshots before every step and at the end
+    (snaps[i - begin] is before step i)."""
+    history = new_history(table, x) if kind in ("dpm", "unipc") else None
+    last = torch.zeros_like(x, dtype=history.dtype) if kind == "unipc" else None
+    snaps = []
+    for i in range(begin, n):
+        snaps.append((x.clone(), None if history is None else history.clone(),
+                      None if last is None else last.clone()))
+        kw = {"steps_done": i - begin} if kind in ("dpm", "unipc") else {}
+        x = step(kind, model(x, i), x, i, table, history, last, noises[i], **kw)
+    snaps.append((x.clone(), None if history is None else history.clone(), None if last is None else last.clone()))
+    return snaps
+
+
+def step(kind, mo, x, index, table, history, last, noise, **kw):
+    if kind not in ("dpm", "unipc"):
+        kw.pop("dynamic_threshold", None)
+    if kind == "dpm":
+        return dpm_solver_step(mo, x, index, table, history, noise=noise, **kw)
+    if kind == "unipc":
+        return unipc_step(mo, x, index, table, history, last, **kw)
+    if kind == "euler":
+        return euler_step(mo, x, index, table, s_churn=2.0, s_tmin=0.3, s_tmax=5.0, noise=noise, **kw)[0]
+    return euler_ancestral_step(mo, x, index, table, noise=noise, **kw)[0]
+
+
+TABLES = {
+    "dpm": lambda n: dpm_solver_table(sigmas_of(n), solver_order=3, algorithm_type="sde-dpmsolver++",
+                                      solver_type="heun"),
+    "unipc": lambda n: unipc_table(sigmas_of(n), solver_order=3, disable_corrector=[2]),
+    "euler": lambda n: euler_table(sigmas_of(n), prediction_type="v_prediction"),
+    "euler_a": lambda n: euler_ancestral_table(sigmas_of(n)),
+}
+
+
+@pytest.mark.parametrize("kind", list(TABLES))
+def test_per_sample_step_indices_match_host_steps(kind):
+    """Each sample at its own step index (a tensor [B]) gives that sample's host-index step."""
+    n = 10
+    table = TABLES[kind](n)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen)
+    noises = [torch.randn(SHAPE, generator=gen) for _ in range(n)]
+    snaps = run_host(kind, table, x, n, noises)
+    index = torch.tensor([0, 4, 9])
+    x_in = torch.stack([snaps[i][0][j] for j, i in enumerate(index.tolist())])
+    mo = torch.stack([model(snaps[i][0], i)[j] for j, i in enumerate(index.tolist())])
+    noise = torch.stack([noises[i][j] for j, i in enumerate(index.tolist())])
+    history = last = None
+    if snaps[0][1] is not None:
+        history = torch.stack([snaps[i][1][:, j] for j, i in enumerate(index.tolist())], 1)
+    if snaps[0][2] is not None:
+        last = torch.stack([snaps[i][2][j] for j, i in enumerate(index.tolist())])
+    out = step(kind, mo, x_in, index, table, history, last, noise)
+    for j, i in enumerate(index.tolist()):
+        torch.testing.assert_close(out[j], snaps[i + 1][0][j], rtol=1e-6, atol=1e-6)
+        if history is not None:
+            torch.testing.assert_close(history[:, j], snaps[i + 1][1][:, j], rtol=1e-6, atol=1e-6)
+        if last is not None:
+            torch.testing.assert_close(last[j], snaps[i + 1][2][j], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dpm", "unipc"])
+def test_per_sample_loops_begun_at_different_steps(kind):
+    """Samples whose loops began at different steps (img2img strengths): step_index [B] and steps_done [B]
+    give each sample its own loop's host-index step (warm-up orders and UniPC's first-step corrector)."""
+    n = 10
+    table = TABLES[kind](n)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(SHAPE, generator=gen)
+    noises = [torch.randn(SHAPE, generator=gen) for _ in range(n)]
+    begins, index = [0, 3, 6], [5, 4, 6]  # steps done: 5, 1, 0
+    runs = [run_host(kind, table, x, n, noises, begin=b) for b in begins]
+    pick = lambda j, what: runs[j][index[j] - begins[j]][what][j]  # noqa: E731
+    x_in = torch.stack([pick(j, 0) for j in range(3)])
+    history = torch.stack([runs[j][index[j] - begins[j]][1][:, j] for j in range(3)], 1)
+    last = torch.stack([pick(j, 2) for j in range(3)]) if kind == "unipc" else None
+    mo = torch.stack([model(runs[j][index[j] - begins[j]][0], index[j])[j] for j in range(3)])
+    noise = torch.stack([noises[index[j]][j] for j in range(3)])
+    steps_done = torch.tensor([i - b for i, b in zip(index, begins)])
+    out = step(kind, mo, x_in, torch.tensor(index), table, history, last, noise, steps_done=steps_done)
+    for j in range(3):
+        torch.testing.assert_close(out[j], runs[j][index[j] - begins[j] + 1][0][j], rtol=1e-6, atol=1e-6)
+
+
+def test_per_sample_steps_done_warm_up():
+    """steps_done lowers the order as the parent's lower_order_nums does (a loop begun later)."""
+    table = TABLES["dpm"](10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    noise = torch.zeros(SHAPE)
+    hist_a, hist_b = new_history(table, x), new_history(table, x)
+    hist_a[:] = torch.randn(hist_a.shape, generator=torch.Generator().manual_seed(2))
+    hist_b.copy_(hist_a)
+    first_order = dpm_solver_step(model(x, 5), x, 5, table, hist_a, steps_done=0, noise=noise)
+    per_sample = dpm_solver_step(model(x, 5), x, torch.full((3,), 5), table, hist_b, steps_done=torch.zeros(3,
+                                 dtype=torch.int64), noise=noise)
+    torch.testing.assert_close(per_sample, first_order, rtol=0, atol=0)
+    # order 1: the older slots (other values there) change nothing
+    hist_c = hist_a.clone()
+    hist_c[(5 - 1) % 3] += 1.0
+    hist_c[(5 - 2) % 3] -= 2.0
+    again = dpm_solver_step(model(x, 5), x, 5, table, hist_c, steps_done=0, noise=noise)
+    torch.testing.assert_close(again, first_order, rtol=0, atol=0)
+    second_order = dpm_solver_step(model(x, 5), x, 5, table, hist_c.clone(), steps_done=1, noise=noise)
+    assert not torch.equal(second_order, first_order)
+
+
+# -- float64: the formulas of diffusers' own steps ----------------------------------------------------
+def _parent64(kind, cfg):
+    diffusers_solvers_tests = pytest.importorskip("test_diffusers_solvers")
+    pair = diffusers_solvers_tests.PAIRS[kind]
+    return pair[0](**cfg), pair[2], diffusers_solvers_tests
+
+
+PARENT_CASES = [
+    ("dpm", {"solver_order": 3}),
+    ("dpm", {"solver_order": 2, "solver_type": "heun", "prediction_type": "v_prediction"}),
+    ("dpm", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min"}),
+    ("dpm", {"solver_order": 2, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+    ("dpm", {"solver_order": 3, "use_karras_sigmas": True, "prediction_type": "sample"}),
+    ("unipc", {"solver_order": 3}),
+    ("unipc", {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"solver_order": 3, "predict_x0": False, "final_sigmas_type": "sigma_min", "prediction_type": "sample"}),
+    ("unipc", {"solver_order": 2, "prediction_type": "v_prediction", "disable_corrector": [1, 4]}),
+    ("dpm", {"solver_order": 3, "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}),
+    ("unipc", {"solver_order": 3, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    ("euler", {"prediction_type": "v_prediction"}), ("euler", {"use_karras_sigmas": True}),
+    ("euler_a", {}), ("euler_a", {"prediction_type": "v_prediction"}),
+]
+
+
+@pytest.mark.parametrize("kind, cfg", PARENT_CASES)
+def test_float64_steps_equal_the_parent_formulas(monkeypatch, kind, cfg):
+    """Every step of a 12-step loop, float64 on both sides: agreement to ~1e-12 of the scale."""
+    parent, module, helpers = _parent64(kind, cfg)
+    monkeypatch.setattr(module, "torch", helpers._Torch64())
+    draws = helpers.Draws(7)
+    monkeypatch.setattr(module, "randn_tensor", draws, raising=False)
+    parent.set_timesteps(12)
+    helpers.to64(parent)
+    c = parent.config
+    if kind == "dpm":
+        table = dpm_solver_table(parent.sigmas, solver_order=c.solver_order, algorithm_type=c.algorithm_type,
+                                 solver_type=c.solver_type, prediction_type=c.prediction_type,
+                                 lower_order_final=c.lower_order_final, final_sigmas_type=c.final_sigmas_type,
+                                 flow_sigmas=c.use_flow_sigmas)
+    elif kind == "unipc":
+        table = unipc_table(parent.sigmas, solver_order=c.solver_order, solver_type=c.solver_type,
+                            predict_x0=c.predict_x0, prediction_type=c.prediction_type,
+                            disable_corrector=c.disable_corrector, flow_sigmas=c.use_flow_sigmas)
+    elif kind == "euler":
+        table = euler_table(parent.sigmas, prediction_type=c.prediction_type)
+    else:
+        table = euler_ancestral_table(parent.sigmas, prediction_type=c.prediction_type)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    ours = x.clone()
+    history = new_history(table, x) if kind in ("dpm", "unipc") else None
+    last = torch.zeros_like(x)
+    noise_gen = torch.Generator().manual_seed(7)
+    for i, t in enumerate(parent.timesteps):
+        noise = torch.randn(SHAPE, generator=noise_gen).double()  # the draw the parent's randn_tensor makes
+        mo = model(parent.scale_model_input(x, t), i)
+        x = parent.step(mo, t, x).prev_sample
+        if kind in ("euler", "euler_a"):
+            mo_ours = model(ours * float(table.coef[i, 0, 2 if kind == "euler" else 3]), i)
+        else:
+            mo_ours = model(ours, i)
+        if kind == "unipc":
+            noise = None
+        ours = step(kind, mo_ours, ours, i, table, history, last, noise) if kind != "euler" else \
+            euler_step(mo_ours, ours, i, table)[0]
+        scale = max(x.abs().max().item(), 1.0)
+        assert (ours - x).abs().max().item() <= 1e-11 * scale, f"{kind} {cfg} step {i}"
+
+
+# -- classifier-free guidance ---------------------------------------------------------------------------
+def test_cfg_combine_and_rescale():
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(6, 2, 3, 3, generator=gen)
+    uncond, cond = out.chunk(2)
+    torch.testing.assert_close(cfg_combine(out, 5.0), uncond + 5.0 * (cond - uncond))
+    guided = uncond + 5.0 * (cond - uncond)
+    ratio = cond.std(dim=[1, 2, 3], keepdim=True) / guided.std(dim=[1, 2, 3], keepdim=True)
+    expected = 0.7 * guided * ratio + 0.3 * guided
+    torch.testing.assert_close(cfg_combine(out, 5.0, 0.7), expected)
+    assert cfg_combine(out.half(), 2.0).dtype == torch.float16
+    with pytest.raises(ValueError, match="model_output"):
+        cfg_combine(out[:5], 2.0)
+    with pytest.raises(TypeError, match="guidance_scale"):
+        cfg_combine(out, "7")
+
+
+@pytest.mark.parametrize("kind", list(TABLES))
+def test_guidance_inside_the_step(kind):
+    """guidance_scale / guidance_rescale in the step = cfg_combine, then the step."""
+    table = TABLES[kind](10)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen)
+    out2 = torch.randn((6, *SHAPE[1:]), generator=gen)
+    noise = torch.randn(SHAPE, generator=gen)
+    results = []
+    for inside in (True, False):
+        history = new_history(table, x) if kind in ("dpm", "unipc") else None
+        last = torch.zeros_like(x)
+        kw = {"guidance_scale": 4.0, "guidance_rescale": 0.5} if inside else {}
+        mo = out2 if inside else cfg_combine(out2, 4.0, 0.5)
+        results.append(step(kind, mo, x, 3, table, history, last, noise, **kw))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
+# -- dtypes, errors, syncs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes(dtype):
+    table = TABLES["dpm"](10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(dtype)
+    history = new_history(table, x)
+    assert history.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    out = dpm_solver_step(model(x, 0), x, 0, table, history, noise=torch.zeros(SHAPE))
+    assert out.dtype == dtype
+    if dtype == torch.float64:
+        return
+    # float32 math for 16-bit inputs: the float32 step of the same inputs, rounded once
+    x32 = x.float()
+    ref = dpm_solver_step(model(x, 0).float(), x32, 0, table, new_history(table, x32), noise=torch.zeros(SHAPE))
+    torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+
+
+def test_bad_input_names_the_argument():
+    table = TABLES["dpm"](10)
+    x = torch.zeros(SHAPE)
+    history = new_history(table, x)
+    with pytest.raises(ValueError, match="solver_order"):
+        dpm_solver_table(sigmas_of(10), solver_order=4)
+    with pytest.raises(ValueError, match="algorithm_type"):
+        dpm_solver_table(sigmas_of(10), algorithm_type="dpmsolver")
+    with pytest.raises(ValueError, match="sigmas"):
+        unipc_table([1.0, 0.0, 0.5])
+    with pytest.raises(ValueError, match="prediction_type"):
+        euler_ancestral_table(sigmas_of(5), prediction_type="sample")
+    with pytest.raises(ValueError, match="step_index"):
+        dpm_solver_step(x, x, 10, table, history)
+    with pytest.raises(ValueError, match="step_index"):
+        dpm_solver_step(x, x, torch.tensor([0, 1, 10]), table, history)
+    with pytest.raises(TypeError, match="step_index"):
+        dpm_solver_step(x, x, 1.0, table, history)
+    with pytest.raises(ValueError, match="history"):
+        dpm_solver_step(x, x, 0, table, history[:2])
+    with pytest.raises(ValueError, match="table"):
+        unipc_step(x, x, 0, table, history, x)
+    with pytest.raises(ValueError, match="model_output"):
+        dpm_solver_step(x[:2], x, 0, table, history)
+    with pytest.raises(ValueError, match="model_output"):
+        dpm_solver_step(torch.zeros(5, *SHAPE[1:]), x, 0, table, history, guidance_scale=3.0)
+    with pytest.raises(TypeError, match="sample"):
+        dpm_solver_step(x, x.long(), 0, table, history)
+    with pytest.raises(ValueError, match="last_sample"):
+        unipc_step(x, x, 0, TABLES["unipc"](10), new_history(TABLES["unipc"](10), x), x[:1])
+    with pytest.raises(ValueError, match="dynamic_threshold"):
+        dpm_solver_step(x, x, 0, table, history, dynamic_threshold=1.5)
+    with pytest.raises(ValueError, match="sample_max_value"):
+        dpm_solver_step(x, x, 0, table, history, dynamic_threshold=0.9, sample_max_value=0.5)
+    eps_table = unipc_table(sigmas_of(10, final_zero=False), predict_x0=False)
+    with pytest.raises(ValueError, match="dynamic_threshold"):
+        unipc_step(x, x, 0, eps_table, new_history(eps_table, x), x.clone(), dynamic_threshold=0.9)
+    with pytest.raises(TypeError, match="s_churn"):
+        euler_step(x, x, 0, TABLES["euler"](10), s_churn=None)
+
+
+def test_per_sample_path_without_host_sync():
+    """The device path (index tensors, validate=False) makes no .item() / nonzero."""
+    from test_no_host_sync import NoHostSync
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(SHAPE, device=dev)
+    index = torch.tensor([0, 3, 7], device=dev)
+    for kind, make in TABLES.items():
+        table = make(10)
+        table.on(dev)  # set_timesteps time: the copy to the device
+        history = new_history(table, x) if kind in ("dpm", "unipc") else None
+        last = torch.zeros_like(x)
+        with NoHostSync():
+            for _ in range(3):  # noise None: drawn on the device (DPM's SDE variant, the Euler pair)
+                out = step(kind, torch.tanh(x), x, index, table, history, last, None, validate=False,
+                           dynamic_threshold=0.9)
+        assert out.shape == x.shape and torch.isfinite(out).all()
