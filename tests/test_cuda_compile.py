@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from ddpm_fast._ptxas import compile_kernels, find_cuobjdump, find_nvcc
+from ddpm_fast._ptxas import compile_kernels, find_cuobjdump, find_nvcc, parse_sass, short
 
 ARCHS = ("80", "90")
 SASS_ARCH = "90"
@@ -94,6 +94,28 @@ def test_sm90_body_kernels_load_and_store_128_bits(kernels):
         if sass["STG.E.U16"]:  # PriorElem writes no element outputs
             assert sass["STG.E.128"] > 0 and 4 * sass["STG.E.128"] >= sass["STG.E.U16"], (r["name"], dict(sass))
     assert sum(r["sass"]["STG.E.128"] for r in rows) > 0
+
+
+def test_parse_sass_counts_memory_instructions_by_width():
+    text = ("\t\tFunction : _Z1kPf\n"
+            "        /*0040*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;   /* 0x0 */\n"
+            "        /*0050*/               @P0 STG.E desc[UR4][R8.64+0x4], R5 ;           /* 0x0 */\n"
+            "        /*0060*/                   STG.E.128 desc[UR4][R8.64], R4 ;            /* 0x0 */\n"
+            "        /*0070*/                   STG.E.128.STRONG.SM desc[UR4][R8.64], R4 ;  /* 0x0 */\n"
+            "        /*0080*/                   STL [R1+0x18], R6 ;                         /* 0x0 */\n"
+            "\t\tFunction : _Z1gPf\n"
+            "        /*0000*/                   LDG.E.U16 R3, desc[UR4][R4.64] ;            /* 0x0 */\n")
+    assert parse_sass(text) == {"_Z1kPf": {"LDG.E.128": 1, "STG.E": 1, "STG.E.128": 2, "STL": 1},
+                                "_Z1gPf": {"LDG.E.U16": 1}}
+
+
+def test_short_kernel_names():
+    ns = "void ddpm::(anonymous namespace)::"
+    assert short(ns + "body_kernel<float, ddpm::TrainElem<float>, false>(ddpm::(anonymous namespace)::KArgs<float>)"
+                 ) == "body TrainElem<float>"
+    assert short(ns + "body_kernel<float, ddpm::PSampleElem<float>, true>(ddpm::KArgs<float>)"
+                 ) == "body PSampleElem<float> noise"
+    assert short(ns + "finish_kernel<float, ddpm::VbElem<float> >(ddpm::KArgs<float>, long)") == "finish VbElem<float>"
 
 
 @pytest.mark.skipif(find_nvcc() is None or torch.version.cuda is None, reason="needs nvcc and a CUDA build of torch")
