@@ -338,3 +338,39 @@ def test_flags_mark_spread_load_few_and_copy():
     assert not ok and text.startswith("NOT TRUSTWORTHY: 1 of 2 timed rows") and "load: 1, spread: 1" in text
     ok, text = reliability.verdict({"meta": meta, "rows": rows[:1], "loops": []})
     assert ok and text.startswith("TRUSTWORTHY")
+
+
+# -- --dry-run: the modelled GPU table ---------------------------------------------------------
+def test_dry_run_prints_the_gpu_model_without_a_gpu(capsys, tmp_path, monkeypatch):
+    """`bench --device cuda --dry-run` prints the bandwidth model (bench/gpu_model.py) for the asked
+    sizes, dtypes and ops, needs no GPU, measures and writes nothing, and exits 0."""
+    from ddpm_fast.bench import gpu_model, main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    status = main(["--device", "cuda", "--dry-run", "--sizes", "8x3x16x16", "--dtype", "float32,bfloat16",
+                   "--ops", "q_sample,p_sample_step"])
+    out = capsys.readouterr().out
+    assert status == 0 and not os.listdir(tmp_path)
+    assert out.count("Modelled at memory bandwidth only") == 2 and "8x3x16x16 bfloat16" in out
+    assert "us @H100 SXM" in out and "us @H200" in out
+    lines = [line for line in out.splitlines() if line.startswith(("q_sample", "p_sample_step", "vb_terms"))]
+    assert len(lines) == 2 * 3, lines  # q_sample and the two p_sample_step cases, per dtype
+    # the q_sample row: x0 + noise read, x_t written, plus t and one table row per sample
+    row = gpu_model.rows((8, 3, 16, 16), torch.float32, cases.select("q_sample"))[0]
+    assert row["fused_bytes"] == traffic.q_sample((8, 3, 16, 16), torch.float32).total
+    assert row["eager_bytes"] > row["fused_bytes"] and row["eager_ops"] >= 2
+    assert row["fused_us_H100 SXM"] == pytest.approx(row["fused_bytes"] / 3.35e12 * 1e6)
+    assert row["fused_us_H200"] == pytest.approx(row["fused_bytes"] / 4.8e12 * 1e6)
+    mb = f"{row['fused_bytes'] / 1e6:.1f}"
+    assert any(line.startswith("q_sample") and mb in line.split() for line in lines)
+
+
+@pytest.mark.parametrize("args, flag", [(["--device", "cpu"], "--dry-run"), (["--dtype", "float64"], "--dtype"),
+                                        (["--sizes", "8x3"], "--sizes"), (["--ops", "nope"], "--ops")])
+def test_dry_run_rejects_bad_arguments_naming_the_flag(args, flag):
+    from ddpm_fast.bench import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--dry-run", *args])
+    assert flag in str(exc.value.code)

@@ -135,3 +135,40 @@ def test_selected_only_for_cpu_tensors_and_never_by_auto():
     assert backends.select("cuda_emu", "cpu") is cuda_emu
     with pytest.raises(F.BackendUnavailableError, match="runs cpu tensors"):
         backends.select("cuda_emu", "cuda")
+
+
+def test_samples_over_many_chunks_reduce_deterministically():
+    """kernels.cu sizes chunks from N, B and the SM count (132 emulated): 4 samples of 3 x 40 x 41 elements
+    are cut into five 1024-element chunks each (the last one short). The per-sample losses come out
+    bit-identical run to run (partials added in chunk order, in double) and equal the cpu backend's."""
+    a = inputs(B=4, C=3, spatial=(40, 41))
+    kw = dict(mean_type="epsilon", var_type="learned_range", loss_type="mse")
+    runs = [F.training_losses(a["model_output"], a["x0"], a["t"], a["noise"], SCHEDULE, backend="cuda_emu", **kw)
+            for _ in range(2)]
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+    cpu = F.training_losses(a["model_output"], a["x0"], a["t"], a["noise"], SCHEDULE, backend="cpu", **kw)
+    assert_same_as_cpu(runs[0], cpu, "training_losses over five chunks a sample")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_vector_and_scalar_accesses_give_the_same_elements(dtype):
+    """16-byte-aligned runs of 8 elements take the 128-bit loads and stores (8 halves or 2 x 4 floats per
+    access), others the element-by-element path: the same q_sample on storage shifted by one element
+    (every access unaligned) gives bit-identical results."""
+    g = torch.Generator().manual_seed(5)
+    B, C, H, W = 3, 2, 8, 16
+    t = torch.tensor([0, SCHEDULE.num_timesteps // 2, SCHEDULE.num_timesteps - 1])
+    aligned, shifted = {}, {}
+    for k in ("x0", "noise"):  # the same values at a 16-byte-aligned address and one element past it
+        buf = torch.randn(B * C * H * W + 1, generator=g).to(dtype)
+        aligned[k] = buf[:-1].clone().view(B, C, H, W)
+        buf[1:] = aligned[k].reshape(-1)
+        shifted[k] = buf[1:].view(B, C, H, W)
+    assert all(v.data_ptr() % 16 == 0 for v in aligned.values())
+    assert all(v.data_ptr() % 16 != 0 for v in shifted.values())
+    got_aligned = F.q_sample(aligned["x0"], t, aligned["noise"], SCHEDULE, backend="cuda_emu")
+    got_shifted = F.q_sample(shifted["x0"], t, shifted["noise"], SCHEDULE, backend="cuda_emu")
+    assert torch.equal(got_aligned, got_shifted)
+    assert_same_as_cpu(got_aligned, F.q_sample(aligned["x0"], t, aligned["noise"], SCHEDULE, backend="cpu"),
+                       f"q_sample {dtype}")

@@ -1,13 +1,17 @@
 // cuda/kernels.cu -- the CUDA driver: runs a ddpm_elem.h body over [B, ...] tensors.
 //
-// Grid (chunks of a sample, samples): a block loads its sample's table row once into shared memory,
-// builds the body's per-sample coefficients, and walks its chunk with 16-byte vector accesses where
-// the address allows (scalar tail otherwise). Per-sample reductions are deterministic and two-stage:
-// a fixed-order block reduction writes one partial per (sample, chunk); a second kernel adds a
-// sample's partials in chunk order and finishes the [B] results. No float atomics, no host syncs,
-// launches on the current stream. Compute is float32 (storage fp16 / bf16 / fp32). Noise for the sampler steps is drawn in-kernel with Philox 4x32-10
-// (ddpm_math.h: the stream of triton.language.randn(seed, b * N + i)). ops.cpp hands this driver
-// only operands in the plan's direct layout.
+// Grid (chunks of a sample, samples), the chunk length chosen from N, B and the device's SM count
+// (chunk_elems: >= 4 blocks per SM where the batch allows): a block loads its sample's table row once
+// into shared memory, builds the body's per-sample coefficients, and walks its chunk 8 elements a
+// thread and step, with 128-bit loads and stores (one for 8 fp16 / bf16, two for 8 float32) where all
+// 8 are in the chunk and the address is 16-byte aligned, element by element otherwise. Per-sample
+// reductions are deterministic and two-stage: a fixed-order block reduction writes one partial per
+// (sample, chunk); a second kernel adds a sample's partials in chunk order, in double, and finishes
+// the [B] results. No float atomics, no host syncs, launches on the current stream. Compute is
+// float32 (storage fp16 / bf16 / fp32). Noise for the sampler steps is drawn in-kernel with Philox
+// 4x32-10 (ddpm_math.h: the stream of triton.language.randn(seed, b * N + i)), compiled only into the
+// kNoise instances of the bodies that can draw it. ops.cpp hands this driver only operands in the
+// plan's direct layout.
 //
 // The same file builds as host C++ against the CUDA emulation (backend "cuda_emu", -DDDPM_CUDA_EMU):
 // every runtime call goes through cuda/runtime.h.
@@ -21,8 +25,15 @@
 namespace ddpm {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kChunkElems = 8192;  // elements of one sample per block
+constexpr int kThreads = 256;       // a body kernel's block
+constexpr int kFinishThreads = 128;  // a finish kernel's block (one thread per sample)
+constexpr int kVec = 8;  // elements per thread and step: one 16-byte access of fp16 / bf16, two of float32
+// Grid sizing: a sample's N elements are cut into chunks of kVec-multiple length so that the grid
+// (chunks x samples) holds kTargetBlocksPerSm blocks per SM of the device where it can; a chunk is
+// never shorter than kMinChunkElems (a block's fixed cost: table row, reduction) nor longer than
+// kMaxChunkElems (float32 per-thread sums stay short). Same N, B and device: same chunks, same results.
+constexpr int64_t kMinChunkElems = 1024, kMaxChunkElems = 8192;
+constexpr int64_t kTargetBlocksPerSm = 4;
 constexpr int kMaxIn = 5, kMaxOut = 4, kMaxFinal = 4;
 
 enum StoreType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
@@ -34,7 +45,7 @@ template <class S> struct KArgs {
   char* out[kMaxOut];
   int out_type[kMaxOut];
   int64_t out_bs[kMaxOut];
-  int64_t N, nch, ncols, nrows, fixed_t;
+  int64_t N, nch, chunk, ncols, nrows, fixed_t;  // chunk: elements of a sample per block (chunk_elems)
   const S* table;
   const int64_t* t;
   Params<S> p;
@@ -47,56 +58,122 @@ template <class S> struct KArgs {
   S* finals[kMaxFinal];
 };
 
-template <class T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+// Elements per chunk for B samples of N elements on a device with `sm_count` SMs (see kMinChunkElems).
+inline int64_t chunk_elems(int64_t N, int64_t B, int64_t sm_count) {
+  const int64_t target_blocks = kTargetBlocksPerSm * std::max<int64_t>(sm_count, 1);
+  const int64_t samples = std::max<int64_t>(B, 1);
+  const int64_t chunks_per_sample = (target_blocks + samples - 1) / samples;
+  int64_t chunk = (N + chunks_per_sample - 1) / chunks_per_sample;
+  chunk = (chunk + kVec - 1) / kVec * kVec;  // chunk starts keep 16-byte alignment
+  return std::clamp(chunk, kMinChunkElems, kMaxChunkElems);
+}
 
-template <class S, class T, int VEC>
-__device__ __forceinline__ void load_pack(const T* p, int64_t count, S* dst) {
-  if (count == VEC && (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * VEC)) == 0) {
-    Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) dst[j] = static_cast<S>(pk.v[j]);
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// 16-bit storage types from / to their bit patterns
+template <class H> __device__ __forceinline__ float half_bits_to_float(uint32_t bits) {
+  return static_cast<float>(H(static_cast<unsigned short>(bits & 0xffffu), H::from_bits()));
+}
+template <class H> __device__ __forceinline__ uint32_t float_to_half_bits(float v) {
+  return static_cast<uint32_t>(static_cast<H>(v).x);
+}
+
+// kVec elements from p (count of them valid, the rest read as 0) into dst: 128-bit loads when all
+// kVec are valid and p is 16-byte aligned, element by element otherwise (tails, odd batch strides).
+template <class S>
+__device__ __forceinline__ void load_vec(const float* p, int64_t count, S* dst) {
+  if (count == kVec && aligned16(p)) {
+    const float4 lo = reinterpret_cast<const float4*>(p)[0], hi = reinterpret_cast<const float4*>(p)[1];
+    dst[0] = lo.x, dst[1] = lo.y, dst[2] = lo.z, dst[3] = lo.w;
+    dst[4] = hi.x, dst[5] = hi.y, dst[6] = hi.z, dst[7] = hi.w;
   } else {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) dst[j] = j < count ? static_cast<S>(p[j]) : S(0);
+    for (int j = 0; j < kVec; ++j) dst[j] = j < count ? static_cast<S>(p[j]) : S(0);
   }
 }
 
-template <class S, class T, int VEC>
-__device__ __forceinline__ void store_pack(T* p, int64_t count, const S* src) {
-  if (count == VEC && (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * VEC)) == 0) {
-    Pack<T, VEC> pk;
+template <class S, class H>  // H: c10::Half or c10::BFloat16
+__device__ __forceinline__ void load_vec(const H* p, int64_t count, S* dst) {
+  if (count == kVec && aligned16(p)) {
+    const uint4 w = *reinterpret_cast<const uint4*>(p);
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) pk.v[j] = static_cast<T>(src[j]);
-    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+    for (int j = 0; j < 4; ++j) {  // little-endian: element 2j in the low half of word j
+      dst[2 * j] = static_cast<S>(half_bits_to_float<H>(words[j]));
+      dst[2 * j + 1] = static_cast<S>(half_bits_to_float<H>(words[j] >> 16));
+    }
   } else {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (j < count) p[j] = static_cast<T>(src[j]);
+    for (int j = 0; j < kVec; ++j) dst[j] = j < count ? static_cast<S>(p[j]) : S(0);
   }
 }
 
-// VEC elements of operand `base` (storage type `type`) from element offset `off`
-template <class S, int VEC>
+template <class S>
+__device__ __forceinline__ void store_vec(float* p, int64_t count, const S* src) {
+  if (count == kVec && aligned16(p)) {
+    float4 lo, hi;
+    lo.x = static_cast<float>(src[0]), lo.y = static_cast<float>(src[1]);
+    lo.z = static_cast<float>(src[2]), lo.w = static_cast<float>(src[3]);
+    hi.x = static_cast<float>(src[4]), hi.y = static_cast<float>(src[5]);
+    hi.z = static_cast<float>(src[6]), hi.w = static_cast<float>(src[7]);
+    gpu::store16(reinterpret_cast<float4*>(p), lo);
+    gpu::store16(reinterpret_cast<float4*>(p) + 1, hi);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      if (j < count) p[j] = static_cast<float>(src[j]);
+  }
+}
+
+template <class S, class H>
+__device__ __forceinline__ void store_vec(H* p, int64_t count, const S* src) {
+  if (count == kVec && aligned16(p)) {
+    uint32_t words[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      words[j] = float_to_half_bits<H>(static_cast<float>(src[2 * j])) |
+                 (float_to_half_bits<H>(static_cast<float>(src[2 * j + 1])) << 16);
+    uint4 w;
+    w.x = words[0], w.y = words[1], w.z = words[2], w.w = words[3];
+    gpu::store16(reinterpret_cast<uint4*>(p), w);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      if (j < count) p[j] = static_cast<H>(static_cast<float>(src[j]));
+  }
+}
+
+// float64 storage (double compute only; the CUDA build runs float32 math): element by element
+template <class S> __device__ __forceinline__ void load_vec(const double* p, int64_t count, S* dst) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) dst[j] = j < count ? static_cast<S>(p[j]) : S(0);
+}
+template <class S> __device__ __forceinline__ void store_vec(double* p, int64_t count, const S* src) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    if (j < count) p[j] = static_cast<double>(src[j]);
+}
+
+// kVec elements of operand `base` (storage type `type`) from element offset `off`
+template <class S>
 __device__ __forceinline__ void load_any(const char* base, int type, int64_t off, int64_t count, S* dst) {
   if constexpr (std::is_same_v<S, double>) {
-    load_pack<S, double, VEC>(reinterpret_cast<const double*>(base) + off, count, dst);
+    load_vec<S>(reinterpret_cast<const double*>(base) + off, count, dst);
   } else {
-    if (type == kF16) load_pack<S, c10::Half, VEC>(reinterpret_cast<const c10::Half*>(base) + off, count, dst);
-    else if (type == kBF16) load_pack<S, c10::BFloat16, VEC>(reinterpret_cast<const c10::BFloat16*>(base) + off, count, dst);
-    else load_pack<S, float, VEC>(reinterpret_cast<const float*>(base) + off, count, dst);
+    if (type == kF16) load_vec<S, c10::Half>(reinterpret_cast<const c10::Half*>(base) + off, count, dst);
+    else if (type == kBF16) load_vec<S, c10::BFloat16>(reinterpret_cast<const c10::BFloat16*>(base) + off, count, dst);
+    else load_vec<S>(reinterpret_cast<const float*>(base) + off, count, dst);
   }
 }
 
-template <class S, int VEC>
+template <class S>
 __device__ __forceinline__ void store_any(char* base, int type, int64_t off, int64_t count, const S* src) {
   if constexpr (std::is_same_v<S, double>) {
-    store_pack<S, double, VEC>(reinterpret_cast<double*>(base) + off, count, src);
+    store_vec<S>(reinterpret_cast<double*>(base) + off, count, src);
   } else {
-    if (type == kF16) store_pack<S, c10::Half, VEC>(reinterpret_cast<c10::Half*>(base) + off, count, src);
-    else if (type == kBF16) store_pack<S, c10::BFloat16, VEC>(reinterpret_cast<c10::BFloat16*>(base) + off, count, src);
-    else store_pack<S, float, VEC>(reinterpret_cast<float*>(base) + off, count, src);
+    if (type == kF16) store_vec<S, c10::Half>(reinterpret_cast<c10::Half*>(base) + off, count, src);
+    else if (type == kBF16) store_vec<S, c10::BFloat16>(reinterpret_cast<c10::BFloat16*>(base) + off, count, src);
+    else store_vec<S>(reinterpret_cast<float*>(base) + off, count, src);
   }
 }
 
@@ -110,9 +187,18 @@ template <class S> __device__ __forceinline__ int64_t logical_index(const KArgs<
   return off;
 }
 
-template <class S, class F>
-__global__ void __launch_bounds__(kThreads, 2) body_kernel(const KArgs<S> a) {
-  constexpr int VEC = 4;  // 16-byte accesses for float32 (8 for fp16 / bf16, 2 x 16 for float64)
+// Resident blocks per SM asked of ptxas (__launch_bounds__: at most 65536 / (256 * n) registers a thread):
+// 4, and 3 (80 registers) for the bodies that at 64 registers spill (TrainElem) or get a stack frame
+// (VbElem, PMeanVarElem) on sm_90.
+template <class F> constexpr int kMinBlocksPerSm = 4;
+template <class S> constexpr int kMinBlocksPerSm<TrainElem<S>> = 3;
+template <class S> constexpr int kMinBlocksPerSm<VbElem<S>> = 3;
+template <class S> constexpr int kMinBlocksPerSm<PMeanVarElem<S>> = 3;
+
+// kNoise: input a.noise_input is drawn in-kernel (Philox + Box-Muller); only the bodies that can draw
+// noise (kMayDrawNoise) get a kNoise = true instance, so the others carry none of that code.
+template <class S, class F, bool kNoise>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<F>) body_kernel(const KArgs<S> a) {
   constexpr int NR = F::NR > 0 ? F::NR : 1, NO = F::NO > 0 ? F::NO : 1;
   __shared__ S row[kNumCols];
   __shared__ S warp_red[kThreads / 32][NR];
@@ -125,29 +211,33 @@ __global__ void __launch_bounds__(kThreads, 2) body_kernel(const KArgs<S> a) {
   S acc[NR];
 #pragma unroll
   for (int k = 0; k < NR; ++k) acc[k] = S(0);
-  const int64_t e_begin = c * kChunkElems, e_end = min(a.N, e_begin + kChunkElems);
-  for (int64_t e = e_begin + int64_t(threadIdx.x) * VEC; e < e_end; e += int64_t(kThreads) * VEC) {
-    const int64_t cnt = min(int64_t(VEC), e_end - e);
-    S vin[F::NI][VEC];
+  const int64_t e_begin = c * a.chunk, e_end = min(a.N, e_begin + a.chunk);
+  for (int64_t e = e_begin + int64_t(threadIdx.x) * kVec; e < e_end; e += int64_t(kThreads) * kVec) {
+    const int64_t cnt = min(int64_t(kVec), e_end - e);
+    S vin[F::NI][kVec];
 #pragma unroll
     for (int k = 0; k < F::NI; ++k) {
-      if (k == a.noise_input) {
+      if constexpr (kNoise) {
+        if (k == a.noise_input) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          float u1, u2;
-          philox_uniform2(a.seed, uint64_t(b * a.N + logical_index(a, e + j)), &u1, &u2);
-          vin[k][j] = static_cast<S>(box_muller(u1, u2));
+          for (int j = 0; j < kVec; ++j) {
+            float u1, u2;
+            philox_uniform2(a.seed, uint64_t(b * a.N + logical_index(a, e + j)), &u1, &u2);
+            vin[k][j] = static_cast<S>(box_muller(u1, u2));
+          }
+          continue;
         }
-      } else if (a.in[k] == nullptr) {
+      }
+      if (a.in[k] == nullptr) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) vin[k][j] = S(0);
+        for (int j = 0; j < kVec; ++j) vin[k][j] = S(0);
       } else {
-        load_any<S, VEC>(a.in[k], a.in_type[k], b * a.in_bs[k] + e, cnt, vin[k]);
+        load_any<S>(a.in[k], a.in_type[k], b * a.in_bs[k] + e, cnt, vin[k]);
       }
     }
-    S vout[NO][VEC];
+    S vout[NO][kVec];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
+    for (int j = 0; j < kVec; ++j) {
       S xi[F::NI], xo[NO], r[NR];
 #pragma unroll
       for (int k = 0; k < F::NI; ++k) xi[k] = vin[k][j];
@@ -162,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 2) body_kernel(const KArgs<S> a) {
 #pragma unroll
     for (int k = 0; k < F::NO; ++k) {
       if (a.out[k] == nullptr) continue;
-      store_any<S, VEC>(a.out[k], a.out_type[k], b * a.out_bs[k] + e, cnt, vout[k]);
+      store_any<S>(a.out[k], a.out_type[k], b * a.out_bs[k] + e, cnt, vout[k]);
     }
   }
   if constexpr (F::NR > 0) {
@@ -205,6 +295,11 @@ template <class S, class F> __global__ void finish_kernel(const KArgs<S> a, int6
   }
 }
 
+// The bodies with an input that ops.cpp may have drawn in-kernel (Launch::noise_input >= 0).
+template <class F> constexpr bool kMayDrawNoise = false;
+template <class S> constexpr bool kMayDrawNoise<PSampleElem<S>> = true;
+template <class S> constexpr bool kMayDrawNoise<DdimElem<S>> = true;
+
 int store_type(at::ScalarType t, bool dbl) {
   switch (t) {
     case at::kFloat: TORCH_CHECK(!dbl, "ddpm_fast (CUDA): float64 math needs float64 operands"); return kF32;
@@ -234,7 +329,8 @@ template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
     a.out_bs[k] = L.out[k].batch_stride;
   }
   a.N = p.N;
-  a.nch = (p.N + kChunkElems - 1) / kChunkElems;
+  a.chunk = chunk_elems(p.N, p.B, gpu::sm_count());
+  a.nch = (p.N + a.chunk - 1) / a.chunk;
   a.ncols = L.ncols;
   a.nrows = L.nrows;
   a.fixed_t = L.fixed_t;
@@ -263,10 +359,18 @@ template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
     for (int k = 0; k < F::NF; ++k) a.finals[k] = static_cast<S*>(L.finals[k]);
   }
   dim3 grid(static_cast<unsigned>(a.nch), static_cast<unsigned>(p.B));
-  gpu::launch(body_kernel<S, F>, grid, dim3(kThreads), 0, stream, a);
+  if constexpr (kMayDrawNoise<F>) {
+    if (a.noise_input >= 0) gpu::launch(body_kernel<S, F, true>, grid, dim3(kThreads), 0, stream, a);
+    else gpu::launch(body_kernel<S, F, false>, grid, dim3(kThreads), 0, stream, a);
+  } else {
+    TORCH_CHECK(a.noise_input < 0, "ddpm_fast (CUDA): this body draws no in-kernel noise (noise_input ",
+                a.noise_input, ")");
+    gpu::launch(body_kernel<S, F, false>, grid, dim3(kThreads), 0, stream, a);
+  }
   gpu::launch_check();
   if constexpr (F::NR > 0) {
-    gpu::launch(finish_kernel<S, F>, dim3(static_cast<unsigned>((p.B + 127) / 128)), dim3(128), 0, stream, a, p.B);
+    gpu::launch(finish_kernel<S, F>, dim3(static_cast<unsigned>((p.B + kFinishThreads - 1) / kFinishThreads)),
+                dim3(kFinishThreads), 0, stream, a, p.B);
     gpu::launch_check();
   }
 }

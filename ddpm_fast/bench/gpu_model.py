@@ -9,6 +9,7 @@ of launch latency (which favours the fused op further on small inputs) or of ach
 (real kernels reach some 80-90% of it at best). Nothing here is a measurement of a GPU.
 
     python -m ddpm_fast.bench.gpu_model [--size 256x4x64x64] [--dtype float32]
+    ddpm-fast bench --device cuda --dry-run [--sizes ...] [--dtype ...] [--ops ...]   (no GPU needed)
 """
 from __future__ import annotations
 
@@ -63,9 +64,12 @@ def eager_bytes(case, shape, dtype) -> tuple[int, int]:
     return (counter.read + counter.written) * shape[0] // small[0], counter.ops
 
 
-def rows(shape=(256, 4, 64, 64), dtype=torch.float32) -> list[dict]:
+def rows(shape=(256, 4, 64, 64), dtype=torch.float32, cases=None) -> list[dict]:
+    """One row per benchmark case (``cases``, default all of bench.cases.CASES) at ``shape`` (BxCxHxW)
+    and storage ``dtype`` (float32 / float16 / bfloat16): fused and eager bytes, eager op count, and
+    microseconds at each of BANDWIDTHS."""
     out = []
-    for case in CASES:
+    for case in CASES if cases is None else cases:
         fused = case.traffic(shape, dtype).total
         eager, launches = eager_bytes(case, shape, dtype)
         row = {"op": case.label, "size": "x".join(map(str, shape)), "dtype": str(dtype)[6:],
@@ -88,6 +92,21 @@ def table_text(table: list[dict]) -> str:
                      f"{r['eager_bytes'] / r['fused_bytes']:>5.1f}x {r['eager_ops']:>9} {times}")
     lines.append("us columns: fused / eager time at that bandwidth; not a GPU measurement.")
     return "\n".join(lines)
+
+
+def dry_run(sizes, dtypes, cases=None) -> int:
+    """``ddpm-fast bench --device cuda --dry-run``: the modelled table for each of ``sizes`` (BxCxHxW
+    tuples) and ``dtypes`` on stdout, without a GPU; returns the exit status 0."""
+    for dtype in dtypes:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise SystemExit(f"--dtype: the GPU model covers float32, float16 and bfloat16, not {str(dtype)[6:]} "
+                             "(float64 CUDA inputs run the reference path)")
+    print("ddpm-fast bench --dry-run: a bandwidth model of the GPU run, not a measurement (no GPU used)")
+    for shape in sizes:
+        for dtype in dtypes:
+            print()
+            print(table_text(rows(shape, dtype, cases)))
+    return 0
 
 
 def main(argv=None) -> int:

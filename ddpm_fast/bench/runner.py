@@ -60,6 +60,9 @@ def _parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--host", action="store_true", help="time the host cost per call on tiny tensors, one thread, "
                    "and the CPU bandwidth floors instead (see ddpm_fast/bench/host.py)")
+    p.add_argument("--dry-run", action="store_true", help="with --device cuda: print the modelled GPU table "
+                   "(bytes per call, time at H100 / H200 memory bandwidth; ddpm_fast/bench/gpu_model.py) for the "
+                   "--sizes, --dtype and --ops and exit, without a GPU")
     p.add_argument("--e2e", action="store_true", help="the end-to-end benchmark instead (training and sampling "
                    "loops with real U-Nets; its own options: `ddpm-fast bench --e2e --help`)")
     return p
@@ -152,6 +155,20 @@ def _versions() -> dict:
             "diffusers_version": version("diffusers")}
 
 
+def _dry_run(args) -> int:
+    """--dry-run: the modelled GPU table (bench/gpu_model.py) instead of a run; needs no GPU."""
+    if (args.device or "cuda").split(":")[0] != "cuda":
+        raise SystemExit(f"--dry-run: models a GPU run; use it with --device cuda, not {args.device}")
+    from . import gpu_model
+
+    sizes = _sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)["cuda"], "--sizes")
+    try:
+        chosen = cases_mod.select(args.ops)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return gpu_model.dry_run(sizes, _dtypes(args.dtype), chosen)
+
+
 def plan_impls(device, wanted, compile_on) -> tuple:
     """([(name, kind)] to run, {name: why not}) for this device; kind: fused, eager, compiled, peer."""
     from .. import backends
@@ -229,6 +246,8 @@ def main(argv=None) -> int:
     if args.host:
         from . import host
         return host.main(args)
+    if args.dry_run:
+        return _dry_run(args)
     import torch
 
     from . import measure, reliability
