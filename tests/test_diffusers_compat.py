@@ -197,6 +197,40 @@ def test_ddim_direction_precise_near_abar_one():
     check(rb.prev_sample, ra.prev_sample, rg.prev_sample, "DDIM last step to abar_0")
 
 
+def test_ddim_eta_above_one_off_the_fused_step_runs_the_parent(monkeypatch):
+    """eta > 1 where the step is composed of ops (use_clipped_model_output, clip_sample_range != 1): the parent's
+    direction term takes the square root of a negative number (nan) where the op clamps it at 0, so the parent
+    runs; on the fused step the op runs (no raise either way)."""
+    a, b, _ = make(DDIMScheduler, FastDDIMScheduler, {"clip_sample": True, "clip_sample_range": 2.0}, None, n=10)
+    for s in (a, b):
+        s.set_timesteps(10)
+    gen = torch.Generator().manual_seed(11)
+    x, mo, z = (torch.randn(B, C, 4, 4, generator=gen) for _ in range(3))
+    t = a.timesteps[3]
+    spy = CountParentSteps(monkeypatch, DDIMScheduler)
+    rb = b.step(mo, t, x, eta=1.5, use_clipped_model_output=True, variance_noise=z)
+    monkeypatch.undo()
+    assert spy.n == 1
+    ra = a.step(mo, t, x, eta=1.5, use_clipped_model_output=True, variance_noise=z)
+    torch.testing.assert_close(rb.prev_sample, ra.prev_sample, equal_nan=True, rtol=0, atol=0)
+    spy = CountParentSteps(monkeypatch, DDIMScheduler)
+    b.step(mo, t, x, eta=0.5, use_clipped_model_output=True, variance_noise=z)
+    monkeypatch.undo()
+    assert spy.n == 0, "the composed path expected for eta <= 1"
+
+
+def test_compat_writes_no_ddim_update_of_its_own():
+    """compat/diffusers.py composes ops for every DDIM variant: it reads none of the DDIM-only table columns
+    (the direction term's sqrt(1 - abar_prev), beta) and has no eps formula."""
+    import inspect
+
+    from ddpm_fast.compat import diffusers as compat
+
+    text = inspect.getsource(compat)
+    for needle in ("sqrt_one_minus_alphas_cumprod_prev", '"betas"', "eta**2", "eta * eta", "/ sqrt_1m_abar"):
+        assert needle not in text, needle
+
+
 def test_per_sample_timesteps(monkeypatch):
     """A [B] timestep tensor steps each sample at its own t, equal to the parent's per-sample steps."""
     gen = torch.Generator().manual_seed(8)

@@ -25,12 +25,15 @@ option, whether it is fused, partly fused, the parent's path, or differs (and wh
 - parent's path: DDPM ``variance_type="fixed_large_log"``; betas outside (0, 1] (diffusers runs them);
   an epsilon model at a step where alphas_cumprod = 0 (zero terminal SNR); ``thresholding`` with
   ``sample_max_value < 1``; DDIM ``eta < 0``; a DDIM step that is not one step of one respaced process
-  (``set_alpha_to_one=False`` with a last step at t = 0); a timestep not in ``self.timesteps`` or out of
+  (``set_alpha_to_one=False`` with a last step at t = 0); DDIM ``eta > 1`` on a step composed of several
+  ops (below: the parent's direction term is then nan); a timestep not in ``self.timesteps`` or out of
   range; model_output / sample of different dtypes; add_noise timesteps that are neither one per sample
   nor one for all. Per-sample timestep tensors (our extension) raise ValueError on such calls.
-- partly fused (fused ops plus a few elementwise torch ops on the device table; still no sync): DDIM
-  with clipping or thresholding and use_clipped_model_output=False (diffusers' default) or
-  clip_sample_range != 1; DDPM with clip_sample_range != 1; a DDPM last step whose t > 0.
+- partly fused (several fused ops, plus at most a clamp / thresholding and a swap of x0 on the device
+  table; still no sync): DDIM with clipping or thresholding and use_clipped_model_output=False
+  (diffusers' default) or clip_sample_range != 1; DDPM with clip_sample_range != 1; a DDPM last step
+  whose t > 0 (its variance: reference's model log variance on the parent's last-step table). Every
+  update formula is an op's: this module writes none of its own.
 - an unknown ``variance_type`` is the parent's fall-through, fixed_small; "learned" (the variance itself)
   is passed to the op as its log.
 Differences: a per-sample or CUDA timestep tensor draws the DDPM variance noise even at t = 0 (the
@@ -55,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
         "ddpm_fast.compat.diffusers needs the optional 'diffusers' package: pip install 'ddpm-fast[diffusers]'"
     ) from exc
 
-from .. import ops
+from .. import ops, reference
 from ..schedule import COLUMN, NoiseSchedule, betas_problem
 
 __all__ = ["FastDDPMScheduler", "FastDDIMScheduler"]
@@ -82,6 +85,32 @@ class _Plan:
         if r is None:
             r = self._rows_dev[device] = torch.as_tensor(self.rows).to(device)
         return r
+
+    def last_step(self) -> "_ParentLastStep":
+        step = self.__dict__.get("_last_step")
+        if step is None:
+            step = self._last_step = _ParentLastStep(self.schedule)
+        return step
+
+
+class _ParentLastStep:
+    """The schedule table diffusers' DDPM variance reads at a last step whose t > 0 (abar_prev = 1): the plan's
+    float32 table with the posterior log variance at log(1e-20) (the parent's floor on its zero variance) and
+    fixed_large's log variance at log(beta). Stands in for a NoiseSchedule in reference._model_log_variance."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+        self._tables: dict = {}
+
+    def table(self, device, dtype=torch.float32):
+        key = (torch.device(device), dtype)
+        tab = self._tables.get(key)
+        if tab is None:
+            tab = self.schedule.table(device).clone()
+            tab[:, COLUMN["posterior_log_variance_clipped"]] = _LOG_1E20
+            tab[:, COLUMN["fixed_large_log_variance"]] = tab[:, COLUMN["log_betas"]]
+            tab = self._tables[key] = tab.to(dtype)
+        return tab
 
 
 def _fusable_steps(steps, base: NoiseSchedule, mean_type):
@@ -351,21 +380,14 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
                 seed=0 if noise is None else None, backend=self.backend, validate=False,
             )
             prev, pred = out["sample"], out["pred_xstart"]
-        table = plan.schedule.table(sample.device)
         if plan.final_t > 0 and noise is not None:
             # The parent still adds noise at its last step when that step's t > 0 (abar_prev = 1, so
-            # the posterior variance is 0, floored at 1e-20); the respaced row 0 adds none.
+            # the posterior variance is 0, floored at 1e-20); the respaced row 0 adds none. Its log variance:
+            # reference's model log variance on the parent's last-step table (_ParentLastStep).
             last = (rows == 0).reshape(shape)
-            log_beta = table[rows, COLUMN["log_betas"]].reshape(last.shape)
-            if op_var == "fixed_small":
-                log_var = torch.full_like(log_beta, _LOG_1E20)
-            elif var == "fixed_large":
-                log_var = log_beta
-            elif var == "learned":
-                log_var = torch.log(var_part.float())
-            else:  # learned_range
-                frac = (var_part.float() + 1) / 2
-                log_var = frac * log_beta + (1 - frac) * _LOG_1E20
+            var_in = None if var_part is None else (torch.log(var_part.float()) if var == "learned"
+                                                    else var_part.float())
+            log_var = reference._model_log_variance(var_in, rows, plan.last_step(), op_var, prev.float())
             extra = torch.where(last, torch.exp(0.5 * log_var) * noise.float(), 0.0)
             prev = (prev.float() + extra).to(sample.dtype)
         if not return_dict:
@@ -419,6 +441,8 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
         swap = np.zeros(T, dtype=bool)
         good = rows_steps >= 0
         swap[good] = abp[rows_steps[good]] <= 4.0 * ab[rows_steps[good]]
+        if self.config.prediction_type == "sample":  # x0 is the model's output itself: no large x0 to cancel
+            swap[good] = True
         plan.swap = swap
         plan.swap_all = bool(swap[good].all()) if good.any() else False
         return plan
@@ -452,11 +476,21 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                     or variance_noise.dtype != sample.dtype):
                 why = "a variance_noise of another shape or dtype than sample"
         rows = None
+        r = float(self.config.clip_sample_range)
+        clipping = thresholding or bool(self.config.clip_sample)
         if why is None:
             plan = self._plan()
             rows, _ = self._rows(plan, timestep, sample.shape[0], sample.device)
             if rows is None:
                 why = "a timestep the fused step does not take (see docs/compatibility.md)"
+            elif not clipping or (use_clipped_model_output and (thresholding or r == 1.0)):
+                path = "fused"
+            elif not use_clipped_model_output and self._swap_ok(plan, timestep):
+                path = "swap"
+            elif eta_f > 1:
+                why = "eta > 1 off the fused step (the parent's direction term is the square root of a negative)"
+            else:
+                path = "composed"
         if why is not None:
             self._say(why)
             self._per_sample(timestep)
@@ -472,9 +506,7 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             noise = variance_noise
             if noise is None:
                 noise = self._noise(model_output.shape, generator, model_output.device, model_output.dtype, sample)
-        r = float(self.config.clip_sample_range)
-        clipping = thresholding or bool(self.config.clip_sample)
-        if not clipping or (use_clipped_model_output and (thresholding or r == 1.0)):
+        if path == "fused":
             out = ops.ddim_step(
                 model_output, sample, rows, plan.schedule, eta=float(eta), mean_type=mean_type,
                 clip_denoised=clipping and not thresholding,
@@ -483,7 +515,7 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                 validate=False,
             )
             prev, pred = out["sample"], out["pred_xstart"]
-        elif not use_clipped_model_output and self._swap_ok(plan, timestep):
+        elif path == "swap":
             # diffusers' default: x0 clipped (or thresholded) but the model's own eps in the direction term.
             # ops.ddim_step re-derives eps from the clipped x0 when it clips, so: one fused unclipped step
             # (the parent's update with the unclipped x0), then swap x0 for the clipped x0 in its first term:
@@ -501,10 +533,9 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                                      pred.float() - raw.float()).to(sample.dtype)
         else:
             # use_clipped_model_output with clip_sample_range != 1, or a step where the swap above would lose
-            # precision: the fused x0 prediction, then the update
-            # from the float32 device table (a few elementwise ops; no sync).
-            prev, pred = self._ddim_unfused(model_output, sample, rows, plan, mean_type, float(eta), noise,
-                                            use_clipped_model_output, thresholding, r)
+            # precision: composed of fused ops (a few calls; no sync).
+            prev, pred = self._ddim_composed(model_output, sample, rows, plan, mean_type, float(eta), noise,
+                                             use_clipped_model_output, thresholding, r)
         if not return_dict:
             return (prev, pred)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
@@ -517,31 +548,22 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             return bool(plan.swap[int(timestep)])
         return plan.swap_all
 
-    def _ddim_unfused(self, model_output, sample, rows, plan, mean_type, eta, noise, use_clipped, thresholding, r):
-        raw = ops.predict_xstart(model_output, sample, rows, plan.schedule, mean_type=mean_type,
-                                 backend=self.backend, validate=False)
+    def _ddim_composed(self, model_output, sample, rows, plan, mean_type, eta, noise, use_clipped, thresholding, r):
+        """(prev, pred) of a DDIM step whose x0 is clipped to [-r, r] (or thresholded) outside the op, from ops
+        alone: ops.ddim_step of an "x0" model whose output is the clipped x0 re-derives eps from it as
+        (x_t - sqrt(abar) x0) / sqrt(1 - abar). With use_clipped that is the parent's eps; else the parent's
+        eps is the model's own, eps_model, so x_t is replaced by q_sample(x0, eps_model), from which the op
+        re-derives eps_model. Computed in float32 (16-bit inputs: rounded once, at the end)."""
+        bk = {"backend": self.backend, "validate": False}
+        raw = ops.predict_xstart(model_output, sample, rows, plan.schedule, mean_type=mean_type, **bk)
         pred = self._threshold_sample(raw) if thresholding else raw.clamp(-r, r)
-        table = plan.schedule.table(sample.device)
-        shape = (-1, *([1] * (sample.ndim - 1)))
-        col = lambda name: table[rows, COLUMN[name]].reshape(shape)  # noqa: E731
-        x, mo, x0 = sample.float(), model_output.float(), pred.float()
-        sqrt_abar, sqrt_1m_abar = col("sqrt_alphas_cumprod"), col("sqrt_one_minus_alphas_cumprod")
-        if use_clipped:
-            eps = (x - sqrt_abar * x0) / sqrt_1m_abar
-        elif mean_type == "epsilon":
-            eps = mo
-        elif mean_type == "x0":
-            eps = (x - sqrt_abar * mo) / sqrt_1m_abar
-        else:  # v
-            eps = sqrt_abar * mo + sqrt_1m_abar * x
-        # sigma^2 = eta^2 (1 - abar_prev) beta_t / (1 - abar) and 1 - abar_prev - sigma^2, written with
-        # the table's 1 - abar columns (no cancellation of 1 - abar_prev in float32).
-        ratio = col("betas") / (sqrt_1m_abar * sqrt_1m_abar)
-        sqrt_1m_prev = col("sqrt_one_minus_alphas_cumprod_prev")
-        std = eta * sqrt_1m_prev * torch.sqrt(ratio)
-        # ratio <= 1 exactly (beta_t <= 1 - abar_t), = 1 on the first row: clamp float32 rounding below 0.
-        direction = torch.sqrt((1 - eta**2 * ratio).clamp(min=0.0)) if eta <= 1 else torch.sqrt(1 - eta**2 * ratio)
-        prev = col("sqrt_alphas_cumprod_prev") * x0 + sqrt_1m_prev * direction * eps
-        if noise is not None:
-            prev = prev + std * noise.float()
+        x, x0 = sample.float(), pred.float()
+        if not use_clipped:
+            if mean_type == "epsilon":
+                eps_model = model_output.float()
+            else:  # v (an x0 model takes the swap: see _make_plan): eps = sqrt(abar) v + sqrt(1 - abar) x_t
+                eps_model = ops.q_sample(model_output.float(), rows, x, plan.schedule, **bk)
+            x = ops.q_sample(x0, rows, eps_model, plan.schedule, **bk)
+        prev = ops.ddim_step(x0, x, rows, plan.schedule, eta=eta, clip_denoised=False, mean_type="x0",
+                             noise=None if noise is None else noise.float(), **bk)["sample"]
         return prev.to(sample.dtype), pred
