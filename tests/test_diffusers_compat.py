@@ -231,6 +231,50 @@ def test_compat_writes_no_ddim_update_of_its_own():
         assert needle not in text, needle
 
 
+def test_fast_output_is_the_dataclass_output():
+    """The outputs built without the dataclass __init__ behave as diffusers' own (keys, attributes, indexing,
+    to_tuple, equality, replacement)."""
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+
+    from ddpm_fast.compat.diffusers import _output
+
+    prev, pred = torch.randn(2, 3), torch.randn(2, 3)
+    for cls in (DDPMSchedulerOutput, DDIMSchedulerOutput):
+        ours, theirs = _output(cls, prev, pred), cls(prev_sample=prev, pred_original_sample=pred)
+        assert type(ours) is cls and list(ours.keys()) == list(theirs.keys())
+        assert ours.prev_sample is prev and ours.pred_original_sample is pred
+        assert ours[0] is prev and ours["pred_original_sample"] is pred and ours.to_tuple() == (prev, pred)
+        assert ours == theirs and repr(ours) == repr(theirs)
+        ours.prev_sample = pred  # BaseOutput keeps the attribute and the item in step
+        assert ours["prev_sample"] is pred
+
+
+def test_outside_reads_the_range_once():
+    from ddpm_fast.compat.diffusers import _outside
+
+    for n in (1, 3, 64, 65, 500):
+        t = torch.arange(n)
+        assert not _outside(t, n) and _outside(t, n - 1)
+        assert _outside(torch.cat([t, torch.tensor([-1])]), n + 1)
+    assert not _outside(torch.tensor(4), 5) and _outside(torch.tensor(5), 5)
+    assert not _outside(torch.zeros(0, dtype=torch.int64), 5)
+
+
+def test_host_timestep_steps_repeat_exactly():
+    """The cached row tensors and the host sqrt(abar_prev) of the clip swap: the same step twice gives the same
+    result, equal to the per-sample (device-table) path's to float32 rounding."""
+    a, b, g = make(DDIMScheduler, FastDDIMScheduler, {"clip_sample": True}, {"timestep_spacing": "leading"}, n=10)
+    gen = torch.Generator().manual_seed(12)
+    x, mo = torch.randn(B, C, 4, 4, generator=gen) * 3, torch.randn(B, C, 4, 4, generator=gen) * 3
+    for t in a.timesteps:
+        first, second = b.step(mo, t, x).prev_sample, b.step(mo, int(t), x).prev_sample
+        assert torch.equal(first, second)
+        per_sample = b.step(mo, t.repeat(B), x).prev_sample
+        torch.testing.assert_close(first, per_sample, rtol=1e-6, atol=1e-6)
+        check(first, a.step(mo, t, x).prev_sample, g.step(mo.double(), t, x.double()).prev_sample, f"t={int(t)}")
+
+
 def test_per_sample_timesteps(monkeypatch):
     """A [B] timestep tensor steps each sample at its own t, equal to the parent's per-sample steps."""
     gen = torch.Generator().manual_seed(8)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -79,11 +80,23 @@ class _Plan:
         self.all_ok = all_ok  # every step of the scheduler's loop is fused (per-sample tensors allowed)
         self.source = None  # the self.timesteps tensor the plan was built from
         self._rows_dev: dict = {}
+        self._row_tensors: dict = {}
 
     def rows_on(self, device):
         r = self._rows_dev.get(device)
         if r is None:
             r = self._rows_dev[device] = torch.as_tensor(self.rows).to(device)
+        return r
+
+    def row_tensor(self, row: int, batch: int, device) -> torch.Tensor:
+        """int64 [batch] filled with row on device, cached (a host timestep's rows: no allocation, no copy per
+        step). The ops only read it."""
+        key = (row, batch, device)
+        r = self._row_tensors.get(key)
+        if r is None:
+            if len(self._row_tensors) >= 4096:
+                self._row_tensors.clear()
+            r = self._row_tensors[key] = torch.full((batch,), row, dtype=torch.int64, device=device)
         return r
 
     def last_step(self) -> "_ParentLastStep":
@@ -125,6 +138,38 @@ def _fusable_steps(steps, base: NoiseSchedule, mean_type):
 
 
 _UNSET = object()
+
+
+def _outside(t: torch.Tensor, T: int) -> bool:
+    """Whether a CPU integer tensor holds a value outside [0, T): one host read (a list for small tensors,
+    cheaper than two reductions and two .item() calls)."""
+    if t.numel() <= 64:
+        values = t.tolist() if t.ndim else [t.item()]
+        return bool(values) and (min(values) < 0 or max(values) >= T)
+    lo, hi = torch.aminmax(t)
+    return int(lo) < 0 or int(hi) >= T
+
+
+def _host_timestep(timestep):
+    """The timestep as a Python int where it is one on the host (an int, a numpy integer, a one-element integer
+    CPU tensor), else None (a device tensor, several timesteps, or something the parent takes)."""
+    if type(timestep) is int or isinstance(timestep, np.integer):
+        return int(timestep)
+    if (isinstance(timestep, torch.Tensor) and timestep.is_cpu and timestep.numel() == 1
+            and not (timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool)):
+        return int(timestep)
+    return None
+
+
+def _output(cls, prev, pred):
+    """cls(prev_sample=prev, pred_original_sample=pred) (a diffusers BaseOutput: an OrderedDict with the same
+    fields as attributes), built without the dataclass __init__ / __post_init__ (about 4 us a step)."""
+    out = cls.__new__(cls)
+    OrderedDict.__setitem__(out, "prev_sample", prev)
+    OrderedDict.__setitem__(out, "pred_original_sample", pred)
+    object.__setattr__(out, "prev_sample", prev)
+    object.__setattr__(out, "pred_original_sample", pred)
+    return out
 
 
 class _FastMixin:
@@ -189,12 +234,12 @@ class _FastMixin:
             t = timesteps.reshape(batch)
         else:
             return None
-        if self.validate or (self.validate is None and t.device.type == "cpu"):  # a host read: free on the CPU
-            if n and (int(t.min()) < 0 or int(t.max()) >= T):
+        if self.validate or (self.validate is None and t.is_cpu):  # a host read: free on the CPU
+            if _outside(t if t.is_cpu else t.cpu(), T):
                 return None
-            if t.ndim == 0 and t.device.type == "cpu":
+            if t.ndim == 0 and t.is_cpu:
                 return int(t)
-        return t.to(device)
+        return t if t.device == device else t.to(device)
 
     def _noising(self, parent, x, noise, timesteps, velocity):
         base = self._base_schedule()
@@ -211,10 +256,13 @@ class _FastMixin:
         if why is not None:
             self._say(why)
             return parent(x, noise, timesteps)
-        dtype = torch.promote_types(x.dtype, noise.dtype)  # the parent's result dtype
-        x, noise = x.to(dtype), noise.to(dtype)
-        if velocity:  # v = sqrt(abar) noise - sqrt(1 - abar) sample: q_sample of noise with -sample as its noise
-            return ops.q_sample(noise, t, -x, base, backend=self.backend, validate=False)
+        if x.dtype != noise.dtype:
+            dtype = torch.promote_types(x.dtype, noise.dtype)  # the parent's result dtype
+            x, noise = x.to(dtype), noise.to(dtype)
+        if velocity:
+            # v = sqrt(abar) noise - sqrt(1 - abar) sample: the v-parametrisation's x0 formula,
+            # x0 = sqrt(abar) x_t - sqrt(1 - abar) v, with x_t := noise and v := sample (one fused op)
+            return ops.predict_xstart(x, noise, t, base, mean_type="v", backend=self.backend, validate=False)
         return ops.q_sample(x, t, noise, base, backend=self.backend, validate=False)
 
     def add_noise(self, original_samples, noise, timesteps):
@@ -238,14 +286,13 @@ class _FastMixin:
             if timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool:
                 return None, None
             if timestep.numel() == 1:
-                timestep = timestep.reshape(())
-                if timestep.device.type == "cpu":
-                    timestep = int(timestep)  # a host value: free to read
+                # a host value is free to read
+                timestep = int(timestep) if timestep.is_cpu else timestep.reshape(())
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             t = int(timestep)
             if not 0 <= t < T or plan.rows[t] < 0:
                 return None, None
-            return torch.full((batch,), int(plan.rows[t]), dtype=torch.int64, device=device), t > 0
+            return plan.row_tensor(int(plan.rows[t]), batch, device), t > 0
         if not isinstance(timestep, torch.Tensor):
             return None, None
         if timestep.ndim == 0 and not plan.all_ok:
@@ -261,7 +308,7 @@ class _FastMixin:
                 "(see docs/compatibility.md); pass one timestep for the batch"
             )
         if self.validate or (self.validate is None and device.type == "cpu"):
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+            if _outside(t.cpu(), T):
                 raise ValueError(f"timestep: expected values in [0, {T})")
             rows = plan.rows_on(device)[t]
             if (rows < 0).any():
@@ -284,8 +331,8 @@ class _FastMixin:
             return "inputs that are not tensors"
         if not sample.is_floating_point() or model_output.dtype != sample.dtype or sample.ndim < 2:
             return "model_output and sample of different dtypes (the parent promotes), or not float [B, C, ...]"
-        if self.config.thresholding and not (self.config.sample_max_value >= 1
-                                             and 0 < self.config.dynamic_thresholding_ratio <= 1):
+        config = self.config
+        if config.thresholding and not (config.sample_max_value >= 1 and 0 < config.dynamic_thresholding_ratio <= 1):
             return "thresholding with sample_max_value < 1 or a ratio outside (0, 1]"
         return None
 
@@ -392,7 +439,7 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
             prev = (prev.float() + extra).to(sample.dtype)
         if not return_dict:
             return (prev, pred)
-        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return _output(DDPMSchedulerOutput, prev, pred)
 
 
 class FastDDIMScheduler(_FastMixin, DDIMScheduler):
@@ -444,6 +491,7 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
         if self.config.prediction_type == "sample":  # x0 is the model's output itself: no large x0 to cancel
             swap[good] = True
         plan.swap = swap
+        plan.sqrt_abar_prev32 = plan.schedule.table("cpu")[:, COLUMN["sqrt_alphas_cumprod_prev"]].numpy()
         plan.swap_all = bool(swap[good].all()) if good.any() else False
         return plan
 
@@ -454,8 +502,9 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
-        mean_type = _MEAN_TYPE.get(self.config.prediction_type)
-        thresholding = bool(self.config.thresholding)
+        config = self.config
+        mean_type = _MEAN_TYPE.get(config.prediction_type)
+        thresholding = bool(config.thresholding)
         args = (model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict)
         why = self._inputs_why(model_output, sample)
         if why is None:
@@ -476,16 +525,17 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                     or variance_noise.dtype != sample.dtype):
                 why = "a variance_noise of another shape or dtype than sample"
         rows = None
-        r = float(self.config.clip_sample_range)
-        clipping = thresholding or bool(self.config.clip_sample)
+        r = float(config.clip_sample_range)
+        clipping = thresholding or bool(config.clip_sample)
         if why is None:
             plan = self._plan()
-            rows, _ = self._rows(plan, timestep, sample.shape[0], sample.device)
+            t_host = _host_timestep(timestep)
+            rows, _ = self._rows(plan, timestep if t_host is None else t_host, sample.shape[0], sample.device)
             if rows is None:
                 why = "a timestep the fused step does not take (see docs/compatibility.md)"
             elif not clipping or (use_clipped_model_output and (thresholding or r == 1.0)):
                 path = "fused"
-            elif not use_clipped_model_output and self._swap_ok(plan, timestep):
+            elif not use_clipped_model_output and self._swap_ok(plan, t_host):
                 path = "swap"
             elif eta_f > 1:
                 why = "eta > 1 off the fused step (the parent's direction term is the square root of a negative)"
@@ -510,8 +560,8 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             out = ops.ddim_step(
                 model_output, sample, rows, plan.schedule, eta=float(eta), mean_type=mean_type,
                 clip_denoised=clipping and not thresholding,
-                dynamic_threshold=self.config.dynamic_thresholding_ratio if thresholding else None,
-                sample_max_value=float(self.config.sample_max_value), noise=noise, backend=self.backend,
+                dynamic_threshold=config.dynamic_thresholding_ratio if thresholding else None,
+                sample_max_value=float(config.sample_max_value), noise=noise, backend=self.backend,
                 validate=False,
             )
             prev, pred = out["sample"], out["pred_xstart"]
@@ -524,10 +574,12 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                                 clip_denoised=False, noise=noise, backend=self.backend, validate=False)
             raw = out["pred_xstart"]
             pred = self._threshold_sample(raw) if thresholding else raw.clamp(-r, r)
-            coef = plan.schedule.table(sample.device)[rows, COLUMN["sqrt_alphas_cumprod_prev"]]
-            coef = coef.reshape(-1, *([1] * (sample.ndim - 1)))
+            coef = self._swap_coef(plan, t_host, rows, sample)
             if sample.dtype == torch.float32:
-                prev = torch.addcmul(out["sample"], coef, pred - raw)
+                prev = torch.add(out["sample"], pred - raw, alpha=coef) if type(coef) is float else torch.addcmul(
+                    out["sample"], coef, pred - raw)
+            elif type(coef) is float:
+                prev = torch.add(out["sample"].float(), pred.float() - raw.float(), alpha=coef).to(sample.dtype)
             else:
                 prev = torch.addcmul(out["sample"].float(), coef.to(torch.promote_types(coef.dtype, sample.dtype)),
                                      pred.float() - raw.float()).to(sample.dtype)
@@ -538,15 +590,21 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                                              use_clipped_model_output, thresholding, r)
         if not return_dict:
             return (prev, pred)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return _output(DDIMSchedulerOutput, prev, pred)
 
     @staticmethod
-    def _swap_ok(plan, timestep):
-        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep.device.type == "cpu":
-            timestep = int(timestep)
-        if isinstance(timestep, (int, np.integer)):
-            return bool(plan.swap[int(timestep)])
-        return plan.swap_all
+    def _swap_coef(plan, t_host, rows, sample):
+        """sqrt(abar_prev) of the step, from the float32 device table: a Python float (its float32 value) for a
+        host timestep t_host, else a [B, 1, ...] tensor gathered at rows."""
+        if t_host is not None and sample.dtype != torch.float64:
+            return float(plan.sqrt_abar_prev32[plan.rows[t_host]])
+        coef = plan.schedule.table(sample.device)[rows, COLUMN["sqrt_alphas_cumprod_prev"]]
+        return coef.reshape(-1, *([1] * (sample.ndim - 1)))
+
+    @staticmethod
+    def _swap_ok(plan, t_host):
+        """Whether the clip swap is precise at this step (every step of the plan for a timestep on the device)."""
+        return bool(plan.swap[t_host]) if t_host is not None else plan.swap_all
 
     def _ddim_composed(self, model_output, sample, rows, plan, mean_type, eta, noise, use_clipped, thresholding, r):
         """(prev, pred) of a DDIM step whose x0 is clipped to [-r, r] (or thresholded) outside the op, from ops
