@@ -408,16 +408,15 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
             noise = self._noise(sample.shape, generator, model_output.device, model_output.dtype, sample)
         shape = (-1, *([1] * (sample.ndim - 1)))
         if self.config.clip_sample and not thresholding and r != 1.0:
-            # Clipping to [-r, r] (the op clips to [-1, 1]): the fused p(x_{t-1}|x_t) unclipped, clip,
-            # then the fused posterior mean of the clipped x0, and the noise from the device table.
-            pmv = ops.p_mean_variance(model_output, sample, rows, plan.schedule, mean_type=mean_type, var_type=op_var,
-                                      backend=self.backend, validate=False)
-            pred = pmv["pred_xstart"].clamp(-r, r)
-            prev = ops.q_posterior(pred, sample, rows, plan.schedule, backend=self.backend, validate=False)[0]
-            if noise is not None:
-                nonzero = (rows != 0).reshape(shape)
-                prev = (prev.float() + torch.where(nonzero, torch.exp(0.5 * pmv["log_variance"].float()), 0.0)
-                        * noise.float()).to(sample.dtype)
+            # Clipping to [-r, r] (the op clips to [-1, 1]): the fused x0 prediction, clip, then the fused
+            # ancestral step of an "x0" model whose output is the clipped x0 (its posterior mean, the noise).
+            mean_half = model_output[:, :C] if learned else model_output
+            pred = ops.predict_xstart(mean_half, sample, rows, plan.schedule, mean_type=mean_type,
+                                      backend=self.backend, validate=False).clamp(-r, r)
+            x0_output = torch.cat([pred, model_output[:, C:]], dim=1) if learned else pred
+            prev = ops.p_sample_step(x0_output, sample, rows, plan.schedule, mean_type="x0", var_type=op_var,
+                                     clip_denoised=False, noise=noise, seed=0 if noise is None else None,
+                                     backend=self.backend, validate=False)["sample"]
         else:
             out = ops.p_sample_step(
                 model_output, sample, rows, plan.schedule, mean_type=mean_type, var_type=op_var,
