@@ -258,10 +258,20 @@ class GaussianDiffusion:
         if denoised_fn is None:
             return ops.p_sample_step(model_output, x, t, self.schedule, clip_denoised=clip_denoised, noise=noise,
                                      **self._kw())
+        # denoised_fn: the x0 prediction goes through a user function; the fused ancestral step then takes that
+        # x0 as an "x0" model's output (its posterior mean, the variance, the noise). An x_prev model's mean is
+        # its own output whatever the x0: the fused step of the model output itself.
         out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
-        nonzero = _bcast((t != 0).to(x.dtype), x)
-        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        if self.mean_type == "x_prev":
+            step_output, mean_type = model_output, "x_prev"
+        else:
+            c = x.shape[1]
+            learned = self.var_type in ("learned", "learned_range")
+            step_output = torch.cat([out["pred_xstart"], model_output[:, c:]], dim=1) if learned else out["pred_xstart"]
+            mean_type = "x0"
+        step = ops.p_sample_step(step_output, x, t, self.schedule, clip_denoised=False, noise=noise,
+                                 mean_type=mean_type, var_type=self.var_type, **self._bk())
+        return {"sample": step["sample"], "pred_xstart": out["pred_xstart"]}
 
     def _loop_start(self, model, shape, noise, device):
         if device is None:

@@ -357,6 +357,30 @@ def test_denoised_fn_is_applied_before_clipping():
     torch.testing.assert_close(out["mean"], mean)
 
 
+@pytest.mark.parametrize("mean_type", ("epsilon", "x0", "x_prev"))
+@pytest.mark.parametrize("var_type", VAR_TYPES)
+def test_p_sample_with_denoised_fn_is_the_ancestral_step_of_its_mean(mean_type, var_type):
+    """p_sample with a denoised_fn (the fused step of the processed x0): mean + [t > 0] exp(log_variance / 2)
+    noise, with mean / log_variance from p_mean_variance under the same denoised_fn."""
+    torch.manual_seed(6)
+    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 50), model_mean_type=mean_type,
+                          model_var_type=var_type, loss_type="mse")
+    learned = var_type.startswith("learned")
+    output = torch.randn(3, 4 if learned else 2, 2, 2)
+    if learned:
+        output[:, 2:] = torch.tanh(output[:, 2:]) * (1.0 if var_type == "learned_range" else 3.0) - (
+            0.0 if var_type == "learned_range" else 5.0)
+    model = FixedModel(output)
+    t = torch.tensor([0, 10, 40])
+    x, noise = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
+    fn = lambda p: p * 0.5 + 0.1  # noqa: E731
+    out = d.p_sample(model, x, t, clip_denoised=True, denoised_fn=fn, noise=noise)
+    pmv = d.p_mean_variance(model, x, t, clip_denoised=True, denoised_fn=fn)
+    nonzero = (t != 0).float().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(out["pred_xstart"], pmv["pred_xstart"])
+    torch.testing.assert_close(out["sample"], pmv["mean"] + nonzero * torch.exp(0.5 * pmv["log_variance"]) * noise)
+
+
 class ForeignMeanType(enum.Enum):
     """Stands in for improved_diffusion.gaussian_diffusion.ModelMeanType (a different class)."""
 
