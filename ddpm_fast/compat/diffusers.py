@@ -138,6 +138,8 @@ def _fusable_steps(steps, base: NoiseSchedule, mean_type):
 
 
 _UNSET = object()
+_INT_DTYPES = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+                         torch.uint64))
 
 
 def _outside(t: torch.Tensor, T: int) -> bool:
@@ -225,10 +227,12 @@ class _FastMixin:
                 timesteps = torch.as_tensor(timesteps)
             except (TypeError, ValueError, RuntimeError):
                 return None
-        if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+        if timesteps.dtype not in _INT_DTYPES:
             return None
         n = timesteps.numel()
-        if n == 1:
+        if timesteps.ndim == 1 and n == batch:
+            t = timesteps
+        elif n == 1:
             t = timesteps.reshape(())
         elif n == batch:
             t = timesteps.reshape(batch)
@@ -241,8 +245,10 @@ class _FastMixin:
                 return int(t)
         return t if t.device == device else t.to(device)
 
-    def _noising(self, parent, x, noise, timesteps, velocity):
-        base = self._base_schedule()
+    def _noising(self, x, noise, timesteps, velocity):
+        base = self.__dict__.get("_ddpm_fast_base", _UNSET)
+        if base is _UNSET:
+            base = self._base_schedule()
         t = why = None
         if base is None:
             why = "betas outside (0, 1]"
@@ -255,6 +261,7 @@ class _FastMixin:
                 why = "timesteps are not integers in range, one per sample or one for all"
         if why is not None:
             self._say(why)
+            parent = super().get_velocity if velocity else super().add_noise
             return parent(x, noise, timesteps)
         if x.dtype != noise.dtype:
             dtype = torch.promote_types(x.dtype, noise.dtype)  # the parent's result dtype
@@ -269,11 +276,11 @@ class _FastMixin:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise; float32 table whatever the dtype.
 
         original_samples, noise: [B, ...]; timesteps: int tensor [B], [1] or 0-dim (original timesteps)."""
-        return self._noising(super().add_noise, original_samples, noise, timesteps, velocity=False)
+        return self._noising(original_samples, noise, timesteps, False)
 
     def get_velocity(self, sample, noise, timesteps):
         """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample."""
-        return self._noising(super().get_velocity, sample, noise, timesteps, velocity=True)
+        return self._noising(sample, noise, timesteps, True)
 
     # -- step helpers --------------------------------------------------------------------------------
     def _rows(self, plan, timestep, batch, device):
