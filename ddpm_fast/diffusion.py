@@ -245,7 +245,8 @@ class GaussianDiffusion:
         return ops.predict_xstart(xprev, x_t, t, self.schedule, mean_type="x_prev", **self._bk())
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        # Not an op: eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1) from the device table.
+        # Not an op (no op maps (x_t, x0) to eps; none of the ops' affine maps divides by sqrt(1/abar - 1)):
+        # eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1) from the device table.
         return ((self._col("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
                 / self._col("sqrt_recipm1_alphas_cumprod", t, x_t)).to(x_t.dtype)
 
@@ -383,7 +384,8 @@ class GaussianDiffusion:
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
         """Deterministic DDIM step x_t -> x_{t+1} (eta must be 0): dict sample, pred_xstart.
 
-        Not an op (no fused reverse step yet): the fused p_mean_variance, then the update from the table.
+        Not an op (no fused reverse step yet: the ops step towards larger alphas_cumprod only): the fused
+        p_mean_variance, then the update from the table.
         """
         if eta != 0.0:
             raise ValueError(f"eta: the reverse ODE is only defined for eta = 0, got {eta}")
