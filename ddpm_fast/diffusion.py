@@ -332,12 +332,13 @@ class GaussianDiffusion:
         """Yield step's dict for t = T-1 .. 0 from one CUDA graph of ``step(x, t)`` replayed per timestep.
 
         Static buffers: x (the current sample, img's shape and dtype: each step's sample is copied back into
-        it after the replay) and t (int64 [B] on img's device, refilled in place before each replay: no host sync). Noise:
-        the step's own draw (torch.randn_like on the default CUDA generator, which is graph-safe: each replay
-        advances its Philox offset as one eager step does); the generator's state is restored after the
-        warm-up and capture, so the replays draw what the eager loop draws. The model and denoised_fn must be
-        capturable (no host sync, no CPU-GPU copy, no data-dependent control flow). copy_out: yield copies
-        (the output buffers are overwritten by the next replay); else the buffers themselves."""
+        it after the replay) and t (int64 [B] on img's device, refilled in place before each replay: no host
+        sync). Noise: the step's own draw (torch.randn_like on the default CUDA generator, which is
+        graph-safe: each replay advances its Philox offset as one eager step does); the generator's state is
+        restored after the warm-up and capture, so the replays draw what the eager loop draws. The model and
+        denoised_fn must be capturable (no host sync, no CPU-GPU copy, no data-dependent control flow).
+        copy_out: yield copies (the output buffers are overwritten by the next replay); else the buffers
+        themselves (the last result is always a copy: it outlives the graph)."""
         device = img.device
         static_x = img.clone()
         static_t = torch.full((img.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=device)
