@@ -13,6 +13,9 @@ int64 tensors [B] on the inputs' device, as in improved-diffusion.
 Differences from improved-diffusion (results are the same):
 - ``p_sample`` / ``ddim_sample`` take an optional ``noise`` (default ``torch.randn_like(x)``,
   improved-diffusion's draw); ``ddim_sample`` draws no noise when eta == 0.
+- ``p_sample_loop`` / ``ddim_sample_loop`` (and their ``_progressive`` forms) take ``cuda_graph=True``:
+  on CUDA one step (model + fused update + its noise draw) is captured in a CUDA graph and replayed per
+  timestep (no host sync); on the CPU the eager loop runs, with the same result.
 - the schedule's tables are ``torch`` float64 tensors (``self.schedule``); the numpy arrays
   improved-diffusion exposes (``self.betas``, ``self.alphas_cumprod`` ...) are kept as attributes.
 """
@@ -94,6 +97,17 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
     """improved-diffusion's named schedules ("linear", "cosine"): float64 numpy betas [T]."""
     return NoiseSchedule.named(schedule_name, num_diffusion_timesteps).betas.numpy().copy()
+
+
+def _graph_device(x: torch.Tensor) -> bool:
+    """Whether a sampling loop over x can run as a CUDA graph (x on a CUDA device); else it runs eagerly."""
+    return x.is_cuda and torch.cuda.is_available()
+
+
+def _capture(graph, body):
+    """body() captured into graph (a torch.cuda.CUDAGraph); its outputs are the graph's static output buffers."""
+    with torch.cuda.graph(graph):
+        return body()
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -231,7 +245,8 @@ class GaussianDiffusion:
         return ops.predict_xstart(xprev, x_t, t, self.schedule, mean_type="x_prev", **self._bk())
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        # Not an op: eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1) from the device table.
+        # Not an op (no op maps (x_t, x0) to eps; none of the ops' affine maps divides by sqrt(1/abar - 1)):
+        # eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1) from the device table.
         return ((self._col("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
                 / self._col("sqrt_recipm1_alphas_cumprod", t, x_t)).to(x_t.dtype)
 
@@ -244,10 +259,20 @@ class GaussianDiffusion:
         if denoised_fn is None:
             return ops.p_sample_step(model_output, x, t, self.schedule, clip_denoised=clip_denoised, noise=noise,
                                      **self._kw())
+        # denoised_fn: the x0 prediction goes through a user function; the fused ancestral step then takes that
+        # x0 as an "x0" model's output (its posterior mean, the variance, the noise). An x_prev model's mean is
+        # its own output whatever the x0: the fused step of the model output itself.
         out = self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
-        nonzero = _bcast((t != 0).to(x.dtype), x)
-        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        if self.mean_type == "x_prev":
+            step_output, mean_type = model_output, "x_prev"
+        else:
+            c = x.shape[1]
+            learned = self.var_type in ("learned", "learned_range")
+            step_output = torch.cat([out["pred_xstart"], model_output[:, c:]], dim=1) if learned else out["pred_xstart"]
+            mean_type = "x0"
+        step = ops.p_sample_step(step_output, x, t, self.schedule, clip_denoised=False, noise=noise,
+                                 mean_type=mean_type, var_type=self.var_type, **self._bk())
+        return {"sample": step["sample"], "pred_xstart": out["pred_xstart"]}
 
     def _loop_start(self, model, shape, noise, device):
         if device is None:
@@ -267,26 +292,77 @@ class GaussianDiffusion:
         return indices
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                      device=None, progress=False):
-        """Ancestral sampling from T-1 down to 0: the final sample, ``shape``."""
+                      device=None, progress=False, cuda_graph=False):
+        """Ancestral sampling from T-1 down to 0: the final sample, ``shape``.
+
+        cuda_graph: on CUDA, capture one step (model + fused update + its noise draw) in a torch.cuda.CUDAGraph
+        and replay it per timestep (see _graph_steps); elsewhere the eager loop, with the same result."""
         final = None
-        for final in self.p_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
-                                                    denoised_fn=denoised_fn, model_kwargs=model_kwargs,
-                                                    device=device, progress=progress):
+        for final in self._p_sample_steps(model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device,
+                                          progress, cuda_graph, copy_out=False):
             pass
         return final["sample"]
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  model_kwargs=None, device=None, progress=False):
-        """Yield each step's dict (sample, pred_xstart); t is built on the device (no copy)."""
+                                  model_kwargs=None, device=None, progress=False, cuda_graph=False):
+        """Yield each step's dict (sample, pred_xstart); t is built on the device (no copy). cuda_graph: as in
+        p_sample_loop (each yielded dict is then a copy of the graph's output buffers)."""
+        yield from self._p_sample_steps(model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device,
+                                        progress, cuda_graph, copy_out=True)
+
+    def _p_sample_steps(self, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress,
+                        cuda_graph, copy_out):
         img, device = self._loop_start(model, shape, noise, device)
+
+        def step(x, t):
+            return self.p_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                 model_kwargs=model_kwargs)
+
+        if cuda_graph and _graph_device(img):
+            yield from self._graph_steps(step, img, progress, copy_out)
+            return
         for i in self._indices(progress):
             t = torch.full((img.shape[0],), i, dtype=torch.int64, device=device)
             with torch.no_grad():
-                out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    model_kwargs=model_kwargs)
+                out = step(img, t)
             yield out
             img = out["sample"]
+
+    def _graph_steps(self, step, img, progress, copy_out):
+        """Yield step's dict for t = T-1 .. 0 from one CUDA graph of ``step(x, t)`` replayed per timestep.
+
+        Static buffers: x (the current sample, img's shape and dtype: each step's sample is copied back into
+        it after the replay) and t (int64 [B] on img's device, refilled in place before each replay: no host
+        sync). Noise: the step's own draw (torch.randn_like on the default CUDA generator, which is
+        graph-safe: each replay advances its Philox offset as one eager step does); the generator's state is
+        restored after the warm-up and capture, so the replays draw what the eager loop draws. The model and
+        denoised_fn must be capturable (no host sync, no CPU-GPU copy, no data-dependent control flow).
+        copy_out: yield copies (the output buffers are overwritten by the next replay); else the buffers
+        themselves (the last result is always a copy: it outlives the graph)."""
+        device = img.device
+        static_x = img.clone()
+        static_t = torch.full((img.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=device)
+        rng_state = torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy loads, cached device tables and maps, allocator and cuDNN set-up
+                step(static_x, static_t)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad():
+            out = _capture(graph, lambda: step(static_x, static_t))
+        torch.cuda.set_rng_state(rng_state, device)
+        indices = self._indices(progress)
+        last = len(indices) - 1
+        for k, i in enumerate(indices):
+            static_t.fill_(i)
+            graph.replay()
+            static_x.copy_(out["sample"])  # the next step's input (outside the graph: capture writes no input)
+            if copy_out or k == last:  # the last one outlives the graph
+                yield {name: v.clone() for name, v in out.items()}
+            else:
+                yield out
 
     # -- DDIM -----------------------------------------------------------------------------------------
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0,
@@ -309,7 +385,8 @@ class GaussianDiffusion:
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
         """Deterministic DDIM step x_t -> x_{t+1} (eta must be 0): dict sample, pred_xstart.
 
-        Not an op (no fused reverse step yet): the fused p_mean_variance, then the update from the table.
+        Not an op (no fused reverse step yet: the ops step towards larger alphas_cumprod only): the fused
+        p_mean_variance, then the update from the table.
         """
         if eta != 0.0:
             raise ValueError(f"eta: the reverse ODE is only defined for eta = 0, got {eta}")
@@ -324,23 +401,36 @@ class GaussianDiffusion:
         return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"].to(x.dtype)}
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                         device=None, progress=False, eta=0.0):
-        """DDIM sampling over this process's steps: the final sample, ``shape``."""
+                         device=None, progress=False, eta=0.0, cuda_graph=False):
+        """DDIM sampling over this process's steps: the final sample, ``shape``. cuda_graph: as in p_sample_loop
+        (eta > 0 draws its noise inside the graph)."""
         final = None
-        for final in self.ddim_sample_loop_progressive(model, shape, noise=noise, clip_denoised=clip_denoised,
-                                                       denoised_fn=denoised_fn, model_kwargs=model_kwargs,
-                                                       device=device, progress=progress, eta=eta):
+        for final in self._ddim_steps(model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress,
+                                      eta, cuda_graph, copy_out=False):
             pass
         return final["sample"]
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     model_kwargs=None, device=None, progress=False, eta=0.0):
+                                     model_kwargs=None, device=None, progress=False, eta=0.0, cuda_graph=False):
+        """Yield each DDIM step's dict (sample, pred_xstart). cuda_graph: as in p_sample_loop_progressive."""
+        yield from self._ddim_steps(model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress,
+                                    eta, cuda_graph, copy_out=True)
+
+    def _ddim_steps(self, model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta,
+                    cuda_graph, copy_out):
         img, device = self._loop_start(model, shape, noise, device)
+
+        def step(x, t):
+            return self.ddim_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                    model_kwargs=model_kwargs, eta=eta)
+
+        if cuda_graph and _graph_device(img):
+            yield from self._graph_steps(step, img, progress, copy_out)
+            return
         for i in self._indices(progress):
             t = torch.full((img.shape[0],), i, dtype=torch.int64, device=device)
             with torch.no_grad():
-                out = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                       model_kwargs=model_kwargs, eta=eta)
+                out = step(img, t)
             yield out
             img = out["sample"]
 

@@ -197,6 +197,84 @@ def test_ddim_direction_precise_near_abar_one():
     check(rb.prev_sample, ra.prev_sample, rg.prev_sample, "DDIM last step to abar_0")
 
 
+def test_ddim_eta_above_one_off_the_fused_step_runs_the_parent(monkeypatch):
+    """eta > 1 where the step is composed of ops (use_clipped_model_output, clip_sample_range != 1): the parent's
+    direction term takes the square root of a negative number (nan) where the op clamps it at 0, so the parent
+    runs; on the fused step the op runs (no raise either way)."""
+    a, b, _ = make(DDIMScheduler, FastDDIMScheduler, {"clip_sample": True, "clip_sample_range": 2.0}, None, n=10)
+    for s in (a, b):
+        s.set_timesteps(10)
+    gen = torch.Generator().manual_seed(11)
+    x, mo, z = (torch.randn(B, C, 4, 4, generator=gen) for _ in range(3))
+    t = a.timesteps[3]
+    spy = CountParentSteps(monkeypatch, DDIMScheduler)
+    rb = b.step(mo, t, x, eta=1.5, use_clipped_model_output=True, variance_noise=z)
+    monkeypatch.undo()
+    assert spy.n == 1
+    ra = a.step(mo, t, x, eta=1.5, use_clipped_model_output=True, variance_noise=z)
+    torch.testing.assert_close(rb.prev_sample, ra.prev_sample, equal_nan=True, rtol=0, atol=0)
+    spy = CountParentSteps(monkeypatch, DDIMScheduler)
+    b.step(mo, t, x, eta=0.5, use_clipped_model_output=True, variance_noise=z)
+    monkeypatch.undo()
+    assert spy.n == 0, "the composed path expected for eta <= 1"
+
+
+def test_compat_writes_no_ddim_update_of_its_own():
+    """compat/diffusers.py composes ops for every DDIM variant: it reads none of the DDIM-only table columns
+    (the direction term's sqrt(1 - abar_prev), beta) and has no eps formula."""
+    import inspect
+
+    from ddpm_fast.compat import diffusers as compat
+
+    text = inspect.getsource(compat)
+    for needle in ("sqrt_one_minus_alphas_cumprod_prev", '"betas"', "eta**2", "eta * eta", "/ sqrt_1m_abar"):
+        assert needle not in text, needle
+
+
+def test_fast_output_is_the_dataclass_output():
+    """The outputs built without the dataclass __init__ behave as diffusers' own (keys, attributes, indexing,
+    to_tuple, equality, replacement)."""
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+
+    from ddpm_fast.compat.diffusers import _output
+
+    prev, pred = torch.randn(2, 3), torch.randn(2, 3)
+    for cls in (DDPMSchedulerOutput, DDIMSchedulerOutput):
+        ours, theirs = _output(cls, prev, pred), cls(prev_sample=prev, pred_original_sample=pred)
+        assert type(ours) is cls and list(ours.keys()) == list(theirs.keys())
+        assert ours.prev_sample is prev and ours.pred_original_sample is pred
+        assert ours[0] is prev and ours["pred_original_sample"] is pred and ours.to_tuple() == (prev, pred)
+        assert ours == theirs and repr(ours) == repr(theirs)
+        ours.prev_sample = pred  # BaseOutput keeps the attribute and the item in step
+        assert ours["prev_sample"] is pred
+
+
+def test_outside_reads_the_range_once():
+    from ddpm_fast.compat.diffusers import _outside
+
+    for n in (1, 3, 64, 65, 500):
+        t = torch.arange(n)
+        assert not _outside(t, n) and _outside(t, n - 1)
+        assert _outside(torch.cat([t, torch.tensor([-1])]), n + 1)
+    assert not _outside(torch.tensor(4), 5) and _outside(torch.tensor(5), 5)
+    assert not _outside(torch.zeros(0, dtype=torch.int64), 5)
+
+
+def test_host_timestep_steps_repeat_exactly():
+    """The cached row tensors and the host sqrt(abar_prev) of the clip swap: the same step twice gives the same
+    result, equal to the per-sample (device-table) path's to float32 rounding."""
+    a, b, g = make(DDIMScheduler, FastDDIMScheduler, {"clip_sample": True}, {"timestep_spacing": "leading"}, n=10)
+    gen = torch.Generator().manual_seed(12)
+    x, mo = torch.randn(B, C, 4, 4, generator=gen) * 3, torch.randn(B, C, 4, 4, generator=gen) * 3
+    for t in a.timesteps:
+        first, second = b.step(mo, t, x).prev_sample, b.step(mo, int(t), x).prev_sample
+        assert torch.equal(first, second)
+        per_sample = b.step(mo, t.repeat(B), x).prev_sample
+        torch.testing.assert_close(first, per_sample, rtol=1e-6, atol=1e-6)
+        check(first, a.step(mo, t, x).prev_sample, g.step(mo.double(), t, x.double()).prev_sample, f"t={int(t)}")
+
+
 def test_per_sample_timesteps(monkeypatch):
     """A [B] timestep tensor steps each sample at its own t, equal to the parent's per-sample steps."""
     gen = torch.Generator().manual_seed(8)

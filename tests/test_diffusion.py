@@ -357,6 +357,30 @@ def test_denoised_fn_is_applied_before_clipping():
     torch.testing.assert_close(out["mean"], mean)
 
 
+@pytest.mark.parametrize("mean_type", ("epsilon", "x0", "x_prev"))
+@pytest.mark.parametrize("var_type", VAR_TYPES)
+def test_p_sample_with_denoised_fn_is_the_ancestral_step_of_its_mean(mean_type, var_type):
+    """p_sample with a denoised_fn (the fused step of the processed x0): mean + [t > 0] exp(log_variance / 2)
+    noise, with mean / log_variance from p_mean_variance under the same denoised_fn."""
+    torch.manual_seed(6)
+    d = GaussianDiffusion(betas=get_named_beta_schedule("linear", 50), model_mean_type=mean_type,
+                          model_var_type=var_type, loss_type="mse")
+    learned = var_type.startswith("learned")
+    output = torch.randn(3, 4 if learned else 2, 2, 2)
+    if learned:
+        output[:, 2:] = torch.tanh(output[:, 2:]) * (1.0 if var_type == "learned_range" else 3.0) - (
+            0.0 if var_type == "learned_range" else 5.0)
+    model = FixedModel(output)
+    t = torch.tensor([0, 10, 40])
+    x, noise = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
+    fn = lambda p: p * 0.5 + 0.1  # noqa: E731
+    out = d.p_sample(model, x, t, clip_denoised=True, denoised_fn=fn, noise=noise)
+    pmv = d.p_mean_variance(model, x, t, clip_denoised=True, denoised_fn=fn)
+    nonzero = (t != 0).float().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(out["pred_xstart"], pmv["pred_xstart"])
+    torch.testing.assert_close(out["sample"], pmv["mean"] + nonzero * torch.exp(0.5 * pmv["log_variance"]) * noise)
+
+
 class ForeignMeanType(enum.Enum):
     """Stands in for improved_diffusion.gaussian_diffusion.ModelMeanType (a different class)."""
 
@@ -451,3 +475,116 @@ def test_training_and_sampling_steps_do_not_sync():
         d.p_sample(model, x_t, t)
         d.ddim_sample(model, x_t, t, eta=0.5)
         d._vb_terms_bpd(model, x0, x_t, t)
+
+
+# -- CUDA-graph sampling loops ------------------------------------------------------------------------------
+def _loop_pair(loop, d, model, shape, cuda_graph, seed, **kw):
+    torch.manual_seed(seed)
+    return loop(d, model, shape, cuda_graph=cuda_graph, **kw)
+
+
+@pytest.mark.parametrize("loop,kw", [
+    (GaussianDiffusion.p_sample_loop, {}),
+    (GaussianDiffusion.ddim_sample_loop, {"eta": 0.0}),
+    (GaussianDiffusion.ddim_sample_loop, {"eta": 0.7}),
+], ids=["p_sample", "ddim_eta0", "ddim_eta0.7"])
+def test_cuda_graph_loops_on_cpu_run_eagerly_with_the_same_result(loop, kw, monkeypatch):
+    """cuda_graph=True on CPU tensors: the eager loop (no graph is built), bit for bit its result."""
+    d = create_gaussian_diffusion(steps=40, learn_sigma=True, timestep_respacing="8")
+    torch.manual_seed(0)
+    model = TinyEps(2, learned=True)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", None)  # building a graph here would fail loudly
+    eager = _loop_pair(loop, d, model, (3, 2, 4, 4), False, 7, **kw)
+    graphed = _loop_pair(loop, d, model, (3, 2, 4, 4), True, 7, **kw)
+    assert torch.equal(eager, graphed)
+
+
+def test_cuda_graph_progressive_loops_on_cpu_match_eager():
+    d = create_gaussian_diffusion(steps=30, timestep_respacing="ddim6")
+    model = TinyEps(1, learned=False)
+    noise = torch.randn(2, 1, 4, 4)
+    for progressive in (d.p_sample_loop_progressive, d.ddim_sample_loop_progressive):
+        torch.manual_seed(1)
+        eager = [o["sample"] for o in progressive(model, (2, 1, 4, 4), noise=noise)]
+        torch.manual_seed(1)
+        graphed = [o["sample"] for o in progressive(model, (2, 1, 4, 4), noise=noise, cuda_graph=True)]
+        assert len(eager) == len(graphed) == 6
+        assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs in `ddpm-fast selftest`)")
+@pytest.mark.parametrize("learned", [False, True])
+def test_cuda_graph_loops_on_gpu_match_eager(learned):
+    """One captured step replayed per timestep: the same samples as the eager loop (deterministic DDIM exactly
+    up to float32 rounding; the ancestral loop too, its noise drawn in the graph from the default generator in
+    the eager loop's order), and the progressive loop yields independent copies."""
+    device = torch.device("cuda")
+    d = create_gaussian_diffusion(steps=100, learn_sigma=learned, timestep_respacing="10")
+    torch.manual_seed(0)
+    model = TinyEps(3, learned=learned).to(device)
+    shape = (4, 3, 8, 8)
+    for loop, kw in ((d.ddim_sample_loop, {"eta": 0.0}), (d.ddim_sample_loop, {"eta": 1.0}), (d.p_sample_loop, {})):
+        results = []
+        for cuda_graph in (False, True):
+            torch.manual_seed(3)
+            results.append(loop(model, shape, device=device, cuda_graph=cuda_graph, **kw))
+        eager, graphed = results
+        assert graphed.device.type == "cuda" and graphed.shape == shape
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(4)
+    steps = [o["sample"] for o in d.ddim_sample_loop_progressive(model, shape, device=device, cuda_graph=True)]
+    assert len(steps) == 10 and not any(torch.equal(steps[0], s) for s in steps[1:])
+
+
+class _ReplayedGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: capture runs the body once (its outputs become the static
+    buffers); replay runs it again and writes the outputs into those buffers, as a graph replay does."""
+
+    def capture(self, body):
+        self.body = body
+        self.out = body()
+        return self.out
+
+    def replay(self):
+        with torch.no_grad():
+            for name, value in self.body().items():
+                self.out[name].copy_(value)
+
+
+def test_cuda_graph_buffering_and_rng_replay_with_a_stand_in_graph(monkeypatch):
+    """The graph loop's own logic on the CPU (static x and t, the copy of each step's sample back into x, the
+    generator restored after warm-up and capture, copies for the progressive loop, the last result outliving
+    the buffers): with a stand-in graph that re-runs the captured step, every loop equals the eager one bit for
+    bit."""
+    import contextlib
+
+    from ddpm_fast import diffusion
+
+    class _Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(diffusion, "_graph_device", lambda x: True)
+    monkeypatch.setattr(diffusion, "_capture", lambda graph, body: graph.capture(body))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _ReplayedGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: _Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.get_rng_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: torch.set_rng_state(state))
+    d = create_gaussian_diffusion(steps=40, learn_sigma=True, timestep_respacing="8")
+    torch.manual_seed(0)
+    model = TinyEps(2, learned=True)
+    shape = (3, 2, 4, 4)
+    for loop, kw in ((d.p_sample_loop, {}), (d.ddim_sample_loop, {"eta": 0.0}), (d.ddim_sample_loop, {"eta": 0.5})):
+        torch.manual_seed(9)
+        eager = loop(model, shape, **kw)
+        torch.manual_seed(9)
+        graphed = loop(model, shape, cuda_graph=True, **kw)
+        assert torch.equal(eager, graphed), loop.__name__
+    for progressive in (d.p_sample_loop_progressive, d.ddim_sample_loop_progressive):
+        torch.manual_seed(2)
+        eager = [o["sample"] for o in progressive(model, shape)]
+        torch.manual_seed(2)
+        graphed = [o["sample"] for o in progressive(model, shape, cuda_graph=True)]
+        assert len(graphed) == 8 and all(torch.equal(a, b) for a, b in zip(eager, graphed))

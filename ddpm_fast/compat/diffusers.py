@@ -25,12 +25,15 @@ option, whether it is fused, partly fused, the parent's path, or differs (and wh
 - parent's path: DDPM ``variance_type="fixed_large_log"``; betas outside (0, 1] (diffusers runs them);
   an epsilon model at a step where alphas_cumprod = 0 (zero terminal SNR); ``thresholding`` with
   ``sample_max_value < 1``; DDIM ``eta < 0``; a DDIM step that is not one step of one respaced process
-  (``set_alpha_to_one=False`` with a last step at t = 0); a timestep not in ``self.timesteps`` or out of
+  (``set_alpha_to_one=False`` with a last step at t = 0); DDIM ``eta > 1`` on a step composed of several
+  ops (below: the parent's direction term is then nan); a timestep not in ``self.timesteps`` or out of
   range; model_output / sample of different dtypes; add_noise timesteps that are neither one per sample
   nor one for all. Per-sample timestep tensors (our extension) raise ValueError on such calls.
-- partly fused (fused ops plus a few elementwise torch ops on the device table; still no sync): DDIM
-  with clipping or thresholding and use_clipped_model_output=False (diffusers' default) or
-  clip_sample_range != 1; DDPM with clip_sample_range != 1; a DDPM last step whose t > 0.
+- partly fused (several fused ops, plus at most a clamp / thresholding and a swap of x0 on the device
+  table; still no sync): DDIM with clipping or thresholding and use_clipped_model_output=False
+  (diffusers' default) or clip_sample_range != 1; DDPM with clip_sample_range != 1; a DDPM last step
+  whose t > 0 (its variance: reference's model log variance on the parent's last-step table). Every
+  update formula is an op's: this module writes none of its own.
 - an unknown ``variance_type`` is the parent's fall-through, fixed_small; "learned" (the variance itself)
   is passed to the op as its log.
 Differences: a per-sample or CUDA timestep tensor draws the DDPM variance noise even at t = 0 (the
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -55,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
         "ddpm_fast.compat.diffusers needs the optional 'diffusers' package: pip install 'ddpm-fast[diffusers]'"
     ) from exc
 
-from .. import ops
+from .. import ops, reference
 from ..schedule import COLUMN, NoiseSchedule, betas_problem
 
 __all__ = ["FastDDPMScheduler", "FastDDIMScheduler"]
@@ -76,12 +80,50 @@ class _Plan:
         self.all_ok = all_ok  # every step of the scheduler's loop is fused (per-sample tensors allowed)
         self.source = None  # the self.timesteps tensor the plan was built from
         self._rows_dev: dict = {}
+        self._row_tensors: dict = {}
 
     def rows_on(self, device):
         r = self._rows_dev.get(device)
         if r is None:
             r = self._rows_dev[device] = torch.as_tensor(self.rows).to(device)
         return r
+
+    def row_tensor(self, row: int, batch: int, device) -> torch.Tensor:
+        """int64 [batch] filled with row on device, cached (a host timestep's rows: no allocation, no copy per
+        step). The ops only read it."""
+        key = (row, batch, device)
+        r = self._row_tensors.get(key)
+        if r is None:
+            if len(self._row_tensors) >= 4096:
+                self._row_tensors.clear()
+            r = self._row_tensors[key] = torch.full((batch,), row, dtype=torch.int64, device=device)
+        return r
+
+    def last_step(self) -> "_ParentLastStep":
+        step = self.__dict__.get("_last_step")
+        if step is None:
+            step = self._last_step = _ParentLastStep(self.schedule)
+        return step
+
+
+class _ParentLastStep:
+    """The schedule table diffusers' DDPM variance reads at a last step whose t > 0 (abar_prev = 1): the plan's
+    float32 table with the posterior log variance at log(1e-20) (the parent's floor on its zero variance) and
+    fixed_large's log variance at log(beta). Stands in for a NoiseSchedule in reference._model_log_variance."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+        self._tables: dict = {}
+
+    def table(self, device, dtype=torch.float32):
+        key = (torch.device(device), dtype)
+        tab = self._tables.get(key)
+        if tab is None:
+            tab = self.schedule.table(device).clone()
+            tab[:, COLUMN["posterior_log_variance_clipped"]] = _LOG_1E20
+            tab[:, COLUMN["fixed_large_log_variance"]] = tab[:, COLUMN["log_betas"]]
+            tab = self._tables[key] = tab.to(dtype)
+        return tab
 
 
 def _fusable_steps(steps, base: NoiseSchedule, mean_type):
@@ -96,6 +138,40 @@ def _fusable_steps(steps, base: NoiseSchedule, mean_type):
 
 
 _UNSET = object()
+_INT_DTYPES = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+                         torch.uint64))
+
+
+def _outside(t: torch.Tensor, T: int) -> bool:
+    """Whether a CPU integer tensor holds a value outside [0, T): one host read (a list for small tensors,
+    cheaper than two reductions and two .item() calls)."""
+    if t.numel() <= 64:
+        values = t.tolist() if t.ndim else [t.item()]
+        return bool(values) and (min(values) < 0 or max(values) >= T)
+    lo, hi = torch.aminmax(t)
+    return int(lo) < 0 or int(hi) >= T
+
+
+def _host_timestep(timestep):
+    """The timestep as a Python int where it is one on the host (an int, a numpy integer, a one-element integer
+    CPU tensor), else None (a device tensor, several timesteps, or something the parent takes)."""
+    if type(timestep) is int or isinstance(timestep, np.integer):
+        return int(timestep)
+    if (isinstance(timestep, torch.Tensor) and timestep.is_cpu and timestep.numel() == 1
+            and not (timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool)):
+        return int(timestep)
+    return None
+
+
+def _output(cls, prev, pred):
+    """cls(prev_sample=prev, pred_original_sample=pred) (a diffusers BaseOutput: an OrderedDict with the same
+    fields as attributes), built without the dataclass __init__ / __post_init__ (about 4 us a step)."""
+    out = cls.__new__(cls)
+    OrderedDict.__setitem__(out, "prev_sample", prev)
+    OrderedDict.__setitem__(out, "pred_original_sample", pred)
+    object.__setattr__(out, "prev_sample", prev)
+    object.__setattr__(out, "pred_original_sample", pred)
+    return out
 
 
 class _FastMixin:
@@ -151,24 +227,28 @@ class _FastMixin:
                 timesteps = torch.as_tensor(timesteps)
             except (TypeError, ValueError, RuntimeError):
                 return None
-        if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+        if timesteps.dtype not in _INT_DTYPES:
             return None
         n = timesteps.numel()
-        if n == 1:
+        if timesteps.ndim == 1 and n == batch:
+            t = timesteps
+        elif n == 1:
             t = timesteps.reshape(())
         elif n == batch:
             t = timesteps.reshape(batch)
         else:
             return None
-        if self.validate or (self.validate is None and t.device.type == "cpu"):  # a host read: free on the CPU
-            if n and (int(t.min()) < 0 or int(t.max()) >= T):
+        if self.validate or (self.validate is None and t.is_cpu):  # a host read: free on the CPU
+            if _outside(t if t.is_cpu else t.cpu(), T):
                 return None
-            if t.ndim == 0 and t.device.type == "cpu":
+            if t.ndim == 0 and t.is_cpu:
                 return int(t)
-        return t.to(device)
+        return t if t.device == device else t.to(device)
 
-    def _noising(self, parent, x, noise, timesteps, velocity):
-        base = self._base_schedule()
+    def _noising(self, x, noise, timesteps, velocity):
+        base = self.__dict__.get("_ddpm_fast_base", _UNSET)
+        if base is _UNSET:
+            base = self._base_schedule()
         t = why = None
         if base is None:
             why = "betas outside (0, 1]"
@@ -181,22 +261,26 @@ class _FastMixin:
                 why = "timesteps are not integers in range, one per sample or one for all"
         if why is not None:
             self._say(why)
+            parent = super().get_velocity if velocity else super().add_noise
             return parent(x, noise, timesteps)
-        dtype = torch.promote_types(x.dtype, noise.dtype)  # the parent's result dtype
-        x, noise = x.to(dtype), noise.to(dtype)
-        if velocity:  # v = sqrt(abar) noise - sqrt(1 - abar) sample: q_sample of noise with -sample as its noise
-            return ops.q_sample(noise, t, -x, base, backend=self.backend, validate=False)
+        if x.dtype != noise.dtype:
+            dtype = torch.promote_types(x.dtype, noise.dtype)  # the parent's result dtype
+            x, noise = x.to(dtype), noise.to(dtype)
+        if velocity:
+            # v = sqrt(abar) noise - sqrt(1 - abar) sample: the v-parametrisation's x0 formula,
+            # x0 = sqrt(abar) x_t - sqrt(1 - abar) v, with x_t := noise and v := sample (one fused op)
+            return ops.predict_xstart(x, noise, t, base, mean_type="v", backend=self.backend, validate=False)
         return ops.q_sample(x, t, noise, base, backend=self.backend, validate=False)
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise; float32 table whatever the dtype.
 
         original_samples, noise: [B, ...]; timesteps: int tensor [B], [1] or 0-dim (original timesteps)."""
-        return self._noising(super().add_noise, original_samples, noise, timesteps, velocity=False)
+        return self._noising(original_samples, noise, timesteps, False)
 
     def get_velocity(self, sample, noise, timesteps):
         """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample."""
-        return self._noising(super().get_velocity, sample, noise, timesteps, velocity=True)
+        return self._noising(sample, noise, timesteps, True)
 
     # -- step helpers --------------------------------------------------------------------------------
     def _rows(self, plan, timestep, batch, device):
@@ -209,14 +293,13 @@ class _FastMixin:
             if timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool:
                 return None, None
             if timestep.numel() == 1:
-                timestep = timestep.reshape(())
-                if timestep.device.type == "cpu":
-                    timestep = int(timestep)  # a host value: free to read
+                # a host value is free to read
+                timestep = int(timestep) if timestep.is_cpu else timestep.reshape(())
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             t = int(timestep)
             if not 0 <= t < T or plan.rows[t] < 0:
                 return None, None
-            return torch.full((batch,), int(plan.rows[t]), dtype=torch.int64, device=device), t > 0
+            return plan.row_tensor(int(plan.rows[t]), batch, device), t > 0
         if not isinstance(timestep, torch.Tensor):
             return None, None
         if timestep.ndim == 0 and not plan.all_ok:
@@ -232,7 +315,7 @@ class _FastMixin:
                 "(see docs/compatibility.md); pass one timestep for the batch"
             )
         if self.validate or (self.validate is None and device.type == "cpu"):
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+            if _outside(t.cpu(), T):
                 raise ValueError(f"timestep: expected values in [0, {T})")
             rows = plan.rows_on(device)[t]
             if (rows < 0).any():
@@ -255,8 +338,8 @@ class _FastMixin:
             return "inputs that are not tensors"
         if not sample.is_floating_point() or model_output.dtype != sample.dtype or sample.ndim < 2:
             return "model_output and sample of different dtypes (the parent promotes), or not float [B, C, ...]"
-        if self.config.thresholding and not (self.config.sample_max_value >= 1
-                                             and 0 < self.config.dynamic_thresholding_ratio <= 1):
+        config = self.config
+        if config.thresholding and not (config.sample_max_value >= 1 and 0 < config.dynamic_thresholding_ratio <= 1):
             return "thresholding with sample_max_value < 1 or a ratio outside (0, 1]"
         return None
 
@@ -332,16 +415,15 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
             noise = self._noise(sample.shape, generator, model_output.device, model_output.dtype, sample)
         shape = (-1, *([1] * (sample.ndim - 1)))
         if self.config.clip_sample and not thresholding and r != 1.0:
-            # Clipping to [-r, r] (the op clips to [-1, 1]): the fused p(x_{t-1}|x_t) unclipped, clip,
-            # then the fused posterior mean of the clipped x0, and the noise from the device table.
-            pmv = ops.p_mean_variance(model_output, sample, rows, plan.schedule, mean_type=mean_type, var_type=op_var,
-                                      backend=self.backend, validate=False)
-            pred = pmv["pred_xstart"].clamp(-r, r)
-            prev = ops.q_posterior(pred, sample, rows, plan.schedule, backend=self.backend, validate=False)[0]
-            if noise is not None:
-                nonzero = (rows != 0).reshape(shape)
-                prev = (prev.float() + torch.where(nonzero, torch.exp(0.5 * pmv["log_variance"].float()), 0.0)
-                        * noise.float()).to(sample.dtype)
+            # Clipping to [-r, r] (the op clips to [-1, 1]): the fused x0 prediction, clip, then the fused
+            # ancestral step of an "x0" model whose output is the clipped x0 (its posterior mean, the noise).
+            mean_half = model_output[:, :C] if learned else model_output
+            pred = ops.predict_xstart(mean_half, sample, rows, plan.schedule, mean_type=mean_type,
+                                      backend=self.backend, validate=False).clamp(-r, r)
+            x0_output = torch.cat([pred, model_output[:, C:]], dim=1) if learned else pred
+            prev = ops.p_sample_step(x0_output, sample, rows, plan.schedule, mean_type="x0", var_type=op_var,
+                                     clip_denoised=False, noise=noise, seed=0 if noise is None else None,
+                                     backend=self.backend, validate=False)["sample"]
         else:
             out = ops.p_sample_step(
                 model_output, sample, rows, plan.schedule, mean_type=mean_type, var_type=op_var,
@@ -351,26 +433,19 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
                 seed=0 if noise is None else None, backend=self.backend, validate=False,
             )
             prev, pred = out["sample"], out["pred_xstart"]
-        table = plan.schedule.table(sample.device)
         if plan.final_t > 0 and noise is not None:
             # The parent still adds noise at its last step when that step's t > 0 (abar_prev = 1, so
-            # the posterior variance is 0, floored at 1e-20); the respaced row 0 adds none.
+            # the posterior variance is 0, floored at 1e-20); the respaced row 0 adds none. Its log variance:
+            # reference's model log variance on the parent's last-step table (_ParentLastStep).
             last = (rows == 0).reshape(shape)
-            log_beta = table[rows, COLUMN["log_betas"]].reshape(last.shape)
-            if op_var == "fixed_small":
-                log_var = torch.full_like(log_beta, _LOG_1E20)
-            elif var == "fixed_large":
-                log_var = log_beta
-            elif var == "learned":
-                log_var = torch.log(var_part.float())
-            else:  # learned_range
-                frac = (var_part.float() + 1) / 2
-                log_var = frac * log_beta + (1 - frac) * _LOG_1E20
+            var_in = None if var_part is None else (torch.log(var_part.float()) if var == "learned"
+                                                    else var_part.float())
+            log_var = reference._model_log_variance(var_in, rows, plan.last_step(), op_var, prev.float())
             extra = torch.where(last, torch.exp(0.5 * log_var) * noise.float(), 0.0)
             prev = (prev.float() + extra).to(sample.dtype)
         if not return_dict:
             return (prev, pred)
-        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return _output(DDPMSchedulerOutput, prev, pred)
 
 
 class FastDDIMScheduler(_FastMixin, DDIMScheduler):
@@ -419,7 +494,10 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
         swap = np.zeros(T, dtype=bool)
         good = rows_steps >= 0
         swap[good] = abp[rows_steps[good]] <= 4.0 * ab[rows_steps[good]]
+        if self.config.prediction_type == "sample":  # x0 is the model's output itself: no large x0 to cancel
+            swap[good] = True
         plan.swap = swap
+        plan.sqrt_abar_prev32 = plan.schedule.table("cpu")[:, COLUMN["sqrt_alphas_cumprod_prev"]].numpy()
         plan.swap_all = bool(swap[good].all()) if good.any() else False
         return plan
 
@@ -430,8 +508,9 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
-        mean_type = _MEAN_TYPE.get(self.config.prediction_type)
-        thresholding = bool(self.config.thresholding)
+        config = self.config
+        mean_type = _MEAN_TYPE.get(config.prediction_type)
+        thresholding = bool(config.thresholding)
         args = (model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict)
         why = self._inputs_why(model_output, sample)
         if why is None:
@@ -452,11 +531,22 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                     or variance_noise.dtype != sample.dtype):
                 why = "a variance_noise of another shape or dtype than sample"
         rows = None
+        r = float(config.clip_sample_range)
+        clipping = thresholding or bool(config.clip_sample)
         if why is None:
             plan = self._plan()
-            rows, _ = self._rows(plan, timestep, sample.shape[0], sample.device)
+            t_host = _host_timestep(timestep)
+            rows, _ = self._rows(plan, timestep if t_host is None else t_host, sample.shape[0], sample.device)
             if rows is None:
                 why = "a timestep the fused step does not take (see docs/compatibility.md)"
+            elif not clipping or (use_clipped_model_output and (thresholding or r == 1.0)):
+                path = "fused"
+            elif not use_clipped_model_output and self._swap_ok(plan, t_host):
+                path = "swap"
+            elif eta_f > 1:
+                why = "eta > 1 off the fused step (the parent's direction term is the square root of a negative)"
+            else:
+                path = "composed"
         if why is not None:
             self._say(why)
             self._per_sample(timestep)
@@ -472,18 +562,16 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
             noise = variance_noise
             if noise is None:
                 noise = self._noise(model_output.shape, generator, model_output.device, model_output.dtype, sample)
-        r = float(self.config.clip_sample_range)
-        clipping = thresholding or bool(self.config.clip_sample)
-        if not clipping or (use_clipped_model_output and (thresholding or r == 1.0)):
+        if path == "fused":
             out = ops.ddim_step(
                 model_output, sample, rows, plan.schedule, eta=float(eta), mean_type=mean_type,
                 clip_denoised=clipping and not thresholding,
-                dynamic_threshold=self.config.dynamic_thresholding_ratio if thresholding else None,
-                sample_max_value=float(self.config.sample_max_value), noise=noise, backend=self.backend,
+                dynamic_threshold=config.dynamic_thresholding_ratio if thresholding else None,
+                sample_max_value=float(config.sample_max_value), noise=noise, backend=self.backend,
                 validate=False,
             )
             prev, pred = out["sample"], out["pred_xstart"]
-        elif not use_clipped_model_output and self._swap_ok(plan, timestep):
+        elif path == "swap":
             # diffusers' default: x0 clipped (or thresholded) but the model's own eps in the direction term.
             # ops.ddim_step re-derives eps from the clipped x0 when it clips, so: one fused unclipped step
             # (the parent's update with the unclipped x0), then swap x0 for the clipped x0 in its first term:
@@ -492,56 +580,54 @@ class FastDDIMScheduler(_FastMixin, DDIMScheduler):
                                 clip_denoised=False, noise=noise, backend=self.backend, validate=False)
             raw = out["pred_xstart"]
             pred = self._threshold_sample(raw) if thresholding else raw.clamp(-r, r)
-            coef = plan.schedule.table(sample.device)[rows, COLUMN["sqrt_alphas_cumprod_prev"]]
-            coef = coef.reshape(-1, *([1] * (sample.ndim - 1)))
+            coef = self._swap_coef(plan, t_host, rows, sample)
             if sample.dtype == torch.float32:
-                prev = torch.addcmul(out["sample"], coef, pred - raw)
+                prev = torch.add(out["sample"], pred - raw, alpha=coef) if type(coef) is float else torch.addcmul(
+                    out["sample"], coef, pred - raw)
+            elif type(coef) is float:
+                prev = torch.add(out["sample"].float(), pred.float() - raw.float(), alpha=coef).to(sample.dtype)
             else:
                 prev = torch.addcmul(out["sample"].float(), coef.to(torch.promote_types(coef.dtype, sample.dtype)),
                                      pred.float() - raw.float()).to(sample.dtype)
         else:
             # use_clipped_model_output with clip_sample_range != 1, or a step where the swap above would lose
-            # precision: the fused x0 prediction, then the update
-            # from the float32 device table (a few elementwise ops; no sync).
-            prev, pred = self._ddim_unfused(model_output, sample, rows, plan, mean_type, float(eta), noise,
-                                            use_clipped_model_output, thresholding, r)
+            # precision: composed of fused ops (a few calls; no sync).
+            prev, pred = self._ddim_composed(model_output, sample, rows, plan, mean_type, float(eta), noise,
+                                             use_clipped_model_output, thresholding, r)
         if not return_dict:
             return (prev, pred)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        return _output(DDIMSchedulerOutput, prev, pred)
 
     @staticmethod
-    def _swap_ok(plan, timestep):
-        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep.device.type == "cpu":
-            timestep = int(timestep)
-        if isinstance(timestep, (int, np.integer)):
-            return bool(plan.swap[int(timestep)])
-        return plan.swap_all
+    def _swap_coef(plan, t_host, rows, sample):
+        """sqrt(abar_prev) of the step, from the float32 device table: a Python float (its float32 value) for a
+        host timestep t_host, else a [B, 1, ...] tensor gathered at rows."""
+        if t_host is not None and sample.dtype != torch.float64:
+            return float(plan.sqrt_abar_prev32[plan.rows[t_host]])
+        coef = plan.schedule.table(sample.device)[rows, COLUMN["sqrt_alphas_cumprod_prev"]]
+        return coef.reshape(-1, *([1] * (sample.ndim - 1)))
 
-    def _ddim_unfused(self, model_output, sample, rows, plan, mean_type, eta, noise, use_clipped, thresholding, r):
-        raw = ops.predict_xstart(model_output, sample, rows, plan.schedule, mean_type=mean_type,
-                                 backend=self.backend, validate=False)
+    @staticmethod
+    def _swap_ok(plan, t_host):
+        """Whether the clip swap is precise at this step (every step of the plan for a timestep on the device)."""
+        return bool(plan.swap[t_host]) if t_host is not None else plan.swap_all
+
+    def _ddim_composed(self, model_output, sample, rows, plan, mean_type, eta, noise, use_clipped, thresholding, r):
+        """(prev, pred) of a DDIM step whose x0 is clipped to [-r, r] (or thresholded) outside the op, from ops
+        alone: ops.ddim_step of an "x0" model whose output is the clipped x0 re-derives eps from it as
+        (x_t - sqrt(abar) x0) / sqrt(1 - abar). With use_clipped that is the parent's eps; else the parent's
+        eps is the model's own, eps_model, so x_t is replaced by q_sample(x0, eps_model), from which the op
+        re-derives eps_model. Computed in float32 (16-bit inputs: rounded once, at the end)."""
+        bk = {"backend": self.backend, "validate": False}
+        raw = ops.predict_xstart(model_output, sample, rows, plan.schedule, mean_type=mean_type, **bk)
         pred = self._threshold_sample(raw) if thresholding else raw.clamp(-r, r)
-        table = plan.schedule.table(sample.device)
-        shape = (-1, *([1] * (sample.ndim - 1)))
-        col = lambda name: table[rows, COLUMN[name]].reshape(shape)  # noqa: E731
-        x, mo, x0 = sample.float(), model_output.float(), pred.float()
-        sqrt_abar, sqrt_1m_abar = col("sqrt_alphas_cumprod"), col("sqrt_one_minus_alphas_cumprod")
-        if use_clipped:
-            eps = (x - sqrt_abar * x0) / sqrt_1m_abar
-        elif mean_type == "epsilon":
-            eps = mo
-        elif mean_type == "x0":
-            eps = (x - sqrt_abar * mo) / sqrt_1m_abar
-        else:  # v
-            eps = sqrt_abar * mo + sqrt_1m_abar * x
-        # sigma^2 = eta^2 (1 - abar_prev) beta_t / (1 - abar) and 1 - abar_prev - sigma^2, written with
-        # the table's 1 - abar columns (no cancellation of 1 - abar_prev in float32).
-        ratio = col("betas") / (sqrt_1m_abar * sqrt_1m_abar)
-        sqrt_1m_prev = col("sqrt_one_minus_alphas_cumprod_prev")
-        std = eta * sqrt_1m_prev * torch.sqrt(ratio)
-        # ratio <= 1 exactly (beta_t <= 1 - abar_t), = 1 on the first row: clamp float32 rounding below 0.
-        direction = torch.sqrt((1 - eta**2 * ratio).clamp(min=0.0)) if eta <= 1 else torch.sqrt(1 - eta**2 * ratio)
-        prev = col("sqrt_alphas_cumprod_prev") * x0 + sqrt_1m_prev * direction * eps
-        if noise is not None:
-            prev = prev + std * noise.float()
+        x, x0 = sample.float(), pred.float()
+        if not use_clipped:
+            if mean_type == "epsilon":
+                eps_model = model_output.float()
+            else:  # v (an x0 model takes the swap: see _make_plan): eps = sqrt(abar) v + sqrt(1 - abar) x_t
+                eps_model = ops.q_sample(model_output.float(), rows, x, plan.schedule, **bk)
+            x = ops.q_sample(x0, rows, eps_model, plan.schedule, **bk)
+        prev = ops.ddim_step(x0, x, rows, plan.schedule, eta=eta, clip_denoised=False, mean_type="x0",
+                             noise=None if noise is None else noise.float(), **bk)["sample"]
         return prev.to(sample.dtype), pred

@@ -1,4 +1,11 @@
-"""The per-element formulas of DESIGN.md as @triton.jit helpers: one formula in one place.
+"""The per-element formulas of DESIGN.md as @triton.jit helpers: csrc/ddpm_math.h, function for function.
+
+Every public (no leading underscore) @triton.jit helper here carries the name of a function of
+csrc/ddpm_math.h, in that file's order (tests/test_triton_math_mirror.py checks it), and no kernel
+writes a formula of its own: each formula exists once on this backend. The header's functions that
+have no helper here are listed in NOT_MIRRORED with the reason. Helpers with a leading underscore are
+Triton-only: addressing (program, offsets, loads, table columns), the backward partials the C++ side
+writes inside its kernels (ddpm_elem.h), and compositions of the mirrored formulas.
 
 Every helper computes in the dtype of its inputs (the launcher's compute dtype: float32, or float64
 for float64 inputs). Table columns are read from the packed schedule table by t (one row per sample).
@@ -9,6 +16,17 @@ import triton
 import triton.language as tl
 
 from ..schedule import COLUMN, COLUMNS
+
+# csrc/ddpm_math.h functions without a helper here, and why (each must still exist in the header).
+NOT_MIRRORED = {
+    "is_learned": "a constexpr test: the kernels branch on the constexpr VAR >= 2 (a @triton.jit helper returns "
+                  "a runtime value, not a constexpr)",
+    "mulhi32": "Philox: the kernels draw with tl.randn(seed, offset), triton.language.random's Philox stream",
+    "philox_round": "Philox: inside tl.randn",
+    "philox_to_uniform": "Philox: inside tl.randn (triton.language.random.uint_to_uniform_float)",
+    "philox_uniform2": "Philox: inside tl.randn",
+    "box_muller": "Philox: inside tl.randn (triton.language.random.pair_uniform_to_normal)",
+}
 
 NCOL = tl.constexpr(len(COLUMNS))
 BETAS = tl.constexpr(COLUMN["betas"])
@@ -33,9 +51,10 @@ LOG_1M_ABAR = tl.constexpr(COLUMN["log_one_minus_alphas_cumprod"])
 # ln 2 = 0.6931471805599453, sqrt(2/pi) = 0.7978845608028654, bin half-width 1/255 = 0.00392156862745098.
 
 
-# -- addressing --------------------------------------------------------------------------------
+
+# -- addressing (Triton-only) ------------------------------------------------------------------
 @triton.jit
-def program_chunk(n_chunks, BLOCK: tl.constexpr, IDX64: tl.constexpr):
+def _program_chunk(n_chunks, BLOCK: tl.constexpr, IDX64: tl.constexpr):
     """(b, chunk, n) of this program on a 1-D grid of n_chunks * B programs (_runtime.launch_config):
     sample b (int64), chunk index, and the chunk's BLOCK element indices n within the sample (int64 when
     IDX64, else int32)."""
@@ -48,7 +67,7 @@ def program_chunk(n_chunks, BLOCK: tl.constexpr, IDX64: tl.constexpr):
 
 
 @triton.jit
-def offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr):
+def _offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr):
     """int64 element offsets of sample b's logical elements n (see _layout.Plan)."""
     if FLAT:
         return b * sb + n
@@ -61,13 +80,13 @@ def offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr):
 
 
 @triton.jit
-def load(ptr, b, n, m, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr, CDT: tl.constexpr):
+def _load(ptr, b, n, m, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr, CDT: tl.constexpr):
     """Elements n (masked by m) of sample b of an operand with strides (sb, s1, s2, s3), in the compute dtype."""
-    return tl.load(ptr + offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
+    return tl.load(ptr + _offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT), mask=m, other=0.0).to(CDT)
 
 
 @triton.jit
-def load_t(t_ptr, b, T):
+def _load_t(t_ptr, b, T):
     """t of sample b, clamped into [0, T) so that a bad t never reads out of bounds (asserted in debug)."""
     t = tl.load(t_ptr + b)
     tl.device_assert((t >= 0) & (t < T), "t out of range [0, T)")
@@ -75,86 +94,160 @@ def load_t(t_ptr, b, T):
 
 
 @triton.jit
-def col(table_ptr, t, C: tl.constexpr):
+def _col(table_ptr, t, C: tl.constexpr):
     """Column C of the packed table at row t (a scalar in the table's dtype)."""
     return tl.load(table_ptr + t * NCOL + C)
 
 
-# -- the model's prediction ----------------------------------------------------------------------
+@triton.jit
+def _row_sum(part_ptr, row, n_chunks, CBLOCK: tl.constexpr):
+    """Fixed-order sum of n_chunks partial sums starting at part_ptr + row * n_chunks."""
+    k = tl.arange(0, CBLOCK)
+    acc = tl.load(part_ptr + row * n_chunks + k, mask=k < n_chunks, other=0.0)
+    for start in range(CBLOCK, n_chunks, CBLOCK):
+        acc += tl.load(part_ptr + row * n_chunks + start + k, mask=start + k < n_chunks, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+# -- forward process, posterior, x0 prediction (ddpm_math.h order from here on) --------------------
 @triton.jit
 def q_sample(x0, eps, table_ptr, t):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-    return col(table_ptr, t, SQRT_ABAR) * x0 + col(table_ptr, t, SQRT_1M_ABAR) * eps
+    return _col(table_ptr, t, SQRT_ABAR) * x0 + _col(table_ptr, t, SQRT_1M_ABAR) * eps
+
+
+@triton.jit
+def posterior_mean(x0, x_t, table_ptr, t):
+    """post_c1 x0 + post_c2 x_t."""
+    return _col(table_ptr, t, POST_C1) * x0 + _col(table_ptr, t, POST_C2) * x_t
 
 
 @triton.jit
 def predict_xstart(out, x_t, table_ptr, t, MEAN: tl.constexpr):
     """x0 implied by the mean output (unclipped)."""
     if MEAN == 0:
-        return col(table_ptr, t, SQRT_RECIP_ABAR) * x_t - col(table_ptr, t, SQRT_RECIPM1_ABAR) * out
+        return _col(table_ptr, t, SQRT_RECIP_ABAR) * x_t - _col(table_ptr, t, SQRT_RECIPM1_ABAR) * out
     elif MEAN == 1:
         return out
     elif MEAN == 2:
-        return (out - col(table_ptr, t, POST_C2) * x_t) / col(table_ptr, t, POST_C1)
+        return (out - _col(table_ptr, t, POST_C2) * x_t) / _col(table_ptr, t, POST_C1)
     else:
-        return col(table_ptr, t, SQRT_ABAR) * x_t - col(table_ptr, t, SQRT_1M_ABAR) * out
+        return _col(table_ptr, t, SQRT_ABAR) * x_t - _col(table_ptr, t, SQRT_1M_ABAR) * out
 
 
 @triton.jit
-def dxstart_dout(table_ptr, t, MEAN: tl.constexpr):
-    """d predict_xstart / d out (a per-sample scalar)."""
+def _dxstart_dout(table_ptr, t, MEAN: tl.constexpr):
+    """d predict_xstart / d out (a per-sample scalar; predict_xstart's backward)."""
     if MEAN == 0:
-        return -col(table_ptr, t, SQRT_RECIPM1_ABAR)
+        return -_col(table_ptr, t, SQRT_RECIPM1_ABAR)
     elif MEAN == 1:
-        return col(table_ptr, t, POST_C1) * 0.0 + 1.0
+        return _col(table_ptr, t, POST_C1) * 0.0 + 1.0
     elif MEAN == 2:
-        return 1.0 / col(table_ptr, t, POST_C1)
+        return 1.0 / _col(table_ptr, t, POST_C1)
     else:
-        return -col(table_ptr, t, SQRT_1M_ABAR)
+        return -_col(table_ptr, t, SQRT_1M_ABAR)
 
 
 @triton.jit
-def dxstart_dxt(table_ptr, t, MEAN: tl.constexpr):
-    """d predict_xstart / d x_t (a per-sample scalar)."""
+def _dxstart_dxt(table_ptr, t, MEAN: tl.constexpr):
+    """d predict_xstart / d x_t (a per-sample scalar; predict_xstart's backward)."""
     if MEAN == 0:
-        return col(table_ptr, t, SQRT_RECIP_ABAR)
+        return _col(table_ptr, t, SQRT_RECIP_ABAR)
     elif MEAN == 1:
-        return col(table_ptr, t, POST_C1) * 0.0
+        return _col(table_ptr, t, POST_C1) * 0.0
     elif MEAN == 2:
-        return -col(table_ptr, t, POST_C2) / col(table_ptr, t, POST_C1)
+        return -_col(table_ptr, t, POST_C2) / _col(table_ptr, t, POST_C1)
     else:
-        return col(table_ptr, t, SQRT_ABAR)
+        return _col(table_ptr, t, SQRT_ABAR)
 
 
 @triton.jit
-def model_log_variance(v, table_ptr, t, VAR: tl.constexpr):
+def mean_grad_coef(table_ptr, t, MEAN: tl.constexpr):
+    """d(model mean)/d(mean output) for the unclipped mean type, with its sign (a per-sample scalar):
+    -c1 sqrt(1/abar - 1) epsilon, c1 x0, 1 x_prev, -c1 sqrt(1 - abar) v."""
+    c1 = _col(table_ptr, t, POST_C1)
+    if MEAN == 0:
+        return -c1 * _col(table_ptr, t, SQRT_RECIPM1_ABAR)
+    elif MEAN == 1:
+        return c1
+    elif MEAN == 2:
+        return c1 * 0.0 + 1.0
+    else:
+        return -c1 * _col(table_ptr, t, SQRT_1M_ABAR)
+
+
+@triton.jit
+def mean_target(x0, x_t, eps, table_ptr, t, MEAN: tl.constexpr):
+    """The MSE target of the model's mean output (eps: the noise that made x_t)."""
+    if MEAN == 0:
+        return eps
+    elif MEAN == 1:
+        return x0
+    elif MEAN == 2:
+        return posterior_mean(x0, x_t, table_ptr, t)
+    else:
+        return _col(table_ptr, t, SQRT_ABAR) * eps - _col(table_ptr, t, SQRT_1M_ABAR) * x0
+
+
+@triton.jit
+def process_xstart(x0, s, CLIP: tl.constexpr, THRESHOLD: tl.constexpr):
+    """x0 post-processing: dynamic thresholding at the per-sample s (THRESHOLD), else clip to [-1, 1] (CLIP)."""
+    if THRESHOLD:
+        return tl.maximum(tl.minimum(x0, s), -s) / s
+    elif CLIP:
+        return tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    else:
+        return x0
+
+
+# -- model variance --------------------------------------------------------------------------------
+@triton.jit
+def learned_range_logvar(v, max_log, min_log):
+    """learned_range: frac = (v + 1) / 2, log variance frac max_log + (1 - frac) min_log."""
+    frac = (v + 1.0) / 2.0
+    return frac * max_log + (1.0 - frac) * min_log
+
+
+@triton.jit
+def fixed_logvar(table_ptr, t, VAR: tl.constexpr):
+    """The per-sample log variance of a fixed variance type (fixed_large's, else the clipped posterior's)."""
+    if VAR == 1:
+        return _col(table_ptr, t, LARGE_LOGVAR)
+    else:
+        return _col(table_ptr, t, POST_LOGVAR)
+
+
+@triton.jit
+def _model_log_variance(v, table_ptr, t, VAR: tl.constexpr):
     """log model variance: a per-sample scalar for fixed types, elementwise (from v) for learned ones."""
-    if VAR == 0:
-        return col(table_ptr, t, POST_LOGVAR)
-    elif VAR == 1:
-        return col(table_ptr, t, LARGE_LOGVAR)
-    elif VAR == 2:
+    if VAR == 2:
         return v
+    elif VAR == 3:
+        return learned_range_logvar(v, _col(table_ptr, t, LOG_BETAS), _col(table_ptr, t, POST_LOGVAR))
     else:
-        frac = (v + 1.0) / 2.0
-        return frac * col(table_ptr, t, LOG_BETAS) + (1.0 - frac) * col(table_ptr, t, POST_LOGVAR)
+        return fixed_logvar(table_ptr, t, VAR)
 
 
 @triton.jit
-def dlogvar_dv(table_ptr, t, VAR: tl.constexpr):
-    """d model_log_variance / d v for learned types."""
+def _dlogvar_dv(table_ptr, t, VAR: tl.constexpr):
+    """d _model_log_variance / d v for learned types."""
     if VAR == 3:
-        return 0.5 * (col(table_ptr, t, LOG_BETAS) - col(table_ptr, t, POST_LOGVAR))
+        return 0.5 * (_col(table_ptr, t, LOG_BETAS) - _col(table_ptr, t, POST_LOGVAR))
     else:
-        return col(table_ptr, t, LOG_BETAS) * 0.0 + 1.0
+        return _col(table_ptr, t, LOG_BETAS) * 0.0 + 1.0
 
 
 @triton.jit
-def posterior_mean(x0, x_t, table_ptr, t):
-    return col(table_ptr, t, POST_C1) * x0 + col(table_ptr, t, POST_C2) * x_t
+def _model_mean(out, x_t, table_ptr, t, MEAN: tl.constexpr, CLIP: tl.constexpr):
+    """(model mean, unclipped x0): the raw output for x_prev, else the posterior mean at the (clipped) x0."""
+    raw = predict_xstart(out, x_t, table_ptr, t, MEAN)
+    if MEAN == 2:
+        return out, raw
+    else:
+        return posterior_mean(process_xstart(raw, 1.0, CLIP, False), x_t, table_ptr, t), raw
 
 
-# -- divergences -------------------------------------------------------------------------------
+# -- Gaussian KL -------------------------------------------------------------------------------
 @triton.jit
 def normal_kl(m1, lv1, m2, lv2):
     """KL(N(m1, e^lv1) || N(m2, e^lv2)) in nats."""
@@ -163,27 +256,38 @@ def normal_kl(m1, lv1, m2, lv2):
 
 
 @triton.jit
-def normal_kl_grads(m1, lv1, m2, lv2):
-    """(dKL/dm1, dKL/dlv1, dKL/dm2, dKL/dlv2)."""
+def normal_kl_given_exps(m1, lv1, m2, lv2, r, exp_neg_lv2):
+    """(KL, dKL/dm2, dKL/dlv2) of normal_kl given r = exp(lv1 - lv2) and exp(-lv2) (dKL/dm1 = -dKL/dm2)."""
+    d = m1 - m2
+    q = d * d * exp_neg_lv2
+    return 0.5 * (-1.0 + lv2 - lv1 + r + q), -d * exp_neg_lv2, 0.5 * (1.0 - r - q)
+
+
+@triton.jit
+def normal_kl_grad(m1, lv1, m2, lv2):
+    """(dKL/dm1, dKL/dlv1, dKL/dm2, dKL/dlv2) of normal_kl."""
     d = m1 - m2
     e = tl.exp(-lv2)
     r = tl.exp(lv1 - lv2)
     return d * e, 0.5 * (r - 1.0), -d * e, 0.5 * (1.0 - r - d * d * e)
 
 
+# -- discretized Gaussian decoder likelihood (L_0) ----------------------------------------------------
 @triton.jit
-def _cdf_arg(y):
-    # 0.5 (1 + tanh(u)) == sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3); 1.5957691216057308 = 2 sqrt(2/pi)
+def cdf_logit(y):
+    """cdf(y) ~ 0.5 (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))) = sigmoid(cdf_logit(y));
+    1.5957691216057308 = 2 sqrt(2/pi)."""
     return 1.5957691216057308 * (y + 0.044715 * y * y * y)
 
 
 @triton.jit
-def _sigmoid(z):
+def sigmoid(z):
+    """1 / (1 + exp(-z))."""
     return 1.0 / (1.0 + tl.exp(-z))
 
 
 @triton.jit
-def _one_minus_exp_neg(d):
+def one_minus_exp_neg(d):
     """1 - exp(-d) for d >= 0, without cancellation for small d (a Horner series below 0.25)."""
     ds = tl.where(d < 0.25, d, 0.0)
     p = 1.0 - ds * 0.08333333333333333
@@ -205,7 +309,7 @@ def _bin_cdfs(x, means, log_scales):
     """(inv_std, yp, ym, width = yp - ym, q, D, 1 - exp(-D), cdf(yp), 1 - cdf(ym), cdf(yp) - cdf(ym)) for the
     bin [x - 1/255, x + 1/255].
 
-    cdf(y) = 0.5 (1 + tanh(u(y))) = sigmoid(a(y)); the bin mass is computed without cancellation as
+    cdf(y) = sigmoid(cdf_logit(y)); the bin mass is computed without cancellation as
     sigmoid(a) - sigmoid(b) = sigmoid(a) (1 - sigmoid(b)) (1 - exp(-D)), D = a - b factored exactly.
     """
     inv_std = tl.exp(-log_scales)
@@ -214,16 +318,16 @@ def _bin_cdfs(x, means, log_scales):
     ym = inv_std * (c - 0.00392156862745098)
     width = inv_std * 0.00784313725490196
     q = yp * yp + yp * ym + ym * ym
-    sp = _sigmoid(_cdf_arg(yp))
-    one_m_sm = _sigmoid(-_cdf_arg(ym))
+    sp = sigmoid(cdf_logit(yp))
+    one_m_sm = sigmoid(-cdf_logit(ym))
     D = 1.5957691216057308 * width * (1.0 + 0.044715 * q)
-    one_m_exp = _one_minus_exp_neg(D)
+    one_m_exp = one_minus_exp_neg(D)
     delta = sp * one_m_sm * one_m_exp
     return inv_std, yp, ym, width, q, D, one_m_exp, sp, one_m_sm, delta
 
 
 @triton.jit
-def discretized_gaussian_ll(x, means, log_scales):
+def discretized_gaussian_loglik(x, means, log_scales):
     """log p(x) on 256 bins of [-1, 1] under N(means, e^(2 log_scales)), floored at log(1e-12)."""
     inv_std, yp, ym, width, q, D, one_m_exp, cdf_plus, one_minus_cdf_min, delta = _bin_cdfs(x, means, log_scales)
     log_cdf_plus = tl.log(tl.maximum(cdf_plus, 1e-12))
@@ -233,15 +337,15 @@ def discretized_gaussian_ll(x, means, log_scales):
 
 
 @triton.jit
-def discretized_gaussian_ll_grads(x, means, log_scales):
-    """(d/d means, d/d log_scales) of discretized_gaussian_ll (0 where the 1e-12 floor holds).
+def _discretized_gaussian_loglik_grads(x, means, log_scales):
+    """(d/d means, d/d log_scales) of discretized_gaussian_loglik (0 where the 1e-12 floor holds).
 
     log of the bin mass = log sigmoid(a) + log sigmoid(-b) + log(1 - exp(-D)), differentiated term by term
     (no difference of two large pdf / mass ratios); dy/dmeans = -inv_std, dy/dlog_scales = -y.
     """
     inv_std, yp, ym, width, q, D, one_m_exp, sp, one_m_sm, delta = _bin_cdfs(x, means, log_scales)
-    up = _sigmoid(-_cdf_arg(yp)) * (1.5957691216057308 * (1.0 + 0.134145 * yp * yp))  # d log sigmoid(a) / dyp
-    um = _sigmoid(_cdf_arg(ym)) * (1.5957691216057308 * (1.0 + 0.134145 * ym * ym))  # -d log sigmoid(-b) / dym
+    up = sigmoid(-cdf_logit(yp)) * (1.5957691216057308 * (1.0 + 0.134145 * yp * yp))  # d log sigmoid(a) / dyp
+    um = sigmoid(cdf_logit(ym)) * (1.5957691216057308 * (1.0 + 0.134145 * ym * ym))  # -d log sigmoid(-b) / dym
     r = tl.exp(-D) / one_m_exp  # d log(1 - exp(-D)) / dD
     m_mid = up - um + r * (3.0 * 1.5957691216057308 * 0.044715 * width * (yp + ym))
     l_mid = up * yp - um * ym + r * (1.5957691216057308 * width * (1.0 + 0.134145 * q))
@@ -256,28 +360,16 @@ def discretized_gaussian_ll_grads(x, means, log_scales):
     return d_means, d_log_scales
 
 
-# -- training-loss weights ------------------------------------------------------------------------
+# -- loss weights, DDIM --------------------------------------------------------------------------
 @triton.jit
 def loss_weight(table_ptr, t, gamma, MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr):
-    """Per-sample MSE weight (reference.loss_weight): simple 1, elbo, min_snr(gamma)."""
-    snr = col(table_ptr, t, SNR)
+    """Per-sample MSE weight (reference.loss_weight): simple 1, elbo g^2 exp(-logvar) / (2 ln 2), min_snr(gamma)."""
+    snr = _col(table_ptr, t, SNR)
     if WEIGHTING == 0:
         return snr * 0.0 + 1.0
     elif WEIGHTING == 1:
-        if VAR == 1:
-            lv = col(table_ptr, t, LARGE_LOGVAR)
-        else:
-            lv = col(table_ptr, t, POST_LOGVAR)
-        c1 = col(table_ptr, t, POST_C1)
-        if MEAN == 0:
-            g = c1 * col(table_ptr, t, SQRT_RECIPM1_ABAR)
-        elif MEAN == 1:
-            g = c1
-        elif MEAN == 2:
-            g = c1 * 0.0 + 1.0
-        else:
-            g = c1 * col(table_ptr, t, SQRT_1M_ABAR)
-        return g * g * tl.exp(-lv) / 1.3862943611198906
+        g = mean_grad_coef(table_ptr, t, MEAN)
+        return g * g * tl.exp(-fixed_logvar(table_ptr, t, VAR)) / 1.3862943611198906
     else:
         clipped = tl.minimum(snr, gamma)
         if MEAN == 0:
@@ -289,10 +381,21 @@ def loss_weight(table_ptr, t, gamma, MEAN: tl.constexpr, VAR: tl.constexpr, WEIG
 
 
 @triton.jit
-def row_sum(part_ptr, row, n_chunks, CBLOCK: tl.constexpr):
-    """Fixed-order sum of n_chunks partial sums starting at part_ptr + row * n_chunks."""
-    k = tl.arange(0, CBLOCK)
-    acc = tl.load(part_ptr + row * n_chunks + k, mask=k < n_chunks, other=0.0)
-    for start in range(CBLOCK, n_chunks, CBLOCK):
-        acc += tl.load(part_ptr + row * n_chunks + start + k, mask=start + k < n_chunks, other=0.0)
-    return tl.sum(acc, axis=0)
+def ddim_coefs(eta, table_ptr, t):
+    """(sigma, sqrt(abar_prev), eps weight) of a DDIM step: with r = beta / (1 - abar), sigma = eta
+    sqrt(1 - abar_prev) sqrt(r) and the eps weight sqrt(1 - abar_prev) sqrt(1 - eta^2 r) (no cancellation
+    where abar_prev is near 1)."""
+    s1m = _col(table_ptr, t, SQRT_1M_ABAR)
+    s1m_prev = _col(table_ptr, t, SQRT_1M_ABAR_PREV)
+    r = _col(table_ptr, t, BETAS) / (s1m * s1m)
+    sigma = eta * s1m_prev * tl.sqrt(r)
+    eps_coef = s1m_prev * tl.sqrt(tl.maximum(1.0 - eta * eta * r, 0.0))
+    return sigma, _col(table_ptr, t, SQRT_ABAR_PREV), eps_coef
+
+
+@triton.jit
+def ddim_sample(x0, x_t, sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, eps_coef):
+    """DDIM update without noise: eps re-derived from the processed x0 as (x_t - sqrt(abar) x0) / sqrt(1 - abar),
+    the form that stays finite where abar = 0 (zero terminal SNR)."""
+    eps = (x_t - sqrt_abar * x0) / sqrt_1m_abar
+    return x0 * sqrt_abar_prev + eps_coef * eps

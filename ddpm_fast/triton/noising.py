@@ -25,13 +25,13 @@ from ._runtime import check_device, compute_dtype, float64_fallback, table, tl_d
 def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
                      a_sb, a_s1, a_s2, a_s3, n_sb, n_s1, n_s2, n_s3, o_sb, o_s1, o_s2, o_s3, N, T, D2, D3,
                      n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
-    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    nz = M.load(nz_ptr, b, n, m, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT, CDT)
+    t = M._load_t(t_ptr, b, T)
+    x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    nz = M._load(nz_ptr, b, n, m, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT, CDT)
     x_t = M.q_sample(x0, nz, table_ptr, t)
-    tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), x_t, mask=m)
+    tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), x_t, mask=m)
 
 
 @triton.jit
@@ -40,13 +40,13 @@ def linear2_bwd_kernel(g_ptr, gx_ptr, gn_ptr, t_ptr, table_ptr,
                        N, T, D2, D3, n_chunks, CA: tl.constexpr, CB: tl.constexpr,
                        FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
     """Backward of y = col_CA(t) a + col_CB(t) b: grad_a = col_CA g, grad_b = col_CB g (one pass)."""
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
-    g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
-    tl.store(gx_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M.col(table_ptr, t, CA) * g, mask=m)
-    tl.store(gn_ptr + M.offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT),
-             M.col(table_ptr, t, CB) * g, mask=m)
+    t = M._load_t(t_ptr, b, T)
+    g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
+    tl.store(gx_ptr + M._offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M._col(table_ptr, t, CA) * g, mask=m)
+    tl.store(gn_ptr + M._offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT),
+             M._col(table_ptr, t, CB) * g, mask=m)
 
 
 @triton.jit
@@ -55,9 +55,9 @@ def _prior_kernel(x0_ptr, part_ptr, a_sb, a_s1, a_s2, a_s3, N, D2, D3, n_chunks,
     """Partial sums of KL(N(sqrt_abar x0, 1 - abar) || N(0, 1)) = 0.5 (const + (sqrt_abar x0)^2), where the
     per-schedule constant const = -1 - log(1 - abar) + (1 - abar) is computed once in float64 on the host
     (it cancels catastrophically in float32 when abar_{T-1} is near 0)."""
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     mean = sqrt_abar * x0
     kl = 0.5 * (const + mean * mean)
     tl.store(part_ptr + b * n_chunks + chunk, tl.sum(tl.where(m, kl, 0.0), axis=0))
@@ -67,7 +67,7 @@ def _prior_kernel(x0_ptr, part_ptr, a_sb, a_s1, a_s2, a_s3, N, D2, D3, n_chunks,
 def _finish_mean_kernel(part_ptr, out_ptr, n_chunks, scale, CBLOCK: tl.constexpr):
     """out[b] = scale * (fixed-order sum of the partials of row b)."""
     b = tl.program_id(0).to(tl.int64)
-    tl.store(out_ptr + b, M.row_sum(part_ptr, b, n_chunks, CBLOCK) * scale)
+    tl.store(out_ptr + b, M._row_sum(part_ptr, b, n_chunks, CBLOCK) * scale)
 
 
 def finish_mean(wrap, part: torch.Tensor, scale: float) -> torch.Tensor:

@@ -30,16 +30,16 @@ def _q_posterior_kernel(x0_ptr, xt_ptr, mean_ptr, var_ptr, logvar_ptr, t_ptr, ta
                         a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
                         N, T, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
                         CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
-    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    xt = M.load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
-    tl.store(mean_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.posterior_mean(x0, xt, table_ptr, t),
+    t = M._load_t(t_ptr, b, T)
+    x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    tl.store(mean_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.posterior_mean(x0, xt, table_ptr, t),
              mask=m)
     if chunk == 0:
-        tl.store(var_ptr + b, M.col(table_ptr, t, M.POST_VAR))
-        tl.store(logvar_ptr + b, M.col(table_ptr, t, M.POST_LOGVAR))
+        tl.store(var_ptr + b, M._col(table_ptr, t, M.POST_VAR))
+        tl.store(logvar_ptr + b, M._col(table_ptr, t, M.POST_LOGVAR))
 
 
 @triton.jit
@@ -47,12 +47,12 @@ def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
                     m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
                     N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
                     IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
-    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    xt = M.load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
-    tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT),
+    t = M._load_t(t_ptr, b, T)
+    out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT),
              M.predict_xstart(out, xt, table_ptr, t, MEAN), mask=m)
 
 
@@ -61,13 +61,13 @@ def _predict_bwd_kernel(g_ptr, gm_ptr, gx_ptr, t_ptr, table_ptr,
                         g_sb, g_s1, g_s2, g_s3, m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3,
                         N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
                         IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
-    g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
-    tl.store(gm_ptr + M.offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), M.dxstart_dout(table_ptr, t, MEAN) * g,
+    t = M._load_t(t_ptr, b, T)
+    g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
+    tl.store(gm_ptr + M._offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), M._dxstart_dout(table_ptr, t, MEAN) * g,
              mask=m)
-    tl.store(gx_ptr + M.offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M.dxstart_dxt(table_ptr, t, MEAN) * g,
+    tl.store(gx_ptr + M._offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M._dxstart_dxt(table_ptr, t, MEAN) * g,
              mask=m)
 
 
@@ -77,13 +77,13 @@ def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, out_ptr,
                       d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
                       N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
                       CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    m1 = M.load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    l1 = M.load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
-    m2 = M.load(m2_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
-    l2 = M.load(l2_ptr, b, n, m, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT, CDT)
-    tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.normal_kl(m1, l1, m2, l2), mask=m)
+    m1 = M._load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    l1 = M._load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
+    m2 = M._load(m2_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
+    l2 = M._load(l2_ptr, b, n, m, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT, CDT)
+    tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.normal_kl(m1, l1, m2, l2), mask=m)
 
 
 @triton.jit
@@ -93,15 +93,15 @@ def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr,
                           N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
                           CDT: tl.constexpr):
     """Gradients of all four operands at the broadcast shape (outputs share one contiguous layout)."""
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
-    m1 = M.load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    l1 = M.load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
-    m2 = M.load(m2_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
-    l2 = M.load(l2_ptr, b, n, m, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT, CDT)
-    d1, d2, d3, d4 = M.normal_kl_grads(m1, l1, m2, l2)
-    o = M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
+    g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
+    m1 = M._load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    l1 = M._load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
+    m2 = M._load(m2_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
+    l2 = M._load(l2_ptr, b, n, m, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT, CDT)
+    d1, d2, d3, d4 = M.normal_kl_grad(m1, l1, m2, l2)
+    o = M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
     tl.store(g1_ptr + o, g * d1, mask=m)
     tl.store(g2_ptr + o, g * d2, mask=m)
     tl.store(g3_ptr + o, g * d3, mask=m)
@@ -112,12 +112,12 @@ def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr,
 def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, out_ptr,
                  a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
                  N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    x = M.load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    mu = M.load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
-    ls = M.load(ls_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
-    tl.store(out_ptr + M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.discretized_gaussian_ll(x, mu, ls),
+    x = M._load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    mu = M._load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
+    ls = M._load(ls_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
+    tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.discretized_gaussian_loglik(x, mu, ls),
              mask=m)
 
 
@@ -127,14 +127,14 @@ def _dgll_bwd_kernel(g_ptr, x_ptr, mu_ptr, ls_ptr, gmu_ptr, gls_ptr,
                      c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
                      N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
                      CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    g = M.load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
-    x = M.load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    mu = M.load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
-    ls = M.load(ls_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
-    dmu, dls = M.discretized_gaussian_ll_grads(x, mu, ls)
-    o = M.offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
+    g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
+    x = M._load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    mu = M._load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
+    ls = M._load(ls_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
+    dmu, dls = M._discretized_gaussian_loglik_grads(x, mu, ls)
+    o = M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
     tl.store(gmu_ptr + o, g * dmu, mask=m)
     tl.store(gls_ptr + o, g * dls, mask=m)
 

@@ -31,28 +31,16 @@ from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, float64_fallback
 
 
 @triton.jit
-def _xstart(out, xt, s, table_ptr, t, MEAN: tl.constexpr, CLIP: tl.constexpr, DT: tl.constexpr):
-    """pred_xstart: dynamic thresholding at s (a per-sample threshold), else optional clipping."""
-    raw = M.predict_xstart(out, xt, table_ptr, t, MEAN)
-    if DT:
-        return tl.maximum(tl.minimum(raw, s), -s) / s
-    elif CLIP:
-        return tl.minimum(tl.maximum(raw, -1.0), 1.0)
-    else:
-        return raw
-
-
-@triton.jit
 def _abs_xstart_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
                        m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3,
                        N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
                        IDX64: tl.constexpr, CDT: tl.constexpr):
     """|predict_xstart| into a contiguous [B, N] buffer (for the per-sample quantile)."""
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
-    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    xt = M.load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    t = M._load_t(t_ptr, b, T)
+    out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     tl.store(out_ptr + b * N + n, tl.abs(M.predict_xstart(out, xt, table_ptr, t, MEAN)), mask=m)
 
 
@@ -66,37 +54,32 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
                     CDT: tl.constexpr):
     """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart).
     l_*: the row-major strides (l_sb = N) giving in-kernel noise its counter b * N + row-major index."""
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
-    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    xt = M.load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    t = M._load_t(t_ptr, b, T)
+    out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     s = 1.0
     if DT:
         s = tl.minimum(tl.maximum(tl.load(thr_ptr + b).to(CDT), 1.0), sample_max)
-    px = _xstart(out, xt, s, table_ptr, t, MEAN, CLIP, DT)
+    px = M.process_xstart(M.predict_xstart(out, xt, table_ptr, t, MEAN), s, CLIP, DT)
     if NOISE == 1:
-        z = M.load(nz_ptr, b, n, m, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
+        z = M._load(nz_ptr, b, n, m, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
-        z = tl.randn(tl.load(seed_ptr), M.offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
+        z = tl.randn(tl.load(seed_ptr), M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
     if MODE == 2:
-        s1m = M.col(table_ptr, t, M.SQRT_1M_ABAR)
-        s1m_prev = M.col(table_ptr, t, M.SQRT_1M_ABAR_PREV)
-        # eps implied by (x_t, pred_xstart), in the form finite where abar_t = 0 (zero terminal SNR)
-        eps = (xt - M.col(table_ptr, t, M.SQRT_ABAR) * px) / s1m
-        # r = beta / (1 - abar): sigma = eta sqrt(1 - abar_prev) sqrt(r), eps weight sqrt(1 - abar_prev) sqrt(1 - eta^2 r)
-        r = M.col(table_ptr, t, M.BETAS) / (s1m * s1m)
-        sigma = eta * s1m_prev * tl.sqrt(r)
-        res = px * M.col(table_ptr, t, M.SQRT_ABAR_PREV) + s1m_prev * tl.sqrt(tl.maximum(1.0 - eta * eta * r, 0.0)) * eps
+        sigma, sqrt_abar_prev, eps_coef = M.ddim_coefs(eta, table_ptr, t)
+        res = M.ddim_sample(px, xt, M._col(table_ptr, t, M.SQRT_ABAR), M._col(table_ptr, t, M.SQRT_1M_ABAR),
+                            sqrt_abar_prev, eps_coef)
         if NOISE != 0:
             if t != 0:
                 res = res + sigma * z
     else:
         if VAR >= 2:
-            v = M.load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
+            v = M._load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
         else:
             v = out
-        lv = M.model_log_variance(v, table_ptr, t, VAR)
+        lv = M._model_log_variance(v, table_ptr, t, VAR)
         if MEAN == 2:
             res = out
         else:
@@ -107,14 +90,14 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
                     res = res + tl.exp(0.5 * lv) * z
         else:
             if VAR >= 2:
-                tl.store(o3_ptr + M.offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), tl.exp(lv), mask=m)
-                tl.store(o4_ptr + M.offsets(b, n, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT), lv, mask=m)
+                tl.store(o3_ptr + M._offsets(b, n, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT), tl.exp(lv), mask=m)
+                tl.store(o4_ptr + M._offsets(b, n, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT), lv, mask=m)
             else:
                 if chunk == 0:
                     tl.store(o3_ptr + b, tl.exp(lv))
                     tl.store(o4_ptr + b, lv)
-    tl.store(o1_ptr + M.offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), res, mask=m)
-    tl.store(o2_ptr + M.offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), px, mask=m)
+    tl.store(o1_ptr + M._offsets(b, n, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT), res, mask=m)
+    tl.store(o2_ptr + M._offsets(b, n, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT), px, mask=m)
 
 
 # -- launcher ----------------------------------------------------------------------------------

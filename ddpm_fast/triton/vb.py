@@ -28,44 +28,18 @@ MODES = ("vb", "mse", "rescaled_mse", "kl", "rescaled_kl")
 
 
 @triton.jit
-def _target(out, x0, xn, xt, table_ptr, t, MEAN: tl.constexpr):
-    """The MSE target for the mean type (xn is the noise)."""
-    if MEAN == 0:
-        return xn
-    elif MEAN == 1:
-        return x0
-    elif MEAN == 2:
-        return M.posterior_mean(x0, xt, table_ptr, t)
-    else:
-        return M.col(table_ptr, t, M.SQRT_ABAR) * xn - M.col(table_ptr, t, M.SQRT_1M_ABAR) * x0
-
-
-@triton.jit
-def _model_mean(out, xt, table_ptr, t, MEAN: tl.constexpr, CLIP: tl.constexpr):
-    """(model mean, unclipped x0): the raw output for x_prev, else the posterior mean at the (clipped) x0."""
-    raw = M.predict_xstart(out, xt, table_ptr, t, MEAN)
-    if MEAN == 2:
-        return out, raw
-    else:
-        px = raw
-        if CLIP:
-            px = tl.minimum(tl.maximum(raw, -1.0), 1.0)
-        return M.posterior_mean(px, xt, table_ptr, t), raw
-
-
-@triton.jit
 def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
                    m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
                    N, T, D2, D3, n_chunks,
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
                    IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
-    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    xn = M.load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    t = M._load_t(t_ptr, b, T)
+    out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xn = M._load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     if FROM_NOISE:
         xt = M.q_sample(x0, xn, table_ptr, t)
     else:
@@ -73,19 +47,19 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
     mse_part = tl.sum(tl.zeros([BLOCK], CDT), axis=0)
     vb_part = tl.sum(tl.zeros([BLOCK], CDT), axis=0)
     if DO_MSE:
-        d = _target(out, x0, xn, xt, table_ptr, t, MEAN) - out
+        d = M.mean_target(x0, xt, xn, table_ptr, t, MEAN) - out
         mse_part = tl.sum(tl.where(m, d * d, 0.0), axis=0)
     if DO_VB:
         if VAR >= 2:
-            v = M.load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
+            v = M._load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
         else:
             v = out
-        lv = M.model_log_variance(v, table_ptr, t, VAR)
-        mean, raw = _model_mean(out, xt, table_ptr, t, MEAN, CLIP)
+        lv = M._model_log_variance(v, table_ptr, t, VAR)
+        mean, raw = M._model_mean(out, xt, table_ptr, t, MEAN, CLIP)
         if t > 0:
-            term = M.normal_kl(M.posterior_mean(x0, xt, table_ptr, t), M.col(table_ptr, t, M.POST_LOGVAR), mean, lv)
+            term = M.normal_kl(M.posterior_mean(x0, xt, table_ptr, t), M._col(table_ptr, t, M.POST_LOGVAR), mean, lv)
         else:
-            term = -M.discretized_gaussian_ll(x0, mean, 0.5 * lv)
+            term = -M.discretized_gaussian_loglik(x0, mean, 0.5 * lv)
         vb_part = tl.sum(tl.where(m, term, 0.0), axis=0)
     tl.store(part_ptr + (2 * b) * n_chunks + chunk, vb_part)
     tl.store(part_ptr + (2 * b + 1) * n_chunks + chunk, mse_part)
@@ -96,9 +70,9 @@ def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_c
                       loss_scale, MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr,
                       DO_VB: tl.constexpr, DO_MSE: tl.constexpr, CBLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    t = M.load_t(t_ptr, b, T)
-    vb = M.row_sum(part_ptr, 2 * b, n_chunks, CBLOCK) / N / 0.6931471805599453 * vb_scale
-    mse = M.row_sum(part_ptr, 2 * b + 1, n_chunks, CBLOCK) / N
+    t = M._load_t(t_ptr, b, T)
+    vb = M._row_sum(part_ptr, 2 * b, n_chunks, CBLOCK) / N / 0.6931471805599453 * vb_scale
+    mse = M._row_sum(part_ptr, 2 * b + 1, n_chunks, CBLOCK) / N
     if DO_MSE:
         loss = M.loss_weight(table_ptr, t, gamma, MEAN, VAR, WEIGHTING) * mse
         if DO_VB:
@@ -118,13 +92,13 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr, WEIGHTING: tl.constexpr,
                    FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M.program_chunk(n_chunks, BLOCK, IDX64)
+    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
-    t = M.load_t(t_ptr, b, T)
+    t = M._load_t(t_ptr, b, T)
     g_loss = tl.load(gl_ptr + b).to(CDT)
-    out = M.load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    x0 = M.load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    xn = M.load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xn = M._load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     if FROM_NOISE:
         xt = M.q_sample(x0, xn, table_ptr, t)
     else:
@@ -133,34 +107,33 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
     if DO_MSE:
         w = M.loss_weight(table_ptr, t, gamma, MEAN, VAR, WEIGHTING)
         coef = (g_loss * w + tl.load(gm_ptr + b).to(CDT)) * 2.0 / N
-        g_out = coef * (out - _target(out, x0, xn, xt, table_ptr, t, MEAN))
+        g_out = coef * (out - M.mean_target(x0, xt, xn, table_ptr, t, MEAN))
     if DO_VB:
         G = (tl.load(gv_ptr + b).to(CDT) + g_loss * loss_scale) * vb_scale / N / 0.6931471805599453
         if VAR >= 2:
-            v = M.load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
+            v = M._load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
         else:
             v = out
-        lv = M.model_log_variance(v, table_ptr, t, VAR)
-        mean, raw = _model_mean(out, xt, table_ptr, t, MEAN, CLIP)
+        lv = M._model_log_variance(v, table_ptr, t, VAR)
+        mean, raw = M._model_mean(out, xt, table_ptr, t, MEAN, CLIP)
         if t > 0:
-            _a, _b, dm, dlv = M.normal_kl_grads(M.posterior_mean(x0, xt, table_ptr, t),
-                                                M.col(table_ptr, t, M.POST_LOGVAR), mean, lv)
+            post_logvar = M._col(table_ptr, t, M.POST_LOGVAR)
+            _kl, dm, dlv = M.normal_kl_given_exps(M.posterior_mean(x0, xt, table_ptr, t), post_logvar, mean, lv,
+                                                  tl.exp(post_logvar - lv), tl.exp(-lv))
         else:
-            dmu, dls = M.discretized_gaussian_ll_grads(x0, mean, 0.5 * lv)
+            dmu, dls = M._discretized_gaussian_loglik_grads(x0, mean, 0.5 * lv)
             dm = -dmu
             dlv = -0.5 * dls
         if VB_MEAN_GRAD:
-            if MEAN == 2:
-                g_out += G * dm
-            else:
-                dpx = M.col(table_ptr, t, M.POST_C1) * dm
-                if CLIP:
-                    dpx = tl.where((raw >= -1.0) & (raw <= 1.0), dpx, 0.0)
-                g_out += G * dpx * M.dxstart_dout(table_ptr, t, MEAN)
+            g_mean = G * dm * M.mean_grad_coef(table_ptr, t, MEAN)
+            if MEAN != 2:
+                if CLIP:  # the clip passes no gradient outside [-1, 1]
+                    g_mean = tl.where((raw >= -1.0) & (raw <= 1.0), g_mean, 0.0)
+            g_out += g_mean
         if VAR >= 2:
-            tl.store(gmv_ptr + M.offsets(b, n, gv_sb, gv_s1, gv_s2, gv_s3, D2, D3, FLAT),
-                     G * dlv * M.dlogvar_dv(table_ptr, t, VAR), mask=m)
-    tl.store(gmo_ptr + M.offsets(b, n, gm_sb, gm_s1, gm_s2, gm_s3, D2, D3, FLAT), g_out, mask=m)
+            tl.store(gmv_ptr + M._offsets(b, n, gv_sb, gv_s1, gv_s2, gv_s3, D2, D3, FLAT),
+                     G * dlv * M._dlogvar_dv(table_ptr, t, VAR), mask=m)
+    tl.store(gmo_ptr + M._offsets(b, n, gm_sb, gm_s1, gm_s2, gm_s3, D2, D3, FLAT), g_out, mask=m)
 
 
 # -- launch configuration --------------------------------------------------------------------------
