@@ -61,8 +61,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 
 from .. import ops, reference
 from ..schedule import COLUMN, NoiseSchedule, betas_problem
+from .diffusers_solvers import (FastDPMSolverMultistepScheduler, FastEulerAncestralDiscreteScheduler,
+                                FastEulerDiscreteScheduler, FastUniPCMultistepScheduler)
 
-__all__ = ["FastDDPMScheduler", "FastDDIMScheduler"]
+__all__ = ["FastDDPMScheduler", "FastDDIMScheduler", "FastDPMSolverMultistepScheduler", "FastEulerDiscreteScheduler",
+           "FastEulerAncestralDiscreteScheduler", "FastUniPCMultistepScheduler"]
 
 _log = logging.getLogger(__name__)
 
