@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
+from .. import options
 from ..backends import BackendUnavailableError
 
 # The Triton interpreter is chosen when kernels are defined (at import), from this variable.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-MEAN_IDS = {"epsilon": 0, "x0": 1, "x_prev": 2, "v": 3}
-VAR_IDS = {"fixed_small": 0, "fixed_large": 1, "learned": 2, "learned_range": 3}
-LEARNED = (2, 3)
+# Option ids as the kernels receive them (ddpm_fast.options; the family modules import them from here).
+MEAN_IDS, VAR_IDS, WEIGHTING_IDS = options.MEAN_IDS, options.VAR_IDS, options.WEIGHTING_IDS
+LEARNED = options.LEARNED_VAR_IDS
 
 
 _RUNNABLE_DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
