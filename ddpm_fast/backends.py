@@ -186,12 +186,19 @@ def route(backend: str, device_type: str, op: str, dtype, *tensors) -> tuple:
     if plan is None:
         plan = _plan((backend, device_type, op, dtype))
     decision, positions, on_grad = plan
-    if positions and torch.is_grad_enabled():
+    if positions and grad_blocked(positions, tensors):
+        return on_grad
+    return decision
+
+
+def grad_blocked(positions: tuple, tensors: tuple) -> bool:
+    """Whether autograd is on and an input at ``positions`` (those the backend cannot differentiate) requires grad."""
+    if torch.is_grad_enabled():
         for i in positions:
             x = tensors[i]
             if x is not None and x.requires_grad:
-                return on_grad
-    return decision
+                return True
+    return False
 
 
 def fallback_rules(name: str) -> list:

@@ -4,7 +4,8 @@ A fused kernel that reads every input it depends on once and writes every output
 exactly this many bytes; ``ddpm-fast bench`` divides it by the measured time to get GB/s. The
 count is a lower bound for any implementation (the eager reference moves much more).
 
-Conventions (shared by every function here):
+Each op's function (ddpm_fast.traffic.<op>) is declared beside the op, in its ddpm_fast.ops family module
+(register(traffic=...)); the helpers are ddpm_fast.ops._registry's. Conventions (shared by every function):
 - ``shape`` is the shape of x0 / x_t, [B, C, ...]; a learned variance (var_type "learned" or
   "learned_range") doubles model_output's channels (dim 1). ``dtype`` is the inputs' dtype.
 - Elementwise outputs are written in ``dtype``; per-sample [B] results in float32 (float64 for

@@ -180,11 +180,8 @@ def cpu_native(op, backend, *tensors):
     if plan is None:
         plan = _cpu_plan(op, backend, tensors[0].dtype)
     fn, positions = plan
-    if positions and torch.is_grad_enabled():
-        for i in positions:
-            x = tensors[i]
-            if x is not None and x.requires_grad:
-                return None
+    if positions and backends.grad_blocked(positions, tensors):
+        return None
     return fn
 
 
