@@ -2,13 +2,10 @@
 
 Public API:
 - NoiseSchedule (named schedules, any betas, respacing) and space_timesteps;
-- the functional ops of ddpm_fast.ops, each documented with its arguments and an example:
-  q_sample, q_posterior, predict_xstart, p_mean_variance, normal_kl,
-  discretized_gaussian_log_likelihood, vb_terms_bpd, prior_bpd, training_losses, p_sample_step,
-  ddim_step;
+- the functional ops of ddpm_fast.ops (ops.__all__), each documented with its arguments and an example;
 - improved-diffusion's classes: GaussianDiffusion, SpacedDiffusion, create_gaussian_diffusion;
   diffusers' schedulers in ddpm_fast.compat.diffusers;
-- availability(): which backends ("reference", "triton", "cpu", "cuda") run here, and why not.
+- availability(): which backends (ddpm_fast.backends.BACKENDS) run here, and why not.
 
 Example, one training step's loss and one sampling step:
 
@@ -23,20 +20,9 @@ Example, one training step's loss and one sampling step:
 >>> x_prev.shape
 torch.Size([4, 3, 8, 8])
 """
+from . import ops
 from .backends import BackendUnavailableError, availability
-from .ops import (
-    ddim_step,
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-    p_mean_variance,
-    p_sample_step,
-    predict_xstart,
-    prior_bpd,
-    q_posterior,
-    q_sample,
-    training_losses,
-    vb_terms_bpd,
-)
+from .ops import *  # noqa: F401,F403  (every registered op: ops.__all__)
 from .diffusion import GaussianDiffusion, SpacedDiffusion, create_gaussian_diffusion
 from .schedule import COLUMNS, NoiseSchedule, space_timesteps
 
@@ -48,17 +34,7 @@ __all__ = [
     "COLUMNS",
     "availability",
     "BackendUnavailableError",
-    "q_sample",
-    "q_posterior",
-    "normal_kl",
-    "discretized_gaussian_log_likelihood",
-    "predict_xstart",
-    "p_mean_variance",
-    "vb_terms_bpd",
-    "prior_bpd",
-    "training_losses",
-    "p_sample_step",
-    "ddim_step",
+    *ops.__all__,
     "GaussianDiffusion",
     "SpacedDiffusion",
     "create_gaussian_diffusion",

@@ -5,10 +5,11 @@ For checking without a GPU: it proves launch geometry, indexing, block reduction
 offsets and operand plumbing (and runs under the sanitizers), not speed. Built on first use when
 ``DDPM_FAST_CUDA_EMU=1`` (ddpm_fast._build.load_emu); its ops are torch.ops.ddpm_fast_emu, a library
 loaded beside ddpm_fast._C. Results equal the "cpu" backend's to float32 rounding; float64 inputs run
-on the reference path, as on "cuda".
+on the reference path, as on "cuda" (ddpm_fast.backends.CAPABILITIES["cuda_emu"]).
 
 This module is ddpm_fast/native.py's code run a second time with OPS_NAMESPACE = "ddpm_fast_emu", so the
-two backends share every line of Python (argument plumbing, fake impls, autograd fallbacks).
+two backends share every line of Python (argument plumbing, the registration of the ops' fakes, the routed
+ops and ``kernels``).
 """
 from pathlib import Path as _Path
 

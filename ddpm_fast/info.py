@@ -1,4 +1,5 @@
-"""`ddpm-fast info`: versions, devices, and every backend with the reason it is unavailable."""
+"""`ddpm-fast info`: versions, devices, and every backend with the reason it is unavailable and what it hands
+to the reference (ddpm_fast.backends.CAPABILITIES)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ def report() -> str:
     import torch
 
     from . import __version__
-    from .backends import availability
+    from .backends import availability, fallback_rules
 
     lines = [
         f"ddpm_fast {__version__}",
@@ -29,6 +30,7 @@ def report() -> str:
     lines.append("backends:")
     for name, (ok, reason) in availability().items():
         lines.append(f"  {name:<10} {'available' if ok else 'unavailable: ' + reason}")
+        lines += [f"  {'':<10}   {rule}" for rule in fallback_rules(name)]
     from . import _build
 
     module = sys.modules.get("ddpm_fast._C")

@@ -16,14 +16,12 @@ import math
 
 import torch
 
-from .schedule import COLUMN, NoiseSchedule
+from .options import (  # noqa: F401  (re-exported: the option names of every op)
+    COLUMN, KL_LOSS_TYPES, LEARNED_VAR_TYPES, LOSS_TYPES, MEAN_TYPES, VAR_TYPES, WEIGHTINGS,
+)
+from .schedule import NoiseSchedule
 
 LN2 = math.log(2.0)
-MEAN_TYPES = ("epsilon", "x0", "x_prev", "v")
-VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
-LEARNED_VAR_TYPES = ("learned", "learned_range")
-LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
-WEIGHTINGS = ("simple", "elbo", "min_snr")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -299,7 +297,7 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
         schedule, "sqrt_one_minus_alphas_cumprod", t, x0c
     ) * nc
     T = schedule.num_timesteps
-    if loss_type in ("kl", "rescaled_kl"):
+    if loss_type in KL_LOSS_TYPES:
         vb = _vb_terms(mo, x0c, x_tc, t, schedule, mean_type, var_type, False)
         return {"loss": vb * T if loss_type == "rescaled_kl" else vb, "vb": vb}
     out, var_part = split_model_output(mo, var_type)

@@ -11,29 +11,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-# Columns of the packed table, one row per timestep. Kernels index by position.
-COLUMNS = (
-    "betas",
-    "log_betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "fixed_large_variance",
-    "fixed_large_log_variance",
-    "sqrt_alphas_cumprod_prev",
-    "sqrt_one_minus_alphas_cumprod_prev",
-    "snr",
-    "alphas_cumprod_next",
-    "log_one_minus_alphas_cumprod",
-)
-COLUMN = {name: i for i, name in enumerate(COLUMNS)}
+from .options import COLUMN, COLUMNS  # noqa: F401  (the packed table's columns, re-exported)
 
 NAMED_SCHEDULES = ("linear", "cosine", "scaled_linear", "sigmoid")
 

@@ -4,9 +4,12 @@ A "case" calls a public op with small valid inputs that a test may override one 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import ddpm_fast as F
+from ddpm_fast.ops import REGISTRY
 
 SCHEDULE = F.NoiseSchedule.named("linear", 100)
 
@@ -43,37 +46,11 @@ def inputs(B=2, C=3, spatial=(4,), dtype=torch.float32, device="cpu", learned=Tr
     return dict(x0=x0, noise=noise, x_t=x_t, model_output=mo, eps=eps, t=t)
 
 
-OPS = {
-    "q_sample": lambda a, **kw: F.q_sample(a["x0"], a["t"], a["noise"], SCHEDULE, **kw),
-    "q_posterior": lambda a, **kw: F.q_posterior(a["x0"], a["x_t"], a["t"], SCHEDULE, **kw),
-    "predict_xstart": lambda a, **kw: F.predict_xstart(a["eps"], a["x_t"], a["t"],
-                                                       SCHEDULE, mean_type="epsilon", **kw),
-    "p_mean_variance": lambda a, **kw: F.p_mean_variance(a["model_output"], a["x_t"], a["t"], SCHEDULE,
-                                                         mean_type="epsilon", var_type="learned_range", **kw),
-    "vb_terms_bpd": lambda a, **kw: F.vb_terms_bpd(a["model_output"], a["x0"], a["x_t"], a["t"], SCHEDULE,
-                                                   mean_type="epsilon", var_type="learned_range", **kw),
-    "prior_bpd": lambda a, **kw: F.prior_bpd(a["x0"], SCHEDULE, **{k: v for k, v in kw.items() if k != "validate"}),
-    "training_losses": lambda a, **kw: F.training_losses(a["model_output"], a["x0"], a["t"], a["noise"], SCHEDULE,
-                                                         mean_type="epsilon", var_type="learned_range",
-                                                         loss_type="mse", **kw),
-    "p_sample_step": lambda a, **kw: F.p_sample_step(a["model_output"], a["x_t"], a["t"], SCHEDULE,
-                                                     mean_type="epsilon", var_type="learned_range",
-                                                     noise=a["noise"], **kw),
-    "ddim_step": lambda a, **kw: F.ddim_step(a["model_output"], a["x_t"], a["t"], SCHEDULE, eta=0.5,
-                                             var_type="learned_range", noise=a["noise"], **kw),
-}
-# Which named inputs each op reads (so a bad-input case applies only where it means something).
-READS = {
-    "q_sample": ("x0", "noise", "t"),
-    "q_posterior": ("x0", "x_t", "t"),
-    "predict_xstart": ("eps", "x_t", "t"),
-    "p_mean_variance": ("model_output", "x_t", "t"),
-    "vb_terms_bpd": ("model_output", "x0", "x_t", "t"),
-    "prior_bpd": ("x0",),
-    "training_losses": ("model_output", "x0", "noise", "t"),
-    "p_sample_step": ("model_output", "x_t", "noise", "t"),
-    "ddim_step": ("model_output", "x_t", "noise", "t"),
-}
+# One valid call per op and the named inputs it reads (so a bad-input case applies only where it means
+# something), both declared beside the op (ddpm_fast.ops.<family>: register(test_case=..., reads=...)).
+OPS = {name: functools.partial(spec.test_case, schedule=SCHEDULE) for name, spec in REGISTRY.items()
+       if spec.test_case is not None}
+READS = {name: REGISTRY[name].reads for name in OPS}
 
 
 def flatten(out):

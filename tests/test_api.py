@@ -1,4 +1,6 @@
 """The public functional API: names, argument handling, dtypes, and clear errors."""
+import doctest
+import importlib
 import inspect
 
 import pytest
@@ -112,3 +114,89 @@ def test_unavailable_backend_says_why():
             x = torch.randn(2, 3)
             with pytest.raises(F.BackendUnavailableError, match=name):
                 F.q_sample(x, 1, x, S, backend=name)
+
+
+# -- the registry and the one fallback policy (ddpm_fast.ops.REGISTRY, ddpm_fast.backends.route) ---------------
+def test_every_export_comes_from_the_registry():
+    from ddpm_fast import ops, traffic
+    from ddpm_fast.bench import cases
+
+    assert ops.__all__ == list(ops.REGISTRY) and set(ops.__all__) <= set(F.__all__)
+    for name, spec in ops.REGISTRY.items():
+        assert getattr(F, name) is spec.function is getattr(ops, name)
+        assert spec.tensors and set(spec.tensors) <= set(inspect.signature(spec.function).parameters), name
+        assert getattr(traffic, name) is spec.traffic, name
+    assert {c.op for c in cases.CASES} <= set(ops.REGISTRY)
+    with pytest.raises(AttributeError):
+        traffic.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("module", sorted({spec.function.__module__ for spec in
+                                           importlib.import_module("ddpm_fast.ops").REGISTRY.values()}))
+def test_op_family_examples_run(module):
+    """Each op's docstring example, module by module (pyproject's testpaths still name ddpm_fast/ops.py)."""
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted and not result.failed, module
+
+
+def _backends_here():
+    return [name for name, (ok, _) in F.availability().items()
+            if ok and name != "cuda" and not (name == "triton" and torch.cuda.is_available())]
+
+
+GRAD_CASES = {  # an op, and the input that requires grad though the kernels have no gradient for it
+    "training_losses x0": (lambda a, b: F.training_losses(a["mo"], a["x0"], a["t"], a["noise"], S,
+                                                          var_type="learned_range", loss_type="kl", backend=b)["loss"],
+                           "x0"),
+    "vb_terms_bpd x_t": (lambda a, b: F.vb_terms_bpd(a["mo"], a["x0"], a["x_t"], a["t"], S, var_type="learned",
+                                                     backend=b), "x_t"),
+    "p_mean_variance model_output": (lambda a, b: F.p_mean_variance(a["mo"], a["x_t"], a["t"], S,
+                                                                    var_type="learned_range", backend=b)["mean"],
+                                     "mo"),
+    "p_sample_step x_t": (lambda a, b: F.p_sample_step(a["mo"], a["x_t"], a["t"], S, var_type="learned_range",
+                                                       noise=a["noise"], backend=b)["sample"], "x_t"),
+    "ddim_step model_output": (lambda a, b: F.ddim_step(a["mo"], a["x_t"], a["t"], S, eta=0.5, var_type="learned",
+                                                       noise=a["noise"], backend=b)["sample"], "mo"),
+}
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_a_gradient_the_backend_lacks_runs_on_the_reference(backend, case):
+    """Same results and the reference's gradient on every backend: never dropped, never an error."""
+    call, grad_input = GRAD_CASES[case]
+    g = torch.Generator().manual_seed(3)
+    base = dict(x0=torch.rand(2, 3, 4, generator=g) * 2 - 1, noise=torch.randn(2, 3, 4, generator=g),
+                x_t=torch.randn(2, 3, 4, generator=g), mo=torch.randn(2, 6, 4, generator=g) * 0.5,
+                t=torch.tensor([0, 57]))
+    grads = []
+    for b in (backend, "reference"):
+        a = {k: (v.clone().requires_grad_() if k == grad_input else v) for k, v in base.items()}
+        out = call(a, b)
+        (out.double() * torch.arange(1, out.numel() + 1).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), a[grad_input].grad))
+    assert grads[0][1] is not None, f"{backend} dropped the gradient w.r.t. {grad_input}"
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_route_decides_from_the_capability_table():
+    from ddpm_fast import backends
+
+    if not backends.available("cpu"):
+        pytest.skip("no compiled CPU extension here")
+    from ddpm_fast import native, ops, reference
+
+    plain, grad = torch.zeros(2, 3), torch.zeros(2, 3, requires_grad=True)
+
+    def route(op, **tensors):  # the tensors in the registry's order
+        return backends.route("cpu", "cpu", op, torch.float32, *[tensors.get(n) for n in ops.REGISTRY[op].tensors])
+
+    assert route("training_losses", x0=plain, model_output=grad, noise=plain) == (native.kernels.training_losses, "")
+    fn, why = route("training_losses", x0=grad, model_output=grad, noise=plain)
+    assert fn is reference.training_losses and "x0, noise" in why
+    assert route("ddim_step", x_t=plain, model_output=grad)[0] is reference.ddim_step
+    with torch.no_grad():
+        assert route("ddim_step", x_t=plain, model_output=grad)[0] is native.kernels.ddim_step
+    assert any("float64" in rule for rule in backends.fallback_rules("cuda"))
+    assert not backends.fallback_rules("reference")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .. import reference, traffic
+from ..ops import REGISTRY
 from ..schedule import NoiseSchedule, space_timesteps
 
 T = 1000
@@ -50,6 +52,7 @@ class Case:
     backward: bool = False
     peer: str | None = None   # "add_noise", "ddpm_step", "ddim_step"
     options: dict = field(default_factory=dict)
+    bytes_moved: Callable | None = field(default=None, compare=False, repr=False)  # (case, shape, dtype) -> Traffic
 
     # -- inputs ---------------------------------------------------------------------------
     @property
@@ -156,39 +159,21 @@ class Case:
 
     # -- bytes ----------------------------------------------------------------------------
     def traffic(self, shape, dtype) -> traffic.Traffic:
-        if self.kind == "q_sample":
-            return traffic.q_sample(shape, dtype)
-        if self.kind == "q_posterior":
-            return traffic.q_posterior(shape, dtype)
-        if self.kind == "vb":
-            return traffic.vb_terms_bpd(shape, dtype, var_type=self.var_type)
-        if self.kind == "loss":
-            return traffic.training_losses(shape, dtype, mean_type=self.mean_type, var_type=self.var_type,
-                                           loss_type=self.options.get("loss_type", "mse"), backward=self.backward)
-        if self.kind == "ddpm":
-            return traffic.p_sample_step(shape, dtype, mean_type=self.mean_type, var_type=self.var_type,
-                                         noise_given=bool(self.options.get("noise_given")))
-        return traffic.ddim_step(shape, dtype, mean_type=self.mean_type, eta=self.options.get("eta", 0.0))
+        """The compulsory bytes of one call (the op's traffic model, as its bench declaration applies it)."""
+        return self.bytes_moved(self, shape, dtype)
 
 
-def _loss(name, label, var_type, backward):
-    return Case(name, "training_losses", label, "loss", var_type=var_type, backward=backward,
-                options={"loss_type": "mse"})
+def _cases() -> tuple:
+    """Every op's bench cases, declared beside the op (ddpm_fast.ops.<family>: register(bench=...))."""
+    cases = []
+    for spec in REGISTRY.values():
+        for declared in spec.bench:
+            fields = dict(declared)
+            cases.append(Case(op=spec.name, bytes_moved=fields.pop("traffic"), **fields))
+    return tuple(cases)
 
 
-CASES = (
-    Case("q_sample", "q_sample", "q_sample", "q_sample", peer="add_noise"),
-    Case("q_posterior", "q_posterior", "q_posterior", "q_posterior"),
-    Case("vb_terms_bpd", "vb_terms_bpd", "vb_terms_bpd (learned_range)", "vb", var_type="learned_range"),
-    _loss("losses_simple", "training_losses simple fwd", "fixed_small", False),
-    _loss("losses_simple_bwd", "training_losses simple fwd+bwd", "fixed_small", True),
-    _loss("losses_hybrid", "training_losses hybrid fwd", "learned_range", False),
-    _loss("losses_hybrid_bwd", "training_losses hybrid fwd+bwd", "learned_range", True),
-    Case("p_sample_step", "p_sample_step", "p_sample_step (seeded)", "ddpm", peer="ddpm_step"),
-    Case("p_sample_step_noise", "p_sample_step", "p_sample_step (noise given)", "ddpm",
-         options={"noise_given": True}),
-    Case("ddim_step", "ddim_step", "ddim_step (50 steps, eta 0)", "ddim", peer="ddim_step", options={"eta": 0.0}),
-)
+CASES = _cases()
 BY_NAME = {c.name: c for c in CASES}
 
 

@@ -21,10 +21,9 @@ from .posterior import discretized_gaussian_log_likelihood, normal_kl, predict_x
 from .sampler import ddim_step, p_mean_variance, p_sample_step
 from .vb import training_losses, vb_terms_bpd
 
-__all__ = [
-    "availability", "q_sample", "q_posterior", "normal_kl", "discretized_gaussian_log_likelihood", "predict_xstart",
-    "p_mean_variance", "vb_terms_bpd", "prior_bpd", "training_losses", "p_sample_step", "ddim_step",
-]
+from ..ops import REGISTRY
+
+__all__ = ["availability", *REGISTRY]  # every op of ddpm_fast.ops, same signature (arguments checked there)
 
 
 def availability(name: str = "triton"):

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
-from ..backends import BackendUnavailableError
+from .. import options
+from ..backends import FALLBACK_WARNED, BackendUnavailableError
 
 # The Triton interpreter is chosen when kernels are defined (at import), from this variable.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-MEAN_IDS = {"epsilon": 0, "x0": 1, "x_prev": 2, "v": 3}
-VAR_IDS = {"fixed_small": 0, "fixed_large": 1, "learned": 2, "learned_range": 3}
-LEARNED = (2, 3)
+# Option ids as the kernels receive them (ddpm_fast.options; the family modules import them from here).
+MEAN_IDS, VAR_IDS, WEIGHTING_IDS = options.MEAN_IDS, options.VAR_IDS, options.WEIGHTING_IDS
+LEARNED = options.LEARNED_VAR_IDS
 
 
 _RUNNABLE_DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
@@ -127,22 +128,6 @@ def seed_tensor(seed, generator, device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64, device=device)
 
 
-_FP64_WARNED = []
-
-
-def float64_fallback(*tensors) -> bool:
-    """True if any input is float64: the public functions then run the reference (warning once).
-
-    The kernels themselves compute float64 inputs in float64 (the custom ops accept them, and the tests
-    gradcheck them); float64 is a checking precision, where the reference, which defines every result,
-    is the faithful choice.
-    """
-    if compute_dtype(*tensors) != torch.float64:
-        return False
-    if not _FP64_WARNED:
-        import warnings
-
-        _FP64_WARNED.append(True)
-        warnings.warn("backend='triton': float64 inputs run on the reference path (kernels compute in float32)",
-                      RuntimeWarning, stacklevel=3)
-    return True
+# Whether backend="triton" warned that float64 runs on the reference (ddpm_fast.backends.route decides that
+# fallback from its capability table; tests clear this list to see the warning again).
+_FP64_WARNED = FALLBACK_WARNED["triton"]

@@ -16,8 +16,7 @@ from . import _math as M
 from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
 from ..schedule import COLUMN
-from .. import reference
-from ._runtime import check_device, compute_dtype, float64_fallback, table, tl_dtype
+from ._runtime import check_device, compute_dtype, table, tl_dtype
 
 
 # -- kernels -----------------------------------------------------------------------------------
@@ -190,8 +189,6 @@ def prior_constants(schedule) -> tuple:
 def q_sample(x0, t, noise, schedule):
     """x_t [B, ...] in x0's dtype."""
     check_device(x0, noise)
-    if float64_fallback(x0):
-        return reference.q_sample(x0, t, noise, schedule)
     args = (x0, t, noise, table(schedule, x0.device, torch.float32))
     return call(q_sample_op, _q_sample, _QSample, args, args, diff=(x0, noise))
 
@@ -199,7 +196,5 @@ def q_sample(x0, t, noise, schedule):
 def prior_bpd(x0, schedule):
     """[B] bits/dim in float32 (float64 for float64 x0)."""
     check_device(x0)
-    if float64_fallback(x0):
-        return reference.prior_bpd(x0, schedule)
     args = (x0, *prior_constants(schedule))
     return call(prior_bpd_op, _prior_bpd, _PriorBpd, args, (x0,), diff=(x0,))

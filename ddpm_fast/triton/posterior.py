@@ -18,8 +18,7 @@ import triton.language as tl
 from . import _math as M
 from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
-from .. import reference
-from ._runtime import MEAN_IDS, check_device, compute_dtype, float64_fallback, table, tl_dtype
+from ._runtime import MEAN_IDS, check_device, compute_dtype, table, tl_dtype
 from ..schedule import COLUMN
 from .noising import linear2_bwd_kernel
 
@@ -415,8 +414,6 @@ _Dgll = autograd_function("Dgll", _dgll, _save_inputs, _dgll_bwd)
 def q_posterior(x0, x_t, t, schedule):
     """(mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]) in x0's dtype."""
     check_device(x0, x_t)
-    if float64_fallback(x0):
-        return reference.q_posterior(x0, x_t, t, schedule)
     args = (x0, x_t, t, table(schedule, x0.device, torch.float32))
     return call(q_posterior_op, _q_posterior, _QPosterior, args, args, diff=(x0, x_t))
 
@@ -424,8 +421,6 @@ def q_posterior(x0, x_t, t, schedule):
 def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
     """x0 from the model's mean output, unclipped, in x_t's dtype."""
     check_device(model_output, x_t)
-    if float64_fallback(x_t):
-        return reference.predict_xstart(model_output, x_t, t, schedule, mean_type=mean_type)
     args = (model_output, x_t, t, table(schedule, x_t.device, torch.float32), MEAN_IDS[mean_type])
     return call(predict_xstart_op, _predict_xstart, _PredictXstart, args, args[:4], diff=(model_output, x_t))
 
@@ -433,8 +428,6 @@ def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """Elementwise KL in nats at the broadcast shape."""
     check_device(mean1, logvar1, mean2, logvar2)
-    if float64_fallback(mean1, logvar1, mean2, logvar2):
-        return reference.normal_kl(mean1, logvar1, mean2, logvar2)
     args = (mean1, logvar1, mean2, logvar2)
     return call(normal_kl_op, _normal_kl, _NormalKl, args, args, diff=args)
 
@@ -442,7 +435,5 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """Elementwise log-likelihood in nats, x's shape."""
     check_device(x, means, log_scales)
-    if float64_fallback(x, means, log_scales):
-        return reference.discretized_gaussian_log_likelihood(x, means, log_scales)
     args = (x, means, log_scales)
     return call(dgll_op, _dgll, _Dgll, args, args, diff=args)

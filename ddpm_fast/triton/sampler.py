@@ -26,8 +26,7 @@ import triton.language as tl
 from . import _math as M
 from ._dispatch import call, define, wrap_triton
 from ._layout import run
-from .. import reference
-from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, float64_fallback, seed_tensor, table, tl_dtype
+from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, seed_tensor, table, tl_dtype
 
 
 @triton.jit
@@ -220,10 +219,6 @@ def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip
                     dynamic_threshold=None, sample_max_value=1.0):
     """dict mean, variance, log_variance, pred_xstart in x_t's dtype (not differentiable on this backend)."""
     check_device(model_output, x_t)
-    if float64_fallback(x_t):
-        return reference.p_mean_variance(model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
-                                         clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
-                                         sample_max_value=sample_max_value)
     args = (model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type], bool(clip_denoised),
             -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value))
     mean, px, var, logvar = call(p_mean_variance_op, _p_mean_variance, None, args, args[:4])
@@ -242,10 +237,6 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_d
                   sample_max_value=1.0, noise=None, generator=None, seed=None):
     """dict sample, pred_xstart (x_t's dtype). Noise: the tensor, else Philox in-kernel from seed / generator."""
     check_device(model_output, x_t, noise)
-    if float64_fallback(x_t):
-        return reference.p_sample_step(model_output, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
-                                       clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
-                                       sample_max_value=sample_max_value, noise=noise, generator=generator, seed=seed)
     nz, sd = _noise_args(noise, generator, seed, x_t.device, True)
     args = (model_output, x_t, t, _table(schedule, x_t), nz, sd, False, MEAN_IDS[mean_type], VAR_IDS[var_type],
             bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold),
@@ -258,11 +249,6 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
               sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None, seed=None):
     """dict sample, pred_xstart (x_t's dtype); noise only when eta != 0."""
     check_device(model_output, x_t, noise)
-    if float64_fallback(x_t):
-        return reference.ddim_step(model_output, x_t, t, schedule, eta=eta, clip_denoised=clip_denoised,
-                                   dynamic_threshold=dynamic_threshold, sample_max_value=sample_max_value,
-                                   mean_type=mean_type, var_type=var_type, noise=noise, generator=generator,
-                                   seed=seed)
     nz, sd = _noise_args(noise, generator, seed, x_t.device, eta != 0.0)
     args = (model_output, x_t, t, _table(schedule, x_t), nz, sd, True, MEAN_IDS[mean_type], VAR_IDS[var_type],
             bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold),

@@ -21,8 +21,7 @@ import triton.language as tl
 from . import _math as M
 from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
-from .. import reference
-from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, float64_fallback, table, tl_dtype
+from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, table, tl_dtype
 WEIGHTING_IDS = {"simple": 0, "elbo": 1, "min_snr": 2}
 MODES = ("vb", "mse", "rescaled_mse", "kl", "rescaled_kl")
 
@@ -270,9 +269,6 @@ def _vb_call(*args):
 def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False):
     """[B] bits/dim (float32, float64 for float64 inputs)."""
     check_device(model_output, x0, x_t)
-    if float64_fallback(x0):
-        return reference.vb_terms_bpd(model_output, x0, x_t, t, schedule, mean_type=mean_type, var_type=var_type,
-                                      clip_denoised=clip_denoised)
     tab = table(schedule, x0.device, torch.float32)
     return _vb_call(model_output, x0, x_t, t, tab, MEAN_IDS[mean_type], VAR_IDS[var_type], "vb",
                     bool(clip_denoised), 0, 5.0)[2]
@@ -282,9 +278,6 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
                     min_snr_gamma=5.0):
     """dict of [B] tensors: loss, and mse (mse losses) / vb (kl losses, or a learned variance)."""
     check_device(model_output, x0, noise)
-    if float64_fallback(x0):
-        return reference.training_losses(model_output, x0, t, noise, schedule, mean_type=mean_type, var_type=var_type,
-                                         loss_type=loss_type, weighting=weighting, min_snr_gamma=min_snr_gamma)
     tab = table(schedule, x0.device, torch.float32)
     var_id = VAR_IDS[var_type]
     loss, mse, vb = _vb_call(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,

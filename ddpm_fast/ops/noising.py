@@ -1,0 +1,115 @@
+"""The forward process: q_sample (noising) and q_posterior (the posterior q(x_{t-1} | x_t, x_0))."""
+from __future__ import annotations
+
+from .. import backends
+from . import _checks as check
+from ._registry import (Traffic, check_shape, element_bytes, like_plan, numel, per_sample, register,
+                        t_and_rows)
+
+
+def _q_sample_traffic(shape, dtype) -> Traffic:
+    """Reads x0 and noise, writes x_t."""
+    shape = check_shape(shape, dtype)
+    n, e = numel(shape), element_bytes(dtype)
+    return Traffic(2 * n * e + t_and_rows(shape, dtype), n * e)
+
+
+@register(
+    tensors=("x0", "noise"),
+    fakes={"q_sample": lambda x0, t, noise, table: like_plan(x0),
+           "linear_backward": lambda g, t, table, kind, mean_type: (like_plan(g), like_plan(g))},
+    traffic=_q_sample_traffic,
+    bench=(dict(name="q_sample", label="q_sample", kind="q_sample", peer="add_noise",
+                traffic=lambda case, shape, dtype: _q_sample_traffic(shape, dtype)),),
+    test_case=lambda a, schedule, **kw: q_sample(a["x0"], a["t"], a["noise"], schedule, **kw),
+    reads=("x0", "noise", "t"),
+)
+@check.document
+def q_sample(x0, t, noise, schedule, *, backend="auto", validate=None):
+    """Forward noising: a sample of q(x_t | x_0), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
+
+    Args:
+        x0: clean samples [B, ...], float16 / bfloat16 / float32 / float64.
+        <t>
+        noise: the N(0, I) draw, x0's shape and dtype.
+        <schedule>
+        <backend>
+        <validate>
+
+    Returns:
+        x_t: [B, ...] in x0's dtype (computed in float32, float64 for float64). Differentiable
+        with respect to x0 and noise.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("linear", 1000)
+        >>> x0, noise = torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)
+        >>> x_t = F.q_sample(x0, torch.tensor([0, 999]), noise, schedule)
+        >>> x_t.shape, x_t.dtype
+        (torch.Size([2, 3, 8, 8]), torch.float32)
+        >>> x_t[:, 0, 0, 0]  # sqrt(1 - abar_t) at t = 0 and t = 999
+        tensor([0.0100, 1.0000])
+    """
+    native = check.cpu_native("q_sample", backend, x0, noise)
+    if native is not None:
+        return native(x0, check.cpu_timesteps(t, x0, check.schedule(schedule)), noise, schedule)
+    check.tensor("x0", x0), check.tensor("noise", noise)
+    check.same_shape("x0", x0, noise=noise), check.same_dtype("x0", x0, noise=noise)
+    device = check.same_device(x0=x0, noise=noise)
+    t = check.timesteps(t, x0.shape[0], check.schedule(schedule), device, validate)
+    return backends.route(backend, device.type, "q_sample", x0.dtype, x0, noise)[0](x0, t, noise, schedule)
+
+
+def _q_posterior_traffic(shape, dtype) -> Traffic:
+    """Reads x0 and x_t; writes the mean and the [B, 1, ...] variance and log variance."""
+    shape = check_shape(shape, dtype)
+    n, e, b = numel(shape), element_bytes(dtype), shape[0]
+    return Traffic(2 * n * e + t_and_rows(shape, dtype), n * e + 2 * b * e)
+
+
+@register(
+    tensors=("x0", "x_t"),
+    fakes={"q_posterior": lambda x0, x_t, t, table: (like_plan(x0), per_sample(x0, x0.dtype),
+                                                     per_sample(x0, x0.dtype))},
+    traffic=_q_posterior_traffic,
+    bench=(dict(name="q_posterior", label="q_posterior", kind="q_posterior",
+                traffic=lambda case, shape, dtype: _q_posterior_traffic(shape, dtype)),),
+    test_case=lambda a, schedule, **kw: q_posterior(a["x0"], a["x_t"], a["t"], schedule, **kw),
+    reads=("x0", "x_t", "t"),
+)
+@check.document
+def q_posterior(x0, x_t, t, schedule, *, backend="auto", validate=None):
+    """The forward process posterior q(x_{t-1} | x_t, x_0).
+
+    Args:
+        x0: clean samples [B, ...] (float16 / bfloat16 / float32 / float64).
+        x_t: noised samples, x0's shape and dtype.
+        <t>
+        <schedule>
+        <backend>
+        <validate>
+
+    Returns:
+        (mean, variance, log_variance): mean [B, ...] in x0's dtype (post_c1_t x0 + post_c2_t
+        x_t); variance and log_variance [B, 1, ...] (broadcastable to x0), the log variance
+        clipped: at t = 0, where the variance is 0, it is that of t = 1. Only mean is
+        differentiable.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("cosine", 1000)
+        >>> x0 = torch.zeros(2, 3, 4, 4)
+        >>> mean, var, logvar = F.q_posterior(x0, x0, torch.tensor([0, 500]), schedule)
+        >>> mean.shape, var.shape, logvar.shape
+        (torch.Size([2, 3, 4, 4]), torch.Size([2, 1, 1, 1]), torch.Size([2, 1, 1, 1]))
+        >>> float(var[0]), bool(torch.isfinite(logvar).all())
+        (0.0, True)
+    """
+    native = check.cpu_native("q_posterior", backend, x0, x_t)
+    if native is not None:
+        return native(x0, x_t, check.cpu_timesteps(t, x0, check.schedule(schedule)), schedule)
+    check.tensor("x0", x0), check.tensor("x_t", x_t)
+    check.same_shape("x0", x0, x_t=x_t), check.same_dtype("x0", x0, x_t=x_t)
+    device = check.same_device(x0=x0, x_t=x_t)
+    t = check.timesteps(t, x0.shape[0], check.schedule(schedule), device, validate)
+    return backends.route(backend, device.type, "q_posterior", x0.dtype, x0, x_t)[0](x0, x_t, t, schedule)
