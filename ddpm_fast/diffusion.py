@@ -28,6 +28,7 @@ import torch
 
 from . import ops
 from .backends import check_name
+from .options import KL_LOSS_TYPES, LEARNED_VAR_TYPES
 from .schedule import COLUMN, NoiseSchedule, space_timesteps
 
 __all__ = [
@@ -216,7 +217,7 @@ class GaussianDiffusion:
             # A user function sits between the x0 prediction and the clipping: not expressible as
             # one fused call, so predict, apply, clip, then the fused posterior.
             c = x.shape[1]
-            mean_part = model_output[:, :c] if self.var_type in ("learned", "learned_range") else model_output
+            mean_part = model_output[:, :c] if self.var_type in LEARNED_VAR_TYPES else model_output
             pred = ops.predict_xstart(mean_part, x, t, self.schedule, mean_type=self.mean_type,
                                       **self._bk())
             pred = denoised_fn(pred)
@@ -267,7 +268,7 @@ class GaussianDiffusion:
             step_output, mean_type = model_output, "x_prev"
         else:
             c = x.shape[1]
-            learned = self.var_type in ("learned", "learned_range")
+            learned = self.var_type in LEARNED_VAR_TYPES
             step_output = torch.cat([out["pred_xstart"], model_output[:, c:]], dim=1) if learned else out["pred_xstart"]
             mean_type = "x0"
         step = ops.p_sample_step(step_output, x, t, self.schedule, clip_denoised=False, noise=noise,
@@ -444,7 +445,7 @@ class GaussianDiffusion:
         output = ops.vb_terms_bpd(model_output, x_start, x_t, t, self.schedule, clip_denoised=clip_denoised,
                                   **self._kw())
         c = x_t.shape[1]
-        mean_part = model_output[:, :c] if self.var_type in ("learned", "learned_range") else model_output
+        mean_part = model_output[:, :c] if self.var_type in LEARNED_VAR_TYPES else model_output
         pred = ops.predict_xstart(mean_part, x_t, t, self.schedule, mean_type=self.mean_type, **self._bk())
         if clip_denoised:
             pred = pred.clamp(-1, 1)
@@ -459,7 +460,7 @@ class GaussianDiffusion:
         model_output = self._run_model(model, x_t, t, model_kwargs)
         terms = ops.training_losses(model_output, x_start, t, noise, self.schedule, loss_type=self.loss,
                                     **self._kw())
-        if self.loss in ("kl", "rescaled_kl"):
+        if self.loss in KL_LOSS_TYPES:
             return {"loss": terms["loss"]}  # improved-diffusion returns only "loss" for the KL losses
         return dict(terms)
 

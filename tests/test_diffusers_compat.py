@@ -1,6 +1,6 @@
 """FastDDPMScheduler / FastDDIMScheduler against diffusers' own DDPMScheduler / DDIMScheduler.
 
-Each result is compared by the flash-attention rule (DESIGN.md): against the parent run in float64
+Each result is compared by the flash-attention rule (docs/design.md): against the parent run in float64
 (its float32 betas, cumprod and inputs in float64), our float32 error is at most 2x the float32
 parent's error plus 1e-6 of the output's scale. Randomness: the same generator seed (the same
 variance noise draw) or explicit variance_noise.

@@ -1,7 +1,7 @@
 """The drop-in solver schedulers (ddpm_fast.compat.diffusers_solvers) against diffusers' own.
 
 Full sampling loops (10 / 20 / 25 / 50 steps) with a deterministic stand-in model, every fused
-configuration, fp32 / fp16 / bf16, by the flash-attention rule (DESIGN.md): against the parent run in
+configuration, fp32 / fp16 / bf16, by the flash-attention rule (docs/design.md): against the parent run in
 float64, our error is at most 2x the parent's error in the tested dtype plus a floor. The float64 parent:
 its sigmas in float64 and its module's ``torch.float32`` read as float64 (the parents upcast the sample
 to float32 inside step). Noise: the same draws for all three runs (diffusers' randn_tensor replaced).

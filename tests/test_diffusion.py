@@ -8,7 +8,7 @@
   with the model fed the original timesteps; we build that independently (numpy betas, a wrapper
   model) and compare, for every mean / variance / loss type.
 - Backends: the methods on the default backend (the fused one where built) in float32 against the
-  reference backend in float64 by the flash-attention rule (DESIGN.md), gradients included.
+  reference backend in float64 by the flash-attention rule (docs/design.md), gradients included.
 """
 import enum
 import pathlib

@@ -1,5 +1,5 @@
 """Every public op's docstring documents each of its arguments, its return value and has an example
-(the examples themselves run as doctests: pyproject.toml's testpaths include ddpm_fast/ops.py)."""
+(the examples themselves run as doctests: pyproject.toml's testpaths include ddpm_fast/ops/ and ddpm_fast/solvers/)."""
 import inspect
 import re
 

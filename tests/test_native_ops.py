@@ -1,6 +1,6 @@
 """The compiled CPU kernels (ddpm_fast._C via ddpm_fast.native) against the reference.
 
-Comparison rule (DESIGN.md, flash-attention style): the kernel's error against a float64 reference
+Comparison rule (docs/design.md, flash-attention style): the kernel's error against a float64 reference
 computed from the same inputs is at most twice the error of the same-precision PyTorch reference,
 plus a small floor for the output dtype. The first test run builds the extension (about a minute).
 """

@@ -5,7 +5,7 @@ option is paired with every value of the two main options), every timestep spaci
 bfloat16, one timestep for the batch and a per-sample timestep tensor, the first, a middle and the last
 step, and full loops of 50 and 1000 steps.
 
-The yardstick is the flash-attention rule (DESIGN.md): the parent run in float64 (its own float32 betas,
+The yardstick is the flash-attention rule (docs/design.md): the parent run in float64 (its own float32 betas,
 cumprod and inputs cast to float64) is the truth; ours may be off it by at most twice the parent's own
 error in the tested dtype, plus a floor of one unit in the last place of that dtype at the output's scale
 (float32: 1e-6, a few float32 roundings). Where the parent's result is not finite (zero terminal SNR with

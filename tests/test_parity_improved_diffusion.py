@@ -10,7 +10,7 @@ Swept: every mean type x variance type, every loss type, respacing (none, "ddimN
 rescale_timesteps, clip_denoised, float32 / float16 / bfloat16, per-sample t holding the first, a middle and
 the last step, and sampling loops of 1000 (p_sample_loop) and 50 (ddim_sample_loop on "ddim50") steps.
 
-Rule (flash-attention, DESIGN.md): the oracle in float64 is the truth; the oracle in float32 (how
+Rule (flash-attention, docs/design.md): the oracle in float64 is the truth; the oracle in float32 (how
 improved-diffusion computes: float64 tables gathered to float32) is the parent's own error in float32; for
 16-bit inputs the parent's error is its float32 result rounded once to the input dtype. Ours may be off by
 at most twice that, plus a floor of one unit in the last place of the dtype at the output's scale.

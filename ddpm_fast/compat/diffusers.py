@@ -60,6 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
     ) from exc
 
 from .. import ops, reference
+from ..options import LEARNED_VAR_TYPES
 from ..schedule import COLUMN, NoiseSchedule, betas_problem
 from .diffusers_solvers import (FastDPMSolverMultistepScheduler, FastEulerAncestralDiscreteScheduler,
                                 FastEulerDiscreteScheduler, FastUniPCMultistepScheduler)
@@ -383,7 +384,7 @@ class FastDDPMScheduler(_FastMixin, DDPMScheduler):
         thresholding = bool(self.config.thresholding)
         why = self._inputs_why(model_output, sample)
         if why is None:
-            learned = var in ("learned", "learned_range")
+            learned = var in LEARNED_VAR_TYPES
             if self._base_schedule() is None:
                 why = "betas outside (0, 1]"
             elif var != self.config.variance_type or var == "fixed_large_log":

@@ -1,4 +1,4 @@
-"""The per-element formulas of DESIGN.md as @triton.jit helpers: csrc/ddpm_math.h, function for function.
+"""The per-element formulas of docs/design.md as @triton.jit helpers: csrc/ddpm_math.h, function for function.
 
 Every public (no leading underscore) @triton.jit helper here carries the name of a function of
 csrc/ddpm_math.h, in that file's order (tests/test_triton_math_mirror.py checks it), and no kernel

@@ -85,7 +85,7 @@ INT32_INDEX_LIMIT = 2**31 - 1
 @dataclass(frozen=True)
 class LaunchConfig:
     """How an elementwise kernel covers [batch, n]: grid (n_chunks * batch,) on axis 0, program p handling
-    chunk p % n_chunks of sample p // n_chunks (_math.program_chunk); block elements per program; idx64:
+    chunk p % n_chunks of sample p // n_chunks (_math._program_chunk); block elements per program; idx64:
     element indices in int64 (n + block would pass INT32_INDEX_LIMIT), else int32."""
 
     grid: tuple

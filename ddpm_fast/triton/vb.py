@@ -21,9 +21,9 @@ import triton.language as tl
 from . import _math as M
 from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
+from ..options import KL_LOSS_TYPES, LOSS_TYPES, WEIGHTING_IDS
 from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, table, tl_dtype
-WEIGHTING_IDS = {"simple": 0, "elbo": 1, "min_snr": 2}
-MODES = ("vb", "mse", "rescaled_mse", "kl", "rescaled_kl")
+MODES = ("vb",) + LOSS_TYPES  # "vb": vb_terms_bpd (x_t given); a loss type: training_losses
 
 
 @triton.jit
@@ -243,11 +243,9 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_mse, g_vb):
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        raise NotImplementedError(
-            "backend='triton': vb_terms_bpd / training_losses differentiate with respect to model_output only; "
-            "detach x0, x_t and noise (or use backend='reference')"
-        )
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # never silently drop a gradient
+        raise NotImplementedError("ddpm_fast.triton's loss kernels differentiate w.r.t. model_output only; "
+                                  "ddpm_fast.vb_terms_bpd / training_losses route such calls to the reference")
     mo, x0, xn, t, table_ = ctx.saved_tensors
     B = x0.shape[0]
     zero = lambda g: g.contiguous() if g is not None else x0.new_zeros((B,), dtype=table_.dtype)  # noqa: E731
@@ -282,7 +280,7 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
     var_id = VAR_IDS[var_type]
     loss, mse, vb = _vb_call(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,
                              WEIGHTING_IDS[weighting], float(min_snr_gamma))
-    if loss_type in ("kl", "rescaled_kl"):
+    if loss_type in KL_LOSS_TYPES:
         return {"loss": loss, "vb": vb}
     terms = {"mse": mse, "loss": loss}
     if var_id in LEARNED:
