@@ -60,6 +60,8 @@ def _parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--host", action="store_true", help="time the host cost per call on tiny tensors, one thread, "
                    "and the CPU bandwidth floors instead (see ddpm_fast/bench/host.py)")
+    p.add_argument("--samplers", action="store_true", help="time the drop-in solver schedulers' steps against "
+                   "their diffusers parents instead (see ddpm_fast/bench/samplers.py)")
     p.add_argument("--e2e", action="store_true", help="the end-to-end benchmark instead (training and sampling "
                    "loops with real U-Nets; its own options: `ddpm-fast bench --e2e --help`)")
     return p
@@ -229,6 +231,9 @@ def main(argv=None) -> int:
     if args.host:
         from . import host
         return host.main(args)
+    if args.samplers:
+        from . import samplers
+        return samplers.main(args)
     import torch
 
     from . import measure, reliability
