@@ -45,6 +45,11 @@ SAMPLERS = {
     "euler_a": ("Euler ancestral", "FastEulerAncestralDiscreteScheduler", {}),
     "unipc": ("UniPC bh2", "FastUniPCMultistepScheduler", {}),
 }
+# x0 clipped to [-1, 1] at every step, as p_sample_loop / ddim_sample_loop's clip_denoised (without it the
+# cosine schedule's first sigma, about 2000 at T=100, blows the model's eps error up into the samples):
+# DPM-Solver++ and UniPC by their thresholding with sample_max_value 1 (the threshold is then exactly 1);
+# Euler has no such option, so the loop rewrites eps to the one whose x0 is the clipped x0.
+CLIP_BY_THRESHOLDING = {"thresholding": True, "sample_max_value": 1.0}
 
 
 def parse_samplers(spec: str) -> list:
@@ -65,6 +70,8 @@ def diffusers_scheduler(name: str, diffusion):
         raise SystemExit(f"ddpm-fast demo --sampler {name} needs diffusers: pip install 'ddpm-fast[diffusers]'") from exc
     _, cls_name, config = SAMPLERS[name]
     cls = getattr(diffusers_solvers, cls_name)
+    if name in ("dpmsolver++", "unipc"):
+        config = {**config, **CLIP_BY_THRESHOLDING}
     return cls(num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas.tolist(),
                prediction_type="epsilon", **config)
 
@@ -73,14 +80,21 @@ def diffusers_sample_loop(scheduler, diffusion, model, shape, steps: int, genera
     """A diffusers-style sampling loop with an improved-diffusion model: [N, C, H, W] samples.
 
     The model sees each diffusers timestep as the diffusion's timestep (both index the same
-    alphas_cumprod); of its [N, 2C, H, W] output (eps, learned variance) the eps half is used."""
+    alphas_cumprod); of its [N, 2C, H, W] output (eps, learned variance) the eps half is used. x0 is
+    clipped to [-1, 1] (see CLIP_BY_THRESHOLDING; for Euler here: x0 = x - sigma eps on its sample x)."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    clip_eps = isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler))
     scheduler.set_timesteps(steps)
     x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
     step_kwargs = {} if "generator" not in scheduler.step.__code__.co_varnames else {"generator": generator}
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             model_t = diffusion._scale_timesteps(t.expand(shape[0]))
             eps = model(scheduler.scale_model_input(x, t), model_t)[:, :shape[1]]
+            if clip_eps:
+                sigma = scheduler.sigmas[i]
+                eps = (x - (x - sigma * eps).clamp(-1, 1)) / sigma
             x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x
 
