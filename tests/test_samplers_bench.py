@@ -75,3 +75,11 @@ def test_guidance_matches_the_pipeline_arithmetic():
     parent = samplers.Side(parent_cls, config, False, 7.5, 0).guided(model_output)
     assert ours.shape == x.shape
     torch.testing.assert_close(ours, parent)
+
+
+@pytest.mark.parametrize("args, flag", [(["--threads", "0"], "--threads"), (["--device", "mps"], "--device")])
+def test_bad_arguments_name_the_flag(args, flag, tmp_path):
+    from ddpm_fast.bench import runner
+
+    with pytest.raises(SystemExit, match=flag):
+        runner.main(["--samplers", "--quick", "--out", str(tmp_path), *args])

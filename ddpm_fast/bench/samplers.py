@@ -246,6 +246,8 @@ def main(args) -> int:
     device = args.device or "cpu"
     if torch.device(device).type not in ("cpu", "cuda"):
         raise SystemExit(f"--device: expected cpu or cuda, got {device}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device: CUDA was asked for but no CUDA device is visible")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads: expected a positive count, got {args.threads}")
     try:
