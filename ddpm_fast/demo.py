@@ -67,7 +67,8 @@ def diffusers_scheduler(name: str, diffusion):
     try:
         from .compat import diffusers_solvers
     except ImportError as exc:
-        raise SystemExit(f"ddpm-fast demo --sampler {name} needs diffusers: pip install 'ddpm-fast[diffusers]'") from exc
+        raise SystemExit(f"ddpm-fast demo --sampler {name} needs diffusers: "
+                         "pip install 'ddpm-fast[diffusers]'") from exc
     _, cls_name, config = SAMPLERS[name]
     cls = getattr(diffusers_solvers, cls_name)
     if name in ("dpmsolver++", "unipc"):

@@ -199,7 +199,8 @@ def run(*, quick: bool = False, device: str = "cpu", threads: int | None = None,
             "threads": torch.get_num_threads(), "steps": steps, "loops": loops, "host_size": "x".join(map(str, TINY)),
             "host_steps": host_steps, "host_loops": host_loops, "host_clock": "time.thread_time, 1 thread",
             "guidance_scale": GUIDANCE_SCALE, "ops_at_step": OPS_AT_STEP,
-            "target_speedup": TARGET_SPEEDUP, "target_host_ratio": TARGET_HOST_RATIO, "python": platform.python_version(),
+            "target_speedup": TARGET_SPEEDUP, "target_host_ratio": TARGET_HOST_RATIO,
+            "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "loadavg": _loadavg(), "elapsed_s": time.perf_counter() - started}
     meta.update(_versions())
     for r in rows:
