@@ -4,8 +4,16 @@ Data: sklearn.datasets.load_digits (1797 images, 8x8, 17 grey levels; ships with
 download), scaled to [-1, 1], split into train and a held-out set. Model: a compact UNet
 (ddpm_fast.demo_model) predicting eps and a learned-range variance, trained with improved-diffusion's
 hybrid loss (rescaled MSE + vb) through the fused ops (ddpm_fast.diffusion). Outputs in --out-dir:
-checkpoint.pt, metrics.json, bpd_curve.png (held-out bits/dim over training), samples_ddpm.png
-(64 samples, p_sample_loop) and samples_ddim.png (64 samples, a 50-step DDIM loop).
+checkpoint.pt, metrics.json, bpd_curve.png (held-out bits/dim over training) and a sample grid per
+--sampler (default ddpm,ddim): samples_ddpm.png (64 samples, p_sample_loop), samples_ddim.png (a 50-step
+DDIM loop), samples_dpmsolver++.png / samples_euler.png / samples_euler_a.png / samples_unipc.png (a
+--sampler-steps loop of the drop-in diffusers schedulers of ddpm_fast.compat.diffusers_solvers, built from
+the same betas, T and epsilon prediction; the model's learned-variance half is not used), plus
+samplers.md: a table of each sampler's steps, sample quality and seconds per sample.
+
+Sample quality (nn_rms): the mean over samples of the RMS pixel distance (on [-1, 1]) to the nearest
+held-out digit -- lower is closer to real digits; the same statistic of as many training digits is
+printed as the "real digits" reference row.
 
 The held-out negative log-likelihood is the full variational bound from calc_bpd_loop (all T terms
 plus the prior term), in bits/dim on the 256-level discretisation of [-1, 1] that improved-diffusion
@@ -28,6 +36,85 @@ from .diffusion import create_gaussian_diffusion
 from .resample import UniformSampler
 
 
+# --sampler: (title, drop-in scheduler class name in ddpm_fast.compat.diffusers_solvers, its config)
+SAMPLERS = {
+    "ddpm": ("p_sample_loop", None, None),
+    "ddim": ("DDIM", None, None),
+    "dpmsolver++": ("DPM-Solver++ 2M", "FastDPMSolverMultistepScheduler", {}),
+    "euler": ("Euler", "FastEulerDiscreteScheduler", {}),
+    "euler_a": ("Euler ancestral", "FastEulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPC bh2", "FastUniPCMultistepScheduler", {}),
+}
+# x0 clipped to [-1, 1] at every step, as p_sample_loop / ddim_sample_loop's clip_denoised (without it the
+# cosine schedule's first sigma, about 2000 at T=100, blows the model's eps error up into the samples):
+# DPM-Solver++ and UniPC by their thresholding with sample_max_value 1 (the threshold is then exactly 1);
+# Euler has no such option, so the loop rewrites eps to the one whose x0 is the clipped x0.
+CLIP_BY_THRESHOLDING = {"thresholding": True, "sample_max_value": 1.0}
+
+
+def parse_samplers(spec: str) -> list:
+    """--sampler's comma-separated names -> a list (each once, in order); SystemExit naming the option."""
+    names = [w.strip() for w in spec.split(",") if w.strip()]
+    bad = [n for n in names if n not in SAMPLERS]
+    if bad or not names:
+        raise SystemExit(f"ddpm-fast demo: --sampler: unknown {bad or spec!r}; expected some of {', '.join(SAMPLERS)}")
+    return list(dict.fromkeys(names))
+
+
+def diffusers_scheduler(name: str, diffusion):
+    """The drop-in diffusers scheduler ``name`` over diffusion's own schedule: trained_betas = its betas,
+    the same T, epsilon prediction (timesteps: 0-based integers into the same alphas_cumprod)."""
+    try:
+        from .compat import diffusers_solvers
+    except ImportError as exc:
+        raise SystemExit(f"ddpm-fast demo --sampler {name} needs diffusers: "
+                         "pip install 'ddpm-fast[diffusers]'") from exc
+    _, cls_name, config = SAMPLERS[name]
+    cls = getattr(diffusers_solvers, cls_name)
+    if name in ("dpmsolver++", "unipc"):
+        config = {**config, **CLIP_BY_THRESHOLDING}
+    return cls(num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas.tolist(),
+               prediction_type="epsilon", **config)
+
+
+def diffusers_sample_loop(scheduler, diffusion, model, shape, steps: int, generator: torch.Generator):
+    """A diffusers-style sampling loop with an improved-diffusion model: [N, C, H, W] samples.
+
+    The model sees each diffusers timestep as the diffusion's timestep (both index the same
+    alphas_cumprod); of its [N, 2C, H, W] output (eps, learned variance) the eps half is used. x0 is
+    clipped to [-1, 1] (see CLIP_BY_THRESHOLDING; for Euler here: x0 = x - sigma eps on its sample x)."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    clip_eps = isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler))
+    scheduler.set_timesteps(steps)
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    step_kwargs = {} if "generator" not in scheduler.step.__code__.co_varnames else {"generator": generator}
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            model_t = diffusion._scale_timesteps(t.expand(shape[0]))
+            eps = model(scheduler.scale_model_input(x, t), model_t)[:, :shape[1]]
+            if clip_eps:
+                sigma = scheduler.sigmas[i]
+                eps = (x - (x - sigma * eps).clamp(-1, 1)) / sigma
+            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    return x
+
+
+def nn_rms(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples [N, ...] of the RMS pixel distance to the nearest image of reference [M, ...]."""
+    a, b = samples.flatten(1).double().clamp(-1, 1), reference.flatten(1).double()
+    return float((torch.cdist(a, b).min(dim=1).values / math.sqrt(a.shape[1])).mean())
+
+
+def samplers_table(rows: list) -> str:
+    """A markdown table of rows {sampler, title, steps, nn_rms, seconds_per_sample}."""
+    lines = ["| sampler | steps | nn_rms (lower is better) | s / sample |", "|---|---:|---:|---:|"]
+    for r in rows:
+        sps = "" if r["seconds_per_sample"] is None else f"{r['seconds_per_sample']:.4f}"
+        lines.append(f"| {r['title']} (`{r['sampler']}`) | {r['steps'] or ''} | {r['nn_rms']:.4f} | {sps} |")
+    return "\n".join(lines)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help keeps the description's line breaks and shows every option's default."""
 
@@ -47,6 +134,10 @@ def _parser():
                    help="held-out images for the final NLL (0: all of the held-out set)")
     p.add_argument("--num-samples", type=int, default=64, help="images sampled by each sampler for the PNG grids")
     p.add_argument("--ddim-steps", type=int, default=50, help="steps of the DDIM sampling loop")
+    p.add_argument("--sampler", default="ddpm,ddim",
+                   help="comma-separated samplers whose grids to write: " + ", ".join(SAMPLERS))
+    p.add_argument("--sampler-steps", type=int, default=25,
+                   help="steps of the dpmsolver++, euler, euler_a and unipc loops")
     p.add_argument("--holdout", type=float, default=0.15, help="fraction of the digits held out for the NLL")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, the training and the samples")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cpu", "cuda"),
@@ -130,9 +221,11 @@ def save_curve(curve, path: pathlib.Path):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("steps", "batch_size", "diffusion_steps", "eval_points", "eval_images", "num_samples", "ddim_steps"):
+    for name in ("steps", "batch_size", "diffusion_steps", "eval_points", "eval_images", "num_samples", "ddim_steps",
+                 "sampler_steps"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             raise SystemExit(f"ddpm-fast demo: --{name.replace('_', '-')} must be positive")
+    chosen = parse_samplers(args.sampler)
     from tqdm.auto import tqdm
 
     from .demo_model import DigitsUNet
@@ -196,28 +289,50 @@ def main(argv=None) -> int:
     print(f"held-out NLL: {final_bpd:.3f} bits/dim (calc_bpd_loop, T={diffusion.num_timesteps}, prior term included, "
           f"{len(final_x)} images)")
 
-    torch.manual_seed(args.seed + 4)
     ema.eval()
     shape = (args.num_samples, 1, 8, 8)
-    samples = diffusion.p_sample_loop(ema, shape, progress=not args.no_progress)
-    ddim = create_gaussian_diffusion(steps=args.diffusion_steps, learn_sigma=True, noise_schedule=args.noise_schedule,
-                                     rescale_learned_sigmas=True, timestep_respacing=str(args.ddim_steps),
-                                     backend=args.backend)
-    ddim_samples = ddim.ddim_sample_loop(ema, shape, progress=not args.no_progress)
-    save_grid(samples, out / "samples_ddpm.png", f"p_sample_loop, T={diffusion.num_timesteps}")
-    save_grid(ddim_samples, out / "samples_ddim.png", f"DDIM, {ddim.num_timesteps} steps")
+    rows, grids = [], []
+    torch.manual_seed(args.seed + 4)  # ddpm and ddim draw from it in turn (as before --sampler); the others
+    for name in chosen:               # from a generator of their own, so their samples do not depend on the order
+        scheduler = diffusers_scheduler(name, diffusion) if SAMPLERS[name][1] else None  # (imports diffusers)
+        t0 = time.perf_counter()
+        if name == "ddpm":
+            samples, steps = diffusion.p_sample_loop(ema, shape, progress=not args.no_progress), diffusion.num_timesteps
+            title = f"p_sample_loop, T={steps}"
+        elif name == "ddim":
+            ddim = create_gaussian_diffusion(steps=args.diffusion_steps, learn_sigma=True,
+                                             noise_schedule=args.noise_schedule, rescale_learned_sigmas=True,
+                                             timestep_respacing=str(args.ddim_steps), backend=args.backend)
+            samples, steps = ddim.ddim_sample_loop(ema, shape, progress=not args.no_progress), ddim.num_timesteps
+            title = f"DDIM, {steps} steps"
+        else:
+            gen = torch.Generator().manual_seed(args.seed + 4)
+            samples = diffusers_sample_loop(scheduler, diffusion, ema, shape, args.sampler_steps, gen)
+            steps = len(scheduler.timesteps)
+            title = f"{SAMPLERS[name][0]}, {steps} steps"
+        seconds = time.perf_counter() - t0
+        grids.append(f"samples_{name}.png")
+        save_grid(samples, out / grids[-1], title)
+        rows.append({"sampler": name, "title": SAMPLERS[name][0], "steps": steps, "nn_rms": nn_rms(samples, held),
+                     "seconds_per_sample": seconds / args.num_samples})
+    real = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 5))[:args.num_samples]]
+    rows.append({"sampler": "real", "title": "real digits (train)", "steps": None, "nn_rms": nn_rms(real, held),
+                 "seconds_per_sample": None})
+    markdown = samplers_table(rows)
+    (out / "samplers.md").write_text(markdown + "\n")
+    print(markdown)
     save_curve(curve, out / "bpd_curve.png")
     total = time.perf_counter() - start
     metrics = {
         "bpd_curve": curve, "heldout_bpd_initial": curve[0][1], "heldout_bpd_final": final_bpd,
         "heldout_images_final": len(final_x), "diffusion_steps": diffusion.num_timesteps, "train_steps": args.steps,
         "train_seconds": round(train_time, 1), "final_eval_seconds": round(eval_time, 1), "total_seconds": round(total, 1),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "samplers": rows,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"bits/dim {curve[0][1]:.3f} (step 0) -> {final_bpd:.3f} (step {args.steps}); "
-          f"{total:.0f} s in all; wrote {out}/checkpoint.pt, metrics.json, bpd_curve.png, samples_ddpm.png, "
-          f"samples_ddim.png")
+          f"{total:.0f} s in all; wrote {out}/checkpoint.pt, metrics.json, bpd_curve.png, samplers.md, "
+          f"{', '.join(grids)}")
     return 0
 
 

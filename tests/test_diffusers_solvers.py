@@ -453,13 +453,16 @@ def test_timesteps_reassigned_after_set_timesteps():
         torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
 
 
-def test_host_bench_runs(capsys):
-    """python -m ddpm_fast.solvers.host_bench: a smoke run (its numbers are for reports, not checked)."""
-    from ddpm_fast.solvers import host_bench
+def test_samplers_bench_runs():
+    """ddpm_fast.bench.samplers (`ddpm-fast bench --samplers`, which replaced solvers/host_bench): one row of
+    a smoke run (its numbers are for reports, not checked; tests/test_samplers_bench.py runs the CLI)."""
+    from ddpm_fast.bench import samplers
 
-    host_bench.main(["--loops", "1", "--steps", "6"])
-    out = capsys.readouterr().out
-    assert out.count("UniPC bh2 o3") == 2 and "(0)" in out
+    name, parent_cls, fast_cls, config = samplers.samplers()[-1]
+    row = samplers.time_step(name, parent_cls, fast_cls, config, (1, 4, 8, 8), None, steps=6, loops=1,
+                             device=torch.device("cpu"), seed=0)
+    assert row["sampler"] == "UniPC bh2 o3" and row["ours_ops"]["host_reads"] == 0
+    assert row["parent_steps_timed"] == row["ours_steps_timed"] == 6
 
 
 def test_unipc_bh1_to_sigma_zero_is_finite():

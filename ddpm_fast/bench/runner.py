@@ -63,6 +63,8 @@ def _parser():
     p.add_argument("--dry-run", action="store_true", help="with --device cuda: print the modelled GPU table "
                    "(bytes per call, time at H100 / H200 memory bandwidth; ddpm_fast/bench/gpu_model.py) for the "
                    "--sizes, --dtype and --ops and exit, without a GPU")
+    p.add_argument("--samplers", action="store_true", help="time the drop-in solver schedulers' steps against "
+                   "their diffusers parents instead (see ddpm_fast/bench/samplers.py)")
     p.add_argument("--e2e", action="store_true", help="the end-to-end benchmark instead (training and sampling "
                    "loops with real U-Nets; its own options: `ddpm-fast bench --e2e --help`)")
     return p
@@ -248,6 +250,9 @@ def main(argv=None) -> int:
         return host.main(args)
     if args.dry_run:
         return _dry_run(args)
+    if args.samplers:
+        from . import samplers
+        return samplers.main(args)
     import torch
 
     from . import measure, reliability

@@ -1,0 +1,85 @@
+"""`ddpm-fast bench --samplers` (ddpm_fast/bench/samplers.py) in its quick mode, end to end on the CPU: the
+table's and the JSON's structure, and that both sides (ours and the diffusers parent) ran every row.
+No timing is compared with any threshold."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers", reason="the samplers benchmark compares with diffusers")
+
+from ddpm_fast.bench import samplers  # noqa: E402
+
+NAMES = ["DPM++ 2M", "DPM++ 3M SDE", "Euler", "Euler a", "UniPC bh2 o3"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("samplers")
+    cmd = [sys.executable, "-m", "ddpm_fast.cli", "bench", "--samplers", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "samplers.txt").read_text().strip() in proc.stdout
+    return json.loads((out / "samplers.json").read_text()), proc.stdout
+
+
+def test_rows_cover_every_sampler_size_and_guidance(quick_run):
+    results, _ = quick_run
+    keys = [(r["sampler"], r["size"], r["cfg"]) for r in results["rows"]]
+    sizes = ["x".join(map(str, s)) for s in samplers.QUICK_SIZES]
+    assert sorted(keys) == sorted((n, s, c) for n in NAMES for s in sizes for c in (False, True))
+    assert [r["sampler"] for r in results["host"]] == NAMES
+    assert results["meta"]["quick"] is True and results["meta"]["target_speedup"] == 3.0
+
+
+def test_both_sides_ran_every_row(quick_run):
+    results, _ = quick_run
+    m = results["meta"]
+    for r in results["rows"] + results["host"]:
+        steps = m["host_steps"] * m["host_loops"] if r in results["host"] else m["steps"] * m["loops"]
+        for side in ("parent", "ours"):
+            assert r[f"{side}_steps_timed"] == steps, (r["sampler"], side)
+            assert r[f"{side}_us"] > 0 and math.isfinite(r[f"{side}_us"])
+            assert r[f"{side}_ops"]["full"] >= 1  # the step produced a full-size sample
+        assert r["ours_ops"]["host_reads"] == 0, r["sampler"]  # the drop-ins step without a host read
+        assert r["ratio"] == pytest.approx(r["parent_us"] / r["ours_us"])
+        assert r["met"] in (True, False)
+    for r in results["rows"]:  # the parent's guidance arithmetic adds full-size ops, so does cfg_combine
+        if r["cfg"]:
+            plain = next(p for p in results["rows"] if (p["sampler"], p["size"], p["cfg"]) ==
+                         (r["sampler"], r["size"], False))
+            assert r["parent_ops"]["full"] > plain["parent_ops"]["full"]
+            assert r["ours_ops"]["full"] > plain["ours_ops"]["full"]
+
+
+def test_table_has_a_line_per_row_and_the_targets(quick_run):
+    results, stdout = quick_run
+    lines = stdout.splitlines()
+    for r in results["rows"]:
+        assert sum(1 for ln in lines if ln.startswith(f"{r['sampler']:14s} {r['size']:12s} "
+                                                      f"{'yes' if r['cfg'] else 'no':3s}")) == 1
+    assert sum(">= 3x" in ln for ln in lines) == len(results["rows"])
+    assert sum("<= 0.5x" in ln for ln in lines) == len(results["host"])
+    assert "host time per step on 1x4x8x8" in stdout
+
+
+def test_guidance_matches_the_pipeline_arithmetic():
+    """Both sides step the same guided model output: cfg_combine equals uncond + s (cond - uncond)."""
+    import torch
+
+    name, parent_cls, fast_cls, config = samplers.samplers()[0]
+    x, model_output = samplers._inputs((2, 4, 8, 8), 7.5, torch.device("cpu"), seed=0)
+    ours = samplers.Side(fast_cls, config, True, 7.5, 0).guided(model_output)
+    parent = samplers.Side(parent_cls, config, False, 7.5, 0).guided(model_output)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, parent)
+
+
+@pytest.mark.parametrize("args, flag", [(["--threads", "0"], "--threads"), (["--device", "mps"], "--device")])
+def test_bad_arguments_name_the_flag(args, flag, tmp_path):
+    from ddpm_fast.bench import runner
+
+    with pytest.raises(SystemExit, match=flag):
+        runner.main(["--samplers", "--quick", "--out", str(tmp_path), *args])
