@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "options.h"
+
 // Forced inline on both sides: a per-element function left out of line inside a CPU kernel's loop is a
 // call, and every vector register is caller-saved, so the whole loop would keep its values on the stack.
 #if defined(__CUDACC__)
@@ -22,20 +24,6 @@
 #endif
 
 namespace ddpm {
-
-// ---- packed-table columns (ddpm_fast.schedule.COLUMNS) ------------------------------------------
-enum Col : int {
-  kBetas = 0, kLogBetas, kAlphasCumprod, kAlphasCumprodPrev, kSqrtAbar, kSqrt1mAbar, kSqrtRecipAbar,
-  kSqrtRecipm1Abar, kPostVar, kPostLogVarClipped, kPostC1, kPostC2, kFixedLargeVar, kFixedLargeLogVar,
-  kSqrtAbarPrev, kSqrt1mAbarPrev, kSnr, kAbarNext, kLog1mAbar, kNumCols
-};
-
-// option codes: index into reference.MEAN_TYPES / VAR_TYPES / LOSS_TYPES / WEIGHTINGS
-enum MeanType : int { kEpsilon = 0, kX0 = 1, kXPrev = 2, kV = 3 };
-enum VarType : int { kFixedSmall = 0, kFixedLarge = 1, kLearned = 2, kLearnedRange = 3 };
-inline constexpr bool is_learned(int64_t var_type) { return var_type == kLearned || var_type == kLearnedRange; }
-enum LossType : int { kMse = 0, kRescaledMse = 1, kKl = 2, kRescaledKl = 3 };
-enum Weighting : int { kSimple = 0, kElbo = 1, kMinSnr = 2 };
 
 constexpr double kLn2 = 0.69314718055994530942;
 

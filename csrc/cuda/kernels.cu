@@ -1,4 +1,4 @@
-// cuda/kernels.cu -- the CUDA driver: runs a ddpm_elem.h body over [B, ...] tensors.
+// cuda/kernels.cu -- the CUDA driver: runs an element body (ops/body.h) over [B, ...] tensors.
 //
 // Grid (chunks of a sample, samples): a block loads its sample's table row once into shared memory,
 // builds the body's per-sample coefficients, and walks its chunk with 16-byte vector accesses where
@@ -27,7 +27,7 @@ constexpr int kMaxIn = 5, kMaxOut = 4, kMaxFinal = 4;
 
 enum StoreType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
-template <class S> struct KArgs {
+template <class S, class Options> struct KArgs {
   char* in[kMaxIn];
   int in_type[kMaxIn];  // StoreType of each operand
   int64_t in_bs[kMaxIn];
@@ -37,7 +37,7 @@ template <class S> struct KArgs {
   int64_t N, nch, ncols, nrows, fixed_t;
   const S* table;
   const int64_t* t;
-  Params<S> p;
+  Options p;  // the body's options
   int noise_input;
   uint64_t seed;
   bool row_major;
@@ -100,7 +100,7 @@ __device__ __forceinline__ void store_any(char* base, int type, int64_t off, int
   }
 }
 
-template <class S> __device__ __forceinline__ int64_t logical_index(const KArgs<S>& a, int64_t e) {
+template <class A> __device__ __forceinline__ int64_t logical_index(const A& a, int64_t e) {
   if (a.row_major) return e;
   int64_t off = 0;
   for (int k = a.nd - 1; k >= 0; --k) {
@@ -111,7 +111,7 @@ template <class S> __device__ __forceinline__ int64_t logical_index(const KArgs<
 }
 
 template <class S, class F>
-__global__ void __launch_bounds__(kThreads, 2) body_kernel(const KArgs<S> a) {
+__global__ void __launch_bounds__(kThreads, 2) body_kernel(const KArgs<S, typename F::Options> a) {
   constexpr int VEC = 4;  // 16-byte accesses for float32 (8 for fp16 / bf16, 2 x 16 for float64)
   constexpr int NR = F::NR > 0 ? F::NR : 1, NO = F::NO > 0 ? F::NO : 1;
   __shared__ S row[kNumCols];
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 2) body_kernel(const KArgs<S> a) {
 }
 
 // second stage: one thread per sample adds its chunk partials in order and finishes the results
-template <class S, class F> __global__ void finish_kernel(const KArgs<S> a, int64_t B) {
+template <class S, class F> __global__ void finish_kernel(const KArgs<S, typename F::Options> a, int64_t B) {
   if constexpr (F::NR > 0) {
     const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (b >= B) return;
@@ -216,9 +216,9 @@ int store_type(at::ScalarType t, bool dbl) {
   return kF32;
 }
 
-template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
+template <class S, class F> void run(const Launch& L, const typename F::Options& prm) {
   const Plan& p = L.plan;
-  KArgs<S> a{};
+  KArgs<S, typename F::Options> a{};
   TORCH_CHECK(int(L.in.size()) == F::NI && int(L.out.size()) == F::NO, "ddpm_fast: operand count mismatch");
   const auto acc_type = c10::CppTypeToScalarType<S>::value;
   for (int k = 0; k < F::NI; ++k) {
@@ -271,17 +271,17 @@ template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
   }
 }
 
-template <class S> void dispatch(const Launch& L, const Params<S>& prm) {
-  with_body<S>(L.body, [&]<class F>() { run<S, F>(L, prm); });
-}
-
 }  // namespace
 
 // float32 math only (fp16 / bf16 / fp32 storage); ddpm_fast.native sends float64 CUDA inputs to the
 // reference path, which keeps the nvcc build of both architectures within a few minutes.
-void launch_cuda(const Launch& L) {
+template <template <class> class Body> void launch_cuda(const Launch& L, const BodyOptions<Body>& options) {
   TORCH_CHECK(!L.dbl, "ddpm_fast (CUDA): float64 inputs run on the reference path, not the CUDA kernels");
-  dispatch<float>(L, L.pf);
+  run<float, Body<float>>(L, options.f);
 }
 
 }  // namespace ddpm
+
+// launch_cuda for every body of csrc/ops/
+#define DDPM_BODY(Body) template void launch_cuda<Body>(const Launch&, const BodyOptions<Body>&);
+#include "../ops/families.h"
