@@ -22,8 +22,9 @@
 
 #include <ATen/ATen.h>
 
-#include "ddpm_math.h"
 #include "op_namespace.h"
+#include "ops/forward_process.h"  // LinearOp
+#include "options.h"
 
 namespace ddpm {
 namespace op {
@@ -40,11 +41,11 @@ template <class Sig> c10::TypedOperatorHandle<Sig> handle(const char* name) {
 
 using LinearBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
 
-// Gradients w.r.t. the two inputs of a linear op (kind 0: q_sample, 1: posterior mean, 2: predict_xstart)
-std::tuple<Tensor, Tensor> linear_grads(const Tensor& g, const Tensor& t, const Tensor& table, int64_t kind,
+// Gradients w.r.t. the two inputs of the linear op `kind` (q_sample, the posterior mean, predict_xstart)
+std::tuple<Tensor, Tensor> linear_grads(const Tensor& g, const Tensor& t, const Tensor& table, LinearOp kind,
                                         int64_t mean_type) {
   static auto op = handle<LinearBackwardSig>(DDPM_OP("linear_backward"));
-  return op.call(g, t, table, kind, mean_type);
+  return op.call(g, t, table, int64_t(kind), mean_type);
 }
 
 struct QSample : public torch::autograd::Function<QSample> {
@@ -57,7 +58,7 @@ struct QSample : public torch::autograd::Function<QSample> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], 0, 0);
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], kLinearQSample, kEpsilon);
     return {ga, Tensor(), gb, Tensor()};
   }
 };
@@ -77,7 +78,7 @@ struct QPosterior : public torch::autograd::Function<QPosterior> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(4);
     auto saved = ctx->get_saved_variables();
-    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], 1, 0);
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], kLinearPosteriorMean, kEpsilon);
     return {ga, gb, Tensor(), Tensor()};
   }
 };
@@ -94,7 +95,8 @@ struct PredictXstart : public torch::autograd::Function<PredictXstart> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], 2, ctx->saved_data["mean_type"].toInt());
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], kLinearPredictXstart,
+                                 ctx->saved_data["mean_type"].toInt());
     return {ga, gb, Tensor(), Tensor(), Tensor()};
   }
 };

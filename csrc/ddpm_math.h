@@ -1,15 +1,17 @@
 // ddpm_math.h -- the per-element diffusion math of ddpm_fast, shared by the CPU and CUDA kernels.
 //
-// One inline function per formula of shared/DESIGN.md ("The math"), templated on the value type V:
+// One inline function per formula of docs/design.md ("The math"), templated on the value type V:
 // float or double (CPU scalar code, CUDA threads) or at::vec::Vectorized<float/double> (CPU SIMD).
-// Elementary functions go through Prim<V>; the CPU kernels specialise Prim for Vectorized before
-// instantiating anything. Per-sample coefficients come from one row of the schedule's packed table
+// Elementary functions go through Prim<V>; cpu/simd_math.h specialises Prim for Vectorized. The option
+// and table-column codes are options.h's. Per-sample coefficients come from one row of the schedule's packed table
 // (columns in ddpm_fast.schedule.COLUMNS order). Semantics follow ddpm_fast/reference.py exactly.
 // No formula is re-derived anywhere else in csrc/.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "options.h"
 
 // Forced inline on both sides: a per-element function left out of line inside a CPU kernel's loop is a
 // call, and every vector register is caller-saved, so the whole loop would keep its values on the stack.
@@ -22,20 +24,6 @@
 #endif
 
 namespace ddpm {
-
-// ---- packed-table columns (ddpm_fast.schedule.COLUMNS) ------------------------------------------
-enum Col : int {
-  kBetas = 0, kLogBetas, kAlphasCumprod, kAlphasCumprodPrev, kSqrtAbar, kSqrt1mAbar, kSqrtRecipAbar,
-  kSqrtRecipm1Abar, kPostVar, kPostLogVarClipped, kPostC1, kPostC2, kFixedLargeVar, kFixedLargeLogVar,
-  kSqrtAbarPrev, kSqrt1mAbarPrev, kSnr, kAbarNext, kLog1mAbar, kNumCols
-};
-
-// option codes: index into reference.MEAN_TYPES / VAR_TYPES / LOSS_TYPES / WEIGHTINGS
-enum MeanType : int { kEpsilon = 0, kX0 = 1, kXPrev = 2, kV = 3 };
-enum VarType : int { kFixedSmall = 0, kFixedLarge = 1, kLearned = 2, kLearnedRange = 3 };
-inline constexpr bool is_learned(int64_t var_type) { return var_type == kLearned || var_type == kLearnedRange; }
-enum LossType : int { kMse = 0, kRescaledMse = 1, kKl = 2, kRescaledKl = 3 };
-enum Weighting : int { kSimple = 0, kElbo = 1, kMinSnr = 2 };
 
 constexpr double kLn2 = 0.69314718055994530942;
 
@@ -83,49 +71,49 @@ template <class V> DDPM_HD V q_sample(V x0, V eps, V sqrt_abar, V sqrt_1m_abar) 
 }
 
 // posterior mean post_c1 x0 + post_c2 x_t
-template <class V> DDPM_HD V posterior_mean(V x0, V x_t, V c1, V c2) { return c1 * x0 + c2 * x_t; }
+template <class V> DDPM_HD V posterior_mean(V x0, V x_t, V post_c1, V post_c2) { return post_c1 * x0 + post_c2 * x_t; }
 
 // x0 from the model's mean output (unclipped): epsilon / x0 / x_prev / v
 template <class V>
-DDPM_HD V predict_xstart(int mean_type, V out, V x_t, V sqrt_recip_abar, V sqrt_recipm1_abar, V sqrt_abar,
-                         V sqrt_1m_abar, V c1, V c2) {
-  if (mean_type == kEpsilon) return sqrt_recip_abar * x_t - sqrt_recipm1_abar * out;
-  if (mean_type == kV) return sqrt_abar * x_t - sqrt_1m_abar * out;
-  if (mean_type == kXPrev) return (out - c2 * x_t) / c1;
-  return out;  // kX0
+DDPM_HD V predict_xstart(int mean_type, V mean_out, V x_t, V sqrt_recip_abar, V sqrt_recipm1_abar, V sqrt_abar,
+                         V sqrt_1m_abar, V post_c1, V post_c2) {
+  if (mean_type == kEpsilon) return sqrt_recip_abar * x_t - sqrt_recipm1_abar * mean_out;
+  if (mean_type == kV) return sqrt_abar * x_t - sqrt_1m_abar * mean_out;
+  if (mean_type == kXPrev) return (mean_out - post_c2 * x_t) / post_c1;
+  return mean_out;  // kX0
 }
 
 // d(model mean)/d(mean output) for the (unclipped) mean type; reference._mean_grad_coef with sign
 template <class S>
-DDPM_HD S mean_grad_coef(int mean_type, S sqrt_recipm1_abar, S sqrt_1m_abar, S c1) {
-  if (mean_type == kEpsilon) return -c1 * sqrt_recipm1_abar;
-  if (mean_type == kV) return -c1 * sqrt_1m_abar;
+DDPM_HD S mean_grad_coef(int mean_type, S sqrt_recipm1_abar, S sqrt_1m_abar, S post_c1) {
+  if (mean_type == kEpsilon) return -post_c1 * sqrt_recipm1_abar;
+  if (mean_type == kV) return -post_c1 * sqrt_1m_abar;
   if (mean_type == kXPrev) return S(1);
-  return c1;  // kX0
+  return post_c1;  // kX0
 }
 
 // the MSE target of the model's mean output
 template <class V>
-DDPM_HD V mean_target(int mean_type, V x0, V x_t, V eps, V sqrt_abar, V sqrt_1m_abar, V c1, V c2) {
+DDPM_HD V mean_target(int mean_type, V x0, V x_t, V eps, V sqrt_abar, V sqrt_1m_abar, V post_c1, V post_c2) {
   if (mean_type == kEpsilon) return eps;
   if (mean_type == kV) return sqrt_abar * eps - sqrt_1m_abar * x0;
-  if (mean_type == kXPrev) return posterior_mean(x0, x_t, c1, c2);
+  if (mean_type == kXPrev) return posterior_mean(x0, x_t, post_c1, post_c2);
   return x0;
 }
 
 // x0 post-processing: dynamic thresholding by the per-sample s (if thresholding), else clip to [-1, 1]
-template <class V> DDPM_HD V process_xstart(V x0, bool clip, bool threshold, V s) {
+template <class V> DDPM_HD V process_xstart(V x0, bool clip, bool threshold, V thresh_scale) {
   using P = Prim<V>;
-  if (threshold) return P::max(P::min(x0, s), V(0) - s) / s;
+  if (threshold) return P::max(P::min(x0, thresh_scale), V(0) - thresh_scale) / thresh_scale;
   if (clip) return P::max(P::min(x0, V(1)), V(-1));
   return x0;
 }
 
 // ---- model variance ----------------------------------------------------------------------------------
 // learned_range: frac = (v + 1) / 2, logvar = frac log(beta) + (1 - frac) post_logvar_clipped
-template <class V> DDPM_HD V learned_range_logvar(V v, V max_log, V min_log) {
-  V frac = (v + V(1)) / V(2);
-  return frac * max_log + (V(1) - frac) * min_log;
+template <class V> DDPM_HD V learned_range_logvar(V var_out, V max_logvar, V min_logvar) {
+  V frac = (var_out + V(1)) / V(2);
+  return frac * max_logvar + (V(1) - frac) * min_logvar;
 }
 
 // the per-sample log variance of a fixed variance type
@@ -137,8 +125,8 @@ template <class S> DDPM_HD S fixed_logvar(int var_type, const S* row) {
 // KL(N(m1, e^lv1) || N(m2, e^lv2)) = 0.5 (-1 + lv2 - lv1 + exp(lv1 - lv2) + (m1 - m2)^2 exp(-lv2))
 template <class V> DDPM_HD V normal_kl(V m1, V lv1, V m2, V lv2) {
   using P = Prim<V>;
-  V d = m1 - m2;
-  return V(0.5) * (V(-1) + lv2 - lv1 + P::exp(lv1 - lv2) + d * d * P::exp(-lv2));
+  V mean_diff = m1 - m2;
+  return V(0.5) * (V(-1) + lv2 - lv1 + P::exp(lv1 - lv2) + mean_diff * mean_diff * P::exp(-lv2));
 }
 
 // The same KL given r = exp(lv1 - lv2) and exp(-lv2) precomputed by the caller: under a learned
@@ -146,24 +134,24 @@ template <class V> DDPM_HD V normal_kl(V m1, V lv1, V m2, V lv2) {
 // per-sample. Also returns the partial derivatives d/dm2 and d/dlv2 (d/dm1 = -d/dm2).
 template <class V>
 DDPM_HD V normal_kl_given_exps(V m1, V lv1, V m2, V lv2, V r, V exp_neg_lv2, V* d_m2, V* d_lv2) {
-  V d = m1 - m2;
-  V q = d * d * exp_neg_lv2;
-  if (d_m2) *d_m2 = V(0) - d * exp_neg_lv2;
-  if (d_lv2) *d_lv2 = V(0.5) * (V(1) - r - q);
-  return V(0.5) * (V(-1) + lv2 - lv1 + r + q);
+  V mean_diff = m1 - m2;
+  V scaled_sq = mean_diff * mean_diff * exp_neg_lv2;  // (m1 - m2)^2 exp(-lv2)
+  if (d_m2) *d_m2 = V(0) - mean_diff * exp_neg_lv2;
+  if (d_lv2) *d_lv2 = V(0.5) * (V(1) - r - scaled_sq);
+  return V(0.5) * (V(-1) + lv2 - lv1 + r + scaled_sq);
 }
 
 // all four partials of normal_kl (for its standalone backward)
 template <class V>
 DDPM_HD void normal_kl_grad(V m1, V lv1, V m2, V lv2, V* d_m1, V* d_lv1, V* d_m2, V* d_lv2) {
   using P = Prim<V>;
-  V d = m1 - m2;
-  V r = P::exp(lv1 - lv2);
-  V e = P::exp(-lv2);
-  *d_m1 = d * e;
-  *d_m2 = V(0) - d * e;
-  *d_lv1 = V(0.5) * (r - V(1));
-  *d_lv2 = V(0.5) * (V(1) - r - d * d * e);
+  V mean_diff = m1 - m2;
+  V ratio = P::exp(lv1 - lv2);
+  V exp_neg_lv2 = P::exp(-lv2);
+  *d_m1 = mean_diff * exp_neg_lv2;
+  *d_m2 = V(0) - mean_diff * exp_neg_lv2;
+  *d_lv1 = V(0.5) * (ratio - V(1));
+  *d_lv2 = V(0.5) * (V(1) - ratio - mean_diff * mean_diff * exp_neg_lv2);
 }
 
 // ---- discretized Gaussian decoder likelihood (L_0) -----------------------------------------------------
@@ -232,9 +220,9 @@ DDPM_HD V discretized_gaussian_loglik(V x, V mean, V inv_stdv, V* d_mean, V* d_l
 template <class S>
 DDPM_HD S loss_weight(int weighting, int mean_type, int var_type, S min_snr_gamma, const S* row) {
   if (weighting == kElbo) {
-    S lv = var_type == kFixedLarge ? row[kFixedLargeLogVar] : row[kPostLogVarClipped];
-    S g = mean_grad_coef(mean_type, row[kSqrtRecipm1Abar], row[kSqrt1mAbar], row[kPostC1]);
-    return g * g * Prim<S>::exp(-lv) / (S(2) * S(kLn2));
+    S logvar = var_type == kFixedLarge ? row[kFixedLargeLogVar] : row[kPostLogVarClipped];
+    S grad_coef = mean_grad_coef(mean_type, row[kSqrtRecipm1Abar], row[kSqrt1mAbar], row[kPostC1]);
+    return grad_coef * grad_coef * Prim<S>::exp(-logvar) / (S(2) * S(kLn2));
   }
   if (weighting == kMinSnr) {
     S snr = row[kSnr];
@@ -252,11 +240,11 @@ DDPM_HD S loss_weight(int weighting, int mean_type, int var_type, S min_snr_gamm
 // sqrt(1 - eta^2 r) -- no cancellation where abar_prev is near 1 (as in reference.ddim_step).
 template <class S> DDPM_HD void ddim_coefs(S eta, const S* row, S* sigma, S* sqrt_abar_prev, S* eps_coef) {
   using P = Prim<S>;
-  S s1m = row[kSqrt1mAbar], s1m_prev = row[kSqrt1mAbarPrev];
-  S r = row[kBetas] / (s1m * s1m);
-  *sigma = eta * s1m_prev * P::sqrt(r);
+  S sqrt_1m_abar = row[kSqrt1mAbar], sqrt_1m_abar_prev = row[kSqrt1mAbarPrev];
+  S beta_ratio = row[kBetas] / (sqrt_1m_abar * sqrt_1m_abar);  // r
+  *sigma = eta * sqrt_1m_abar_prev * P::sqrt(beta_ratio);
   *sqrt_abar_prev = row[kSqrtAbarPrev];
-  *eps_coef = s1m_prev * P::sqrt(P::max(S(1) - eta * eta * r, S(0)));
+  *eps_coef = sqrt_1m_abar_prev * P::sqrt(P::max(S(1) - eta * eta * beta_ratio, S(0)));
 }
 
 // DDIM update: eps re-derived from the processed x0 as (x_t - sqrt(abar) x0) / sqrt(1 - abar), the form
@@ -307,8 +295,8 @@ DDPM_HD void philox_uniform2(uint64_t seed, uint64_t offset, float* u1, float* u
 // Box-Muller (first output) on the two uniforms
 template <class V> DDPM_HD V box_muller(V u1, V u2) {
   using P = Prim<V>;
-  V r = P::sqrt(V(-2) * P::log(P::max(u1, V(1.0e-7f))));
-  return r * P::cos_turns(u2);
+  V radius = P::sqrt(V(-2) * P::log(P::max(u1, V(1.0e-7f))));
+  return radius * P::cos_turns(u2);
 }
 
 }  // namespace ddpm

@@ -1,4 +1,6 @@
-// launch.h -- what ops.cpp hands to a device driver (cpu/kernels.cpp, cuda/kernels.cu).
+// launch.h -- what an op's host function (csrc/ops/<family>.cpp) hands to a device driver (cpu/kernels.cpp,
+// cuda/kernels.cu): the operands in the body's slot order, the schedule table, t, the Philox seed, and the
+// body's own options. See ops/README for how bodies reach the drivers (no central list).
 #pragma once
 
 #include <array>
@@ -7,32 +9,10 @@
 
 #include <ATen/ATen.h>
 
-#include "ddpm_elem.h"
+#include "ddpm_math.h"
 #include "layout.h"
 
 namespace ddpm {
-
-// The per-element bodies (ddpm_elem.h): Body::Name runs NameElem<S>.
-#define DDPM_BODIES(X)                                                                                 \
-  X(QSample) X(LinearBackward) X(Posterior) X(Predict) X(PMeanVar) X(PSample) X(Ddim) X(Vb) X(Train) \
-  X(TrainMse) X(Scale) X(Prior) X(PriorBackward) X(NormalKl) X(NormalKlBackward) X(Dgll) X(DgllBackward)
-
-enum class Body {
-#define DDPM_BODY_ENUM(name) name,
-  DDPM_BODIES(DDPM_BODY_ENUM)
-#undef DDPM_BODY_ENUM
-};
-
-// fn.template operator()<NameElem<S>>() for body b: the one dispatch of both drivers
-template <class S, class Fn> void with_body(Body b, Fn&& fn) {
-  switch (b) {
-#define DDPM_BODY_CASE(name) \
-  case Body::name:           \
-    return fn.template operator()<name##Elem<S>>();
-    DDPM_BODIES(DDPM_BODY_CASE)
-#undef DDPM_BODY_CASE
-  }
-}
 
 // One [B, ...] tensor as the drivers see it (absent when base == nullptr).
 struct Operand {
@@ -44,24 +24,29 @@ struct Operand {
 };
 
 struct Launch {
-  Body body = Body::QSample;
   Plan plan;
-  std::vector<Operand> in, out;              // F::NI inputs, F::NO outputs
+  std::vector<Operand> in, out;              // the body's F::NI input and F::NO output slots, in slot order
   bool dbl = false;                          // compute in double (float64 inputs) else float
   const void* table = nullptr;               // [T, ncols] in the compute dtype, or nullptr
   int64_t ncols = 0, nrows = 0;
   const int64_t* t = nullptr;                // [B] timesteps, or nullptr: use fixed_t
   int64_t fixed_t = 0;
-  Params<float> pf;                          // options (float compute)
-  Params<double> pd;                         // options (double compute)
-  int noise_input = -1;                      // input index drawn from Philox(seed, b * N + i)
+  int noise_input = -1;                      // input slot drawn from Philox(seed, b * N + i), or -1
   uint64_t seed = 0;
-  std::array<void*, 4> finals{};             // NF per-sample results [B] in the compute dtype
+  std::array<void*, 4> finals{};             // F::NF per-sample results [B] in the compute dtype
 };
 
-void launch_cpu(const Launch& L);
+// A body's options (Body<S>::Options) in both compute dtypes; the driver passes the one of L.dbl to make().
+template <template <class> class Body> struct BodyOptions {
+  typename Body<float>::Options f;
+  typename Body<double>::Options d;
+};
+
+// Run Body over L: defined in cpu/kernels.cpp (and cuda/kernels.cu), instantiated there for every body that a
+// family header lists with DDPM_BODY (ops/body.h).
+template <template <class> class Body> void launch_cpu(const Launch& L, const BodyOptions<Body>& options);
 #if defined(DDPM_WITH_CUDA) || defined(DDPM_CUDA_EMU)
-void launch_cuda(const Launch& L);  // cuda/kernels.cu, on a GPU or emulated on the CPU
+template <template <class> class Body> void launch_cuda(const Launch& L, const BodyOptions<Body>& options);
 #endif
 
 }  // namespace ddpm

@@ -12,6 +12,6 @@
 #define DDPM_NS_STR DDPM_STR(DDPM_NS)
 // "ns::name" of an op of this library
 #define DDPM_OP(name) DDPM_NS_STR "::" name
-// TORCH_LIBRARY / TORCH_LIBRARY_IMPL with the namespace macro expanded first
-#define DDPM_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+// TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL with the namespace macro expanded first
 #define DDPM_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+#define DDPM_TORCH_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)

@@ -12,7 +12,8 @@ cached library without a compiler (``ddpm-fast build`` prebuilds):
   processes do not retry it silently; ``$DDPM_FAST_RETRY_CUDA_BUILD=1`` or deleting the file retries.
 - the emulated-CUDA library (ops ``torch.ops.ddpm_fast_emu``, backend "cuda_emu", only when
   ``$DDPM_FAST_CUDA_EMU=1`` or asked by ``load_emu(force=True)``): csrc/cuda/kernels.cu compiled as host
-  C++ against csrc/cuda/emu/cuda_emu.h, with ops.cpp's CUDA host path running on CPU tensors.
+  C++ against csrc/cuda/emu/cuda_emu.h, with the op families' CUDA host path
+  (csrc/ops/host.h) running on CPU tensors.
 
 ``$DDPM_FAST_SANITIZE=1`` builds both with AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g, any UB
 report aborts) into separate cache directories; the process must then run with libasan preloaded
@@ -157,20 +158,26 @@ def cuda_flags(archs: list[str]) -> list[str]:
     return flags
 
 
+def op_sources() -> list[Path]:
+    """The op family files csrc/ops/*.cpp (schemas and host functions; each registers itself with
+    TORCH_LIBRARY_FRAGMENT), found by name: a new family needs no change here."""
+    return sorted((CSRC / "ops").glob("*.cpp"))
+
+
 def sources(with_cuda: bool) -> list[Path]:
-    srcs = [CSRC / "ops.cpp", CSRC / "autograd.cpp", CSRC / "cpu" / "kernels.cpp"]
+    srcs = op_sources() + [CSRC / "autograd.cpp", CSRC / "cpu" / "kernels.cpp"]
     if with_cuda:
         srcs.append(CSRC / "cuda" / "kernels.cu")
     return srcs
 
 
 def emu_sources() -> list[Path]:
-    return [CSRC / "ops.cpp", CSRC / "autograd.cpp", CSRC / "cuda" / "emu" / "kernels_emu.cpp"]
+    return op_sources() + [CSRC / "autograd.cpp", CSRC / "cuda" / "emu" / "kernels_emu.cpp"]
 
 
 def _digest(kind: str, flags) -> str:
     """Hash of the sources a build of ``kind`` ("cpu", "cuda", "cuda_emu") compiles, the flags and torch."""
-    skip = {"cpu": {"cuda", "tools"}, "cuda": {"tools"}, "cuda_emu": {"cpu", "tools"}}[kind]
+    skip = {"cpu": {"cuda"}, "cuda": set(), "cuda_emu": {"cpu"}}[kind]
     h = hashlib.sha256()
     for p in sorted(CSRC.rglob("*")):
         if p.is_file() and p.suffix in (".h", ".cpp", ".cu", ".cuh") and not skip & set(p.relative_to(CSRC).parts):

@@ -117,3 +117,31 @@ def test_no_cuda_runtime_warning_and_build_command(tmp_path):
     assert out.returncode == 0 and "compiled extension: ready" in out.stdout, out.stdout + out.stderr
     assert "emulated CUDA library" not in out.stdout
     assert "No CUDA runtime is found" not in out.stderr, out.stderr
+
+
+def _family_headers() -> list[str]:
+    """The csrc/ops headers that declare bodies: those with DDPM_BODY(Name) lines."""
+    import re
+
+    return sorted(p.name for p in (_build.CSRC / "ops").glob("*.h")
+                  if re.search(r"^DDPM_BODY\(\w+\)$", p.read_text(), flags=re.M))
+
+
+def test_every_op_family_reaches_the_drivers():
+    """The drivers get their bodies from csrc/ops/families.h (DDPM_BODY lines, no central list of bodies):
+    it includes every family header, every body in one is followed by its DDPM_BODY line, and the build
+    compiles every family's .cpp."""
+    import re
+
+    ops = _build.CSRC / "ops"
+    listed = sorted(re.findall(r'#include "(\w+\.h)"', (ops / "families.h").read_text()))
+    assert listed == _family_headers() and len(listed) >= 4, (listed, _family_headers())
+    for name in listed:
+        text = (ops / name).read_text()
+        bodies = re.findall(r"template <class S> struct (\w+Elem)\b", text)
+        registered = re.findall(r"^DDPM_BODY\((\w+)\)$", text, flags=re.M)
+        assert bodies and bodies == registered, (name, bodies, registered)
+        assert (ops / name).with_suffix(".cpp") in _build.op_sources(), name
+    for driver in ("cpu/kernels.cpp", "cuda/kernels.cu"):
+        text = (_build.CSRC / driver).read_text()
+        assert re.search(r'#define DDPM_BODY\(Body\).*\n#include "\.\./ops/families\.h"\s*$', text), driver

@@ -23,7 +23,7 @@ SASS_ARCH = "90"
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
 
 # Stack frames a noise-free kernel may keep, and why (see test_noise_free_kernels_have_no_stack_frame).
-# TrainElem::operator() (csrc/ddpm_elem.h) passes `kl_loss ? &dm2 : nullptr` to vb.term: a pointer chosen
+# TrainElem::operator() (csrc/ops/losses.h) passes `kl_loss ? &dm2 : nullptr` to vb.term: a pointer chosen
 # at run time keeps dm2 in local memory (STL / LDL in the SASS).
 STACK_ALLOWED = {"body TrainElem<float>": 8}
 

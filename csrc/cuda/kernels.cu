@@ -1,4 +1,4 @@
-// cuda/kernels.cu -- the CUDA driver: runs a ddpm_elem.h body over [B, ...] tensors.
+// cuda/kernels.cu -- the CUDA driver: runs an element body (ops/body.h) over [B, ...] tensors.
 //
 // Grid (chunks of a sample, samples), the chunk length chosen from N, B and the device's SM count
 // (chunk_elems: >= 4 blocks per SM where the batch allows): a block loads its sample's table row once
@@ -38,7 +38,7 @@ constexpr int kMaxIn = 5, kMaxOut = 4, kMaxFinal = 4;
 
 enum StoreType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
-template <class S> struct KArgs {
+template <class S, class Options> struct KArgs {
   char* in[kMaxIn];
   int in_type[kMaxIn];  // StoreType of each operand
   int64_t in_bs[kMaxIn];
@@ -48,7 +48,7 @@ template <class S> struct KArgs {
   int64_t N, nch, chunk, ncols, nrows, fixed_t;  // chunk: elements of a sample per block (chunk_elems)
   const S* table;
   const int64_t* t;
-  Params<S> p;
+  Options p;  // the body's options
   int noise_input;
   uint64_t seed;
   bool row_major;
@@ -177,7 +177,7 @@ __device__ __forceinline__ void store_any(char* base, int type, int64_t off, int
   }
 }
 
-template <class S> __device__ __forceinline__ int64_t logical_index(const KArgs<S>& a, int64_t e) {
+template <class A> __device__ __forceinline__ int64_t logical_index(const A& a, int64_t e) {
   if (a.row_major) return e;
   int64_t off = 0;
   for (int k = a.nd - 1; k >= 0; --k) {
@@ -187,18 +187,24 @@ template <class S> __device__ __forceinline__ int64_t logical_index(const KArgs<
   return off;
 }
 
-// Resident blocks per SM asked of ptxas (__launch_bounds__: at most 65536 / (256 * n) registers a thread):
-// 4, and 3 (80 registers) for the bodies that at 64 registers spill (TrainElem) or get a stack frame
-// (VbElem, PMeanVarElem) on sm_90.
-template <class F> constexpr int kMinBlocksPerSm = 4;
-template <class S> constexpr int kMinBlocksPerSm<TrainElem<S>> = 3;
-template <class S> constexpr int kMinBlocksPerSm<VbElem<S>> = 3;
-template <class S> constexpr int kMinBlocksPerSm<PMeanVarElem<S>> = 3;
+// Resident blocks per SM asked of ptxas (__launch_bounds__: at most 65536 / (256 * n) registers a thread): 4,
+// or the body's own kMinBlocksPerSm (3, 80 registers, for the bodies that at 64 registers spill or get a stack
+// frame on sm_90).
+template <class F> constexpr int min_blocks_per_sm() {
+  if constexpr (requires { F::kMinBlocksPerSm; }) return F::kMinBlocksPerSm;
+  else return 4;
+}
+
+// Whether ops may ask body F for an in-kernel noise input (Launch::noise_input >= 0): its kMayDrawNoise.
+template <class F> constexpr bool may_draw_noise() {
+  if constexpr (requires { F::kMayDrawNoise; }) return F::kMayDrawNoise;
+  else return false;
+}
 
 // kNoise: input a.noise_input is drawn in-kernel (Philox + Box-Muller); only the bodies that can draw
-// noise (kMayDrawNoise) get a kNoise = true instance, so the others carry none of that code.
+// noise (may_draw_noise) get a kNoise = true instance, so the others carry none of that code.
 template <class S, class F, bool kNoise>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<F>) body_kernel(const KArgs<S> a) {
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) body_kernel(const KArgs<S, typename F::Options> a) {
   constexpr int NR = F::NR > 0 ? F::NR : 1, NO = F::NO > 0 ? F::NO : 1;
   __shared__ S row[kNumCols];
   __shared__ S warp_red[kThreads / 32][NR];
@@ -277,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<F>) body_kernel(cons
 }
 
 // second stage: one thread per sample adds its chunk partials in order and finishes the results
-template <class S, class F> __global__ void finish_kernel(const KArgs<S> a, int64_t B) {
+template <class S, class F> __global__ void finish_kernel(const KArgs<S, typename F::Options> a, int64_t B) {
   if constexpr (F::NR > 0) {
     const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (b >= B) return;
@@ -295,11 +301,6 @@ template <class S, class F> __global__ void finish_kernel(const KArgs<S> a, int6
   }
 }
 
-// The bodies with an input that ops.cpp may have drawn in-kernel (Launch::noise_input >= 0).
-template <class F> constexpr bool kMayDrawNoise = false;
-template <class S> constexpr bool kMayDrawNoise<PSampleElem<S>> = true;
-template <class S> constexpr bool kMayDrawNoise<DdimElem<S>> = true;
-
 int store_type(at::ScalarType t, bool dbl) {
   switch (t) {
     case at::kFloat: TORCH_CHECK(!dbl, "ddpm_fast (CUDA): float64 math needs float64 operands"); return kF32;
@@ -311,9 +312,9 @@ int store_type(at::ScalarType t, bool dbl) {
   return kF32;
 }
 
-template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
+template <class S, class F> void run(const Launch& L, const typename F::Options& prm) {
   const Plan& p = L.plan;
-  KArgs<S> a{};
+  KArgs<S, typename F::Options> a{};
   TORCH_CHECK(int(L.in.size()) == F::NI && int(L.out.size()) == F::NO, "ddpm_fast: operand count mismatch");
   const auto acc_type = c10::CppTypeToScalarType<S>::value;
   for (int k = 0; k < F::NI; ++k) {
@@ -359,7 +360,7 @@ template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
     for (int k = 0; k < F::NF; ++k) a.finals[k] = static_cast<S*>(L.finals[k]);
   }
   dim3 grid(static_cast<unsigned>(a.nch), static_cast<unsigned>(p.B));
-  if constexpr (kMayDrawNoise<F>) {
+  if constexpr (may_draw_noise<F>()) {
     if (a.noise_input >= 0) gpu::launch(body_kernel<S, F, true>, grid, dim3(kThreads), 0, stream, a);
     else gpu::launch(body_kernel<S, F, false>, grid, dim3(kThreads), 0, stream, a);
   } else {
@@ -375,17 +376,17 @@ template <class S, class F> void run(const Launch& L, const Params<S>& prm) {
   }
 }
 
-template <class S> void dispatch(const Launch& L, const Params<S>& prm) {
-  with_body<S>(L.body, [&]<class F>() { run<S, F>(L, prm); });
-}
-
 }  // namespace
 
 // float32 math only (fp16 / bf16 / fp32 storage); ddpm_fast.native sends float64 CUDA inputs to the
 // reference path, which keeps the nvcc build of both architectures within a few minutes.
-void launch_cuda(const Launch& L) {
+template <template <class> class Body> void launch_cuda(const Launch& L, const BodyOptions<Body>& options) {
   TORCH_CHECK(!L.dbl, "ddpm_fast (CUDA): float64 inputs run on the reference path, not the CUDA kernels");
-  dispatch<float>(L, L.pf);
+  run<float, Body<float>>(L, options.f);
 }
 
 }  // namespace ddpm
+
+// launch_cuda for every body of csrc/ops/
+#define DDPM_BODY(Body) template void launch_cuda<Body>(const Launch&, const BodyOptions<Body>&);
+#include "../ops/families.h"

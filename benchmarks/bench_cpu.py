@@ -2,7 +2,7 @@
 
 fp32, batch 64 of 3x64x64; every case runs interleaved with the others (median of `reps` rounds after
 warm-up); GB/s counts the bytes an op must read and write, against x.copy_ of a 12.6 MB float32 tensor (the size of the inputs).
-    python csrc/tools/bench_cpu.py [reps] 
+    python benchmarks/bench_cpu.py [reps] 
 """
 import statistics, time, sys
 import torch, ddpm_fast as F

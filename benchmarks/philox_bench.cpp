@@ -1,12 +1,12 @@
 // philox_bench.cpp -- single-core cost of the CPU kernels' in-kernel noise: Philox-4x32-10 + Box-Muller
-// (philox_normal_rows of cpu/kernels.cpp, the draw of a seeded p_sample_step / ddim_step), in ns per
-// normal, for the kernels' own chunk size, the rows held in L1. Build and run from the repository root:
+// (philox_normal_rows of csrc/cpu/simd_philox.h, the draw of a seeded p_sample_step / ddim_step), in ns per
+// normal, for the CPU driver's chunk size, the rows held in L1. Build and run from the repository root:
 //
 //   TI=$(python -c "import torch, os; print(os.path.dirname(torch.__file__))")
 //   g++ -O3 -std=c++20 $(python -c "import ddpm_fast._build as b; print(' '.join(b.cpu_flags()))") \
-//       -Icsrc -I$TI/include -I$TI/include/torch/csrc/api/include csrc/tools/philox_bench.cpp \
+//       -Icsrc -I$TI/include -I$TI/include/torch/csrc/api/include benchmarks/philox_bench.cpp \
 //       -L$TI/lib -ltorch_cpu -lc10 -Wl,-rpath,$TI/lib -o /tmp/philox_bench && /tmp/philox_bench
-#include "../cpu/kernels.cpp"
+#include "cpu/simd_philox.h"
 
 #include <algorithm>
 #include <chrono>
@@ -14,7 +14,7 @@
 #include <vector>
 
 int main() {
-  constexpr int64_t n = 2048;  // cpu/kernels.cpp's kChunk
+  constexpr int64_t n = 2048;  // csrc/cpu/kernels.cpp's kChunk
   constexpr int reps = 20000;
   alignas(64) static float z[n];
   double checksum = 0;

@@ -1,0 +1,221 @@
+// ops/host.h -- what every op's host function (ops/<family>.cpp) shares: argument checks that raise the
+// Python exception ddpm_fast/ops.py would (TypeError / ValueError naming the argument), the driver's view of
+// a tensor (Operand), and Runner<Body>, which fills a Launch by named slot and runs it on the tensors'
+// device. The fake (meta) impls, which must take symbolic shapes under torch.compile, are Python
+// (ddpm_fast/native.py). Option ints are the codes of options.h.
+#pragma once
+
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "../launch.h"
+#include "../op_namespace.h"
+
+namespace ddpm {
+namespace op {
+
+using at::Tensor;
+
+// Whether x's op takes the CUDA host path (operands copied into the plan's layout, cast temporaries,
+// no host read of t, cuda/kernels.cu): CUDA tensors, or every tensor in the emulated-CUDA build.
+inline bool cuda_path(const Tensor& x) {
+#ifdef DDPM_CUDA_EMU
+  (void)x;
+  return true;
+#else
+  return x.is_cuda();
+#endif
+}
+
+inline at::ScalarType compute_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Argument checks, once, here: ddpm_fast/ops.py sends CPU tensors on the compiled path straight to these
+// (no Python duplicate of them), so each raises the Python exception ops.py would (TypeError / ValueError
+// through TORCH_CHECK_TYPE / TORCH_CHECK_VALUE) with a message that names the argument.
+inline void check_t(const Tensor& t, int64_t B, const Tensor& table) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "t: expected an int64 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.is_contiguous(), "t: expected a contiguous tensor of shape (",
+                    B, ",), got shape ", t.sizes());
+  TORCH_CHECK(table.dim() == 2 && table.size(1) >= kNumCols && table.is_contiguous(),
+              "table: expected the schedule's packed table [T, ", int(kNumCols), "]");
+  TORCH_CHECK_VALUE(t.device() == table.device(), "t: expected it on the table's device ", table.device(),
+                    ", got ", t.device());
+  if (!cuda_path(t)) {
+    const int64_t* tp = t.data_ptr<int64_t>();
+    const int64_t T = table.size(0);
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_VALUE(tp[b] >= 0 && tp[b] < T, "t: expected timesteps in [0, ", T, "), got ", tp[b]);
+  }
+}
+
+inline void check_input(const char* name, const Tensor& x) {
+  const auto s = x.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, name,
+                   ": expected a float16, bfloat16, float32 or float64 tensor, got ", s);
+  TORCH_CHECK_VALUE(x.dim() >= 1, name, ": expected a batched tensor [B, ...], got a 0-dim tensor");
+}
+
+// x is checked against ref (itself already checked): same shape, device and dtype; the message names both
+inline void check_same(const char* name, const Tensor& x, const char* ref_name, const Tensor& ref) {
+  TORCH_CHECK_VALUE(x.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " (that of ", ref_name,
+                    "), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == ref.device(), name, ": expected device ", ref.device(), " (like ", ref_name,
+                    "), got ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (that of ",
+                   ref_name, "), got ", x.scalar_type());
+}
+
+// model_output against x (x_t or x0, named x_name, checked first): its shape, or doubled channels for a
+// learned variance
+inline void check_model_output(const Tensor& mo, const char* x_name, const Tensor& x, int64_t var_type) {
+  TORCH_CHECK_TYPE(mo.scalar_type() == x.scalar_type(), "model_output: expected dtype ", x.scalar_type(),
+                   " (that of ", x_name, "), got ", mo.scalar_type());
+  TORCH_CHECK_VALUE(mo.device() == x.device(), "model_output: expected device ", x.device(), " (like ", x_name,
+                    "), got ", mo.device());
+  if (is_learned(var_type)) {
+    bool ok = x.dim() >= 2 && mo.dim() == x.dim() && mo.size(1) == 2 * x.size(1);
+    for (int64_t d = 0; ok && d < x.dim(); ++d) ok = d == 1 || mo.size(d) == x.size(d);
+    TORCH_CHECK_VALUE(ok, "model_output: a learned variance needs ", x_name, "'s shape ", x.sizes(),
+                      " with doubled channels (mean and variance halves), got ", mo.sizes());
+  } else {
+    TORCH_CHECK_VALUE(mo.sizes() == x.sizes(), "model_output: expected shape ", x.sizes(), " (that of ", x_name,
+                      "), got ", mo.sizes());
+  }
+}
+
+// The driver's view of x; on CUDA a non-direct input is first copied into the plan's layout. The Operand
+// holds a raw pointer, so the tensor it points into is kept alive in `keep` until the launch has run: x
+// may be a temporary (run_bcast's cast of a broadcast fp16 / bf16 input to the compute dtype).
+inline Operand operand(const Plan& p, const Tensor& x, std::vector<Tensor>& keep) {
+  Operand o;
+  if (!x.defined()) return o;
+  Tensor y = x;
+  if (cuda_path(x) && !is_direct(p, x)) {
+    y = alloc_like_plan(p, x.sizes(), x.options());
+    y.copy_(x);
+  }
+  keep.push_back(y);
+  o.dtype = y.scalar_type();
+  o.direct = is_direct(p, y);
+  o.batch_stride = y.size(0) == 1 ? p.N : y.stride(0);
+  for (int k = 0; k < p.nd; ++k) o.stride[k] = y.stride(p.dim[k]);
+  o.base = static_cast<char*>(y.data_ptr());
+  return o;
+}
+
+// One launch of Body: operands set by slot (Body<S>::in_... / out_...; an unset or undefined one is absent),
+// the body's options set in both compute dtypes, then run() on ref's device.
+template <template <class> class Body> struct Runner {
+  using Slots = Body<float>;
+  Launch L;
+  BodyOptions<Body> options;
+  std::vector<Tensor> keep;
+  std::vector<std::pair<Tensor, Tensor>> copy_back;  // (tmp, target) for CUDA outputs not direct
+  Tensor device_ref;
+
+  Runner(const Plan& plan, const Tensor& ref, bool dbl) : device_ref(ref) {
+    L.plan = plan;
+    L.dbl = dbl;
+    L.in.resize(Slots::NI);
+    L.out.resize(Slots::NO);
+  }
+  void in(int slot, const Tensor& x) { L.in[slot] = operand(L.plan, x, keep); }
+  void out(int slot, const Tensor& x) {
+    if (x.defined() && cuda_path(x) && !is_direct(L.plan, x)) {
+      Tensor tmp = alloc_like_plan(L.plan, x.sizes(), x.options());
+      copy_back.emplace_back(tmp, x);
+      L.out[slot] = operand(L.plan, tmp, keep);
+      return;
+    }
+    L.out[slot] = operand(L.plan, x, keep);
+  }
+  // input `slot` drawn in-kernel: Philox(seed, b * N + i) normals
+  void philox_noise(int slot, int64_t seed) {
+    L.noise_input = slot;
+    L.seed = static_cast<uint64_t>(seed);
+  }
+  void table(const Tensor& table, const Tensor& t) {
+    L.table = table.data_ptr();
+    L.ncols = table.size(1);
+    L.nrows = table.size(0);
+    L.t = t.defined() ? t.data_ptr<int64_t>() : nullptr;
+  }
+  // fn(options) for the float and the double options (a generic lambda: S from the options' fields)
+  template <class Fn> void set_options(Fn fn) {
+    fn(options.f);
+    fn(options.d);
+  }
+  // Slots::NF per-sample results [B] in x's compute dtype, registered as the launch's finals
+  std::vector<Tensor> finals(const Tensor& x) {
+    std::vector<Tensor> f;
+    for (int k = 0; k < Slots::NF; ++k) {
+      auto opts = x.options().dtype(compute_type(x.scalar_type()));
+      // a mean over zero elements is NaN (the kernels do not run when a sample has no elements)
+      f.push_back(x.numel() == 0 ? at::full({x.size(0)}, std::nan(""), opts) : at::empty({x.size(0)}, opts));
+      L.finals[k] = f.back().data_ptr();
+    }
+    return f;
+  }
+  void run() {
+    if (L.plan.B == 0 || L.plan.N == 0) return;
+    c10::DeviceGuard guard(device_ref.device());
+#ifdef DDPM_CUDA_EMU
+    launch_cuda<Body>(L, options);  // emulated on the CPU: CPU tensors take the CUDA host path
+    for (auto& [tmp, target] : copy_back) target.copy_(tmp);
+#else
+    if (device_ref.is_cpu()) {
+      launch_cpu<Body>(L, options);
+    } else if (device_ref.is_cuda()) {
+#ifdef DDPM_WITH_CUDA
+      launch_cuda<Body>(L, options);
+      for (auto& [tmp, target] : copy_back) target.copy_(tmp);
+#else
+      TORCH_CHECK(false, "ddpm_fast._C was built without CUDA kernels");
+#endif
+    } else {
+      TORCH_CHECK(false, "ddpm_fast._C: unsupported device ", device_ref.device());
+    }
+#endif
+  }
+};
+
+inline Tensor gather_col(const Tensor& table, const Tensor& t, int64_t col) {
+  return table.select(1, col).index_select(0, t);
+}
+
+inline Tensor empty0(const Tensor& like, at::ScalarType dtype) { return at::empty({0}, like.options().dtype(dtype)); }
+
+// model_output's mean and variance halves (the variance half undefined without a learned variance)
+inline std::pair<Tensor, Tensor> halves(const Tensor& mo, bool learned) {
+  if (!learned) return {mo, Tensor()};
+  int64_t c = mo.size(1) / 2;
+  return {mo.narrow(1, 0, c), mo.narrow(1, c, c)};
+}
+
+// ModelOptions of a model-reading body; thresh's data is passed in the options of its dtype only
+template <class Options>
+void set_model_options(Options& o, int64_t mean_type, int64_t var_type, bool clip, const c10::optional<Tensor>& thresh) {
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(o.thresh)>>;
+  o.mean_type = int(mean_type);
+  o.var_type = int(var_type);
+  o.clip = clip;
+  o.thresh = nullptr;
+  if (thresh.has_value() && thresh->defined() && thresh->scalar_type() == c10::CppTypeToScalarType<S>::value)
+    o.thresh = thresh->data_ptr<S>();
+}
+
+// MeanOptions of a body with per-sample means over the plan's N elements
+template <class Options> void set_mean_options(Options& o, const Plan& p) {
+  using S = std::remove_reference_t<decltype(o.numel)>;
+  o.numel = static_cast<S>(p.N);
+  o.inv_numel = S(1) / static_cast<S>(p.N);
+}
+
+}  // namespace op
+}  // namespace ddpm

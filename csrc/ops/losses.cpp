@@ -1,0 +1,182 @@
+// ops/losses.cpp -- the loss family: vb_terms_bpd, training_losses, their shared backward scale_halves,
+// prior_bpd and prior_bpd_backward (schemas, host functions; bodies in losses.h).
+#include "losses.h"
+
+#include "host.h"
+
+namespace ddpm {
+namespace op {
+namespace {
+
+// The losses' saved unit gradients w.r.t. the mean and the variance half (plan layout, compute dtype);
+// an absent one is an empty [0] tensor.
+std::pair<Tensor, Tensor> saved_grads(const Plan& p, const Tensor& x0, at::ScalarType ct, bool need_grad,
+                                      bool learned) {
+  auto buf = [&](bool want) {
+    return want ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : empty0(x0, ct);
+  };
+  return {buf(need_grad), buf(need_grad && learned)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd(const Tensor& mo, const Tensor& x0, const Tensor& x_t,
+                                                const Tensor& t, const Tensor& table, int64_t mean_type,
+                                                int64_t var_type, bool clip, bool need_grad) {
+  using Body = VbElem<float>;
+  check_input("x_t", x_t);
+  check_model_output(mo, "x_t", x_t, var_type);
+  check_same("x0", x0, "x_t", x_t);
+  check_t(t, x_t.size(0), table);
+  bool learned = is_learned(var_type);
+  Plan p = make_plan(x0);
+  auto [mean_out, var_out] = halves(mo, learned);
+  auto ct = compute_type(x0.scalar_type());
+  auto [d_mean_out, d_var_out] = saved_grads(p, x0, ct, need_grad, learned);
+  Runner<VbElem> r(p, x0, ct == at::kDouble);
+  auto finals = r.finals(x0);
+  r.in(Body::in_mean_out, mean_out), r.in(Body::in_var_out, var_out), r.in(Body::in_x0, x0), r.in(Body::in_x_t, x_t);
+  if (need_grad) r.out(Body::out_grad_mean_out, d_mean_out);
+  if (need_grad && learned) r.out(Body::out_grad_var_out, d_var_out);
+  r.table(table, t);
+  r.set_options([&](auto& o) {
+    set_model_options(o, mean_type, var_type, clip, c10::nullopt);
+    set_mean_options(o, p);
+    o.need_grad = need_grad;
+  });
+  r.run();
+  return {finals[Body::final_vb_bpd], d_mean_out, d_var_out};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
+    const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table, int64_t mean_type,
+    int64_t var_type, int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad) {
+  using Body = TrainElem<float>;
+  check_input("x0", x0);
+  check_model_output(mo, "x0", x0, var_type);
+  check_same("noise", noise, "x0", x0);
+  check_t(t, x0.size(0), table);
+  bool learned = is_learned(var_type);
+  Plan p = make_plan(x0);
+  auto [mean_out, var_out] = halves(mo, learned);
+  auto ct = compute_type(x0.scalar_type());
+  auto [d_mean_out, d_var_out] = saved_grads(p, x0, ct, need_grad, learned);
+  const int64_t T = table.size(0);
+  auto run = [&]<template <class> class Elem>(Runner<Elem>& r, bool mse_only) {
+    auto finals = r.finals(x0);
+    r.in(Body::in_mean_out, mean_out);
+    if (learned) r.in(Body::in_var_out, var_out);
+    // the MSE alone (no vb term) on an eps target reads no x0, on an x0 target no noise (absent inputs read 0)
+    if (!(mse_only && mean_type == kEpsilon)) r.in(Body::in_x0, x0);
+    if (!(mse_only && mean_type == kX0)) r.in(Body::in_noise, noise);
+    if (need_grad) r.out(Body::out_grad_mean_out, d_mean_out);
+    if (need_grad && learned) r.out(Body::out_grad_var_out, d_var_out);
+    r.table(table, t);
+    r.set_options([&](auto& o) {
+      using S = std::remove_reference_t<decltype(o.numel)>;
+      set_mean_options(o, p);
+      o.mean_type = int(mean_type);
+      o.var_type = int(var_type);
+      o.loss_type = int(loss_type);
+      o.weighting = int(weighting);
+      o.min_snr_gamma = static_cast<S>(min_snr_gamma);
+      o.need_grad = need_grad;
+      o.vb_scale = loss_type == kRescaledMse ? static_cast<S>(T / 1000.0) : S(1);
+      o.kl_scale = loss_type == kRescaledKl ? static_cast<S>(T) : S(1);
+    });
+    r.run();
+    return std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>{
+        finals[Body::final_loss], finals[Body::final_mse],        finals[Body::final_vb],
+        finals[Body::final_mse_weight], d_mean_out, d_var_out};
+  };
+  // an MSE loss with a fixed variance has no vb term: TrainMseElem's loop carries none of its code
+  if (!learned && loss_type != kKl && loss_type != kRescaledKl) {
+    Runner<TrainMseElem> r(p, x0, ct == at::kDouble);
+    return run(r, true);
+  }
+  Runner<TrainElem> r(p, x0, ct == at::kDouble);
+  return run(r, false);
+}
+
+Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const Tensor& s_mean,
+                    const Tensor& s_var, const Tensor& mo) {
+  using Body = ScaleElem<float>;
+  bool learned = d_v.has_value() && d_v->defined() && d_v->numel() > 0;
+  auto ct = d_out.scalar_type();
+  TORCH_CHECK(s_mean.scalar_type() == ct && s_var.scalar_type() == ct && s_mean.is_contiguous() &&
+                  s_var.is_contiguous() && s_mean.numel() == d_out.size(0) && s_var.numel() == d_out.size(0),
+              "s_mean, s_var: expected contiguous [B] tensors of the saved gradient's dtype");
+  Plan p = make_plan(d_out);
+  Tensor grad = alloc_grad_like(mo, mo.scalar_type());
+  auto [grad_mean, grad_var] = halves(grad, learned);
+  if (!learned && mo.dim() >= 2 && mo.size(1) == 2 * d_out.size(1) && d_out.size(1) > 0) {
+    // a learned-variance model output whose variance half gets no gradient
+    grad_mean = grad.narrow(1, 0, d_out.size(1));
+    grad.narrow(1, d_out.size(1), d_out.size(1)).zero_();
+  }
+  Runner<ScaleElem> r(p, d_out, ct == at::kDouble);
+  r.in(Body::in_unit_grad_mean, d_out), r.out(Body::out_grad_mean_out, grad_mean);
+  if (learned) r.in(Body::in_unit_grad_var, *d_v), r.out(Body::out_grad_var_out, grad_var);
+  if (ct == at::kDouble) {
+    r.options.d.scale_mean = s_mean.data_ptr<double>(), r.options.d.scale_var = s_var.data_ptr<double>();
+  } else {
+    r.options.f.scale_mean = s_mean.data_ptr<float>(), r.options.f.scale_var = s_var.data_ptr<float>();
+  }
+  r.run();
+  return grad;
+}
+
+Tensor prior_bpd(const Tensor& x0, const Tensor& table) {
+  using Body = PriorElem<float>;
+  TORCH_CHECK(table.dim() == 2 && table.size(1) >= kNumCols && table.is_contiguous() && table.size(0) >= 1,
+              "table: expected the schedule's packed table");
+  Plan p = make_plan(x0);
+  Runner<PriorElem> r(p, x0, x0.scalar_type() == at::kDouble);
+  auto finals = r.finals(x0);
+  r.in(Body::in_x0, x0), r.table(table, Tensor());
+  r.L.fixed_t = table.size(0) - 1;
+  r.set_options([&](auto& o) { set_mean_options(o, p); });
+  r.run();
+  return finals[Body::final_prior_bpd];
+}
+
+Tensor prior_bpd_backward(const Tensor& grad, const Tensor& x0, const Tensor& table) {
+  using Body = PriorBackwardElem<float>;
+  Plan p = make_plan(x0);
+  auto ct = compute_type(x0.scalar_type());
+  Tensor grad_per_sample = grad.to(ct).contiguous();
+  Tensor grad_x0 = alloc_like_plan(p, x0.sizes(), x0.options());
+  Runner<PriorBackwardElem> r(p, x0, ct == at::kDouble);
+  r.in(Body::in_x0, x0), r.out(Body::out_grad_x0, grad_x0), r.table(table, Tensor());
+  r.L.fixed_t = table.size(0) - 1;
+  r.set_options([&](auto& o) { set_mean_options(o, p); });
+  if (ct == at::kDouble) r.options.d.grad = grad_per_sample.data_ptr<double>();
+  else r.options.f.grad = grad_per_sample.data_ptr<float>();
+  r.run();
+  return grad_x0;
+}
+
+void impls(torch::Library& m) {
+  m.impl("vb_terms_bpd", &vb_terms_bpd);
+  m.impl("training_losses", &training_losses);
+  m.impl("scale_halves", &scale_halves);
+  m.impl("prior_bpd", &prior_bpd);
+  m.impl("prior_bpd_backward", &prior_bpd_backward);
+}
+
+}  // namespace
+}  // namespace op
+}  // namespace ddpm
+
+DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {
+  m.def("vb_terms_bpd(Tensor model_output, Tensor x0, Tensor x_t, Tensor t, Tensor table, int mean_type, "
+        "int var_type, bool clip, bool need_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("training_losses(Tensor model_output, Tensor x0, Tensor t, Tensor noise, Tensor table, int mean_type, "
+        "int var_type, int loss_type, int weighting, float min_snr_gamma, bool need_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("scale_halves(Tensor d_out, Tensor? d_v, Tensor s_mean, Tensor s_var, Tensor model_output) -> Tensor");
+  m.def("prior_bpd(Tensor x0, Tensor table) -> Tensor");
+  m.def("prior_bpd_backward(Tensor grad, Tensor x0, Tensor table) -> Tensor");
+}
+DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
+#ifdef DDPM_WITH_CUDA
+TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
+#endif
