@@ -33,6 +33,8 @@ struct Launch {
   int64_t fixed_t = 0;
   int noise_input = -1;                      // input slot drawn from Philox(seed, b * N + i), or -1
   uint64_t seed = 0;
+  const int64_t* seed_key = nullptr;         // [1] int64 on the kernel's device holding the seed, or nullptr:
+                                             // seed (a device-side draw: CUDA-graph capture safe)
   std::array<void*, 4> finals{};             // F::NF per-sample results [B] in the compute dtype
 };
 

@@ -253,20 +253,24 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
 
 
 # -- sampler steps ----------------------------------------------------------------------------------
-def _philox_seed(seed, generator, device) -> int:
-    """The step's Philox seed: ``seed``, else drawn from ``generator`` (default: torch's) on the host."""
+def _philox_seed(seed, generator, device) -> tuple:
+    """(the step's Philox seed, or 0 and seed_key: an int64 [1] tensor on ``device`` holding it).
+
+    ``seed``, else a torch.randint draw of ``generator`` (default: torch's for ``device``). A generator on the
+    inputs' device gives the draw as a tensor that the kernel reads: no host read, and on CUDA the draw advances
+    the generator's Philox offset on the device, so a CUDA-graph capture of the step draws fresh noise on every
+    replay. A CPU generator for CUDA inputs is read on the host (a CPU tensor: no device sync).
+    """
     if seed is not None:
-        return int(seed)
+        return int(seed), None
     if generator is None:
         generator = (torch.cuda.default_generators[device.index if device.index is not None
                                                    else torch.cuda.current_device()]
                      if device.type == "cuda" else torch.default_generator)
-    if generator.device.type == "cpu":  # a CPU draw read through numpy: no device, no aten scalar read
-        return int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64).numpy()[0])
-    # CUDA generator: its seed and Philox offset live on the host; advance the offset, no device sync
-    offset = generator.get_offset()
-    generator.set_offset(offset + 4)
-    return (generator.initial_seed() * 0x9E3779B97F4A7C15 + offset) % 2**63
+    key = torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64, device=generator.device)
+    if key.device == device:
+        return 0, key
+    return int(key.cpu().numpy()[0]), None
 
 
 @_kernel
@@ -274,10 +278,10 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_d
                   dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None, seed=None):
     """One ancestral step: dict sample, pred_xstart; noise=None draws N(0, I) in-kernel (Philox)."""
     thresh = _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
-    philox = 0 if noise is not None else _philox_seed(seed, generator, x_t.device)
+    philox, key = (0, None) if noise is not None else _philox_seed(seed, generator, x_t.device)
     sample, pred = _op("p_sample_step")(
         model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type],
-        bool(clip_denoised), thresh, noise, philox)
+        bool(clip_denoised), thresh, noise, philox, key)
     return {"sample": sample, "pred_xstart": pred}
 
 
@@ -287,8 +291,8 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
               seed=None):
     """One DDIM step: dict sample, pred_xstart; with eta > 0 and noise=None, noise is drawn in-kernel."""
     thresh = _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
-    philox = 0 if (noise is not None or eta == 0.0) else _philox_seed(seed, generator, x_t.device)
+    philox, key = (0, None) if (noise is not None or eta == 0.0) else _philox_seed(seed, generator, x_t.device)
     sample, pred = _op("ddim_step")(
         model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type],
-        bool(clip_denoised), thresh, float(eta), noise, philox)
+        bool(clip_denoised), thresh, float(eta), noise, philox, key)
     return {"sample": sample, "pred_xstart": pred}

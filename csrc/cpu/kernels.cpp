@@ -140,6 +140,7 @@ template <class S, class F> void run_chunk(const F& f, const S* const* in, S* co
 
 template <class S, class F> void drive(const Launch& L, const typename F::Options& options) {
   const Plan& p = L.plan;
+  const uint64_t seed = L.seed_key ? static_cast<uint64_t>(*L.seed_key) : L.seed;  // a CPU tensor here
   const int64_t nch = (p.N + kChunk - 1) / kChunk;
   const int NR = F::NR;
   std::vector<S> partial(NR > 0 ? size_t(p.B * nch * NR) : 0);
@@ -173,7 +174,7 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
         S* buf = bufs.data() + k * kChunk;
         const Operand& o = L.in[k];
         if (k == L.noise_input) {
-          philox_normals(p, L.seed, b, e0, n, buf, offs.data());
+          philox_normals(p, seed, b, e0, n, buf, offs.data());
           in[k] = buf;
           continue;
         }

@@ -51,6 +51,7 @@ template <class S, class Options> struct KArgs {
   Options p;  // the body's options
   int noise_input;
   uint64_t seed;
+  const int64_t* seed_key;  // the seed on the device (read in-kernel), or nullptr: seed
   bool row_major;
   int nd;
   int64_t size[kMaxDims], logical[kMaxDims];  // iteration-order sizes, row-major strides
@@ -214,6 +215,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) body_kernel(
   if (a.table && threadIdx.x < kNumCols) row[threadIdx.x] = a.table[tb * a.ncols + threadIdx.x];
   __syncthreads();
   const F f = F::make(a.table ? row : nullptr, a.p, b, tb);
+  uint64_t seed = a.seed;
+  if constexpr (kNoise) {
+    if (a.seed_key) seed = static_cast<uint64_t>(*a.seed_key);
+  }
   S acc[NR];
 #pragma unroll
   for (int k = 0; k < NR; ++k) acc[k] = S(0);
@@ -228,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) body_kernel(
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
             float u1, u2;
-            philox_uniform2(a.seed, uint64_t(b * a.N + logical_index(a, e + j)), &u1, &u2);
+            philox_uniform2(seed, uint64_t(b * a.N + logical_index(a, e + j)), &u1, &u2);
             vin[k][j] = static_cast<S>(box_muller(u1, u2));
           }
           continue;
@@ -340,6 +345,7 @@ template <class S, class F> void run(const Launch& L, const typename F::Options&
   a.p = prm;
   a.noise_input = L.noise_input;
   a.seed = L.seed;
+  a.seed_key = L.seed_key;
   a.row_major = p.row_major;
   a.nd = p.nd;
   int64_t s = 1;

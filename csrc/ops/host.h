@@ -135,10 +135,20 @@ template <template <class> class Body> struct Runner {
     }
     L.out[slot] = operand(L.plan, x, keep);
   }
-  // input `slot` drawn in-kernel: Philox(seed, b * N + i) normals
-  void philox_noise(int slot, int64_t seed) {
+  // input `slot` drawn in-kernel: Philox(seed, b * N + i) normals; the seed is read in-kernel from seed_key
+  // (an int64 [1] tensor on ref's device, e.g. a torch.randint draw of a generator) when it is given
+  void philox_noise(int slot, int64_t seed, const c10::optional<Tensor>& seed_key) {
     L.noise_input = slot;
     L.seed = static_cast<uint64_t>(seed);
+    if (seed_key.has_value() && seed_key->defined()) {
+      const Tensor& key = *seed_key;
+      TORCH_CHECK_VALUE(key.dim() == 1 && key.numel() == 1 && key.scalar_type() == at::kLong &&
+                            key.device() == device_ref.device(),
+                        "seed_key: expected an int64 tensor of shape [1] on ", device_ref.device(), ", got ",
+                        key.scalar_type(), " ", key.sizes(), " on ", key.device());
+      keep.push_back(key);
+      L.seed_key = key.data_ptr<int64_t>();
+    }
   }
   void table(const Tensor& table, const Tensor& t) {
     L.table = table.data_ptr();

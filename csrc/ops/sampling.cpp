@@ -51,7 +51,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> p_mean_variance(const Tensor& mo, con
 std::tuple<Tensor, Tensor> p_sample_step(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table,
                                          int64_t mean_type, int64_t var_type, bool clip,
                                          const c10::optional<Tensor>& thresh, const c10::optional<Tensor>& noise,
-                                         int64_t seed) {
+                                         int64_t seed, const c10::optional<Tensor>& seed_key) {
   using Body = PSampleElem<float>;
   check_input("x_t", x_t);
   check_model_output(mo, "x_t", x_t, var_type);
@@ -68,7 +68,7 @@ std::tuple<Tensor, Tensor> p_sample_step(const Tensor& mo, const Tensor& x_t, co
   r.in(Body::in_mean_out, mean_out), r.in(Body::in_var_out, var_out), r.in(Body::in_x_t, x_t);
   r.out(Body::out_sample, sample), r.out(Body::out_pred_xstart, pred_xstart), r.table(table, t);
   if (given_noise.defined()) r.in(Body::in_noise, given_noise);
-  else r.philox_noise(Body::in_noise, seed);
+  else r.philox_noise(Body::in_noise, seed, seed_key);
   r.set_options([&](auto& o) { set_model_options(o, mean_type, var_type, clip, thresh); });
   r.run();
   return {sample, pred_xstart};
@@ -77,7 +77,8 @@ std::tuple<Tensor, Tensor> p_sample_step(const Tensor& mo, const Tensor& x_t, co
 std::tuple<Tensor, Tensor> ddim_step(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table,
                                      int64_t mean_type, int64_t var_type, bool clip,
                                      const c10::optional<Tensor>& thresh, double eta,
-                                     const c10::optional<Tensor>& noise, int64_t seed) {
+                                     const c10::optional<Tensor>& noise, int64_t seed,
+                                     const c10::optional<Tensor>& seed_key) {
   using Body = DdimElem<float>;
   check_input("x_t", x_t);
   check_model_output(mo, "x_t", x_t, var_type);
@@ -94,7 +95,7 @@ std::tuple<Tensor, Tensor> ddim_step(const Tensor& mo, const Tensor& x_t, const 
   r.out(Body::out_sample, sample), r.out(Body::out_pred_xstart, pred_xstart), r.table(table, t);
   if (eta != 0.0) {  // eta 0: deterministic, no noise read
     if (given_noise.defined()) r.in(Body::in_noise, given_noise);
-    else r.philox_noise(Body::in_noise, seed);
+    else r.philox_noise(Body::in_noise, seed, seed_key);
   }
   r.set_options([&](auto& o) {
     set_model_options(o, mean_type, var_type, clip, thresh);
@@ -118,9 +119,9 @@ DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {
   m.def("p_mean_variance(Tensor model_output, Tensor x_t, Tensor t, Tensor table, int mean_type, int var_type, "
         "bool clip, Tensor? thresh) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("p_sample_step(Tensor model_output, Tensor x_t, Tensor t, Tensor table, int mean_type, int var_type, "
-        "bool clip, Tensor? thresh, Tensor? noise, int seed) -> (Tensor, Tensor)");
+        "bool clip, Tensor? thresh, Tensor? noise, int seed, Tensor? seed_key=None) -> (Tensor, Tensor)");
   m.def("ddim_step(Tensor model_output, Tensor x_t, Tensor t, Tensor table, int mean_type, int var_type, "
-        "bool clip, Tensor? thresh, float eta, Tensor? noise, int seed) -> (Tensor, Tensor)");
+        "bool clip, Tensor? thresh, float eta, Tensor? noise, int seed, Tensor? seed_key=None) -> (Tensor, Tensor)");
 }
 DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
 #ifdef DDPM_WITH_CUDA
