@@ -1,5 +1,5 @@
-"""Backend "cuda_emu": the CUDA kernels (csrc/cuda/kernels.cu) and ops.cpp's CUDA host path, run on CPU
-tensors through an emulation of the CUDA execution model (csrc/cuda/emu/cuda_emu.h).
+"""Backend "cuda_emu": the CUDA kernels (csrc/cuda/kernels.cu) and the op families' CUDA host path
+(csrc/ops/host.h), run on CPU tensors through an emulation of the CUDA execution model (csrc/cuda/emu/cuda_emu.h).
 
 For checking without a GPU: it proves launch geometry, indexing, block reductions, barriers, Philox
 offsets and operand plumbing (and runs under the sanitizers), not speed. Built on first use when

@@ -1,5 +1,5 @@
-"""Backend "cuda_emu": csrc/cuda/kernels.cu and ops.cpp's CUDA host path run on the CPU through the CUDA
-emulation (csrc/cuda/emu/cuda_emu.h). Runs when DDPM_FAST_CUDA_EMU=1 (CI sets it); a failed build then
+"""Backend "cuda_emu": csrc/cuda/kernels.cu and the op families' CUDA host path (csrc/ops/host.h) run on the
+CPU through the CUDA emulation (csrc/cuda/emu/cuda_emu.h). Runs when DDPM_FAST_CUDA_EMU=1 (CI sets it); a failed build then
 fails the run. The cross-backend suites (hardening, fuzz, no-host-sync, opcheck) cover it too; this file
 holds what is specific to it: equality with the cpu backend, the two bugs it found, device asserts.
 
@@ -89,7 +89,7 @@ def test_table_less_ops_and_their_gradients_run(op):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_broadcast_inputs_are_kept_alive(dtype):
-    """Bug 2 (found by the emulator): ops.cpp's CUDA host path cast fp16 / bf16 broadcast inputs to float32
+    """Bug 2 (found by the emulator): the CUDA host path (then ops.cpp, now csrc/ops/host.h) cast fp16 / bf16 broadcast inputs to float32
     in a temporary that was freed before the kernel read it (garbage such as inf; a heap-use-after-free
     under ASan)."""
     g = torch.Generator().manual_seed(0)

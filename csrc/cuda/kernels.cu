@@ -10,8 +10,8 @@
 // the [B] results. No float atomics, no host syncs, launches on the current stream. Compute is
 // float32 (storage fp16 / bf16 / fp32). Noise for the sampler steps is drawn in-kernel with Philox
 // 4x32-10 (ddpm_math.h: the stream of triton.language.randn(seed, b * N + i)), compiled only into the
-// kNoise instances of the bodies that can draw it. ops.cpp hands this driver only operands in the
-// plan's direct layout.
+// kNoise instances of the bodies that can draw it. The op families (csrc/ops/) hand this driver only operands
+// in the plan's direct layout.
 //
 // The same file builds as host C++ against the CUDA emulation (backend "cuda_emu", -DDDPM_CUDA_EMU):
 // every runtime call goes through cuda/runtime.h.

@@ -165,9 +165,10 @@ def model_args(model_output, x_t, t, sched, mean_type, var_type, validate, x_nam
 # -- the compiled CPU path: its C++ checks dtypes, shapes and t (range included) once ---------------
 def cpu_native(op, backend, *tensors):
     """The compiled CPU extension's ``op`` when ``backend`` runs these tensors (ops.REGISTRY[op].tensors, in
-    order, the batched one first; None: absent) on it, else None (the checked path, which also takes every fallback to the
-    reference). csrc/ops.cpp then checks dtypes, shapes and t once, raising the TypeError / ValueError the
-    checks above raise, named the same: no check runs twice. The decision is backends.route's, its plan for
+    order, the batched one first; None: absent) on it, else None (the checked path, which also takes every
+    fallback to the reference). The op families' C++ host functions (csrc/ops/host.h) then check dtypes,
+    shapes and t once, raising the TypeError / ValueError the checks above raise, named the same: no check
+    runs twice. The decision is backends.route's, its plan for
     (cpu, op, dtype) kept here: one lookup, and a requires_grad test where the kernels lack a gradient."""
     if backend != "auto" and backend != "cpu":
         return None

@@ -1,8 +1,8 @@
 """Ahead-of-time compile of every Triton kernel for a GPU target, without a GPU.
 
 ``python -m ddpm_fast.triton.aot [--arch 80 90] [--json]`` compiles each kernel (fp32 pointers,
-16-byte aligned contiguous inputs, BLOCK 1024, 4 warps: what the launchers pick on a GPU) with
-triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) and reads registers per thread and
+16-byte aligned contiguous inputs, BLOCK 1024, 4 warps (8 for vb_bwd with the vb term): what the launchers
+pick on a GPU) with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) and reads registers per thread and
 spill bytes from ptxas' own report. Must run with TRITON_INTERPRET unset: under the interpreter
 @triton.jit yields interpreter objects that cannot be compiled (tests run this in a subprocess).
 """
@@ -102,6 +102,8 @@ def compile_all(archs=(80, 90), num_warps=4):
     from triton.compiler import ASTSource
     from triton import knobs
 
+    from . import vb
+
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("TRITON_INTERPRET=1: kernels are interpreter objects; run with TRITON_INTERPRET unset")
     knobs.nvidia.dump_ptxas_log = True
@@ -110,11 +112,12 @@ def compile_all(archs=(80, 90), num_warps=4):
     for label, kernel, constexprs, streaming in _variants():
         consts = {k: (tl.float32 if v == "fp32" else v) for k, v in constexprs.items()}
         sig, attrs = _signature(kernel, consts)
+        warps = vb.bwd_warps(num_warps, constexprs["DO_VB"]) if kernel is vb._vb_bwd_kernel else num_warps
         for arch in archs:
             src = ASTSource(kernel, signature=sig, constexprs=consts, attrs=attrs)
             log = io.StringIO()
             with contextlib.redirect_stdout(log):
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
             text = log.getvalue()
             regs = re.findall(r"Used (\d+) registers", text)
             spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -128,7 +131,8 @@ def compile_all(archs=(80, 90), num_warps=4):
 
 
 def table_text(rows, arch=90) -> str:
-    lines = [f"{'kernel':<36} {'regs':>5} {'spills (st/ld B)':>17} {'v4 loads':>9}   (sm_{arch}, 4 warps, BLOCK 1024)"]
+    lines = [f"{'kernel':<36} {'regs':>5} {'spills (st/ld B)':>17} {'v4 loads':>9}   "
+             f"(sm_{arch}, 4 warps (vb_bwd with the vb term: 8), BLOCK 1024)"]
     for r in rows:
         if r["arch"] == arch:
             lines.append(f"{r['kernel']:<36} {r['regs']:>5} {r['spill_stores']:>8}/{r['spill_loads']:<8} {r['v4_loads']:>9}")
