@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 
 #include "../op_namespace.h"
 
@@ -27,6 +28,21 @@ using torch::autograd::variable_list;
 // The typed dispatcher handle of the op `name` ("ns::name", DDPM_OP), looked up once per call site.
 template <class Sig> c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// Whether an op call goes through its autograd Function (Function::apply), as every call did: grad mode is on
+// and a tensor argument requires grad, or a tensor argument carries a forward-mode gradient (apply raises
+// that the C++ Function has no jvp), or a functorch transform is active (apply raises that C++ Functions are
+// unsupported). Otherwise the autograd kernel calls the Function's below_autograd directly, what its forward
+// calls: the same outputs (none requires grad), without building and wrapping an autograd node.
+template <class... Tensors> bool needs_autograd_node(const Tensors&... tensors) {
+  if (at::functorch::functorchTLSAccessor()) return true;
+  const bool grad_mode = at::GradMode::is_enabled();
+  auto forward_grad = [](const at::Tensor& x) {
+    const auto* meta = torch::autograd::impl::get_autograd_meta(x);
+    return meta && meta->fw_grad_ && !meta->fw_grad_->empty();
+  };
+  return (... || ((grad_mode && tensors.requires_grad()) || forward_grad(tensors)));
 }
 
 }  // namespace op

@@ -115,13 +115,16 @@ variable_list reduce_to_inputs(AutogradContext* ctx, const std::vector<Tensor>& 
 }
 
 struct NormalKl : public torch::autograd::Function<NormalKl> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& m1, const Tensor& lv1, const Tensor& m2,
-                        const Tensor& lv2) {
+  static Tensor below_autograd(const Tensor& m1, const Tensor& lv1, const Tensor& m2, const Tensor& lv2) {
     static auto op =
         op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("normal_kl"));
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({m1, lv1, m2, lv2});
     return op.call(m1, lv1, m2, lv2);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& m1, const Tensor& lv1, const Tensor& m2,
+                        const Tensor& lv2) {
+    ctx->save_for_backward({m1, lv1, m2, lv2});
+    return below_autograd(m1, lv1, m2, lv2);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor, Tensor>(
@@ -133,12 +136,15 @@ struct NormalKl : public torch::autograd::Function<NormalKl> {
 };
 
 struct Dgll : public torch::autograd::Function<Dgll> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& log_scales) {
+  static Tensor below_autograd(const Tensor& x, const Tensor& means, const Tensor& log_scales) {
     static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(
         DDPM_OP("discretized_gaussian_log_likelihood"));
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({x, means, log_scales});
     return op.call(x, means, log_scales);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& log_scales) {
+    ctx->save_for_backward({x, means, log_scales});
+    return below_autograd(x, means, log_scales);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
@@ -150,10 +156,12 @@ struct Dgll : public torch::autograd::Function<Dgll> {
 };
 
 Tensor normal_kl_autograd(const Tensor& m1, const Tensor& lv1, const Tensor& m2, const Tensor& lv2) {
+  if (!needs_autograd_node(m1, lv1, m2, lv2)) return NormalKl::below_autograd(m1, lv1, m2, lv2);
   return NormalKl::apply(m1, lv1, m2, lv2);
 }
 
 Tensor dgll_autograd(const Tensor& x, const Tensor& means, const Tensor& log_scales) {
+  if (!needs_autograd_node(x, means, log_scales)) return Dgll::below_autograd(x, means, log_scales);
   return Dgll::apply(x, means, log_scales);
 }
 

@@ -104,13 +104,16 @@ std::tuple<Tensor, Tensor> linear_grads(const Tensor& g, const Tensor& t, const 
 }
 
 struct QSample : public torch::autograd::Function<QSample> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& t, const Tensor& noise,
-                        const Tensor& table) {
+  static Tensor below_autograd(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
     static auto op =
         op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("q_sample"));
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({t, table});
     return op.call(x0, t, noise, table);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& t, const Tensor& noise,
+                        const Tensor& table) {
+    ctx->save_for_backward({t, table});
+    return below_autograd(x0, t, noise, table);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
@@ -120,12 +123,16 @@ struct QSample : public torch::autograd::Function<QSample> {
 };
 
 struct QPosterior : public torch::autograd::Function<QPosterior> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x0, const Tensor& x_t, const Tensor& t,
-                               const Tensor& table) {
+  static std::tuple<Tensor, Tensor, Tensor> below_autograd(const Tensor& x0, const Tensor& x_t, const Tensor& t,
+                                                           const Tensor& table) {
     static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                   const Tensor&)>(DDPM_OP("q_posterior"));
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [mean, var, logvar] = op.call(x0, x_t, t, table);
+    return op.call(x0, x_t, t, table);
+  }
+  static variable_list forward(AutogradContext* ctx, const Tensor& x0, const Tensor& x_t, const Tensor& t,
+                               const Tensor& table) {
+    auto [mean, var, logvar] = below_autograd(x0, x_t, t, table);
     ctx->save_for_backward({t, table});
     ctx->mark_non_differentiable({var, logvar});  // functions of t alone
     ctx->set_materialize_grads(false);
@@ -140,14 +147,18 @@ struct QPosterior : public torch::autograd::Function<QPosterior> {
 };
 
 struct PredictXstart : public torch::autograd::Function<PredictXstart> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x_t, const Tensor& t,
-                        const Tensor& table, int64_t mean_type) {
+  static Tensor below_autograd(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table,
+                               int64_t mean_type) {
     static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>(
         DDPM_OP("predict_xstart"));
     at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(mo, x_t, t, table, mean_type);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x_t, const Tensor& t,
+                        const Tensor& table, int64_t mean_type) {
     ctx->save_for_backward({t, table});
     ctx->saved_data["mean_type"] = mean_type;
-    return op.call(mo, x_t, t, table, mean_type);
+    return below_autograd(mo, x_t, t, table, mean_type);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
@@ -158,17 +169,20 @@ struct PredictXstart : public torch::autograd::Function<PredictXstart> {
 };
 
 Tensor q_sample_autograd(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+  if (!needs_autograd_node(x0, t, noise, table)) return QSample::below_autograd(x0, t, noise, table);
   return QSample::apply(x0, t, noise, table);
 }
 
 std::tuple<Tensor, Tensor, Tensor> q_posterior_autograd(const Tensor& x0, const Tensor& x_t, const Tensor& t,
                                                         const Tensor& table) {
+  if (!needs_autograd_node(x0, x_t, t, table)) return QPosterior::below_autograd(x0, x_t, t, table);
   auto r = QPosterior::apply(x0, x_t, t, table);
   return {r[0], r[1], r[2]};
 }
 
 Tensor predict_xstart_autograd(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table,
                                int64_t mean_type) {
+  if (!needs_autograd_node(mo, x_t, t, table)) return PredictXstart::below_autograd(mo, x_t, t, table, mean_type);
   return PredictXstart::apply(mo, x_t, t, table, mean_type);
 }
 

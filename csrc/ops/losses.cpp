@@ -206,14 +206,19 @@ Tensor scale_unit_grads(const Tensor& d_out, const Tensor& d_v, bool learned, co
 }
 
 struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& x_t,
-                               const Tensor& t, const Tensor& table, int64_t mean_type, int64_t var_type, bool clip,
-                               bool need_grad) {
+  static std::tuple<Tensor, Tensor, Tensor> below_autograd(const Tensor& mo, const Tensor& x0, const Tensor& x_t,
+                                                           const Tensor& t, const Tensor& table, int64_t mean_type,
+                                                           int64_t var_type, bool clip, bool need_grad) {
     static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                   const Tensor&, const Tensor&, int64_t, int64_t,
                                                                   bool, bool)>(DDPM_OP("vb_terms_bpd"));
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [vb, d_out, d_v] = op.call(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
+    return op.call(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
+  }
+  static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& x_t,
+                               const Tensor& t, const Tensor& table, int64_t mean_type, int64_t var_type, bool clip,
+                               bool need_grad) {
+    auto [vb, d_out, d_v] = below_autograd(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
     ctx->save_for_backward({d_out, d_v, mo});
     ctx->saved_data["learned"] = is_learned(var_type);
     ctx->mark_non_differentiable({d_out, d_v});
@@ -230,16 +235,24 @@ struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
   }
 };
 
+using TrainingLossesResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
+  static TrainingLossesResult below_autograd(const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise,
+                                             const Tensor& table, int64_t mean_type, int64_t var_type,
+                                             int64_t loss_type, int64_t weighting, double min_snr_gamma,
+                                             bool need_grad) {
+    static auto op = op_handle<TrainingLossesResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                    const Tensor&, int64_t, int64_t, int64_t, int64_t, double,
+                                                    bool)>(DDPM_OP("training_losses"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, min_snr_gamma, need_grad);
+  }
   static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& t,
                                const Tensor& noise, const Tensor& table, int64_t mean_type, int64_t var_type,
                                int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad) {
-    static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t,
-        double, bool)>(DDPM_OP("training_losses"));
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, mse, vb, w, d_out, d_v] =
-        op.call(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, min_snr_gamma, need_grad);
+    auto [loss, mse, vb, w, d_out, d_v] = below_autograd(mo, x0, t, noise, table, mean_type, var_type, loss_type,
+                                                         weighting, min_snr_gamma, need_grad);
     ctx->save_for_backward({w, d_out, d_v, mo});
     ctx->saved_data["loss_type"] = loss_type;
     ctx->saved_data["learned"] = is_learned(var_type);
@@ -277,11 +290,14 @@ struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
 };
 
 struct PriorBpd : public torch::autograd::Function<PriorBpd> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& table) {
+  static Tensor below_autograd(const Tensor& x0, const Tensor& table) {
     static auto op = op_handle<Tensor(const Tensor&, const Tensor&)>(DDPM_OP("prior_bpd"));
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({x0, table});
     return op.call(x0, table);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& table) {
+    ctx->save_for_backward({x0, table});
+    return below_autograd(x0, table);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op =
@@ -294,19 +310,28 @@ struct PriorBpd : public torch::autograd::Function<PriorBpd> {
 std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd_autograd(const Tensor& mo, const Tensor& x0, const Tensor& x_t,
                                                          const Tensor& t, const Tensor& table, int64_t mean_type,
                                                          int64_t var_type, bool clip, bool need_grad) {
+  if (!needs_autograd_node(mo, x0, x_t, t, table))
+    return VbTermsBpd::below_autograd(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
   auto r = VbTermsBpd::apply(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
   return {r[0], r[1], r[2]};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses_autograd(
-    const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table, int64_t mean_type,
-    int64_t var_type, int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad) {
+TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise,
+                                              const Tensor& table, int64_t mean_type, int64_t var_type,
+                                              int64_t loss_type, int64_t weighting, double min_snr_gamma,
+                                              bool need_grad) {
+  if (!needs_autograd_node(mo, x0, t, noise, table))
+    return TrainingLosses::below_autograd(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting,
+                                          min_snr_gamma, need_grad);
   auto r = TrainingLosses::apply(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, min_snr_gamma,
                                  need_grad);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
-Tensor prior_bpd_autograd(const Tensor& x0, const Tensor& table) { return PriorBpd::apply(x0, table); }
+Tensor prior_bpd_autograd(const Tensor& x0, const Tensor& table) {
+  if (!needs_autograd_node(x0, table)) return PriorBpd::below_autograd(x0, table);
+  return PriorBpd::apply(x0, table);
+}
 
 }  // namespace
 }  // namespace op
