@@ -32,8 +32,8 @@ template <class Sig> c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 
 // Whether an op call goes through its autograd Function (Function::apply), as every call did: grad mode is on
 // and a tensor argument requires grad, or a tensor argument carries a forward-mode gradient (apply raises
-// that the C++ Function has no jvp), or a functorch transform is active (apply raises that C++ Functions are
-// unsupported). Otherwise the autograd kernel calls the Function's below_autograd directly, what its forward
+// that the C++ Function has no jvp), or a functorch transform is active (apply asks the transform whether it
+// supports C++ Functions, and it may raise). Otherwise the autograd kernel calls the Function's below_autograd directly, what its forward
 // calls: the same outputs (none requires grad), without building and wrapping an autograd node.
 template <class... Tensors> bool needs_autograd_node(const Tensors&... tensors) {
   if (at::functorch::functorchTLSAccessor()) return true;
