@@ -165,14 +165,14 @@ def op_sources() -> list[Path]:
 
 
 def sources(with_cuda: bool) -> list[Path]:
-    srcs = op_sources() + [CSRC / "autograd.cpp", CSRC / "cpu" / "kernels.cpp"]
+    srcs = op_sources() + [CSRC / "cpu" / "kernels.cpp"]
     if with_cuda:
         srcs.append(CSRC / "cuda" / "kernels.cu")
     return srcs
 
 
 def emu_sources() -> list[Path]:
-    return op_sources() + [CSRC / "autograd.cpp", CSRC / "cuda" / "emu" / "kernels_emu.cpp"]
+    return op_sources() + [CSRC / "cuda" / "emu" / "kernels_emu.cpp"]
 
 
 def _digest(kind: str, flags) -> str:

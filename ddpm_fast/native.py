@@ -8,7 +8,7 @@ float32 (float64 for float64 inputs) on the schedule's packed table; elementwise
 the input dtype, [B] reductions in the compute dtype. The library is built just in time on first use
 (ddpm_fast._build); availability() says why when it cannot be built or loaded.
 
-Gradients (autograd kernels in C++, csrc/autograd.cpp): fused backward kernels for q_sample,
+Gradients (autograd kernels in C++, in each op family's csrc/ops/<family>.cpp): fused backward kernels for q_sample,
 q_posterior (mean), predict_xstart, normal_kl, discretized_gaussian_log_likelihood, prior_bpd, and
 vb_terms_bpd / training_losses w.r.t. model_output. What runs on the reference instead (float64 on "cuda" /
 "cuda_emu", a gradient these kernels do not have) is decided by ddpm_fast.backends.route from its capability
@@ -126,7 +126,7 @@ def _grad_needed(*tensors) -> bool:
 
 def _register_fakes() -> None:
     """Register the fake impls of torch.ops.<OPS_NAMESPACE> (once). The autograd kernels, with their fused
-    backwards, are C++ (csrc/autograd.cpp): torch.library's Python wrapper costs 8-30 us a call. The fakes
+    backwards, are C++ (csrc/ops/<family>.cpp): torch.library's Python wrapper costs 8-30 us a call. The fakes
     come from ddpm_fast.ops.REGISTRY."""
     global _registered
     if _registered:

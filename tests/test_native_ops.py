@@ -7,6 +7,7 @@ plus a small floor for the output dtype. The first test run builds the extension
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -450,12 +451,20 @@ def test_opcheck_aot_dispatch(name, args, namespace):
 
 
 def test_autograd_kernels_are_cpp():
-    """Every differentiable op's autograd kernel is the C++ one (csrc/autograd.cpp), not a Python wrapper
-    (tens of microseconds a call); the sampler ops have none (native.py runs the reference under grad)."""
+    """Every differentiable op's autograd kernel is the C++ one, registered from its family's file
+    csrc/ops/<family>.cpp (the file that defines its schema), not a Python wrapper (tens of microseconds a
+    call); the sampler ops have none (native.py runs the reference under grad)."""
+
+    def registered_at(line: str) -> str:  # the source file of a _dispatch_dump line, "" if it names none
+        found = re.search(r"registered at (\S+?):\d+", line)
+        return found.group(1) if found else ""
+
     for name in DIFFERENTIABLE:
-        dump = torch._C._dispatch_dump(f"ddpm_fast::{name}")
-        line = next(x for x in dump.splitlines() if x.startswith("Autograd"))
-        assert "autograd.cpp" in line, line
+        lines = torch._C._dispatch_dump(f"ddpm_fast::{name}").splitlines()
+        autograd = registered_at(next(x for x in lines if x.startswith("Autograd")))
+        schema = registered_at(next(x for x in lines if x.startswith("debug:")))
+        assert re.search(r"[/\\]csrc[/\\]ops[/\\]\w+\.cpp$", autograd), (name, autograd)
+        assert autograd == schema, (name, autograd, schema)
     for name in ("p_mean_variance", "p_sample_step", "ddim_step"):
         assert not any(x.startswith("Autograd") for x in torch._C._dispatch_dump(f"ddpm_fast::{name}").splitlines())
 

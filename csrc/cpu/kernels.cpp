@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "../launch.h"
@@ -158,11 +159,19 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
   constexpr int64_t kSerialElements = 32768;
   const int64_t per_task = std::max<int64_t>(1, p.N / nch);
   const int64_t grain = std::max<int64_t>(1, (kSerialElements + per_task - 1) / per_task);
+  // A chunk holds at most chunk_len elements: the task buffers are sized by it, not by kChunk (a small
+  // input allocates a few hundred bytes, not 32-48 KB); only the zeros chunk read by absent inputs is filled.
+  const int64_t chunk_len = std::min(kChunk, p.N);
+  bool input_absent = false;
+  for (int k = 0; k < F::NI; ++k) input_absent |= k != L.noise_input && !L.in[k].base;
   at::parallel_for(0, p.B * nch, grain, [&](int64_t begin, int64_t end) {
-    // per input and output a chunk buffer (conversion, gather, scratch), then a chunk of zeros (absent inputs)
-    std::vector<S> bufs(size_t((F::NI + F::NO + 1) * kChunk), S(0));
-    const S* zeros = bufs.data() + (F::NI + F::NO) * kChunk;
-    std::vector<int64_t> offs(kChunk);
+    // per input and output a chunk buffer (conversion, gather, scratch; each written before it is read),
+    // then, when an input is absent, a chunk of zeros
+    std::unique_ptr<S[]> bufs(new S[size_t((F::NI + F::NO + (input_absent ? 1 : 0)) * chunk_len)]);
+    auto chunk_buf = [&](int k) { return bufs.get() + k * chunk_len; };
+    const S* zeros = chunk_buf(F::NI + F::NO);
+    if (input_absent) std::fill_n(chunk_buf(F::NI + F::NO), chunk_len, S(0));
+    std::unique_ptr<int64_t[]> offs(new int64_t[size_t(chunk_len)]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nch, c = task % nch;
       const int64_t e0 = c * kChunk, n = std::min(kChunk, p.N - e0);
@@ -171,10 +180,10 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
       const F f = F::make(row, options, b, tb);
       const S* in[F::NI];
       for (int k = 0; k < F::NI; ++k) {
-        S* buf = bufs.data() + k * kChunk;
+        S* buf = chunk_buf(k);
         const Operand& o = L.in[k];
         if (k == L.noise_input) {
-          philox_normals(p, seed, b, e0, n, buf, offs.data());
+          philox_normals(p, seed, b, e0, n, buf, offs.get());
           in[k] = buf;
           continue;
         }
@@ -191,8 +200,8 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
             load_as(src + e0, nullptr, n, buf);
             in[k] = buf;
           } else {
-            strided_offsets(p, o.stride.data(), e0, n, offs.data());
-            load_as(src, offs.data(), n, buf);
+            strided_offsets(p, o.stride.data(), e0, n, offs.get());
+            load_as(src, offs.get(), n, buf);
             in[k] = buf;
           }
         });
@@ -203,21 +212,21 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
         if (o.base && o.direct && o.dtype == c10::CppTypeToScalarType<S>::value)
           out[k] = reinterpret_cast<S*>(o.base) + b * o.batch_stride + e0;
         else
-          out[k] = bufs.data() + (F::NI + k) * kChunk;
+          out[k] = chunk_buf(F::NI + k);
       }
       S red[F::NR > 0 ? F::NR : 1];
       run_chunk<S, F>(f, in, out, n, red);
       for (int k = 0; k < F::NO; ++k) {
         const Operand& o = L.out[k];
-        if (!o.base || out[k] != bufs.data() + (F::NI + k) * kChunk) continue;
+        if (!o.base || out[k] != chunk_buf(F::NI + k)) continue;
         with_type<S>(o.dtype, [&](auto tag) {
           using T = decltype(tag);
           T* dst = reinterpret_cast<T*>(o.base) + b * o.batch_stride;
           if (o.direct) {
             store_as(out[k], nullptr, n, dst + e0);
           } else {
-            strided_offsets(p, o.stride.data(), e0, n, offs.data());
-            store_as(out[k], offs.data(), n, dst);
+            strided_offsets(p, o.stride.data(), e0, n, offs.get());
+            store_as(out[k], offs.get(), n, dst);
           }
         });
       }

@@ -1,8 +1,9 @@
 // ops/elementwise.cpp -- the broadcasting elementwise family: normal_kl, discretized_gaussian_log_likelihood
-// and their backwards (schemas, host functions; bodies in elementwise.h). Inputs are broadcast (expand:
-// stride-0 views, gathered by the driver) to one shape viewed as [1, ...].
+// and their backwards (schemas, host functions, autograd kernels; bodies in elementwise.h). Inputs are
+// broadcast (expand: stride-0 views, gathered by the driver) to one shape viewed as [1, ...].
 #include "elementwise.h"
 
+#include "autograd_common.h"
 #include "host.h"
 
 namespace ddpm {
@@ -99,3 +100,76 @@ DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
 #ifdef DDPM_WITH_CUDA
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
 #endif
+
+// -- autograd: normal_kl_backward, dgll_backward (each gradient reduced to its input's broadcast shape) ---
+namespace ddpm {
+namespace op {
+namespace {
+
+// grads[k] summed to inputs[k]'s (broadcast) shape in its dtype, for the inputs that need a gradient
+variable_list reduce_to_inputs(AutogradContext* ctx, const std::vector<Tensor>& grads, const variable_list& inputs) {
+  variable_list out(inputs.size());
+  for (size_t k = 0; k < inputs.size(); ++k)
+    if (ctx->needs_input_grad(k)) out[k] = grads[k].sum_to_size(inputs[k].sizes()).to(inputs[k].scalar_type());
+  return out;
+}
+
+struct NormalKl : public torch::autograd::Function<NormalKl> {
+  static Tensor below_autograd(const Tensor& m1, const Tensor& lv1, const Tensor& m2, const Tensor& lv2) {
+    static auto op =
+        op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("normal_kl"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(m1, lv1, m2, lv2);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& m1, const Tensor& lv1, const Tensor& m2,
+                        const Tensor& lv2) {
+    ctx->save_for_backward({m1, lv1, m2, lv2});
+    return below_autograd(m1, lv1, m2, lv2);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("normal_kl_backward"));
+    auto in = ctx->get_saved_variables();
+    auto [a, b, c, d] = op.call(grads[0], in[0], in[1], in[2], in[3]);
+    return reduce_to_inputs(ctx, {a, b, c, d}, in);
+  }
+};
+
+struct Dgll : public torch::autograd::Function<Dgll> {
+  static Tensor below_autograd(const Tensor& x, const Tensor& means, const Tensor& log_scales) {
+    static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(
+        DDPM_OP("discretized_gaussian_log_likelihood"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, means, log_scales);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& means, const Tensor& log_scales) {
+    ctx->save_for_backward({x, means, log_scales});
+    return below_autograd(x, means, log_scales);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                  const Tensor&)>(DDPM_OP("dgll_backward"));
+    auto in = ctx->get_saved_variables();
+    auto [a, b, c] = op.call(grads[0], in[0], in[1], in[2]);
+    return reduce_to_inputs(ctx, {a, b, c}, in);
+  }
+};
+
+Tensor normal_kl_autograd(const Tensor& m1, const Tensor& lv1, const Tensor& m2, const Tensor& lv2) {
+  if (!needs_autograd_node(m1, lv1, m2, lv2)) return NormalKl::below_autograd(m1, lv1, m2, lv2);
+  return NormalKl::apply(m1, lv1, m2, lv2);
+}
+
+Tensor dgll_autograd(const Tensor& x, const Tensor& means, const Tensor& log_scales) {
+  if (!needs_autograd_node(x, means, log_scales)) return Dgll::below_autograd(x, means, log_scales);
+  return Dgll::apply(x, means, log_scales);
+}
+
+}  // namespace
+}  // namespace op
+}  // namespace ddpm
+
+DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, Autograd, m) {
+  m.impl("normal_kl", &ddpm::op::normal_kl_autograd);
+  m.impl("discretized_gaussian_log_likelihood", &ddpm::op::dgll_autograd);
+}

@@ -1,7 +1,8 @@
 // ops/forward_process.cpp -- the forward-process family: q_sample, q_posterior, predict_xstart and their
-// shared backward linear_backward (schemas, host functions; bodies in forward_process.h).
+// shared backward linear_backward (schemas, host functions, autograd kernels; bodies in forward_process.h).
 #include "forward_process.h"
 
+#include "autograd_common.h"
 #include "host.h"
 
 namespace ddpm {
@@ -87,3 +88,110 @@ DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
 #ifdef DDPM_WITH_CUDA
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
 #endif
+
+// -- autograd: each backward is one linear_backward (both inputs' coefficients) ------------------------
+namespace ddpm {
+namespace op {
+namespace {
+
+using LinearBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
+
+// Gradients w.r.t. the two inputs of the linear op `kind` (q_sample, the posterior mean, predict_xstart)
+std::tuple<Tensor, Tensor> linear_grads(const Tensor& g, const Tensor& t, const Tensor& table, LinearOp kind,
+                                        int64_t mean_type) {
+  static auto op = op_handle<LinearBackwardSig>(DDPM_OP("linear_backward"));
+  return op.call(g, t, table, int64_t(kind), mean_type);
+}
+
+struct QSample : public torch::autograd::Function<QSample> {
+  static Tensor below_autograd(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+    static auto op =
+        op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("q_sample"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x0, t, noise, table);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& t, const Tensor& noise,
+                        const Tensor& table) {
+    ctx->save_for_backward({t, table});
+    return below_autograd(x0, t, noise, table);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], kLinearQSample, kEpsilon);
+    return {ga, Tensor(), gb, Tensor()};
+  }
+};
+
+struct QPosterior : public torch::autograd::Function<QPosterior> {
+  static std::tuple<Tensor, Tensor, Tensor> below_autograd(const Tensor& x0, const Tensor& x_t, const Tensor& t,
+                                                           const Tensor& table) {
+    static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                  const Tensor&)>(DDPM_OP("q_posterior"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x0, x_t, t, table);
+  }
+  static variable_list forward(AutogradContext* ctx, const Tensor& x0, const Tensor& x_t, const Tensor& t,
+                               const Tensor& table) {
+    auto [mean, var, logvar] = below_autograd(x0, x_t, t, table);
+    ctx->save_for_backward({t, table});
+    ctx->mark_non_differentiable({var, logvar});  // functions of t alone
+    ctx->set_materialize_grads(false);
+    return {mean, var, logvar};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(4);
+    auto saved = ctx->get_saved_variables();
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], kLinearPosteriorMean, kEpsilon);
+    return {ga, gb, Tensor(), Tensor()};
+  }
+};
+
+struct PredictXstart : public torch::autograd::Function<PredictXstart> {
+  static Tensor below_autograd(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table,
+                               int64_t mean_type) {
+    static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>(
+        DDPM_OP("predict_xstart"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(mo, x_t, t, table, mean_type);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x_t, const Tensor& t,
+                        const Tensor& table, int64_t mean_type) {
+    ctx->save_for_backward({t, table});
+    ctx->saved_data["mean_type"] = mean_type;
+    return below_autograd(mo, x_t, t, table, mean_type);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], kLinearPredictXstart,
+                                 ctx->saved_data["mean_type"].toInt());
+    return {ga, gb, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor q_sample_autograd(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+  if (!needs_autograd_node(x0, t, noise, table)) return QSample::below_autograd(x0, t, noise, table);
+  return QSample::apply(x0, t, noise, table);
+}
+
+std::tuple<Tensor, Tensor, Tensor> q_posterior_autograd(const Tensor& x0, const Tensor& x_t, const Tensor& t,
+                                                        const Tensor& table) {
+  if (!needs_autograd_node(x0, x_t, t, table)) return QPosterior::below_autograd(x0, x_t, t, table);
+  auto r = QPosterior::apply(x0, x_t, t, table);
+  return {r[0], r[1], r[2]};
+}
+
+Tensor predict_xstart_autograd(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table,
+                               int64_t mean_type) {
+  if (!needs_autograd_node(mo, x_t, t, table)) return PredictXstart::below_autograd(mo, x_t, t, table, mean_type);
+  return PredictXstart::apply(mo, x_t, t, table, mean_type);
+}
+
+}  // namespace
+}  // namespace op
+}  // namespace ddpm
+
+DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, Autograd, m) {
+  m.impl("q_sample", &ddpm::op::q_sample_autograd);
+  m.impl("q_posterior", &ddpm::op::q_posterior_autograd);
+  m.impl("predict_xstart", &ddpm::op::predict_xstart_autograd);
+}

@@ -1,7 +1,8 @@
 // ops/losses.cpp -- the loss family: vb_terms_bpd, training_losses, their shared backward scale_halves,
-// prior_bpd and prior_bpd_backward (schemas, host functions; bodies in losses.h).
+// prior_bpd and prior_bpd_backward (schemas, host functions, autograd kernels; bodies in losses.h).
 #include "losses.h"
 
+#include "autograd_common.h"
 #include "host.h"
 
 namespace ddpm {
@@ -180,3 +181,164 @@ DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
 #ifdef DDPM_WITH_CUDA
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
 #endif
+
+// -- autograd ---------------------------------------------------------------------------------------------
+//   prior_bpd: prior_bpd_backward
+//   vb_terms_bpd, training_losses: their forward saves the per-element unit gradients d_out / d_v (and the
+//   loss the per-sample MSE weight w); the backward scales them per sample in one scale_halves pass:
+//     vb_terms_bpd: s_mean = s_var = g_vb
+//     KL losses:    s_mean = s_var = g_loss * (T for rescaled_kl, else 1) + g_vb
+//     MSE losses:   s_mean = g_loss * w + g_mse,  s_var = (g_loss + g_vb) * (T / 1000 for rescaled_mse, else 1)
+namespace ddpm {
+namespace op {
+namespace {
+
+using ScaleHalvesSig = Tensor(const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&);
+
+// d loss / d model_output from the saved unit gradients (the scale_halves op); d_v holds one only for a
+// learned variance (otherwise it is an empty tensor; a flag, not its numel, says so: sizes may be symbolic
+// under compile)
+Tensor scale_unit_grads(const Tensor& d_out, const Tensor& d_v, bool learned, const Tensor& s_mean,
+                        const Tensor& s_var, const Tensor& mo) {
+  static auto op = op_handle<ScaleHalvesSig>(DDPM_OP("scale_halves"));
+  std::optional<Tensor> dv = learned ? std::optional<Tensor>(d_v) : std::nullopt;
+  return op.call(d_out, dv, s_mean.contiguous(), s_var.contiguous(), mo);
+}
+
+struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
+  static std::tuple<Tensor, Tensor, Tensor> below_autograd(const Tensor& mo, const Tensor& x0, const Tensor& x_t,
+                                                           const Tensor& t, const Tensor& table, int64_t mean_type,
+                                                           int64_t var_type, bool clip, bool need_grad) {
+    static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                  const Tensor&, const Tensor&, int64_t, int64_t,
+                                                                  bool, bool)>(DDPM_OP("vb_terms_bpd"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
+  }
+  static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& x_t,
+                               const Tensor& t, const Tensor& table, int64_t mean_type, int64_t var_type, bool clip,
+                               bool need_grad) {
+    auto [vb, d_out, d_v] = below_autograd(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
+    ctx->save_for_backward({d_out, d_v, mo});
+    ctx->saved_data["learned"] = is_learned(var_type);
+    ctx->mark_non_differentiable({d_out, d_v});
+    ctx->set_materialize_grads(false);
+    return {vb, d_out, d_v};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(9);
+    if (!grads[0].defined()) return none;
+    auto saved = ctx->get_saved_variables();
+    Tensor s = grads[0].to(saved[0].scalar_type());
+    none[0] = scale_unit_grads(saved[0], saved[1], ctx->saved_data["learned"].toBool(), s, s, saved[2]);
+    return none;
+  }
+};
+
+using TrainingLossesResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
+  static TrainingLossesResult below_autograd(const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise,
+                                             const Tensor& table, int64_t mean_type, int64_t var_type,
+                                             int64_t loss_type, int64_t weighting, double min_snr_gamma,
+                                             bool need_grad) {
+    static auto op = op_handle<TrainingLossesResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                    const Tensor&, int64_t, int64_t, int64_t, int64_t, double,
+                                                    bool)>(DDPM_OP("training_losses"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, min_snr_gamma, need_grad);
+  }
+  static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& t,
+                               const Tensor& noise, const Tensor& table, int64_t mean_type, int64_t var_type,
+                               int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad) {
+    auto [loss, mse, vb, w, d_out, d_v] = below_autograd(mo, x0, t, noise, table, mean_type, var_type, loss_type,
+                                                         weighting, min_snr_gamma, need_grad);
+    ctx->save_for_backward({w, d_out, d_v, mo});
+    ctx->saved_data["loss_type"] = loss_type;
+    ctx->saved_data["learned"] = is_learned(var_type);
+    ctx->saved_data["T"] = table.size(0);
+    ctx->mark_non_differentiable({w, d_out, d_v});
+    ctx->set_materialize_grads(false);  // no zero-filled [B] gradients for unused outputs
+    return {loss, mse, vb, w, d_out, d_v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(11);
+    const Tensor &g_loss = grads[0], &g_mse = grads[1], &g_vb = grads[2];
+    if (!g_loss.defined() && !g_mse.defined() && !g_vb.defined()) return none;
+    auto saved = ctx->get_saved_variables();
+    const Tensor &w = saved[0], &d_out = saved[1], &d_v = saved[2], &mo = saved[3];
+    const int64_t loss_type = ctx->saved_data["loss_type"].toInt();
+    const double T = static_cast<double>(ctx->saved_data["T"].toInt());
+    // absent gradients are left out of the sums, not zero-filled (each term is an op on a [B] tensor)
+    auto as_w = [&](const Tensor& g) { return g.defined() ? g.to(w.scalar_type()) : Tensor(); };
+    auto plus = [](const Tensor& a, const Tensor& b) { return !a.defined() ? b : !b.defined() ? a : a + b; };
+    auto times = [](const Tensor& a, double k) { return a.defined() && k != 1.0 ? a * k : a; };
+    Tensor gl = as_w(g_loss), gm = as_w(g_mse), gv = as_w(g_vb), s_mean, s_var;
+    if (loss_type == kKl || loss_type == kRescaledKl) {
+      s_mean = plus(times(gl, loss_type == kRescaledKl ? T : 1.0), gv);
+      s_var = s_mean;
+    } else {
+      s_mean = plus(gl.defined() ? gl * w : Tensor(), gm);
+      s_var = times(plus(gl, gv), loss_type == kRescaledMse ? T / 1000.0 : 1.0);
+    }
+    if (!s_mean.defined()) s_mean = at::zeros_like(w);
+    if (!s_var.defined()) s_var = at::zeros_like(w);
+    none[0] = scale_unit_grads(d_out, d_v, ctx->saved_data["learned"].toBool(), s_mean, s_var, mo);
+    return none;
+  }
+};
+
+struct PriorBpd : public torch::autograd::Function<PriorBpd> {
+  static Tensor below_autograd(const Tensor& x0, const Tensor& table) {
+    static auto op = op_handle<Tensor(const Tensor&, const Tensor&)>(DDPM_OP("prior_bpd"));
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x0, table);
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& table) {
+    ctx->save_for_backward({x0, table});
+    return below_autograd(x0, table);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op =
+        op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(DDPM_OP("prior_bpd_backward"));
+    auto saved = ctx->get_saved_variables();
+    return {op.call(grads[0], saved[0], saved[1]), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd_autograd(const Tensor& mo, const Tensor& x0, const Tensor& x_t,
+                                                         const Tensor& t, const Tensor& table, int64_t mean_type,
+                                                         int64_t var_type, bool clip, bool need_grad) {
+  if (!needs_autograd_node(mo, x0, x_t, t, table))
+    return VbTermsBpd::below_autograd(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
+  auto r = VbTermsBpd::apply(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
+  return {r[0], r[1], r[2]};
+}
+
+TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise,
+                                              const Tensor& table, int64_t mean_type, int64_t var_type,
+                                              int64_t loss_type, int64_t weighting, double min_snr_gamma,
+                                              bool need_grad) {
+  if (!needs_autograd_node(mo, x0, t, noise, table))
+    return TrainingLosses::below_autograd(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting,
+                                          min_snr_gamma, need_grad);
+  auto r = TrainingLosses::apply(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, min_snr_gamma,
+                                 need_grad);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+Tensor prior_bpd_autograd(const Tensor& x0, const Tensor& table) {
+  if (!needs_autograd_node(x0, table)) return PriorBpd::below_autograd(x0, table);
+  return PriorBpd::apply(x0, table);
+}
+
+}  // namespace
+}  // namespace op
+}  // namespace ddpm
+
+DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, Autograd, m) {
+  m.impl("vb_terms_bpd", &ddpm::op::vb_terms_bpd_autograd);
+  m.impl("training_losses", &ddpm::op::training_losses_autograd);
+  m.impl("prior_bpd", &ddpm::op::prior_bpd_autograd);
+}
