@@ -19,8 +19,6 @@ from ..schedule import COLUMN, COLUMNS
 
 # csrc/ddpm_math.h functions without a helper here, and why (each must still exist in the header).
 NOT_MIRRORED = {
-    "is_learned": "a constexpr test: the kernels branch on the constexpr VAR >= 2 (a @triton.jit helper returns "
-                  "a runtime value, not a constexpr)",
     "mulhi32": "Philox: the kernels draw with tl.randn(seed, offset), triton.language.random's Philox stream",
     "philox_round": "Philox: inside tl.randn",
     "philox_to_uniform": "Philox: inside tl.randn (triton.language.random.uint_to_uniform_float)",
