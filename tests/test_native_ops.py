@@ -517,3 +517,23 @@ def test_cuda_toolkit_is_a_folder_that_holds_one(tmp_path):
     (toolkit / "include" / "cuda_runtime.h").write_text("")
     assert _build.first_toolkit([None, str(wrapper_parent), str(toolkit)]) == str(toolkit)
     assert _build.first_toolkit([None, str(wrapper_parent)]) is None
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "cuda_emu") if F.availability()[b][0]])
+def test_a_call_without_gradients_skips_the_autograd_node_with_the_same_results(backend):
+    """With grad mode off, or no input requiring grad, the C++ ops run below autograd (no node is built):
+    the same outputs bit for bit as the call that builds the node, and outputs that do not require grad."""
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(3, 2, 5, 5, generator=g), torch.randn(3, 2, 5, 5, generator=g)
+    out = torch.randn(3, 4, 5, 5, generator=g)
+    t = torch.tensor([0, 7, 999])
+    plain = F.training_losses(out, x0, t, noise, SCHEDULE, var_type="learned_range", backend=backend)["loss"]
+    with torch.no_grad():
+        no_grad = F.training_losses(out.requires_grad_(), x0, t, noise, SCHEDULE, var_type="learned_range",
+                                    backend=backend)["loss"]
+    with_node = F.training_losses(out, x0, t, noise, SCHEDULE, var_type="learned_range", backend=backend)["loss"]
+    assert with_node.requires_grad and not plain.requires_grad and not no_grad.requires_grad
+    assert torch.equal(plain, with_node.detach()) and torch.equal(no_grad, plain)
+    x_t = F.q_sample(x0, t, noise, SCHEDULE, backend=backend)
+    assert not x_t.requires_grad
+    assert torch.equal(x_t, F.q_sample(x0.requires_grad_(), t, noise, SCHEDULE, backend=backend).detach())
