@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -43,13 +44,30 @@ class Capability:
 
     no_float64: str = ""  # why float64 inputs run on the reference ("" : the backend computes them)
     warn_float64: bool = False  # warn (once, see FALLBACK_WARNED) when float64 runs on the reference
-    no_grad: dict = field(default_factory=dict)  # op -> its inputs the backend cannot differentiate (or ALL_INPUTS)
+    no_grad: Mapping = field(default_factory=dict)  # op -> its inputs the backend cannot differentiate (or ALL_INPUTS)
 
 
-# The kernels (compiled and Triton): fused backwards for every op except p_mean_variance and the sampler
-# steps; the losses differentiate model_output only.
-_KERNELS_NO_GRAD = {"p_mean_variance": ALL_INPUTS, "p_sample_step": ALL_INPUTS, "ddim_step": ALL_INPUTS,
-                   "vb_terms_bpd": ("x0", "x_t"), "training_losses": ("x0", "noise")}
+class _DeclaredNoGrad(Mapping):
+    """op -> the inputs the kernels (compiled and Triton) cannot differentiate, as each op declares it
+    (ddpm_fast.ops.register(kernel_no_grad=...)); read from the registry on use (ddpm_fast.ops imports this
+    module)."""
+
+    def _declared(self) -> dict:
+        from .ops import REGISTRY
+
+        return {name: spec.kernel_no_grad for name, spec in REGISTRY.items() if spec.kernel_no_grad}
+
+    def __getitem__(self, op):
+        return self._declared()[op]
+
+    def __iter__(self):
+        return iter(self._declared())
+
+    def __len__(self):
+        return len(self._declared())
+
+
+_KERNELS_NO_GRAD = _DeclaredNoGrad()
 _CUDA_NO_FLOAT64 = "the CUDA kernels are built for float32 math only"
 CAPABILITIES = {
     "reference": Capability(),

@@ -26,7 +26,7 @@ import weakref
 import torch
 
 from . import _build, backends
-from .options import KL_LOSS_TYPES, LEARNED_VAR_TYPES, LOSS_IDS, MEAN_IDS, VAR_IDS, WEIGHTING_IDS
+from .options import LEARNED_VAR_TYPES, MEAN_IDS
 from .reference import compute_dtype
 
 # torch.library namespace of the ops: "ddpm_fast" here, "ddpm_fast_emu" when ddpm_fast.cuda_emu runs this code
@@ -139,51 +139,7 @@ def _register_fakes() -> None:
     _registered = True
 
 
-# -- ops ----------------------------------------------------------------------------------------------
-kernels = types.SimpleNamespace()  # the ops unrouted: what ddpm_fast.backends.route hands to ddpm_fast.ops
-
-
-def _kernel(fn):
-    """Record ``fn`` as kernels.<its name> and return it routed, for callers of this module's ops: the one
-    decision of ddpm_fast.backends.route (float64 on CUDA, a gradient these kernels lack -> the reference)."""
-    from .ops import REGISTRY
-
-    name, params = fn.__name__, list(inspect.signature(fn).parameters)
-    setattr(kernels, name, fn)
-    inputs = [(params.index(n), n) for n in REGISTRY[name].tensors]
-
-    @functools.wraps(fn)
-    def op(*args, **kwargs):
-        tensors = [args[i] if i < len(args) else kwargs.get(n) for i, n in inputs]
-        present = [x for x in tensors if x is not None]
-        dtype = torch.float64 if any(x.dtype == torch.float64 for x in present) else present[0].dtype
-        device_type = present[0].device.type
-        backend = BACKEND_NAMES[0] if EMULATED else device_type
-        return backends.route(backend, device_type, name, dtype, *tensors)[0](*args, **kwargs)
-
-    return op
-
-
-@_kernel
-def q_sample(x0, t, noise, schedule):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise: [B, ...] in x0's dtype."""
-    return _op("q_sample")(x0, t, noise, _table(schedule, x0))
-
-
-@_kernel
-def q_posterior(x0, x_t, t, schedule):
-    """(mean [B, ...], variance [B, 1, ...], clipped log variance [B, 1, ...]) in x0's dtype."""
-    mean, var, logvar = _op("q_posterior")(x0, x_t, t, _table(schedule, x0))
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    return mean, var.reshape(shape), logvar.reshape(shape)
-
-
-@_kernel
-def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
-    """x0 implied by the model output (unclipped), [B, C, ...] in x_t's dtype."""
-    return _op("predict_xstart")(model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type])
-
-
+# -- ops: built from each op's declaration (ddpm_fast.ops.<family>: register(compiled=...)) ---------------------
 def _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value):
     """Per-sample dynamic-threshold scale s [B] (compute dtype), or None."""
     if dynamic_threshold is None:
@@ -195,64 +151,6 @@ def _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_thresho
     return s.clamp(min=1.0, max=sample_max_value).contiguous()
 
 
-@_kernel
-def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False,
-                    dynamic_threshold=None, sample_max_value=1.0):
-    """dict mean, variance, log_variance, pred_xstart (x_t's dtype); variances [B, 1, ...] for fixed types."""
-    thresh = _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
-    mean, var, logvar, pred = _op("p_mean_variance")(
-        model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type],
-        bool(clip_denoised), thresh)
-    if var_type not in LEARNED_VAR_TYPES:
-        shape = (-1,) + (1,) * (x_t.ndim - 1)
-        var, logvar = var.reshape(shape), logvar.reshape(shape)
-    return {"mean": mean, "variance": var, "log_variance": logvar, "pred_xstart": pred}
-
-
-@_kernel
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise in nats (broadcasts)."""
-    out = _op("normal_kl")(mean1, logvar1, mean2, logvar2)
-    return out.to(functools.reduce(torch.promote_types, [a.dtype for a in (mean1, logvar1, mean2, logvar2)]))
-
-
-@_kernel
-def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """Elementwise log-likelihood (nats) of x in [-1, 1] on 256 bins under N(means, exp(log_scales)^2)."""
-    out = _op("discretized_gaussian_log_likelihood")(x, means, log_scales)
-    return out.to(torch.promote_types(x.dtype, means.dtype))
-
-
-@_kernel
-def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False):
-    """The bound's term at t per sample in bits/dim: [B] float32 (float64 for float64 inputs)."""
-    vb, _, _ = _op("vb_terms_bpd")(model_output, x0, x_t, t, _table(schedule, x0), MEAN_IDS[mean_type],
-                                   VAR_IDS[var_type], bool(clip_denoised), _grad_needed(model_output))
-    return vb
-
-
-@_kernel
-def prior_bpd(x0, schedule):
-    """KL(q(x_{T-1} | x0) || N(0, I)) per sample in bits/dim: [B]."""
-    return _op("prior_bpd")(x0, _table(schedule, x0))
-
-
-@_kernel
-def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type,
-                    weighting="simple", min_snr_gamma=5.0):
-    """improved-diffusion's training losses per sample: dict of [B] ("loss", "mse" and/or "vb")."""
-    loss, mse, vb, _, _, _ = _op("training_losses")(
-        model_output, x0, t, noise, _table(schedule, x0), MEAN_IDS[mean_type], VAR_IDS[var_type],
-        LOSS_IDS[loss_type], WEIGHTING_IDS[weighting], float(min_snr_gamma), _grad_needed(model_output))
-    if loss_type in KL_LOSS_TYPES:
-        return {"loss": loss, "vb": vb}
-    terms = {"mse": mse, "loss": loss}
-    if var_type in LEARNED_VAR_TYPES:
-        terms["vb"] = vb
-    return terms
-
-
-# -- sampler steps ----------------------------------------------------------------------------------
 def _philox_seed(seed, generator, device) -> tuple:
     """(the step's Philox seed, or 0 and seed_key: an int64 [1] tensor on ``device`` holding it).
 
@@ -273,26 +171,63 @@ def _philox_seed(seed, generator, device) -> tuple:
     return int(key.cpu().numpy()[0]), None
 
 
-@_kernel
-def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True,
-                  dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None, seed=None):
-    """One ancestral step: dict sample, pred_xstart; noise=None draws N(0, I) in-kernel (Philox)."""
-    thresh = _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
-    philox, key = (0, None) if noise is not None else _philox_seed(seed, generator, x_t.device)
-    sample, pred = _op("p_sample_step")(
-        model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type],
-        bool(clip_denoised), thresh, noise, philox, key)
-    return {"sample": sample, "pred_xstart": pred}
+class Kernel:
+    """What an op's compiled adapter (``register(compiled=...)`` in ddpm_fast.ops.<family>) is handed first:
+    ``op``, the op's torch.ops overload (looked up on first use, then an attribute), and this module's helpers."""
+
+    table = staticmethod(_table)  # (schedule, x) -> the packed schedule table for x's device and compute dtype
+    grad_needed = staticmethod(_grad_needed)  # (*tensors) -> whether autograd will need a saved gradient
+    thresh = staticmethod(_thresh)  # the per-sample dynamic-threshold scale [B], or None
+    philox_seed = staticmethod(_philox_seed)  # (seed, generator, device) -> (seed, seed_key)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr):
+        if attr != "op":
+            raise AttributeError(attr)
+        self.op = _op(self.name)
+        return self.op
 
 
-@_kernel
-def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,
-              sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None,
-              seed=None):
-    """One DDIM step: dict sample, pred_xstart; with eta > 0 and noise=None, noise is drawn in-kernel."""
-    thresh = _thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
-    philox, key = (0, None) if (noise is not None or eta == 0.0) else _philox_seed(seed, generator, x_t.device)
-    sample, pred = _op("ddim_step")(
-        model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type],
-        bool(clip_denoised), thresh, float(eta), noise, philox, key)
-    return {"sample": sample, "pred_xstart": pred}
+def _kernels() -> types.SimpleNamespace:
+    """Every registered op that declares a compiled adapter, unrouted: what ddpm_fast.backends.route hands to
+    ddpm_fast.ops."""
+    from .ops import REGISTRY
+
+    return types.SimpleNamespace(**{name: functools.partial(spec.compiled, Kernel(name))
+                                    for name, spec in REGISTRY.items() if spec.compiled is not None})
+
+
+kernels = _kernels()
+_ROUTED: dict = {}
+
+
+def _routed(name: str):
+    """kernels.<name> behind the one decision of ddpm_fast.backends.route (float64 on CUDA, a gradient these
+    kernels lack -> the reference), for callers of this module's ops."""
+    from .ops import REGISTRY
+
+    params = list(inspect.signature(REGISTRY[name].compiled).parameters)[1:]  # after the Kernel
+    inputs = [(params.index(n), n) for n in REGISTRY[name].tensors]
+
+    @functools.wraps(REGISTRY[name].compiled)
+    def op(*args, **kwargs):
+        tensors = [args[i] if i < len(args) else kwargs.get(n) for i, n in inputs]
+        present = [x for x in tensors if x is not None]
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in present) else present[0].dtype
+        device_type = present[0].device.type
+        backend = BACKEND_NAMES[0] if EMULATED else device_type
+        return backends.route(backend, device_type, name, dtype, *tensors)[0](*args, **kwargs)
+
+    return op
+
+
+def __getattr__(name: str):
+    """This module's ops (``native.q_sample(...)``, same signature as the reference's), routed."""
+    if not hasattr(kernels, name):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    op = _ROUTED.get(name)
+    if op is None:
+        op = _ROUTED[name] = _routed(name)
+    return op

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ddpm_fast as F
+from ddpm_fast import backends
 
 S = F.NoiseSchedule.named("linear", 100)
 
@@ -127,6 +128,25 @@ def test_every_export_comes_from_the_registry():
     assert {c.op for c in cases.CASES} <= set(ops.REGISTRY)
     with pytest.raises(AttributeError):
         traffic.nope  # noqa: B018
+
+
+def test_every_op_declares_its_backends_in_one_place():
+    """The compiled adapter of each op comes from its declaration with the reference op's parameters, and each
+    backend module offers the op under its name (nothing listed a second time in native.py or triton/)."""
+    from ddpm_fast import native, reference
+
+    for name, spec in F.ops.REGISTRY.items():
+        assert spec.compiled is not None, name
+        adapter = list(inspect.signature(spec.compiled).parameters)
+        assert adapter[0] == "kernel" and adapter[1:] == list(inspect.signature(getattr(reference, name)).parameters), name
+        assert getattr(native.kernels, name).func is spec.compiled
+        assert getattr(native, name).__wrapped__ is spec.compiled
+        if spec.kernel_no_grad:
+            assert backends.CAPABILITIES["cpu"].no_grad[name] == spec.kernel_no_grad
+        else:
+            assert name not in backends.CAPABILITIES["cpu"].no_grad
+    with pytest.raises(AttributeError):
+        native.nope  # noqa: B018
 
 
 def _backends_here():

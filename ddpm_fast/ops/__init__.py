@@ -15,15 +15,13 @@ Conventions for every op:
   kernels, a gradient it has no kernel for) run on the reference: ddpm_fast.backends.route decides.
 
 One module per op family (noising, model, bound, training, samplers) declares each op once
-(ops._registry.register): the public function with its fakes, traffic model, bench cases and test case.
+(ops._registry.register): the public function with its fakes, traffic model, bench cases, test case and
+compiled adapter; a new op in an existing family is declared there only.
 """
 from __future__ import annotations
 
 from ._registry import REGISTRY, OpSpec, register  # noqa: F401
-from .noising import q_posterior, q_sample  # noqa: F401  (each family registers its ops on import)
-from .model import p_mean_variance, predict_xstart  # noqa: F401
-from .bound import discretized_gaussian_log_likelihood, normal_kl, prior_bpd, vb_terms_bpd  # noqa: F401
-from .training import training_losses  # noqa: F401
-from .samplers import ddim_step, p_sample_step  # noqa: F401
+from . import noising, model, bound, training, samplers  # noqa: F401,E402  (each family registers its ops on import)
 
+globals().update({name: spec.function for name, spec in REGISTRY.items()})  # ddpm_fast.ops.<op>, from the declarations
 __all__ = list(REGISTRY)

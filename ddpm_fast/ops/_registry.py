@@ -8,10 +8,16 @@ An op family module (ddpm_fast.ops.noising, ...) decorates each public function 
 - ``fakes``: the fake (meta) implementations of its torch.ops.ddpm_fast ops (ddpm_fast.native registers them);
 - ``traffic``: its compulsory memory traffic in bytes (ddpm_fast.traffic.<op>; see that module's conventions);
 - ``bench``: its benchmark cases, as ddpm_fast.bench.cases.Case fields (plus ``traffic(case, shape, dtype)``);
-- ``test_case`` / ``reads``: one valid call on tests/backend_cases.inputs(), and the inputs it reads.
+- ``test_case`` / ``reads``: one valid call on tests/backend_cases.inputs(), and the inputs it reads;
+- ``compiled``: the compiled backends' adapter, ``compiled(kernel, *args, **kwargs)`` with the reference op's
+  arguments: it calls ``kernel.op`` (the op's torch.ops overload) with the schema's arguments (``kernel.table``
+  and the other helpers of ddpm_fast.native.Kernel) and shapes the result like the reference's;
+- ``kernel_no_grad``: the tensor inputs the fused kernels (compiled and Triton) cannot differentiate, or
+  backends.ALL_INPUTS; the router runs the reference when one of them requires grad.
 
 ddpm_fast.ops.__all__, ddpm_fast's exports, native's fakes, ddpm_fast.traffic, bench.cases.CASES and
-tests/backend_cases.py iterate REGISTRY instead of listing the ops again.
+tests/backend_cases.py iterate REGISTRY instead of listing the ops again; ddpm_fast.native builds its ops from
+``compiled`` and ddpm_fast.backends its gradient fallbacks from ``kernel_no_grad``.
 """
 from __future__ import annotations
 
@@ -36,16 +42,20 @@ class OpSpec:
     bench: tuple = ()
     test_case: Callable | None = None
     reads: tuple = ()
+    compiled: Callable | None = None
+    kernel_no_grad: tuple | str = ()
 
 
 REGISTRY: dict = {}  # op name -> OpSpec, in registration order
 
 
-def register(*, tensors, fakes=None, traffic=None, bench=(), test_case=None, reads=()):
+def register(*, tensors, fakes=None, traffic=None, bench=(), test_case=None, reads=(), compiled=None,
+             kernel_no_grad=()):
     """Decorator: declare the public op it decorates (returned unchanged) in REGISTRY."""
     def add(function):
+        no_grad = kernel_no_grad if isinstance(kernel_no_grad, str) else tuple(kernel_no_grad)
         spec = OpSpec(function.__name__, function, tuple(tensors), dict(fakes or {}), traffic, tuple(bench),
-                      test_case, tuple(reads))
+                      test_case, tuple(reads), compiled, no_grad)
         REGISTRY[spec.name] = spec
         return function
 

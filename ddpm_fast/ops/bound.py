@@ -8,7 +8,7 @@ import torch
 
 from .. import backends
 from ..reference import compute_dtype
-from ..options import LEARNED_VAR_IDS
+from ..options import LEARNED_VAR_IDS, MEAN_IDS, VAR_IDS
 from . import _checks as check
 from ._registry import (Traffic, broadcast_compute, broadcast_outputs, check_shape, element_bytes, like_plan,
                         model_output_factor, numel, per_sample, per_sample_bytes, register, saved_grad,
@@ -33,12 +33,19 @@ def _normal_kl_traffic(shapes, dtype) -> Traffic:
     return Traffic(sum(numel(sh) for sh in shapes) * e, numel(torch.broadcast_shapes(*shapes)) * e)
 
 
+def _normal_kl_compiled(kernel, mean1, logvar1, mean2, logvar2):
+    """The compiled op: the KL elementwise in nats, in the promoted dtype of the inputs (they broadcast)."""
+    out = kernel.op(mean1, logvar1, mean2, logvar2)
+    return out.to(functools.reduce(torch.promote_types, [a.dtype for a in (mean1, logvar1, mean2, logvar2)]))
+
+
 @register(
     tensors=("mean1", "logvar1", "mean2", "logvar2"),
     fakes={"normal_kl": lambda *xs: broadcast_outputs(1, xs, functools.reduce(torch.promote_types,
                                                                               [x.dtype for x in xs]))[0],
            "normal_kl_backward": lambda g, *xs: broadcast_outputs(4, (g, *xs), broadcast_compute((g, *xs)))},
     traffic=_normal_kl_traffic,
+    compiled=_normal_kl_compiled,
 )
 @check.document
 def normal_kl(mean1, logvar1, mean2, logvar2, *, backend="auto"):
@@ -79,12 +86,19 @@ def _dgll_traffic(shape, dtype, *, log_scales_shape=None) -> Traffic:
     return Traffic((2 * n + scales) * e, n * e)
 
 
+def _dgll_compiled(kernel, x, means, log_scales):
+    """The compiled op: the elementwise log-likelihood in nats, in the promoted dtype of x and means."""
+    out = kernel.op(x, means, log_scales)
+    return out.to(torch.promote_types(x.dtype, means.dtype))
+
+
 @register(
     tensors=("x", "means", "log_scales"),
     fakes={"discretized_gaussian_log_likelihood": lambda x, means, log_scales: broadcast_outputs(
                1, (x, means, log_scales), torch.promote_types(x.dtype, means.dtype))[0],
            "dgll_backward": lambda g, *xs: broadcast_outputs(3, (g, *xs), broadcast_compute((g, *xs)))},
     traffic=_dgll_traffic,
+    compiled=_dgll_compiled,
 )
 @check.document
 def discretized_gaussian_log_likelihood(x, means, log_scales, *, backend="auto"):
@@ -143,6 +157,13 @@ def _scale_halves_fake(d_out, d_v, s_mean, s_var, mo):
     return torch.empty(mo.shape, dtype=mo.dtype, device=mo.device, memory_format=suggest_memory_format(mo))
 
 
+def _vb_terms_bpd_compiled(kernel, model_output, x0, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False):
+    """The compiled op: the bound's term at t per sample in bits/dim, [B] in the compute dtype."""
+    vb, _, _ = kernel.op(model_output, x0, x_t, t, kernel.table(schedule, x0), MEAN_IDS[mean_type], VAR_IDS[var_type],
+                         bool(clip_denoised), kernel.grad_needed(model_output))
+    return vb
+
+
 @register(
     tensors=("x_t", "model_output", "x0"),
     fakes={"vb_terms_bpd": _vb_fake, "scale_halves": _scale_halves_fake},
@@ -152,6 +173,8 @@ def _scale_halves_fake(d_out, d_v, s_mean, s_var, mo):
     test_case=lambda a, schedule, **kw: vb_terms_bpd(a["model_output"], a["x0"], a["x_t"], a["t"], schedule,
                                                      mean_type="epsilon", var_type="learned_range", **kw),
     reads=("model_output", "x0", "x_t", "t"),
+    compiled=_vb_terms_bpd_compiled,
+    kernel_no_grad=("x0", "x_t"),
 )
 @check.document
 def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type="epsilon", var_type="fixed_small",
@@ -206,6 +229,11 @@ def _prior_bpd_traffic(shape, dtype) -> Traffic:
     return Traffic(numel(shape) * element_bytes(dtype), shape[0] * per_sample_bytes(dtype))
 
 
+def _prior_bpd_compiled(kernel, x0, schedule):
+    """The compiled op: KL(q(x_{T-1} | x0) || N(0, I)) per sample in bits/dim, [B]."""
+    return kernel.op(x0, kernel.table(schedule, x0))
+
+
 @register(
     tensors=("x0",),
     fakes={"prior_bpd": lambda x0, table: per_sample(x0, compute_dtype(x0.dtype)),
@@ -214,6 +242,7 @@ def _prior_bpd_traffic(shape, dtype) -> Traffic:
     test_case=lambda a, schedule, **kw: prior_bpd(a["x0"], schedule, **{k: v for k, v in kw.items()
                                                                          if k != "validate"}),
     reads=("x0",),
+    compiled=_prior_bpd_compiled,
 )
 @check.document
 def prior_bpd(x0, schedule, *, backend="auto"):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import backends
-from ..options import LEARNED_VAR_IDS, LEARNED_VAR_TYPES
+from ..options import LEARNED_VAR_IDS, LEARNED_VAR_TYPES, MEAN_IDS, VAR_IDS
 from . import _checks as check
 from ._registry import (Traffic, check_shape, element_bytes, like_plan, model_output_factor, numel, per_sample,
                         register, t_and_rows, xstart_input_bytes)
@@ -15,6 +15,11 @@ def _predict_xstart_traffic(shape, dtype, *, mean_type) -> Traffic:
                    numel(shape) * element_bytes(dtype))
 
 
+def _predict_xstart_compiled(kernel, model_output, x_t, t, schedule, *, mean_type):
+    """The compiled op: x0 implied by the model output (unclipped), [B, C, ...] in x_t's dtype."""
+    return kernel.op(model_output, x_t, t, kernel.table(schedule, x_t), MEAN_IDS[mean_type])
+
+
 @register(
     tensors=("x_t", "model_output"),
     fakes={"predict_xstart": lambda mo, x_t, t, table, mean_type: like_plan(x_t)},
@@ -22,6 +27,7 @@ def _predict_xstart_traffic(shape, dtype, *, mean_type) -> Traffic:
     test_case=lambda a, schedule, **kw: predict_xstart(a["eps"], a["x_t"], a["t"], schedule, mean_type="epsilon",
                                                        **kw),
     reads=("eps", "x_t", "t"),
+    compiled=_predict_xstart_compiled,
 )
 @check.document
 def predict_xstart(model_output, x_t, t, schedule, *, mean_type="epsilon", backend="auto", validate=None):
@@ -81,6 +87,18 @@ def _p_mean_variance_fake(mo, x_t, t, table, mean_type, var_type, clip, thresh):
     return like_plan(x_t), per_sample(x_t, x_t.dtype), per_sample(x_t, x_t.dtype), like_plan(x_t)
 
 
+def _p_mean_variance_compiled(kernel, model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False,
+                               dynamic_threshold=None, sample_max_value=1.0):
+    """The compiled op: dict mean, variance, log_variance, pred_xstart (x_t's dtype; fixed variances [B, 1, ...])."""
+    thresh = kernel.thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
+    mean, var, logvar, pred = kernel.op(model_output, x_t, t, kernel.table(schedule, x_t), MEAN_IDS[mean_type],
+                                        VAR_IDS[var_type], bool(clip_denoised), thresh)
+    if var_type not in LEARNED_VAR_TYPES:
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        var, logvar = var.reshape(shape), logvar.reshape(shape)
+    return {"mean": mean, "variance": var, "log_variance": logvar, "pred_xstart": pred}
+
+
 @register(
     tensors=("x_t", "model_output"),
     fakes={"p_mean_variance": _p_mean_variance_fake},
@@ -88,6 +106,8 @@ def _p_mean_variance_fake(mo, x_t, t, table, mean_type, var_type, clip, thresh):
     test_case=lambda a, schedule, **kw: p_mean_variance(a["model_output"], a["x_t"], a["t"], schedule,
                                                         mean_type="epsilon", var_type="learned_range", **kw),
     reads=("model_output", "x_t", "t"),
+    compiled=_p_mean_variance_compiled,
+    kernel_no_grad=backends.ALL_INPUTS,
 )
 @check.document
 def p_mean_variance(model_output, x_t, t, schedule, *, mean_type="epsilon", var_type="fixed_small",

@@ -14,6 +14,11 @@ def _q_sample_traffic(shape, dtype) -> Traffic:
     return Traffic(2 * n * e + t_and_rows(shape, dtype), n * e)
 
 
+def _q_sample_compiled(kernel, x0, t, noise, schedule):
+    """The compiled op: x_t [B, ...] in x0's dtype."""
+    return kernel.op(x0, t, noise, kernel.table(schedule, x0))
+
+
 @register(
     tensors=("x0", "noise"),
     fakes={"q_sample": lambda x0, t, noise, table: like_plan(x0),
@@ -23,6 +28,7 @@ def _q_sample_traffic(shape, dtype) -> Traffic:
                 traffic=lambda case, shape, dtype: _q_sample_traffic(shape, dtype)),),
     test_case=lambda a, schedule, **kw: q_sample(a["x0"], a["t"], a["noise"], schedule, **kw),
     reads=("x0", "noise", "t"),
+    compiled=_q_sample_compiled,
 )
 @check.document
 def q_sample(x0, t, noise, schedule, *, backend="auto", validate=None):
@@ -67,6 +73,13 @@ def _q_posterior_traffic(shape, dtype) -> Traffic:
     return Traffic(2 * n * e + t_and_rows(shape, dtype), n * e + 2 * b * e)
 
 
+def _q_posterior_compiled(kernel, x0, x_t, t, schedule):
+    """The compiled op: (mean [B, ...], variance [B, 1, ...], clipped log variance [B, 1, ...]) in x0's dtype."""
+    mean, var, logvar = kernel.op(x0, x_t, t, kernel.table(schedule, x0))
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    return mean, var.reshape(shape), logvar.reshape(shape)
+
+
 @register(
     tensors=("x0", "x_t"),
     fakes={"q_posterior": lambda x0, x_t, t, table: (like_plan(x0), per_sample(x0, x0.dtype),
@@ -76,6 +89,7 @@ def _q_posterior_traffic(shape, dtype) -> Traffic:
                 traffic=lambda case, shape, dtype: _q_posterior_traffic(shape, dtype)),),
     test_case=lambda a, schedule, **kw: q_posterior(a["x0"], a["x_t"], a["t"], schedule, **kw),
     reads=("x0", "x_t", "t"),
+    compiled=_q_posterior_compiled,
 )
 @check.document
 def q_posterior(x0, x_t, t, schedule, *, backend="auto", validate=None):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import backends
+from ..options import MEAN_IDS, VAR_IDS
 from . import _checks as check
 from ._registry import (Traffic, check_shape, element_bytes, like_plan, model_output_factor, numel, register,
                         t_and_rows, xstart_input_bytes)
@@ -40,6 +41,16 @@ def _ddpm_bench_traffic(case, shape, dtype):
                                   noise_given=bool(case.options.get("noise_given")))
 
 
+def _p_sample_step_compiled(kernel, model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True,
+                            dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None, seed=None):
+    """The compiled op: dict sample, pred_xstart; noise=None draws N(0, I) in-kernel (Philox)."""
+    thresh = kernel.thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
+    philox, key = (0, None) if noise is not None else kernel.philox_seed(seed, generator, x_t.device)
+    sample, pred = kernel.op(model_output, x_t, t, kernel.table(schedule, x_t), MEAN_IDS[mean_type],
+                             VAR_IDS[var_type], bool(clip_denoised), thresh, noise, philox, key)
+    return {"sample": sample, "pred_xstart": pred}
+
+
 @register(
     tensors=("x_t", "model_output", "noise"),
     fakes={"p_sample_step": _step_fake},
@@ -52,6 +63,8 @@ def _ddpm_bench_traffic(case, shape, dtype):
                                                       mean_type="epsilon", var_type="learned_range",
                                                       noise=a["noise"], **kw),
     reads=("model_output", "x_t", "noise", "t"),
+    compiled=_p_sample_step_compiled,
+    kernel_no_grad=backends.ALL_INPUTS,
 )
 @check.document
 def p_sample_step(model_output, x_t, t, schedule, *, mean_type="epsilon", var_type="fixed_small",
@@ -117,6 +130,18 @@ def _step_args(op, model_output, x_t, t, schedule, mean_type, var_type, dynamic_
     return t, backends.route(backend, device.type, op, x_t.dtype, x_t, model_output, noise)[0]
 
 
+def _ddim_step_compiled(kernel, model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,
+                        sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None,
+                        seed=None):
+    """The compiled op: dict sample, pred_xstart; with eta > 0 and noise=None the noise is drawn in-kernel."""
+    thresh = kernel.thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
+    philox, key = ((0, None) if (noise is not None or eta == 0.0)
+                   else kernel.philox_seed(seed, generator, x_t.device))
+    sample, pred = kernel.op(model_output, x_t, t, kernel.table(schedule, x_t), MEAN_IDS[mean_type],
+                             VAR_IDS[var_type], bool(clip_denoised), thresh, float(eta), noise, philox, key)
+    return {"sample": sample, "pred_xstart": pred}
+
+
 @register(
     tensors=("x_t", "model_output", "noise"),
     fakes={"ddim_step": _step_fake},
@@ -128,6 +153,8 @@ def _step_args(op, model_output, x_t, t, schedule, mean_type, var_type, dynamic_
     test_case=lambda a, schedule, **kw: ddim_step(a["model_output"], a["x_t"], a["t"], schedule, eta=0.5,
                                                   var_type="learned_range", noise=a["noise"], **kw),
     reads=("model_output", "x_t", "noise", "t"),
+    compiled=_ddim_step_compiled,
+    kernel_no_grad=backends.ALL_INPUTS,
 )
 @check.document
 def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,

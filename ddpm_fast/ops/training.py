@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .. import backends, options
-from ..options import KL_LOSS_TYPES, LEARNED_VAR_IDS, LEARNED_VAR_TYPES
+from ..options import (KL_LOSS_TYPES, LEARNED_VAR_IDS, LEARNED_VAR_TYPES, LOSS_IDS, MEAN_IDS, VAR_IDS,
+                       WEIGHTING_IDS)
 from ..reference import compute_dtype
 from . import _checks as check
 from ._registry import (Traffic, check_shape, element_bytes, model_output_factor, numel, per_sample,
@@ -51,6 +52,20 @@ def _bench(name, label, var_type, backward):
                     loss_type=case.options.get("loss_type", "mse"), backward=case.backward))
 
 
+def _training_losses_compiled(kernel, model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type,
+                              weighting="simple", min_snr_gamma=5.0):
+    """The compiled op: dict of [B] terms ("loss", "mse" and / or "vb") in the compute dtype."""
+    loss, mse, vb, _, _, _ = kernel.op(
+        model_output, x0, t, noise, kernel.table(schedule, x0), MEAN_IDS[mean_type], VAR_IDS[var_type],
+        LOSS_IDS[loss_type], WEIGHTING_IDS[weighting], float(min_snr_gamma), kernel.grad_needed(model_output))
+    if loss_type in KL_LOSS_TYPES:
+        return {"loss": loss, "vb": vb}
+    terms = {"mse": mse, "loss": loss}
+    if var_type in LEARNED_VAR_TYPES:
+        terms["vb"] = vb
+    return terms
+
+
 @register(
     tensors=("x0", "model_output", "noise"),
     fakes={"training_losses": _fake},
@@ -63,6 +78,8 @@ def _bench(name, label, var_type, backward):
                                                         mean_type="epsilon", var_type="learned_range",
                                                         loss_type="mse", **kw),
     reads=("model_output", "x0", "noise", "t"),
+    compiled=_training_losses_compiled,
+    kernel_no_grad=("x0", "noise"),
 )
 @check.document
 def training_losses(model_output, x0, t, noise, schedule, *, mean_type="epsilon", var_type="fixed_small",

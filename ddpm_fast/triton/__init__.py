@@ -16,14 +16,14 @@ except ImportError as exc:  # pragma: no cover - backends._load reports this
     raise ImportError(f"triton is not installed ({exc})") from exc
 
 from ._runtime import INTERPRET
-from .noising import prior_bpd, q_sample
-from .posterior import discretized_gaussian_log_likelihood, normal_kl, predict_xstart, q_posterior
-from .sampler import ddim_step, p_mean_variance, p_sample_step
-from .vb import training_losses, vb_terms_bpd
-
+from . import noising, posterior, sampler, vb
 from ..ops import REGISTRY
 
-__all__ = ["availability", *REGISTRY]  # every op of ddpm_fast.ops, same signature (arguments checked there)
+_FAMILIES = (noising, posterior, sampler, vb)  # a new family module adds itself here
+# every op of ddpm_fast.ops, same signature (arguments checked there): the launcher its family module defines
+globals().update({name: getattr(family, name) for family in _FAMILIES for name in REGISTRY
+                  if getattr(getattr(family, name, None), "__module__", None) == family.__name__})
+__all__ = ["availability", *REGISTRY]
 
 
 def availability(name: str = "triton"):
