@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import inspect
 import json
 import math
 import os
@@ -48,9 +49,10 @@ STAGES = (
     Stage("build", 210, False, "build the compiled extension (the local GPU arch only) and list the backends"),
     Stage("ops", 60, False, "every op on every fused backend vs the reference: fp32/fp16/bf16, contiguous, "
                             "channels_last and sliced inputs, plus a capped fuzz of shapes"),
-    Stage("graphs", 30, True, "capture every op and both sampling loops in a CUDA graph (seed, seed=None, "
-                              "generator=) and replay them"),
-    Stage("sync_free", 15, True, "both sampling loops under torch.cuda.set_sync_debug_mode('error')"),
+    Stage("graphs", 30, True, "capture every op, both sampling loops and the drop-in multistep schedulers' "
+                              "loops in a CUDA graph (seed, seed=None, generator=) and replay them"),
+    Stage("sync_free", 15, True, "both sampling loops and the drop-in multistep schedulers' loops under "
+                                 "torch.cuda.set_sync_debug_mode('error')"),
     Stage("second_gpu", 20, True, "the ops stage (fp32) on cuda:1 (needs a second GPU)"),
     Stage("bench", 45, True, "ddpm-fast bench --device cuda --quick"),
     Stage("e2e", 15, True, "ddpm-fast bench --e2e --quick: real U-Nets trained and sampled both ways; the loss "
@@ -216,7 +218,73 @@ def check_graphs(device: torch.device, backends) -> dict:
                     failures.append(f"{loop} loop {backend}: graph replay differs from eager")
             except Exception as exc:  # noqa: BLE001
                 failures.append(f"{loop} loop {backend}: {type(exc).__name__}: {str(exc)[:200]}")
+    for name in SOLVER_LOOPS:
+        checked += 1
+        failures += _check_solver_graph(name, device)
     return {"checked": checked, "failures": failures}
+
+
+# the drop-in multistep schedulers (ddpm_fast.compat.diffusers) the graphs and sync_free stages run whole
+SOLVER_LOOPS = {
+    "dpmsolver++ 3M": ("FastDPMSolverMultistepScheduler", {"solver_order": 3}),
+    "sde-dpmsolver++ 2M": ("FastDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "euler": ("FastEulerDiscreteScheduler", {}),
+    "euler ancestral": ("FastEulerAncestralDiscreteScheduler", {}),
+    "unipc 3": ("FastUniPCMultistepScheduler", {"solver_order": 3}),
+}
+
+
+def solver_loop(name: str, device, steps: int = 10):
+    """(a fresh Fast scheduler of SOLVER_LOOPS[name] set to ``steps`` steps on ``device``, run): run(x,
+    generator=None) takes x [4, 4, 16, 16] through the whole loop with a tanh stand-in model and returns the
+    final sample."""
+    from .compat import diffusers as compat
+
+    cls_name, config = SOLVER_LOOPS[name]
+    scheduler = getattr(compat, cls_name)(**config)
+    scheduler.set_timesteps(steps, device=device)
+
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # (UniPC draws no noise)
+
+    def run(x, generator=None):
+        kwargs = {"generator": generator} if takes_generator else {}
+        for t in scheduler.timesteps:
+            model_output = torch.tanh(scheduler.scale_model_input(x, t))
+            x = scheduler.step(model_output, t, x, **kwargs).prev_sample
+        return x
+
+    return scheduler, run
+
+
+def _check_solver_graph(name: str, device) -> list:
+    """One drop-in scheduler's 10-step loop captured whole and replayed: equal to the eager loop. The SDE /
+    ancestral noise comes from the device's default generator, seeded alike before the eager run and the replay
+    (a captured draw reads the generator's state at replay time)."""
+    try:
+        x_start = torch.randn((4, 4, 16, 16), device=device, generator=torch.Generator(device).manual_seed(1))
+        _, eager_run = solver_loop(name, device)
+        torch.cuda.manual_seed(2)
+        eager = eager_run(x_start.clone())
+        scheduler, run = solver_loop(name, device)
+        static_x = x_start.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run(static_x.clone())  # warm-up: the step's tables reach the device
+        torch.cuda.current_stream(device).wait_stream(side)
+        scheduler.set_timesteps(10, device=device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run(static_x)
+        torch.cuda.manual_seed(2)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        gap = float((out - eager).abs().max())
+        if not gap <= 1e-5 * (1.0 + float(eager.abs().max())):
+            return [f"{name} loop: graph replay differs from the eager loop by {gap:.3g}"]
+    except Exception as exc:  # noqa: BLE001
+        return [f"{name} loop: {type(exc).__name__}: {str(exc)[:200]}"]
+    return []
 
 
 def _check_fresh_noise(case, fn, args, device, backend) -> list:
@@ -259,7 +327,20 @@ def check_sync_free(device: torch.device, backends) -> dict:
                 failures.append(f"{loop} loop {backend}: {type(exc).__name__}: {str(exc)[:200]}")
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-    return {"checked": 2 * len(backends), "failures": failures}
+    for name in SOLVER_LOOPS:
+        _, run = solver_loop(name, device)
+        x = torch.randn((4, 4, 16, 16), device=device)
+        generator = torch.Generator(device).manual_seed(0)  # a generator on the device: no host draw
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                run(x, generator)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{name} loop: {type(exc).__name__}: {str(exc)[:200]}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return {"checked": 2 * len(backends) + len(SOLVER_LOOPS), "failures": failures}
 
 
 # -- ahead-of-time compiles ---------------------------------------------------------------------------

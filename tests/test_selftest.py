@@ -132,3 +132,22 @@ def test_parse_ptxas_report():
            "ptxas info    : Used 40 registers, used 1 barriers\n")
     assert parse_ptxas(log) == [{"kernel": "_Z3fooPf", "arch": "sm_90", "stack": 32, "spill_stores": 0,
                                  "spill_loads": 4, "registers": 40}]
+
+
+@pytest.mark.parametrize("name", list(selftest.SOLVER_LOOPS))
+def test_solver_loops_of_the_gpu_stages_run_and_match_their_parent(name):
+    """The drop-in loops the graphs / sync_free stages capture on a GPU run here eagerly, and end where the
+    diffusers parent's loop ends (same noise: the same generator seed)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    scheduler, run = selftest.solver_loop(name, "cpu")
+    x = torch.randn(4, 4, 16, 16)
+    ours = run(x.clone(), torch.Generator().manual_seed(3))
+    parent = getattr(diffusers, type(scheduler).__name__[len("Fast"):])(**selftest.SOLVER_LOOPS[name][1])
+    parent.set_timesteps(10)
+    y, generator = x.clone(), torch.Generator().manual_seed(3)
+    kwargs = {} if "UniPC" in type(parent).__name__ else {"generator": generator}
+    for t in parent.timesteps:
+        y = parent.step(torch.tanh(parent.scale_model_input(y, t)), t, y, **kwargs).prev_sample
+    torch.testing.assert_close(ours, y, rtol=1e-4, atol=1e-4)
