@@ -317,30 +317,27 @@ def check_sync_free(device: torch.device, backends) -> dict:
         for loop, _ in loops.LOOPS:
             net = loops._net(3, device, torch.float32)
             run = loops._ours(loop, backend=backend, device=device, batch=4, run_steps=20)
-            x = torch.randn((4, 3, 16, 16), device=device)
-            torch.cuda.synchronize(device)
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                with torch.no_grad():
-                    run(net, x)
-            except Exception as exc:  # noqa: BLE001
-                failures.append(f"{loop} loop {backend}: {type(exc).__name__}: {str(exc)[:200]}")
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            failures += _sync_free(f"{loop} loop {backend}", device, run, net,
+                                   torch.randn((4, 3, 16, 16), device=device))
     for name in SOLVER_LOOPS:
-        _, run = solver_loop(name, device)
-        x = torch.randn((4, 4, 16, 16), device=device)
+        run = solver_loop(name, device)[1]
         generator = torch.Generator(device).manual_seed(0)  # a generator on the device: no host draw
-        torch.cuda.synchronize(device)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with torch.no_grad():
-                run(x, generator)
-        except Exception as exc:  # noqa: BLE001
-            failures.append(f"{name} loop: {type(exc).__name__}: {str(exc)[:200]}")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        failures += _sync_free(f"{name} loop", device, run, torch.randn((4, 4, 16, 16), device=device), generator)
     return {"checked": 2 * len(backends) + len(SOLVER_LOOPS), "failures": failures}
+
+
+def _sync_free(label: str, device, run, *args) -> list:
+    """run(*args) with every host sync an error: [] or the failure."""
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            run(*args)
+    except Exception as exc:  # noqa: BLE001
+        return [f"{label}: {type(exc).__name__}: {str(exc)[:200]}"]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return []
 
 
 # -- ahead-of-time compiles ---------------------------------------------------------------------------

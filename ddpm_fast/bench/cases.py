@@ -169,7 +169,9 @@ def _cases() -> tuple:
     for spec in REGISTRY.values():
         for declared in spec.bench:
             fields = dict(declared)
-            cases.append(Case(op=spec.name, bytes_moved=fields.pop("traffic"), **fields))
+            bytes_moved = fields.pop("traffic", None) or (lambda case, shape, dtype, model=spec.traffic:
+                                                          model(shape, dtype))
+            cases.append(Case(op=spec.name, bytes_moved=bytes_moved, **fields))
     return tuple(cases)
 
 

@@ -7,7 +7,8 @@ An op family module (ddpm_fast.ops.noising, ...) decorates each public function 
   differentiate);
 - ``fakes``: the fake (meta) implementations of its torch.ops.ddpm_fast ops (ddpm_fast.native registers them);
 - ``traffic``: its compulsory memory traffic in bytes (ddpm_fast.traffic.<op>; see that module's conventions);
-- ``bench``: its benchmark cases, as ddpm_fast.bench.cases.Case fields (plus ``traffic(case, shape, dtype)``);
+- ``bench``: its benchmark cases, as ddpm_fast.bench.cases.Case fields (plus ``traffic(case, shape, dtype)``,
+  by default the op's traffic model of (shape, dtype));
 - ``test_case`` / ``reads``: one valid call on tests/backend_cases.inputs(), and the inputs it reads;
 - ``compiled``: the compiled backends' adapter, ``compiled(kernel, *args, **kwargs)`` with the reference op's
   arguments: it calls ``kernel.op`` (the op's torch.ops overload) with the schema's arguments (``kernel.table``
