@@ -11,23 +11,23 @@ import pytest
 import torch
 
 from ddpm_fast.bench import e2e
+from ddpm_fast.bench.measure import sync
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
                                 reason="the e2e benchmark needs diffusers")
 MODELS = {m.name: m for m in e2e.MODELS}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@pytest.fixture(params=list(MODELS))
+def spec(request):
+    """Each network of the e2e benchmark in turn (its e2e.MODELS entry), torch's seed reset for its weights."""
+    torch.manual_seed(0)
+    return MODELS[request.param]
 
 
 @pytest.mark.parametrize("way", e2e.WAYS_TRAIN)
 @pytest.mark.parametrize("sampler", ["uniform", "loss-second-moment"])
-@pytest.mark.parametrize("model", list(MODELS))
-def test_train_step(benchmark, model, sampler, way, device):
-    spec = MODELS[model]
-    torch.manual_seed(0)
+def test_train_step(benchmark, spec, sampler, way, device):
     trainer = e2e._Trainer(way, spec.build(), sampler, device, e2e.Clock(device), seed=1)
     x0 = e2e.synthetic_images(spec.train_batch, spec.image, seed=2).to(device)
     noise = torch.randn_like(x0)
@@ -35,17 +35,14 @@ def test_train_step(benchmark, model, sampler, way, device):
     def step():
         trainer.step(x0, noise)
         trainer.losses.clear(), trainer.ts.clear(), trainer.segments.clear()  # keep nothing between rounds
-        _sync(device)
+        sync(device)
 
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("way", e2e.WAYS_SAMPLE)
 @pytest.mark.parametrize("loop", ["ddpm", "ddim"])
-@pytest.mark.parametrize("model", list(MODELS))
-def test_sample_step(benchmark, model, loop, way, device):
-    spec = MODELS[model]
-    torch.manual_seed(0)
+def test_sample_step(benchmark, spec, loop, way, device):
     net = spec.build().to(device).eval()
     sched = e2e._schedulers(loop, way)
     ts = sched.timesteps[1]  # a step with t > 0 (the DDPM step adds noise)
@@ -60,7 +57,7 @@ def test_sample_step(benchmark, model, loop, way, device):
             y = sched.step(out, ts, x, generator=gen).prev_sample
         else:
             y = sched.step(out[:, :spec.image[0]], ts, x, eta=0.0, use_clipped_model_output=True).prev_sample
-        _sync(device)
+        sync(device)
         return y
 
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=2)

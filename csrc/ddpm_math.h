@@ -30,38 +30,34 @@ constexpr double kLn2 = 0.69314718055994530942;
 // ---- elementary functions ------------------------------------------------------------------------
 template <class V> struct Prim;
 
-template <> struct Prim<float> {
+// What Prim<float> and Prim<double> share: comparisons, masks and selects on scalars, and NaN-propagating
+// min / max (torch.minimum / torch.maximum / clamp semantics)
+template <class T> struct ScalarPrim {
   using Mask = bool;
+  static DDPM_HD Mask lt(T a, T b) { return a < b; }
+  static DDPM_HD Mask gt(T a, T b) { return a > b; }
+  static DDPM_HD Mask ge(T a, T b) { return a >= b; }
+  static DDPM_HD Mask le(T a, T b) { return a <= b; }
+  static DDPM_HD Mask land(Mask a, Mask b) { return a && b; }
+  static DDPM_HD T select(Mask m, T a, T b) { return m ? a : b; }
+  static DDPM_HD T min(T a, T b) { return (a != a) ? a : (a < b ? a : b); }
+  static DDPM_HD T max(T a, T b) { return (a != a) ? a : (a > b ? a : b); }
+};
+
+// the libm function of each precision (expf, not exp, for float: no round trip through double)
+template <> struct Prim<float> : ScalarPrim<float> {
   static DDPM_HD float exp(float x) { return ::expf(x); }
   static DDPM_HD float log(float x) { return ::logf(x); }
   static DDPM_HD float sqrt(float x) { return ::sqrtf(x); }
   // cosine of an angle of u turns, as triton.language computes it: cos(fl(2 pi u))
   static DDPM_HD float cos_turns(float u) { return ::cosf(6.283185307179586f * u); }
-  static DDPM_HD Mask lt(float a, float b) { return a < b; }
-  static DDPM_HD Mask gt(float a, float b) { return a > b; }
-  static DDPM_HD Mask ge(float a, float b) { return a >= b; }
-  static DDPM_HD Mask le(float a, float b) { return a <= b; }
-  static DDPM_HD Mask land(Mask a, Mask b) { return a && b; }
-  static DDPM_HD float select(Mask m, float a, float b) { return m ? a : b; }
-  // NaN-propagating min / max (torch.minimum / torch.maximum / clamp semantics)
-  static DDPM_HD float min(float a, float b) { return (a != a) ? a : (a < b ? a : b); }
-  static DDPM_HD float max(float a, float b) { return (a != a) ? a : (a > b ? a : b); }
 };
 
-template <> struct Prim<double> {
-  using Mask = bool;
+template <> struct Prim<double> : ScalarPrim<double> {
   static DDPM_HD double exp(double x) { return ::exp(x); }
   static DDPM_HD double log(double x) { return ::log(x); }
   static DDPM_HD double sqrt(double x) { return ::sqrt(x); }
   static DDPM_HD double cos_turns(double u) { return ::cos(6.283185307179586 * u); }
-  static DDPM_HD Mask lt(double a, double b) { return a < b; }
-  static DDPM_HD Mask gt(double a, double b) { return a > b; }
-  static DDPM_HD Mask ge(double a, double b) { return a >= b; }
-  static DDPM_HD Mask le(double a, double b) { return a <= b; }
-  static DDPM_HD Mask land(Mask a, Mask b) { return a && b; }
-  static DDPM_HD double select(Mask m, double a, double b) { return m ? a : b; }
-  static DDPM_HD double min(double a, double b) { return (a != a) ? a : (a < b ? a : b); }
-  static DDPM_HD double max(double a, double b) { return (a != a) ? a : (a > b ? a : b); }
 };
 
 // ---- forward process, posterior, x0 prediction ----------------------------------------------------

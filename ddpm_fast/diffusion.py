@@ -319,6 +319,11 @@ class GaussianDiffusion:
             return self.p_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                  model_kwargs=model_kwargs)
 
+        yield from self._steps(step, img, device, progress, cuda_graph, copy_out)
+
+    def _steps(self, step, img, device, progress, cuda_graph, copy_out):
+        """Yield step(x, t)'s dict (sample, pred_xstart) for t = T-1 .. 0 from x = img (t: int64 [B] on
+        device): the eager loop, or with cuda_graph on a CUDA device one graph replayed per step (_graph_steps)."""
         if cuda_graph and _graph_device(img):
             yield from self._graph_steps(step, img, progress, copy_out)
             return
@@ -425,15 +430,7 @@ class GaussianDiffusion:
             return self.ddim_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                     model_kwargs=model_kwargs, eta=eta)
 
-        if cuda_graph and _graph_device(img):
-            yield from self._graph_steps(step, img, progress, copy_out)
-            return
-        for i in self._indices(progress):
-            t = torch.full((img.shape[0],), i, dtype=torch.int64, device=device)
-            with torch.no_grad():
-                out = step(img, t)
-            yield out
-            img = out["sample"]
+        yield from self._steps(step, img, device, progress, cuda_graph, copy_out)
 
     # -- the variational bound ---------------------------------------------------------------------
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):

@@ -229,14 +229,15 @@ def prior_bpd(x0, schedule):
 
 # -- training losses --------------------------------------------------------------------------
 def _mean_target(x0c, x_tc, noise_c, t, schedule, mean_type):
+    """What the model's mean output is trained toward for mean_type (compute dtype, x0c's shape)."""
     if mean_type == "epsilon":
         return noise_c
     if mean_type == "x0":
         return x0c
-    if mean_type == "v":
-        return coef(schedule, "sqrt_alphas_cumprod", t, x0c) * noise_c - coef(
-            schedule, "sqrt_one_minus_alphas_cumprod", t, x0c
-        ) * x0c
+    if mean_type == "v":  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+        sqrt_abar = coef(schedule, "sqrt_alphas_cumprod", t, x0c)
+        sqrt_1m_abar = coef(schedule, "sqrt_one_minus_alphas_cumprod", t, x0c)
+        return sqrt_abar * noise_c - sqrt_1m_abar * x0c
     return _posterior(x0c, x_tc, t, schedule)[0]  # x_prev
 
 

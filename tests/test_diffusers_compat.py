@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (extra 'diffusers')")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from diffusers.schedulers import scheduling_ddpm  # noqa: E402
 
 from ddpm_fast.compat.diffusers import FastDDIMScheduler, FastDDPMScheduler  # noqa: E402
+from _helpers import CountParentSteps, NoHostSync, make_schedulers, scheduler_model_output  # noqa: E402
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 DDPM_VARS = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -29,19 +29,6 @@ T = 100
 B, C = 3, 2
 
 
-def to64(s):
-    """The parent computing in float64 from its own float32 betas: the accuracy yardstick."""
-    s.betas = s.betas.double()
-    s.alphas = 1.0 - s.betas
-    s.alphas_cumprod = torch.cumprod(s.alphas, 0)
-    if hasattr(s, "one"):
-        s.one = torch.tensor(1.0, dtype=torch.float64)
-    if hasattr(s, "final_alpha_cumprod"):
-        s.final_alpha_cumprod = (torch.tensor(1.0, dtype=torch.float64) if s.config.set_alpha_to_one
-                                 else s.alphas_cumprod[0])
-    return s
-
-
 def check(ours, parent32, parent64, what):
     gold = parent64.double()
     err_ours = (ours.double() - gold).abs().max()
@@ -51,40 +38,13 @@ def check(ours, parent32, parent64, what):
 
 
 def model_output(var, gen):
-    mo = torch.randn(B, 2 * C if var.startswith("learned") else C, 4, 4, generator=gen)
-    if var == "learned":  # diffusers' "learned" output is the variance itself
-        mo[:, C:] = mo[:, C:].abs() * 0.01 + 1e-4
-    if var == "learned_range":
-        mo[:, C:] = torch.tanh(mo[:, C:])
-    return mo
+    """[B, C or 2C, 4, 4] for diffusers' variance_type var."""
+    return scheduler_model_output(var, gen, B, C)
 
 
 def make(parent_cls, fast_cls, cfg, spacing, n=7):
-    cfg = {**cfg, "num_train_timesteps": T}
-    if isinstance(spacing, dict):
-        cfg.update(spacing)
-    a = parent_cls(**cfg)
-    b = fast_cls.from_config(a.config)
-    g = to64(parent_cls(**cfg))
-    if spacing == "custom":
-        for s in (a, b, g):
-            s.set_timesteps(timesteps=[97, 60, 33, 20, 5, 2])
-    elif spacing is not None:
-        for s in (a, b, g):
-            s.set_timesteps(n)
-    return a, b, g
-
-
-class CountParentSteps:
-    def __init__(self, monkeypatch, cls):
-        self.n = 0
-        original = cls.step
-
-        def spy(this, *args, **kwargs):
-            self.n += 1
-            return original(this, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "step", spy)
+    """(parent, ours, the parent in float64) over T training steps, n inference steps."""
+    return make_schedulers(parent_cls, fast_cls, cfg, spacing, n, T)
 
 
 def test_ddpm_step_matches_parent(monkeypatch):
@@ -352,15 +312,6 @@ def test_import_error_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "ddpm_fast.compat.diffusers")
     with pytest.raises(ImportError, match=r"ddpm-fast\[diffusers\]"):
         importlib.import_module("ddpm_fast.compat.diffusers")
-
-
-class NoHostSync(TorchDispatchMode):
-    """Fails on any op that reads a tensor value on the host (.item(), int(t), bool(mask.any()), nonzero)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.item):
-            raise AssertionError(f"host sync: {func}")
-        return func(*args, **(kwargs or {}))
 
 
 def test_fused_paths_do_not_sync():

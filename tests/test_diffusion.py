@@ -16,7 +16,6 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.diffusion import (
@@ -29,6 +28,7 @@ from ddpm_fast.diffusion import (
     get_named_beta_schedule,
     space_timesteps,
 )
+from _helpers import NoHostSync
 from improved_diffusion_algebra import use_improved_diffusions_decoder
 from ddpm_fast.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 
@@ -449,15 +449,6 @@ def test_loss_second_moment_sampler():
     assert (freq - p.double()).abs().max() < 0.05
     with pytest.raises(ValueError, match="ts"):
         s2.update_with_all_losses([7], [1.0])
-
-
-class NoHostSync(TorchDispatchMode):
-    """Fails on any op that reads a tensor value on the host (.item(), int(t), bool(mask.any()), nonzero)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.item):
-            raise AssertionError(f"host sync: {func}")
-        return func(*args, **(kwargs or {}))
 
 
 def test_training_and_sampling_steps_do_not_sync():

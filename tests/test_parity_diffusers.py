@@ -26,7 +26,7 @@ from diffusers.schedulers import scheduling_ddim, scheduling_ddpm  # noqa: E402
 
 from ddpm_fast.compat import diffusers as compat  # noqa: E402
 from ddpm_fast.compat.diffusers import FastDDIMScheduler, FastDDPMScheduler  # noqa: E402
-from test_diffusers_compat import to64  # noqa: E402  (the parent in float64: the accuracy yardstick)
+from _helpers import make_schedulers, scheduler_model_output, to64  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOOR = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -45,14 +45,7 @@ PREDICTIONS = ("epsilon", "sample", "v_prediction")
 DDPM_VARS = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range", "other")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread. (On a busy machine the CPU kernels' OpenMP split costs ~19 ms a step here
-    against ~0.3 ms single-threaded: issue 17's grain size, not this file's subject.)"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 class Draws:
@@ -114,27 +107,13 @@ def epsilon_x0_gap(s, mo, x, t, dtype):
 
 
 def make(parent_cls, fast_cls, cfg, spacing, n=10):
-    cfg = {"num_train_timesteps": T, **cfg}
-    if isinstance(spacing, dict):
-        cfg.update(spacing)
-    a = parent_cls(**cfg)
-    b = fast_cls.from_config(a.config)
-    g = to64(parent_cls(**cfg))
-    for s in (a, b, g):
-        if spacing == "custom":
-            s.set_timesteps(timesteps=[97, 60, 33, 20, 5, 2])
-        elif spacing is not None:
-            s.set_timesteps(n)
-    return a, b, g
+    """(parent, ours, the parent in float64) over T training steps (unless cfg says), n inference steps."""
+    return make_schedulers(parent_cls, fast_cls, cfg, spacing, n, T)
 
 
 def model_output(var, gen, batch=B):
-    mo = torch.randn(batch, 2 * C if var.startswith("learned") else C, 4, 4, generator=gen)
-    if var == "learned":  # diffusers' "learned" output is the variance itself
-        mo[:, C:] = mo[:, C:].abs() * 0.01 + 1e-4
-    if var == "learned_range":
-        mo[:, C:] = torch.tanh(mo[:, C:])
-    return mo
+    """[batch, C or 2C, 4, 4] for diffusers' variance_type var."""
+    return scheduler_model_output(var, gen, batch, C)
 
 
 def steps_of(s):

@@ -31,13 +31,7 @@ VARS = ("fixed_small", "fixed_large", "learned", "learned_range")
 LOSSES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread (see tests/test_parity_diffusers.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 class Oracle:

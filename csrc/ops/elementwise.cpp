@@ -55,6 +55,7 @@ Tensor normal_kl(const Tensor& mean1, const Tensor& logvar1, const Tensor& mean2
   Bcast b = bcast({mean1, logvar1, mean2, logvar2}, {mean1, logvar1, mean2, logvar2});
   return run_bcast<NormalKlElem>({mean1, logvar1, mean2, logvar2}, b, b.result)[NormalKlElem<float>::out_kl];
 }
+DDPM_DEVICE_OP(normal_kl, "(Tensor mean1, Tensor logvar1, Tensor mean2, Tensor logvar2) -> Tensor")
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> normal_kl_backward(const Tensor& grad, const Tensor& mean1,
                                                               const Tensor& logvar1, const Tensor& mean2,
@@ -64,11 +65,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> normal_kl_backward(const Tensor& grad
   auto o = run_bcast<NormalKlBackwardElem>({grad, mean1, logvar1, mean2, logvar2}, b, b.compute);
   return {o[Body::out_grad_mean1], o[Body::out_grad_logvar1], o[Body::out_grad_mean2], o[Body::out_grad_logvar2]};
 }
+DDPM_DEVICE_OP(normal_kl_backward, "(Tensor grad, Tensor mean1, Tensor logvar1, Tensor mean2, Tensor logvar2) "
+                                   "-> (Tensor, Tensor, Tensor, Tensor)")
 
 Tensor discretized_gaussian_log_likelihood(const Tensor& x, const Tensor& means, const Tensor& log_scales) {
   Bcast b = bcast({x, means, log_scales}, {x, means});
   return run_bcast<DgllElem>({x, means, log_scales}, b, b.result)[DgllElem<float>::out_log_prob];
 }
+DDPM_DEVICE_OP(discretized_gaussian_log_likelihood, "(Tensor x, Tensor means, Tensor log_scales) -> Tensor")
 
 std::tuple<Tensor, Tensor, Tensor> dgll_backward(const Tensor& grad, const Tensor& x, const Tensor& means,
                                                  const Tensor& log_scales) {
@@ -77,34 +81,9 @@ std::tuple<Tensor, Tensor, Tensor> dgll_backward(const Tensor& grad, const Tenso
   auto o = run_bcast<DgllBackwardElem>({grad, x, means, log_scales}, b, b.compute);
   return {o[Body::out_grad_x], o[Body::out_grad_means], o[Body::out_grad_log_scales]};
 }
-
-void impls(torch::Library& m) {
-  m.impl("normal_kl", &normal_kl);
-  m.impl("normal_kl_backward", &normal_kl_backward);
-  m.impl("discretized_gaussian_log_likelihood", &discretized_gaussian_log_likelihood);
-  m.impl("dgll_backward", &dgll_backward);
-}
-
-}  // namespace
-}  // namespace op
-}  // namespace ddpm
-
-DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {
-  m.def("normal_kl(Tensor mean1, Tensor logvar1, Tensor mean2, Tensor logvar2) -> Tensor");
-  m.def("normal_kl_backward(Tensor grad, Tensor mean1, Tensor logvar1, Tensor mean2, Tensor logvar2) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("discretized_gaussian_log_likelihood(Tensor x, Tensor means, Tensor log_scales) -> Tensor");
-  m.def("dgll_backward(Tensor grad, Tensor x, Tensor means, Tensor log_scales) -> (Tensor, Tensor, Tensor)");
-}
-DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
-#ifdef DDPM_WITH_CUDA
-TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
-#endif
+DDPM_DEVICE_OP(dgll_backward, "(Tensor grad, Tensor x, Tensor means, Tensor log_scales) -> (Tensor, Tensor, Tensor)")
 
 // -- autograd: normal_kl_backward, dgll_backward (each gradient reduced to its input's broadcast shape) ---
-namespace ddpm {
-namespace op {
-namespace {
 
 // grads[k] summed to inputs[k]'s (broadcast) shape in its dtype, for the inputs that need a gradient
 variable_list reduce_to_inputs(AutogradContext* ctx, const std::vector<Tensor>& grads, const variable_list& inputs) {
@@ -159,17 +138,14 @@ Tensor normal_kl_autograd(const Tensor& m1, const Tensor& lv1, const Tensor& m2,
   if (!needs_autograd_node(m1, lv1, m2, lv2)) return NormalKl::below_autograd(m1, lv1, m2, lv2);
   return NormalKl::apply(m1, lv1, m2, lv2);
 }
+DDPM_AUTOGRAD_OP(normal_kl, normal_kl_autograd)
 
 Tensor dgll_autograd(const Tensor& x, const Tensor& means, const Tensor& log_scales) {
   if (!needs_autograd_node(x, means, log_scales)) return Dgll::below_autograd(x, means, log_scales);
   return Dgll::apply(x, means, log_scales);
 }
+DDPM_AUTOGRAD_OP(discretized_gaussian_log_likelihood, dgll_autograd)
 
 }  // namespace
 }  // namespace op
 }  // namespace ddpm
-
-DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, Autograd, m) {
-  m.impl("normal_kl", &ddpm::op::normal_kl_autograd);
-  m.impl("discretized_gaussian_log_likelihood", &ddpm::op::dgll_autograd);
-}

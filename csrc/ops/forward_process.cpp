@@ -11,88 +11,58 @@ namespace {
 
 Tensor q_sample(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
   using Body = QSampleElem<float>;
-  check_input("x0", x0);
-  check_same("noise", noise, "x0", x0);
-  check_t(t, x0.size(0), table);
-  Plan p = make_plan(x0);
-  Tensor x_t = alloc_like_plan(p, x0.sizes(), x0.options());
-  Runner<QSampleElem> r(p, x0, x0.scalar_type() == at::kDouble);
-  r.in(Body::in_x0, x0), r.in(Body::in_noise, noise), r.out(Body::out_x_t, x_t), r.table(table, t);
+  check_inputs("x0", x0, "noise", noise, t, table);
+  Runner<QSampleElem> r(x0);
+  Tensor x_t = r.new_out(Body::out_x_t);
+  r.in(Body::in_x0, x0), r.in(Body::in_noise, noise), r.table(table, t);
   r.run();
   return x_t;
 }
+DDPM_DEVICE_OP(q_sample, "(Tensor x0, Tensor t, Tensor noise, Tensor table) -> Tensor")
 
 // kind: LinearOp (the forward op), mean_type: predict_xstart's
 std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad, const Tensor& t, const Tensor& table, int64_t kind,
                                            int64_t mean_type) {
   using Body = LinearBackwardElem<float>;
   check_t(t, grad.size(0), table);
-  Plan p = make_plan(grad);
-  Tensor grad_first = alloc_like_plan(p, grad.sizes(), grad.options());
-  Tensor grad_second = alloc_like_plan(p, grad.sizes(), grad.options());
-  Runner<LinearBackwardElem> r(p, grad, grad.scalar_type() == at::kDouble);
-  r.in(Body::in_grad, grad), r.out(Body::out_grad_first, grad_first), r.out(Body::out_grad_second, grad_second);
-  r.table(table, t);
+  Runner<LinearBackwardElem> r(grad);
+  Tensor grad_first = r.new_out(Body::out_grad_first), grad_second = r.new_out(Body::out_grad_second);
+  r.in(Body::in_grad, grad), r.table(table, t);
   r.set_options([&](auto& o) { o.op = int(kind), o.mean_type = int(mean_type); });
   r.run();
   return {grad_first, grad_second};
 }
+DDPM_DEVICE_OP(linear_backward, "(Tensor grad, Tensor t, Tensor table, int kind, int mean_type) -> (Tensor, Tensor)")
 
 std::tuple<Tensor, Tensor, Tensor> q_posterior(const Tensor& x0, const Tensor& x_t, const Tensor& t,
                                                const Tensor& table) {
   using Body = PosteriorElem<float>;
-  check_input("x0", x0);
-  check_same("x_t", x_t, "x0", x0);
-  check_t(t, x0.size(0), table);
-  Plan p = make_plan(x0);
-  Tensor mean = alloc_like_plan(p, x0.sizes(), x0.options());
-  Runner<PosteriorElem> r(p, x0, x0.scalar_type() == at::kDouble);
-  r.in(Body::in_x0, x0), r.in(Body::in_x_t, x_t), r.out(Body::out_mean, mean), r.table(table, t);
+  check_inputs("x0", x0, "x_t", x_t, t, table);
+  // the variance and log variance are per-sample table entries; the mean is the kernel's
+  Tensor variance = gather_col(table, t, kPostVar).to(x0.scalar_type());
+  Tensor log_variance = gather_col(table, t, kPostLogVarClipped).to(x0.scalar_type());
+  Runner<PosteriorElem> r(x0);
+  Tensor mean = r.new_out(Body::out_mean);
+  r.in(Body::in_x0, x0), r.in(Body::in_x_t, x_t), r.table(table, t);
   r.run();
-  return {mean, gather_col(table, t, kPostVar).to(x0.scalar_type()),
-          gather_col(table, t, kPostLogVarClipped).to(x0.scalar_type())};
+  return {mean, variance, log_variance};
 }
+DDPM_DEVICE_OP(q_posterior, "(Tensor x0, Tensor x_t, Tensor t, Tensor table) -> (Tensor, Tensor, Tensor)")
 
-Tensor predict_xstart(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table, int64_t mean_type) {
+Tensor predict_xstart(const Tensor& model_output, const Tensor& x_t, const Tensor& t, const Tensor& table,
+                      int64_t mean_type) {
   using Body = PredictElem<float>;
-  check_input("x_t", x_t);
-  check_model_output(mo, "x_t", x_t, kFixedSmall);
-  check_t(t, x_t.size(0), table);
-  Plan p = make_plan(x_t);
-  Tensor pred_xstart = alloc_like_plan(p, x_t.sizes(), x_t.options());
-  Runner<PredictElem> r(p, x_t, x_t.scalar_type() == at::kDouble);
-  r.in(Body::in_mean_out, mo), r.in(Body::in_x_t, x_t), r.out(Body::out_pred_xstart, pred_xstart), r.table(table, t);
+  check_model_inputs(model_output, "x_t", x_t, kFixedSmall, t, table);
+  Runner<PredictElem> r(x_t);
+  Tensor pred_xstart = r.new_out(Body::out_pred_xstart);
+  r.in(Body::in_mean_out, model_output), r.in(Body::in_x_t, x_t), r.table(table, t);
   r.set_options([&](auto& o) { o.mean_type = int(mean_type); });
   r.run();
   return pred_xstart;
 }
-
-void impls(torch::Library& m) {
-  m.impl("q_sample", &q_sample);
-  m.impl("linear_backward", &linear_backward);
-  m.impl("q_posterior", &q_posterior);
-  m.impl("predict_xstart", &predict_xstart);
-}
-
-}  // namespace
-}  // namespace op
-}  // namespace ddpm
-
-DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {
-  m.def("q_sample(Tensor x0, Tensor t, Tensor noise, Tensor table) -> Tensor");
-  m.def("linear_backward(Tensor grad, Tensor t, Tensor table, int kind, int mean_type) -> (Tensor, Tensor)");
-  m.def("q_posterior(Tensor x0, Tensor x_t, Tensor t, Tensor table) -> (Tensor, Tensor, Tensor)");
-  m.def("predict_xstart(Tensor model_output, Tensor x_t, Tensor t, Tensor table, int mean_type) -> Tensor");
-}
-DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
-#ifdef DDPM_WITH_CUDA
-TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
-#endif
+DDPM_DEVICE_OP(predict_xstart, "(Tensor model_output, Tensor x_t, Tensor t, Tensor table, int mean_type) -> Tensor")
 
 // -- autograd: each backward is one linear_backward (both inputs' coefficients) ------------------------
-namespace ddpm {
-namespace op {
-namespace {
 
 using LinearBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
 
@@ -172,6 +142,7 @@ Tensor q_sample_autograd(const Tensor& x0, const Tensor& t, const Tensor& noise,
   if (!needs_autograd_node(x0, t, noise, table)) return QSample::below_autograd(x0, t, noise, table);
   return QSample::apply(x0, t, noise, table);
 }
+DDPM_AUTOGRAD_OP(q_sample, q_sample_autograd)
 
 std::tuple<Tensor, Tensor, Tensor> q_posterior_autograd(const Tensor& x0, const Tensor& x_t, const Tensor& t,
                                                         const Tensor& table) {
@@ -179,19 +150,15 @@ std::tuple<Tensor, Tensor, Tensor> q_posterior_autograd(const Tensor& x0, const 
   auto r = QPosterior::apply(x0, x_t, t, table);
   return {r[0], r[1], r[2]};
 }
+DDPM_AUTOGRAD_OP(q_posterior, q_posterior_autograd)
 
 Tensor predict_xstart_autograd(const Tensor& mo, const Tensor& x_t, const Tensor& t, const Tensor& table,
                                int64_t mean_type) {
   if (!needs_autograd_node(mo, x_t, t, table)) return PredictXstart::below_autograd(mo, x_t, t, table, mean_type);
   return PredictXstart::apply(mo, x_t, t, table, mean_type);
 }
+DDPM_AUTOGRAD_OP(predict_xstart, predict_xstart_autograd)
 
 }  // namespace
 }  // namespace op
 }  // namespace ddpm
-
-DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, Autograd, m) {
-  m.impl("q_sample", &ddpm::op::q_sample_autograd);
-  m.impl("q_posterior", &ddpm::op::q_posterior_autograd);
-  m.impl("predict_xstart", &ddpm::op::predict_xstart_autograd);
-}

@@ -1,8 +1,9 @@
 // ops/host.h -- what every op's host function (ops/<family>.cpp) shares: argument checks that raise the
 // Python exception ddpm_fast/ops.py would (TypeError / ValueError naming the argument), the driver's view of
-// a tensor (Operand), and Runner<Body>, which fills a Launch by named slot and runs it on the tensors'
-// device. The fake (meta) impls, which must take symbolic shapes under torch.compile, are Python
-// (ddpm_fast/native.py). Option ints are the codes of options.h.
+// a tensor (Operand), Runner<Body>, which fills a Launch by named slot and runs it on the tensors' device,
+// and DDPM_DEVICE_OP / DDPM_AUTOGRAD_OP, which register an op beside its host function. The fake (meta)
+// impls, which must take symbolic shapes under torch.compile, are Python (ddpm_fast/native.py). Option ints
+// are the codes of options.h.
 #pragma once
 
 #include <torch/library.h>
@@ -89,6 +90,23 @@ inline void check_model_output(const Tensor& mo, const char* x_name, const Tenso
   }
 }
 
+// The checks of an op on x (named x_name) and a second input `other` (named other_name; x's shape, device
+// and dtype) at timesteps t of table
+inline void check_inputs(const char* x_name, const Tensor& x, const char* other_name, const Tensor& other,
+                         const Tensor& t, const Tensor& table) {
+  check_input(x_name, x);
+  check_same(other_name, other, x_name, x);
+  check_t(t, x.size(0), table);
+}
+
+// The checks of an op that reads the model output mo for x (named x_name) at timesteps t of table
+inline void check_model_inputs(const Tensor& mo, const char* x_name, const Tensor& x, int64_t var_type,
+                               const Tensor& t, const Tensor& table) {
+  check_input(x_name, x);
+  check_model_output(mo, x_name, x, var_type);
+  check_t(t, x.size(0), table);
+}
+
 // The driver's view of x; on CUDA a non-direct input is first copied into the plan's layout. The Operand
 // holds a raw pointer, so the tensor it points into is kept alive in `keep` until the launch has run: x
 // may be a temporary (run_bcast's cast of a broadcast fp16 / bf16 input to the compute dtype).
@@ -125,6 +143,8 @@ template <template <class> class Body> struct Runner {
     L.in.resize(Slots::NI);
     L.out.resize(Slots::NO);
   }
+  // over ref's plan, in ref's compute dtype
+  explicit Runner(const Tensor& ref) : Runner(make_plan(ref), ref, ref.scalar_type() == at::kDouble) {}
   void in(int slot, const Tensor& x) { L.in[slot] = operand(L.plan, x, keep); }
   void out(int slot, const Tensor& x) {
     if (x.defined() && cuda_path(x) && !is_direct(L.plan, x)) {
@@ -134,6 +154,14 @@ template <template <class> class Body> struct Runner {
       return;
     }
     L.out[slot] = operand(L.plan, x, keep);
+  }
+  // output `slot`: a new tensor of the reference's shape laid out in the plan (dtype: the reference's)
+  Tensor new_out(int slot, c10::optional<at::ScalarType> dtype = c10::nullopt) {
+    auto options = device_ref.options();
+    if (dtype.has_value()) options = options.dtype(*dtype);
+    Tensor x = alloc_like_plan(L.plan, device_ref.sizes(), options);
+    out(slot, x);
+    return x;
   }
   // input `slot` drawn in-kernel: Philox(seed, b * N + i) normals; the seed is read in-kernel from seed_key
   // (an int64 [1] tensor on ref's device, e.g. a torch.randint draw of a generator) when it is given
@@ -150,11 +178,22 @@ template <template <class> class Body> struct Runner {
       L.seed_key = key.data_ptr<int64_t>();
     }
   }
+  // input `slot`: the given noise when there is one, else drawn in-kernel (philox_noise)
+  void noise(int slot, const c10::optional<Tensor>& given, int64_t seed, const c10::optional<Tensor>& seed_key) {
+    if (given.has_value() && given->defined()) in(slot, *given);
+    else philox_noise(slot, seed, seed_key);
+  }
+  // the schedule table, each sample at its timestep t[b] (or, t undefined, at L.fixed_t)
   void table(const Tensor& table, const Tensor& t) {
     L.table = table.data_ptr();
     L.ncols = table.size(1);
     L.nrows = table.size(0);
     L.t = t.defined() ? t.data_ptr<int64_t>() : nullptr;
+  }
+  // the schedule table, every sample at timestep fixed_t
+  void table_at(const Tensor& table, int64_t fixed_t) {
+    this->table(table, Tensor());
+    L.fixed_t = fixed_t;
   }
   // fn(options) for the float and the double options (a generic lambda: S from the options' fields)
   template <class Fn> void set_options(Fn fn) {
@@ -208,16 +247,23 @@ inline std::pair<Tensor, Tensor> halves(const Tensor& mo, bool learned) {
   return {mo.narrow(1, 0, c), mo.narrow(1, c, c)};
 }
 
+// An options field `const S* field` (a per-sample [B] array) set to x's data when x is defined and of dtype
+// S, else nullptr: x is passed in the options of its compute dtype only (the launch reads those).
+template <class S> void point_to(const S*& field, const Tensor& x) {
+  field = x.defined() && x.scalar_type() == c10::CppTypeToScalarType<S>::value ? x.data_ptr<S>() : nullptr;
+}
+template <class S> void point_to(const S*& field, const c10::optional<Tensor>& x) {
+  if (x.has_value()) return point_to(field, *x);
+  field = nullptr;
+}
+
 // ModelOptions of a model-reading body; thresh's data is passed in the options of its dtype only
 template <class Options>
 void set_model_options(Options& o, int64_t mean_type, int64_t var_type, bool clip, const c10::optional<Tensor>& thresh) {
-  using S = std::remove_const_t<std::remove_pointer_t<decltype(o.thresh)>>;
   o.mean_type = int(mean_type);
   o.var_type = int(var_type);
   o.clip = clip;
-  o.thresh = nullptr;
-  if (thresh.has_value() && thresh->defined() && thresh->scalar_type() == c10::CppTypeToScalarType<S>::value)
-    o.thresh = thresh->data_ptr<S>();
+  point_to(o.thresh, thresh);
 }
 
 // MeanOptions of a body with per-sample means over the plan's N elements
@@ -229,3 +275,24 @@ template <class Options> void set_mean_options(Options& o, const Plan& p) {
 
 }  // namespace op
 }  // namespace ddpm
+
+// DDPM_DEVICE_OP(name, "(arguments) -> results"): defines the op `name` of this library (DDPM_NS) with that
+// schema, and registers the host function `name` as its CPU kernel and, in a build with CUDA kernels, as its
+// CUDA kernel (the same function: Runner runs the driver of the tensors' device). One line after the host
+// function, at namespace scope.
+#define DDPM_DEVICE_OP(name, signature)          \
+  DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {      \
+    m.def(#name signature);                      \
+    m.impl(#name, c10::DispatchKey::CPU, &name); \
+    DDPM_CUDA_IMPL_(name)                        \
+  }
+#ifdef DDPM_WITH_CUDA
+#define DDPM_CUDA_IMPL_(name) m.impl(#name, c10::DispatchKey::CUDA, &name);
+#else
+#define DDPM_CUDA_IMPL_(name)
+#endif
+
+// DDPM_AUTOGRAD_OP(name, kernel): registers kernel (its torch::autograd::Function's entry, ops/
+// autograd_common.h) as the Autograd kernel of the op `name`. One line after the kernel, at namespace scope.
+#define DDPM_AUTOGRAD_OP(name, kernel) \
+  DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, Autograd, m) { m.impl(#name, &kernel); }

@@ -23,16 +23,12 @@ std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd(const Tensor& mo, const Tensor& 
                                                 const Tensor& t, const Tensor& table, int64_t mean_type,
                                                 int64_t var_type, bool clip, bool need_grad) {
   using Body = VbElem<float>;
-  check_input("x_t", x_t);
-  check_model_output(mo, "x_t", x_t, var_type);
+  check_model_inputs(mo, "x_t", x_t, var_type, t, table);
   check_same("x0", x0, "x_t", x_t);
-  check_t(t, x_t.size(0), table);
-  bool learned = is_learned(var_type);
-  Plan p = make_plan(x0);
+  const bool learned = is_learned(var_type);
   auto [mean_out, var_out] = halves(mo, learned);
-  auto ct = compute_type(x0.scalar_type());
-  auto [d_mean_out, d_var_out] = saved_grads(p, x0, ct, need_grad, learned);
-  Runner<VbElem> r(p, x0, ct == at::kDouble);
+  Runner<VbElem> r(x0);
+  auto [d_mean_out, d_var_out] = saved_grads(r.L.plan, x0, compute_type(x0.scalar_type()), need_grad, learned);
   auto finals = r.finals(x0);
   r.in(Body::in_mean_out, mean_out), r.in(Body::in_var_out, var_out), r.in(Body::in_x0, x0), r.in(Body::in_x_t, x_t);
   if (need_grad) r.out(Body::out_grad_mean_out, d_mean_out);
@@ -40,12 +36,14 @@ std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd(const Tensor& mo, const Tensor& 
   r.table(table, t);
   r.set_options([&](auto& o) {
     set_model_options(o, mean_type, var_type, clip, c10::nullopt);
-    set_mean_options(o, p);
+    set_mean_options(o, r.L.plan);
     o.need_grad = need_grad;
   });
   r.run();
   return {finals[Body::final_vb_bpd], d_mean_out, d_var_out};
 }
+DDPM_DEVICE_OP(vb_terms_bpd, "(Tensor model_output, Tensor x0, Tensor x_t, Tensor t, Tensor table, int mean_type, "
+                             "int var_type, bool clip, bool need_grad) -> (Tensor, Tensor, Tensor)")
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
     const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table, int64_t mean_type,
@@ -96,6 +94,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
   Runner<TrainElem> r(p, x0, ct == at::kDouble);
   return run(r, false);
 }
+DDPM_DEVICE_OP(training_losses, "(Tensor model_output, Tensor x0, Tensor t, Tensor noise, Tensor table, "
+                                "int mean_type, int var_type, int loss_type, int weighting, float min_snr_gamma, "
+                                "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const Tensor& s_mean,
                     const Tensor& s_var, const Tensor& mo) {
@@ -105,7 +106,6 @@ Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const
   TORCH_CHECK(s_mean.scalar_type() == ct && s_var.scalar_type() == ct && s_mean.is_contiguous() &&
                   s_var.is_contiguous() && s_mean.numel() == d_out.size(0) && s_var.numel() == d_out.size(0),
               "s_mean, s_var: expected contiguous [B] tensors of the saved gradient's dtype");
-  Plan p = make_plan(d_out);
   Tensor grad = alloc_grad_like(mo, mo.scalar_type());
   auto [grad_mean, grad_var] = halves(grad, learned);
   if (!learned && mo.dim() >= 2 && mo.size(1) == 2 * d_out.size(1) && d_out.size(1) > 0) {
@@ -113,74 +113,46 @@ Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const
     grad_mean = grad.narrow(1, 0, d_out.size(1));
     grad.narrow(1, d_out.size(1), d_out.size(1)).zero_();
   }
-  Runner<ScaleElem> r(p, d_out, ct == at::kDouble);
+  Runner<ScaleElem> r(d_out);
   r.in(Body::in_unit_grad_mean, d_out), r.out(Body::out_grad_mean_out, grad_mean);
   if (learned) r.in(Body::in_unit_grad_var, *d_v), r.out(Body::out_grad_var_out, grad_var);
-  if (ct == at::kDouble) {
-    r.options.d.scale_mean = s_mean.data_ptr<double>(), r.options.d.scale_var = s_var.data_ptr<double>();
-  } else {
-    r.options.f.scale_mean = s_mean.data_ptr<float>(), r.options.f.scale_var = s_var.data_ptr<float>();
-  }
+  r.set_options([&](auto& o) {
+    point_to(o.scale_mean, s_mean);
+    point_to(o.scale_var, s_var);
+  });
   r.run();
   return grad;
 }
+DDPM_DEVICE_OP(scale_halves, "(Tensor d_out, Tensor? d_v, Tensor s_mean, Tensor s_var, Tensor model_output) -> Tensor")
 
 Tensor prior_bpd(const Tensor& x0, const Tensor& table) {
   using Body = PriorElem<float>;
   TORCH_CHECK(table.dim() == 2 && table.size(1) >= kNumCols && table.is_contiguous() && table.size(0) >= 1,
               "table: expected the schedule's packed table");
-  Plan p = make_plan(x0);
-  Runner<PriorElem> r(p, x0, x0.scalar_type() == at::kDouble);
+  Runner<PriorElem> r(x0);
   auto finals = r.finals(x0);
-  r.in(Body::in_x0, x0), r.table(table, Tensor());
-  r.L.fixed_t = table.size(0) - 1;
-  r.set_options([&](auto& o) { set_mean_options(o, p); });
+  r.in(Body::in_x0, x0), r.table_at(table, table.size(0) - 1);
+  r.set_options([&](auto& o) { set_mean_options(o, r.L.plan); });
   r.run();
   return finals[Body::final_prior_bpd];
 }
+DDPM_DEVICE_OP(prior_bpd, "(Tensor x0, Tensor table) -> Tensor")
 
+// grad: d loss / d prior_bpd [B]
 Tensor prior_bpd_backward(const Tensor& grad, const Tensor& x0, const Tensor& table) {
   using Body = PriorBackwardElem<float>;
-  Plan p = make_plan(x0);
-  auto ct = compute_type(x0.scalar_type());
-  Tensor grad_per_sample = grad.to(ct).contiguous();
-  Tensor grad_x0 = alloc_like_plan(p, x0.sizes(), x0.options());
-  Runner<PriorBackwardElem> r(p, x0, ct == at::kDouble);
-  r.in(Body::in_x0, x0), r.out(Body::out_grad_x0, grad_x0), r.table(table, Tensor());
-  r.L.fixed_t = table.size(0) - 1;
-  r.set_options([&](auto& o) { set_mean_options(o, p); });
-  if (ct == at::kDouble) r.options.d.grad = grad_per_sample.data_ptr<double>();
-  else r.options.f.grad = grad_per_sample.data_ptr<float>();
+  Tensor grad_per_sample = grad.to(compute_type(x0.scalar_type())).contiguous();
+  Runner<PriorBackwardElem> r(x0);
+  Tensor grad_x0 = r.new_out(Body::out_grad_x0);
+  r.in(Body::in_x0, x0), r.table_at(table, table.size(0) - 1);
+  r.set_options([&](auto& o) {
+    set_mean_options(o, r.L.plan);
+    point_to(o.grad, grad_per_sample);
+  });
   r.run();
   return grad_x0;
 }
-
-void impls(torch::Library& m) {
-  m.impl("vb_terms_bpd", &vb_terms_bpd);
-  m.impl("training_losses", &training_losses);
-  m.impl("scale_halves", &scale_halves);
-  m.impl("prior_bpd", &prior_bpd);
-  m.impl("prior_bpd_backward", &prior_bpd_backward);
-}
-
-}  // namespace
-}  // namespace op
-}  // namespace ddpm
-
-DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {
-  m.def("vb_terms_bpd(Tensor model_output, Tensor x0, Tensor x_t, Tensor t, Tensor table, int mean_type, "
-        "int var_type, bool clip, bool need_grad) -> (Tensor, Tensor, Tensor)");
-  m.def("training_losses(Tensor model_output, Tensor x0, Tensor t, Tensor noise, Tensor table, int mean_type, "
-        "int var_type, int loss_type, int weighting, float min_snr_gamma, bool need_grad) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("scale_halves(Tensor d_out, Tensor? d_v, Tensor s_mean, Tensor s_var, Tensor model_output) -> Tensor");
-  m.def("prior_bpd(Tensor x0, Tensor table) -> Tensor");
-  m.def("prior_bpd_backward(Tensor grad, Tensor x0, Tensor table) -> Tensor");
-}
-DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
-#ifdef DDPM_WITH_CUDA
-TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
-#endif
+DDPM_DEVICE_OP(prior_bpd_backward, "(Tensor grad, Tensor x0, Tensor table) -> Tensor")
 
 // -- autograd ---------------------------------------------------------------------------------------------
 //   prior_bpd: prior_bpd_backward
@@ -189,9 +161,6 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
 //     vb_terms_bpd: s_mean = s_var = g_vb
 //     KL losses:    s_mean = s_var = g_loss * (T for rescaled_kl, else 1) + g_vb
 //     MSE losses:   s_mean = g_loss * w + g_mse,  s_var = (g_loss + g_vb) * (T / 1000 for rescaled_mse, else 1)
-namespace ddpm {
-namespace op {
-namespace {
 
 using ScaleHalvesSig = Tensor(const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&);
 
@@ -315,6 +284,7 @@ std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd_autograd(const Tensor& mo, const
   auto r = VbTermsBpd::apply(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
   return {r[0], r[1], r[2]};
 }
+DDPM_AUTOGRAD_OP(vb_terms_bpd, vb_terms_bpd_autograd)
 
 TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise,
                                               const Tensor& table, int64_t mean_type, int64_t var_type,
@@ -327,18 +297,14 @@ TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0
                                  need_grad);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
+DDPM_AUTOGRAD_OP(training_losses, training_losses_autograd)
 
 Tensor prior_bpd_autograd(const Tensor& x0, const Tensor& table) {
   if (!needs_autograd_node(x0, table)) return PriorBpd::below_autograd(x0, table);
   return PriorBpd::apply(x0, table);
 }
+DDPM_AUTOGRAD_OP(prior_bpd, prior_bpd_autograd)
 
 }  // namespace
 }  // namespace op
 }  // namespace ddpm
-
-DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, Autograd, m) {
-  m.impl("vb_terms_bpd", &ddpm::op::vb_terms_bpd_autograd);
-  m.impl("training_losses", &ddpm::op::training_losses_autograd);
-  m.impl("prior_bpd", &ddpm::op::prior_bpd_autograd);
-}

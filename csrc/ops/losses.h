@@ -48,6 +48,16 @@ template <class S> struct VbCoefs {
   }
 };
 
+// The vb term (nats) at one element from the model's mean and variance output (VbCoefs::term; the posterior
+// mean from x0 and x_t, the model log variance from var_out); its partials through the non-null pointers.
+template <class S, class V>
+DDPM_HD V vb_term_nats(const ModelCoefs<S>& model, const VbCoefs<S>& vb, V x0, V x_t, V model_mean, V var_out,
+                       V* d_model_mean, V* d_model_logvar) {
+  V model_logvar = model.logvar(var_out);
+  V post_mean = posterior_mean(x0, x_t, V(model.post_c1), V(model.post_c2));
+  return vb.term(x0, post_mean, model_mean, model_logvar, d_model_mean, d_model_logvar);
+}
+
 // d(log variance)/d(variance output) for learned types
 template <class S> DDPM_HD S logvar_grad_coef(int var_type, const S* row) {
   return var_type == kLearnedRange ? S(0.5) * (row[kLogBetas] - row[kPostLogVarClipped]) : S(1);
@@ -117,14 +127,13 @@ template <class S> struct VbElem {
     V pred_raw = model.pred_raw(in[in_mean_out], x_t);
     V pred_xstart = process_xstart(pred_raw, model.clip, false, V(1));
     V model_mean = model.mean(in[in_mean_out], x_t, pred_xstart);
-    V model_logvar = model.logvar(learned ? in[in_var_out] : V(0));
-    V post_mean = posterior_mean(x0, x_t, V(model.post_c1), V(model.post_c2));
+    V var_out = learned ? in[in_var_out] : V(0);
     if (!need_grad) {
-      sums[sum_vb_nats] = vb.term(x0, post_mean, model_mean, model_logvar, (V*)nullptr, (V*)nullptr);
+      sums[sum_vb_nats] = vb_term_nats(model, vb, x0, x_t, model_mean, var_out, (V*)nullptr, (V*)nullptr);
       return;
     }
     V d_model_mean, d_model_logvar;
-    sums[sum_vb_nats] = vb.term(x0, post_mean, model_mean, model_logvar, &d_model_mean, &d_model_logvar);
+    sums[sum_vb_nats] = vb_term_nats(model, vb, x0, x_t, model_mean, var_out, &d_model_mean, &d_model_logvar);
     V grad_mean(grad_mean_coef);
     if (model.clip && model.mean_type != kXPrev) {  // clamp passes the gradient inside [-1, 1]
       using P = Prim<V>;
@@ -215,20 +224,19 @@ template <class S> struct TrainElem {
     V mean_out = in[in_mean_out], x0 = in[in_x0], noise = in[in_noise];
     V x_t = q_sample(x0, noise, V(model.sqrt_abar), V(model.sqrt_1m_abar));
     V model_mean = model.mean(mean_out, x_t, model.pred_raw(mean_out, x_t));
-    V model_logvar = model.logvar(learned ? in[in_var_out] : V(0));
-    V post_mean = posterior_mean(x0, x_t, V(model.post_c1), V(model.post_c2));
+    V var_out = learned ? in[in_var_out] : V(0);
     if (!need_grad) {
-      sums[sum_vb_nats] = vb.term(x0, post_mean, model_mean, model_logvar, (V*)nullptr, (V*)nullptr);
+      sums[sum_vb_nats] = vb_term_nats(model, vb, x0, x_t, model_mean, var_out, (V*)nullptr, (V*)nullptr);
       return;
     }
     V d_model_mean, d_model_logvar;
     // two calls with constant pointers rather than one with `kl_loss ? &d_model_mean : nullptr`: a pointer chosen
     // at run time keeps d_model_mean in memory (an 8-byte stack frame in the sm_90 kernel)
     if (kl_loss) {
-      sums[sum_vb_nats] = vb.term(x0, post_mean, model_mean, model_logvar, &d_model_mean, &d_model_logvar);
+      sums[sum_vb_nats] = vb_term_nats(model, vb, x0, x_t, model_mean, var_out, &d_model_mean, &d_model_logvar);
       out[out_grad_mean_out] = d_model_mean * V(grad_mean_coef);
     } else {  // hybrid losses: the vb term sees the model mean detached
-      sums[sum_vb_nats] = vb.term(x0, post_mean, model_mean, model_logvar, (V*)nullptr, &d_model_logvar);
+      sums[sum_vb_nats] = vb_term_nats(model, vb, x0, x_t, model_mean, var_out, (V*)nullptr, &d_model_logvar);
     }
     if (learned) out[out_grad_var_out] = d_model_logvar * V(grad_var_coef);
   }

@@ -564,6 +564,12 @@ def _ms(v) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
+def _section(caption: str, head: str, *notes: str) -> list:
+    """The lines above a table's rows: a blank line, the caption wrapped to 100 characters, the notes (a line
+    each), the column header and its rule."""
+    return ["", *textwrap.wrap(caption, 100), *notes, head, "-" * len(head)]
+
+
 def table(results: dict) -> str:
     """The console table (lines of at most 100 characters)."""
     meta = results["meta"]
@@ -586,14 +592,12 @@ def table(results: dict) -> str:
         "over both ways (same network: its timing noise left out); x out, x math: of the time outside the "
         "network, of the math.", 100)
     plan = meta["plan"]
-    lines += ["", *textwrap.wrap(
+    lines += _section(
         f"Training: improved-diffusion's recipe (hybrid loss, cosine T={T}, AdamW + EMA), eager reference vs "
         f"fused ops, same seed; {plan['train_steps'] - plan['warmup']} steps timed after {plan['warmup']} warm-up",
-        100)]
-    lines.append("fwd, bwd: the network's forward and backward; out: outside the network")
-    head = (f"{'model':<15}{'sampler':<11}{'way':<6}{'total':>7}{'fwd':>6}{'bwd':>6}{'out':>6}{'math':>6}"
-            f"{'out%':>5}{'math%':>6}{'x tot':>6}{'x =net':>7}{'x out':>6}{'x math':>7}")
-    lines += [head, "-" * len(head)]
+        f"{'model':<15}{'sampler':<11}{'way':<6}{'total':>7}{'fwd':>6}{'bwd':>6}{'out':>6}{'math':>6}"
+        f"{'out%':>5}{'math%':>6}{'x tot':>6}{'x =net':>7}{'x out':>6}{'x math':>7}",
+        "fwd, bwd: the network's forward and backward; out: outside the network")
     for r in results["train"]:
         lines.append(f"{r['model']:<15}{SAMPLER_LABEL.get(r['sampler'], r['sampler']):<11}{r['way']:<6}"
                      f"{_ms(r['total_ms']):>7}{_ms(r['net_fwd_ms']):>6}{_ms(r['net_bwd_ms']):>6}"
@@ -601,13 +605,11 @@ def table(results: dict) -> str:
                      f"{100 * r['outside_share']:>5.1f}{100 * r['math_share']:>6.1f}{r['speedup_total']:>6.2f}"
                      f"{r['speedup_same_net']:>7.2f}{_f(r['speedup_outside'], '.2f'):>6}"
                      f"{_f(r['speedup_math'], '.2f'):>7}")
-    lines += ["", *textwrap.wrap(
+    lines += _section(
         f"Loss curves, eager vs fused: relative difference of the loss per step (agree: the same timesteps and "
         f"<= {AGREE_RTOL:g} over the first {AGREE_STEPS} steps); MB: tensors saved by the loss's autograd graph",
-        100)]
-    head = (f"{'model':<15}{'sampler':<11}{'step 0':>9}{'first':>9}{'all':>9}{'same t':>8}{'agree':>7}"
-            f"{'MB eager':>10}{'MB fused':>10}")
-    lines += [head, "-" * len(head)]
+        f"{'model':<15}{'sampler':<11}{'step 0':>9}{'first':>9}{'all':>9}{'same t':>8}{'agree':>7}"
+        f"{'MB eager':>10}{'MB fused':>10}")
     saved = {(r["model"], r["sampler"], r["way"]): r["loss_saved_bytes"] / 2**20 for r in results["train"]}
     for a in results["agreement"]:
         key = (a["model"], a["sampler"])
@@ -616,23 +618,21 @@ def table(results: dict) -> str:
                      f"{'yes' if a['same_timesteps'] else 'NO':>8}{'yes' if a['agree'] else 'NO':>7}"
                      f"{saved[key + ('eager',)]:>10.2f}{saved[key + ('fused',)]:>10.2f}")
     sizes = ", ".join(dict.fromkeys(f"{r['model']} {r['size']}" for r in results["sample"]))
-    lines += ["", *textwrap.wrap(
+    lines += _section(
         f"Sampling: diffusers' schedulers vs ddpm_fast's Fast ones, same model, noise and generator ({sizes}). "
-        f"steps: run / in the loop; diff: max |difference| of the two ways' samples at the end", 100)]
-    head = (f"{'model':<15}{'loop':<5}{'way':<10}{'steps':>10}{'total':>8}{'net':>8}{'outside':>8}"
-            f"{'out%':>6}{'x tot':>6}{'x =net':>7}{'x out':>6}{'diff':>8}")
-    lines += [head, "-" * len(head)]
+        f"steps: run / in the loop; diff: max |difference| of the two ways' samples at the end",
+        f"{'model':<15}{'loop':<5}{'way':<10}{'steps':>10}{'total':>8}{'net':>8}{'outside':>8}"
+        f"{'out%':>6}{'x tot':>6}{'x =net':>7}{'x out':>6}{'diff':>8}")
     for r in results["sample"]:
         lines.append(f"{r['model']:<15}{r['loop']:<5}{r['way']:<10}"
                      f"{str(r['steps_run']) + '/' + str(r['steps_full']):>10}{r['total_ms']:>8.2f}{r['net_ms']:>8.2f}"
                      f"{r['outside_ms']:>8.3f}{100 * r['outside_share']:>6.1f}{r['speedup_total']:>6.2f}"
                      f"{r['speedup_same_net']:>7.2f}{_f(r['speedup_outside'], '.2f'):>6}{r['max_abs_diff']:>8.1e}")
-    lines += ["", *textwrap.wrap(
+    lines += _section(
         f"Sweep: the demo U-Net ({SWEEP_CHANNELS} channels), a training step (uniform sampler) and a DDPM sampling "
-        f"step: share of the step outside the network and in the diffusion math", 100)]
-    head = (f"{'step':<6}{'size':<12}{'way':<10}{'total':>9}{'net':>9}{'outside':>9}{'out%':>6}{'math%':>6}"
-            f"{'x tot':>6}{'x =net':>7}{'x out':>6}")
-    lines += [head, "-" * len(head)]
+        f"step: share of the step outside the network and in the diffusion math",
+        f"{'step':<6}{'size':<12}{'way':<10}{'total':>9}{'net':>9}{'outside':>9}{'out%':>6}{'math%':>6}"
+        f"{'x tot':>6}{'x =net':>7}{'x out':>6}")
     for r in results["sweep"]:
         lines.append(f"{r['kind']:<6}{r['size']:<12}{r['way']:<10}{r['total_ms']:>9.2f}{r['net_ms']:>9.2f}"
                      f"{r['outside_ms']:>9.3f}{100 * r['outside_share']:>6.1f}{100 * r['math_share']:>6.1f}"

@@ -61,6 +61,20 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def _time_one(fn, args, cuda: bool) -> float:
+    """Milliseconds of one call fn(*args)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_calls(fn, input_sets, device, budget: Budget) -> Timing:
     """Time ``fn(*inputs)``, rotating over ``input_sets`` (a list of argument tuples)."""
     device = torch.device(device)
@@ -74,18 +88,7 @@ def time_calls(fn, input_sets, device, budget: Budget) -> Timing:
     samples, spent, i = [], 0.0, 0
     cuda = device.type == "cuda"
     while True:
-        args = input_sets[i % k]
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args)
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn(*args)
-            ms = (time.perf_counter() - t0) * 1e3
+        ms = _time_one(fn, input_sets[i % k], cuda)
         samples.append(ms)
         spent += ms / 1e3
         i += 1
@@ -94,20 +97,6 @@ def time_calls(fn, input_sets, device, budget: Budget) -> Timing:
         if len(samples) >= budget.min_runs and spent >= budget.min_seconds:
             break
     return summarize(samples)
-
-
-def _time_one(fn, args, cuda: bool) -> float:
-    """Milliseconds of one call fn(*args)."""
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn(*args)
-    return (time.perf_counter() - t0) * 1e3
 
 
 @dataclass

@@ -54,6 +54,30 @@ def _line(fixed: str, flags: str) -> list:
     return [fixed.rstrip(), " " * (WIDTH - len(flags)) + flags]
 
 
+def _row(r: dict, first: str, indent: int, columns) -> list:
+    """A table row's lines: `first` (its leading columns), then for an "ok" row columns(r) and its flags,
+    otherwise its status and note wrapped at `indent` columns."""
+    if r["status"] == "ok":
+        return _line(first + columns(r), "!" + r["flags"] if r.get("flags") else "")
+    return _wrap(f"{r['status'].upper()}: {r['note']}", indent=" " * indent, first=first)
+
+
+def _op_columns(r: dict) -> str:
+    """The columns of an "ok" op row after its label and backend (OP_HEAD)."""
+    spread = "-"
+    if r.get("spread_pct") is not None and r["runs"] >= 4:
+        spread = f"{r['spread_pct']:.0f}" if r["spread_pct"] < 999.5 else ">999"
+    return (f"{_g(r['median_ms']):>7} {spread:>4} {_g(r['speedup_vs_eager'], 3):>7} "
+            f"{_g(r['speedup_vs_compile'], 3):>6} {_f(r['pct_copy_bw'], '.0f'):>5} {_f(r['aten_ops'], 'd'):>4} "
+            f"{_f(r['syncs'], 'd'):>5} ")
+
+
+def _loop_columns(r: dict) -> str:
+    """The columns of an "ok" sampling-loop row after its loop, impl and mode."""
+    return (f"{_g(r['total_ms'], 5):>9} {_g(r['net_ms'], 5):>9} {_g(r['outside_ms_per_step']):>15} "
+            f"{_f(r['ops_per_step'], '.1f'):>8} {_f(r['syncs_per_step'], '.1f'):>10}  ")
+
+
 OP_HEAD = (f"{'op':<30} {'backend':<9} {'ms':>7} {'IQR%':>4} {'x eager':>7} {'x comp':>6} {'%copy':>5} "
            f"{'ops':>4} {'syncs':>5} ")
 
@@ -105,17 +129,7 @@ def table(results: dict) -> str:
         lines += [""] + _wrap(f"== {size} {dtype} on {meta['device']} ==" + at_text, indent="   ")
         lines += [OP_HEAD + "flags", "-" * WIDTH]
         for r in (r for r in rows if (r["size"], r["dtype"]) == (size, dtype) and r["backend"] not in hidden):
-            if r["status"] == "ok":
-                spread = "-"
-                if r.get("spread_pct") is not None and r["runs"] >= 4:
-                    spread = f"{r['spread_pct']:.0f}" if r["spread_pct"] < 999.5 else ">999"
-                fixed = (f"{r['label']:<30} {r['backend']:<9} {_g(r['median_ms']):>7} {spread:>4} "
-                         f"{_g(r['speedup_vs_eager'], 3):>7} {_g(r['speedup_vs_compile'], 3):>6} "
-                         f"{_f(r['pct_copy_bw'], '.0f'):>5} {_f(r['aten_ops'], 'd'):>4} {_f(r['syncs'], 'd'):>5} ")
-                lines += _line(fixed, "!" + r["flags"] if r.get("flags") else "")
-            else:
-                lines += _wrap(f"{r['status'].upper()}: {r['note']}", indent=" " * 41,
-                               first=f"{r['label']:<30} {r['backend']:<9} ")
+            lines += _row(r, f"{r['label']:<30} {r['backend']:<9} ", 41, _op_columns)
     loop_rows = results.get("loops") or []
     if loop_rows:
         sizes = sorted({r["size"] for r in loop_rows})
@@ -129,14 +143,7 @@ def table(results: dict) -> str:
             if r in no_graph:
                 continue
             loop = f"{r['loop']} {r['steps']}"
-            if r["status"] == "ok":
-                fixed = (f"{loop:<10} {r['impl']:<9} {r['mode']:<10} {_g(r['total_ms'], 5):>9} {_g(r['net_ms'], 5):>9} "
-                         f"{_g(r['outside_ms_per_step']):>15} {_f(r['ops_per_step'], '.1f'):>8} "
-                         f"{_f(r['syncs_per_step'], '.1f'):>10}  ")
-                lines += _line(fixed, "!" + r["flags"] if r.get("flags") else "")
-            else:
-                lines += _wrap(f"{r['status'].upper()}: {r['note']}", indent=" " * 32,
-                               first=f"{loop:<10} {r['impl']:<9} {r['mode']:<10} ")
+            lines += _row(r, f"{loop:<10} {r['impl']:<9} {r['mode']:<10} ", 32, _loop_columns)
         notes = sorted({r["note"] for r in loop_rows if r["status"] == "ok" and r["note"]})
         if no_graph:
             notes.append("cuda_graph mode not run: CUDA graphs need a CUDA device")
