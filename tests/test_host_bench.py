@@ -121,3 +121,42 @@ def test_ratios_pair_the_rounds():
     row.samples_us, base.samples_us = [10.0, 40.0, 30.0], [5.0, 10.0, 30.0]  # ratios 2, 4, 1
     assert host.round_ratio(row, base) == 2.0
     assert row.us == 30.0
+
+
+TRITON_OK = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton not installed")
+def test_triton_stubbed_section(quick_run):
+    """The Triton section: every op of the Triton backend timed with its launches stubbed, each row beside the
+    compiled CPU path's same call, the launches it made counted (none may be missed: each call launches)."""
+    results, stdout = quick_run
+    stubbed = results["triton_stubbed"]
+    assert stubbed["skipped"] is None, stubbed["skipped"]
+    rows = {(r["op"], r["mode"]): r for r in stubbed["rows"]}
+    assert set(host.TRITON_TARGETS) <= set(rows)
+    for op in DIFFERENTIABLE:
+        assert (op, "fwd+bwd") in rows, op
+    for key, r in rows.items():
+        assert r["launches"] >= (2 if key[1] == "fwd+bwd" else 1), r
+        assert math.isfinite(r["triton_us"]) and r["triton_us"] > 0, r
+        if backends.availability()["cpu"][0]:
+            assert r["cpu_us"] > 0 and math.isfinite(r["x_cpu"]) and r["x_cpu"] > 0, r
+        assert (r["target"] == "<= 2") == (key in host.TRITON_TARGETS)
+    assert rows[("training_losses hybrid", "fwd")]["launches"] == 2  # the loss kernel and its finishing kernel
+    assert "kernels stubbed" in stdout
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton not installed")
+def test_triton_stubbed_runs_in_a_child_without_the_interpreter(tmp_path):
+    """Without TRITON_INTERPRET=1 in this process the section runs in a child process that sets it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from ddpm_fast.bench import host; "
+            "print(json.dumps(host.triton_stubbed(quick=True)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["skipped"] is None, out["skipped"]
+    assert {(r["op"], r["mode"]) for r in out["rows"]} >= set(host.TRITON_TARGETS)

@@ -477,6 +477,32 @@ def test_eager_routes_and_library_ops_agree():
         assert torch.equal(a, b)
 
 
+def test_stubbed_launches_count_and_skip_every_eager_launch():
+    """The host benchmark's stub (bench/host.py's Triton section): each eager launch is counted, none runs (the
+    outputs keep what was written into them before), the library ops still launch, and the real wrap returns."""
+    from ddpm_fast.triton import _dispatch, noising
+
+    d = data(learned=True, seed=3)
+    f = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV)) for k, v in d.items()}
+    mo = f["mo"].clone().requires_grad_()
+    real = _dispatch.direct
+    with _dispatch.stubbed_launches() as stub:
+        assert _dispatch.direct is stub
+        F.q_sample(f["x0"], f["t"], f["noise"], SCHED, backend="triton")
+        assert stub.launches == 1
+        loss = F.training_losses(mo, f["x0"], f["t"], f["noise"], SCHED, var_type="learned_range",
+                                 backend="triton")["loss"]
+        assert stub.launches == 3  # the forward and its finishing kernel
+        torch.autograd.grad(loss.sum(), [mo])
+        assert stub.launches == 4  # one backward kernel
+        tab = SCHED.table(DEV)
+        out = noising.q_sample_op(f["x0"], f["t"], f["noise"], tab)  # the library op: wrap_triton, not stubbed
+        assert stub.launches == 4
+    assert _dispatch.direct is real
+    ref = R.q_sample(f["x0"], f["t"], f["noise"], SCHED)
+    torch.testing.assert_close(out, ref)
+
+
 # -- torch.library and torch.compile ----------------------------------------------------------------
 def _opcheck_cases():
     from ddpm_fast.triton import noising, posterior, sampler, vb

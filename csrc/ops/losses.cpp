@@ -171,6 +171,12 @@ Tensor scale_unit_grads(const Tensor& d_out, const Tensor& d_v, bool learned, co
                         const Tensor& s_var, const Tensor& mo) {
   static auto op = op_handle<ScaleHalvesSig>(DDPM_OP("scale_halves"));
   std::optional<Tensor> dv = learned ? std::optional<Tensor>(d_v) : std::nullopt;
+  if (!at::GradMode::is_enabled() && !at::functorch::functorchTLSAccessor()) {
+    // a plain backward (no create_graph, no functorch transform): straight to the kernel, not through the boxed
+    // autograd fallback of an op without an autograd kernel (~2 us a call)
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(d_out, dv, s_mean.contiguous(), s_var.contiguous(), mo);
+  }
   return op.call(d_out, dv, s_mean.contiguous(), s_var.contiguous(), mo);
 }
 
@@ -205,7 +211,13 @@ struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
 };
 
 using TrainingLossesResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// the op's non-differentiable outputs: the per-sample MSE weight w and the saved unit gradients d_out, d_v
+using TrainingLossesSaved = std::tuple<Tensor, Tensor, Tensor>;
 
+// The node wraps the three differentiable outputs (loss, mse, vb) only. w, d_out and d_v go back to the caller
+// through `saved_out` as the plain tensors they are (no grad_fn, requires_grad false: what a non-differentiable
+// output of the node was too), not as node outputs: three fewer outputs to wrap, to save as outputs and to
+// carry through the engine on each call.
 struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
   static TrainingLossesResult below_autograd(const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise,
                                              const Tensor& table, int64_t mean_type, int64_t var_type,
@@ -219,20 +231,22 @@ struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
   }
   static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& t,
                                const Tensor& noise, const Tensor& table, int64_t mean_type, int64_t var_type,
-                               int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad) {
+                               int64_t loss_type, int64_t weighting, double min_snr_gamma, bool need_grad,
+                               TrainingLossesSaved* saved_out) {
     auto [loss, mse, vb, w, d_out, d_v] = below_autograd(mo, x0, t, noise, table, mean_type, var_type, loss_type,
                                                          weighting, min_snr_gamma, need_grad);
     ctx->save_for_backward({w, d_out, d_v, mo});
     ctx->saved_data["loss_type"] = loss_type;
     ctx->saved_data["learned"] = is_learned(var_type);
     ctx->saved_data["T"] = table.size(0);
-    ctx->mark_non_differentiable({w, d_out, d_v});
+    ctx->saved_data["unit_weight"] = weighting == kSimple;  // w = 1 exactly: g_loss * w = g_loss, no multiply
     ctx->set_materialize_grads(false);  // no zero-filled [B] gradients for unused outputs
-    return {loss, mse, vb, w, d_out, d_v};
+    *saved_out = {w, d_out, d_v};
+    return {loss, mse, vb};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list none(11);
+    variable_list none(12);  // the forward's 12 arguments (saved_out included)
     const Tensor &g_loss = grads[0], &g_mse = grads[1], &g_vb = grads[2];
     if (!g_loss.defined() && !g_mse.defined() && !g_vb.defined()) return none;
     auto saved = ctx->get_saved_variables();
@@ -240,7 +254,9 @@ struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
     const int64_t loss_type = ctx->saved_data["loss_type"].toInt();
     const double T = static_cast<double>(ctx->saved_data["T"].toInt());
     // absent gradients are left out of the sums, not zero-filled (each term is an op on a [B] tensor)
-    auto as_w = [&](const Tensor& g) { return g.defined() ? g.to(w.scalar_type()) : Tensor(); };
+    auto as_w = [&](const Tensor& g) {
+      return !g.defined() || g.scalar_type() == w.scalar_type() ? g : g.to(w.scalar_type());
+    };
     auto plus = [](const Tensor& a, const Tensor& b) { return !a.defined() ? b : !b.defined() ? a : a + b; };
     auto times = [](const Tensor& a, double k) { return a.defined() && k != 1.0 ? a * k : a; };
     Tensor gl = as_w(g_loss), gm = as_w(g_mse), gv = as_w(g_vb), s_mean, s_var;
@@ -248,7 +264,8 @@ struct TrainingLosses : public torch::autograd::Function<TrainingLosses> {
       s_mean = plus(times(gl, loss_type == kRescaledKl ? T : 1.0), gv);
       s_var = s_mean;
     } else {
-      s_mean = plus(gl.defined() ? gl * w : Tensor(), gm);
+      const bool unit_weight = ctx->saved_data["unit_weight"].toBool();
+      s_mean = plus(!gl.defined() ? Tensor() : unit_weight ? gl : gl * w, gm);
       s_var = times(plus(gl, gv), loss_type == kRescaledMse ? T / 1000.0 : 1.0);
     }
     if (!s_mean.defined()) s_mean = at::zeros_like(w);
@@ -293,9 +310,10 @@ TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0
   if (!needs_autograd_node(mo, x0, t, noise, table))
     return TrainingLosses::below_autograd(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting,
                                           min_snr_gamma, need_grad);
+  TrainingLossesSaved saved;
   auto r = TrainingLosses::apply(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, min_snr_gamma,
-                                 need_grad);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+                                 need_grad, &saved);
+  return {r[0], r[1], r[2], std::get<0>(saved), std::get<1>(saved), std::get<2>(saved)};
 }
 DDPM_AUTOGRAD_OP(training_losses, training_losses_autograd)
 

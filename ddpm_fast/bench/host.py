@@ -21,6 +21,17 @@ there, and other processes on a shared machine do not inflate it as they do the 
 Ops are called the way a user calls them (default arguments, validate included). The Triton
 backend on CPU tensors runs only in its interpreter (about 1 ms a program): that is not a host
 cost, so it is listed as skipped with the reason.
+
+Triton's Python cost, kernels stubbed (a section of its own): every op of the Triton backend on the same
+tiny CPU tensors with its kernel launches replaced by no-ops (ddpm_fast.triton._dispatch.stubbed_launches:
+a launch only evaluates a callable grid and is counted), next to the compiled CPU path's same call in the
+same rotation. What is timed is the backend's own Python: the ops' checks and routing, the wrappers'
+dispatch (plain eager: straight to the launcher; with gradients, its torch.autograd.Function), output
+allocation, the layout plans and launch arguments. Not timed: Triton's own launch (argument binding,
+specialization, kernel cache lookup, the driver call; a few microseconds a launch on a GPU), and on a GPU
+the current-device switch. The CPU path's time includes its (tiny) kernels. The Triton interpreter must be
+chosen before ddpm_fast.triton is imported, so this section runs in a child process with
+TRITON_INTERPRET=1 unless this one already has it.
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -309,9 +321,76 @@ def floors(*, quick: bool, seed: int = 0) -> list:
     ]
 
 
+# -- Triton's Python cost, kernels stubbed ------------------------------------------------------------
+# the calls issue 17 sets a target for: stubbed Triton <= 2x the compiled path
+TRITON_TARGETS = {("q_sample", "fwd"), ("p_sample_step", "fwd"), ("training_losses hybrid", "fwd"),
+                  ("training_losses mse", "fwd"), ("q_sample", "fwd+bwd"), ("training_losses hybrid", "fwd+bwd"),
+                  ("training_losses mse", "fwd+bwd")}
+STUBBED = "triton (stubbed)"
+
+
+def _stubbed_rows_here(*, quick: bool, seed: int) -> list:
+    """The stubbed Triton rows and the compiled CPU rows, timed in this process (TRITON_INTERPRET=1)."""
+    from .. import backends
+    from ..triton import _dispatch
+
+    rows = _op_rows("triton", torch.Generator().manual_seed(seed))
+    for r in rows:
+        r.impl = STUBBED
+    cpu = _op_rows("cpu", torch.Generator().manual_seed(seed)) if backends.available("cpu") else []
+    rounds, block_s = (3, 0.002) if quick else (21, 0.005)
+    with _dispatch.stubbed_launches() as stub:
+        launches = []
+        for r in rows:
+            before = stub.launches
+            r.fn()
+            launches.append(stub.launches - before)
+        time_rows(rows + cpu, rounds=rounds, block_s=block_s)
+    by_call = {(r.op, r.mode): r for r in cpu}
+    out = []
+    for r, n in zip(rows, launches):
+        base = by_call.get((r.op, r.mode))
+        out.append({"op": r.op, "mode": r.mode, "note": r.note, "launches": n, "triton_us": r.us,
+                    "cpu_us": base.us if base else None,
+                    "x_cpu": round_ratio(r, base) if base else None,
+                    "target": "<= 2" if (r.op, r.mode) in TRITON_TARGETS else None})
+    return out
+
+
+def triton_stubbed(*, quick: bool, seed: int = 0, threads: int = 1) -> dict:
+    """{"rows": [...], "skipped": None} with the stubbed Triton section's rows, or {"rows": [], "skipped": why}.
+
+    Runs here if ddpm_fast.triton was (or will be) imported with the interpreter on, else in a child process
+    with TRITON_INTERPRET=1 (this module run as a script)."""
+    from .. import backends
+
+    ok, why = backends.availability()["triton"]
+    if not ok and "interpreter" not in why:
+        return {"rows": [], "skipped": why}
+    if os.environ.get("TRITON_INTERPRET") == "1" and ok:
+        from ..triton import _runtime
+
+        if _runtime.INTERPRET:
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                return {"rows": _stubbed_rows_here(quick=quick, seed=seed), "skipped": None}
+            finally:
+                torch.set_num_threads(old)
+    cmd = [sys.executable, "-m", "ddpm_fast.bench.host", "--triton-stubbed", "--seed", str(seed),
+           "--threads", str(threads)] + (["--quick"] if quick else [])
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        return {"rows": [], "skipped": f"the child process failed: {proc.stderr.strip()[-2000:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # -- the run and its table --------------------------------------------------------------------------
-def run(*, quick: bool = False, threads: int = 1, seed: int = 0, with_floors: bool = True) -> dict:
-    """Time every row, then the floors; returns {"meta", "rows", "floors"} (JSON-ready)."""
+def run(*, quick: bool = False, threads: int = 1, seed: int = 0, with_floors: bool = True,
+        with_triton: bool = True) -> dict:
+    """Time every row, then the floors, then Triton's stubbed section; returns {"meta", "rows", "floors",
+    "triton_stubbed"} (JSON-ready)."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -322,6 +401,7 @@ def run(*, quick: bool = False, threads: int = 1, seed: int = 0, with_floors: bo
         fl = floors(quick=quick, seed=seed) if with_floors else []
     finally:
         torch.set_num_threads(old_threads)
+    stubbed = triton_stubbed(quick=quick, seed=seed, threads=threads) if with_triton else None
     add = next(r for r in rows if r.kind == "baseline")
     ref = {(r.op, r.mode): r for r in rows if r.impl == "reference" and r.us}
 
@@ -340,7 +420,7 @@ def run(*, quick: bool = False, threads: int = 1, seed: int = 0, with_floors: bo
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "elapsed_s": time.perf_counter() - started}
-    return {"meta": meta, "rows": out, "floors": fl}
+    return {"meta": meta, "rows": out, "floors": fl, "triton_stubbed": stubbed}
 
 
 def _fmt(v, spec):
@@ -365,6 +445,17 @@ def table(results: dict) -> str:
         for f in results["floors"]:
             lines.append(f"{f['floor']:<66} {f['size']:<11} {f['ceiling_us']:10.1f} {f['op_us']:9.1f} "
                          f"{f['ratio']:6.2f}  {f['target']}")
+    stubbed = results.get("triton_stubbed")
+    if stubbed is not None:
+        lines += ["", "Triton's Python cost, kernels stubbed (each launch a counted no-op; Triton's own launch "
+                      "not included): x cpu = / the compiled CPU path's same call, same rotation"]
+        if stubbed["skipped"]:
+            lines.append(f"skipped: {stubbed['skipped']}")
+        else:
+            lines.append(f"{'op':<36} {'mode':<8} {'launches':>8} {'triton us':>10} {'cpu us':>9} {'x cpu':>6}  target")
+            for r in stubbed["rows"]:
+                lines.append(f"{r['op']:<36} {r['mode']:<8} {r['launches']:8d} {_fmt(r['triton_us'], '10.1f')} "
+                             f"{_fmt(r['cpu_us'], '9.1f')} {_fmt(r['x_cpu'], '6.2f')}  {r['target'] or ''}")
     return "\n".join(lines)
 
 
@@ -379,3 +470,15 @@ def main(args) -> int:
         json.dump(results, f, indent=1)
     print(f"\nwrote {path}; {results['meta']['elapsed_s']:.1f} s")
     return 0
+
+
+if __name__ == "__main__":  # the stubbed Triton section's child process: one JSON line on stdout
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--triton-stubbed", action="store_true", required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    cli = parser.parse_args()
+    print(json.dumps(triton_stubbed(quick=cli.quick, seed=cli.seed, threads=cli.threads)))

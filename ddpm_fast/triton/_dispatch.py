@@ -16,6 +16,8 @@ kernels, so the op is an opaque ``torch.library.custom_op`` with an explicit fak
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.library import wrap_triton  # noqa: F401  (the op bodies' wrap)
 
@@ -28,6 +30,44 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 def direct(kernel):
     """The eager launchers' wrap: launch the kernel itself."""
     return kernel
+
+
+class LaunchStub:
+    """The eager wrap while stubbed_launches is active: ``wrap(kernel)[grid](*args, **meta)`` evaluates a
+    callable grid on ``meta`` (as Triton's launch does first) and counts the launch in ``launches``; no kernel
+    runs and nothing else of Triton's launch (argument binding, specialization, cache lookup, the driver call)
+    happens. The outputs the launchers allocated are left uninitialised."""
+
+    def __init__(self):
+        self.launches = 0
+        self._grid = None
+
+    def __call__(self, kernel):
+        return self
+
+    def __getitem__(self, grid):
+        self._grid = grid
+        return self._launch
+
+    def _launch(self, *args, **meta):
+        if callable(self._grid):
+            self._grid(meta)
+        self.launches += 1
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Within: every launch of the plain-eager route (``direct``, which call and the autograd Functions look up
+    at each call) goes to a LaunchStub, yielded; what remains is this backend's own Python cost (checks,
+    dispatch, autograd, output allocation, layout plans). The torch.library ops (wrap_triton) are untouched. For
+    the host benchmark (ddpm_fast.bench.host): not thread-safe, never for results."""
+    global direct
+    real, stub = direct, LaunchStub()
+    direct = stub
+    try:
+        yield stub
+    finally:
+        direct = real
 
 
 def define(name: str, fake):

@@ -34,16 +34,14 @@ class LayoutError(ValueError):
 @dataclass(frozen=True)
 class Plan:
     """sizes: (D1, D2, D3); strides: per operand (sb, s1, s2, s3); flat: every operand one unit-stride dim;
-    args: every operand's strides concatenated (the kernels' argument order); n: elements per sample."""
+    args: every operand's strides concatenated (the kernels' argument order); n: elements per sample
+    (D1 * D2 * D3, a field: read at every launch)."""
 
     sizes: tuple
     strides: tuple
     flat: bool
     args: tuple
-
-    @property
-    def n(self) -> int:
-        return self.sizes[0] * self.sizes[1] * self.sizes[2]
+    n: int
 
 
 def _merge(shape, strides_list):
@@ -99,7 +97,7 @@ def plan(operands, logical: bool = False) -> Plan:
     if not shape:
         batch_strides = [0] * len(stride_sets)
     sets = tuple((sb, *st) for sb, st in zip(batch_strides, strides))
-    return Plan(tuple(sizes), sets, flat, tuple(s for st in sets for s in st))
+    return Plan(tuple(sizes), sets, flat, tuple(s for st in sets for s in st), sizes[0] * sizes[1] * sizes[2])
 
 
 def flat_strides(p: Plan) -> tuple:
@@ -136,16 +134,23 @@ def run(inputs, outputs, launch, logical: bool = False) -> None:
     one shape; the row-major stride set last if logical), on the inputs' CUDA device; if the layouts do not
     fit one plan, on contiguous copies (outputs copied back afterwards: an extra pass, only for > 3
     unmergeable dims)."""
-    operands = [*inputs, *outputs]
-    with device_guard(inputs[0].device):
-        try:
-            p, c = planned(operands, logical)
-        except LayoutError:
-            ci = [x.contiguous() for x in inputs]
-            co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
-            p, c = planned(ci + co, logical)
-            launch(ci, co, p, c)
-            for o, copy in zip(outputs, co):
-                o.copy_(copy)
-            return
-        launch(inputs, outputs, p, c)
+    device = inputs[0].device
+    if device.type != "cuda":  # the interpreter: no current device to set (no context manager per launch)
+        _run(inputs, outputs, launch, logical)
+        return
+    with device_guard(device):
+        _run(inputs, outputs, launch, logical)
+
+
+def _run(inputs, outputs, launch, logical):
+    try:
+        p, c = planned([*inputs, *outputs], logical)
+    except LayoutError:
+        ci = [x.contiguous() for x in inputs]
+        co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
+        p, c = planned(ci + co, logical)
+        launch(ci, co, p, c)
+        for o, copy in zip(outputs, co):
+            o.copy_(copy)
+        return
+    launch(inputs, outputs, p, c)

@@ -15,6 +15,7 @@ sample. No host sync: the quantile stays on the device.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -113,6 +114,28 @@ def _quantile(a: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(below, above, float(rank - np.float32(lo)))
 
 
+def _stride_sets(p, n_out: int, full: bool, noise_mode: int) -> tuple:
+    """_sampler_kernel's stride arguments for plan p: the 4 inputs' stride sets, the outputs' (n_out: 2, or 4
+    when full), x_t's twice more for the per-sample / absent outputs when not full (never used), then the
+    row-major set for in-kernel noise (noise_mode 2; else x_t's, unused)."""
+    sets = list(p.strides[:4 + n_out])
+    if not full:
+        sets += [p.strides[2]] * 2
+    sets.append(p.strides[-1] if noise_mode == 2 else p.strides[2])
+    return tuple(s for st in sets for s in st)
+
+
+_cached_stride_sets = functools.lru_cache(maxsize=256)(_stride_sets)
+
+
+def _stride_args(p, n_out: int, full: bool, noise_mode: int) -> tuple:
+    """_stride_sets, cached (the plans repeat); computed each time for symbolic strides (tracing: unhashable)."""
+    try:
+        return _cached_stride_sets(p, n_out, full, noise_mode)
+    except TypeError:
+        return _stride_sets(p, n_out, full, noise_mode)
+
+
 def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip, dynamic_threshold,
             sample_max_value, eta, outs):
     """Fill outs (see _sampler_kernel) for MODE ``mode``; noise: a tensor, or Philox from seed[0], or neither."""
@@ -138,15 +161,10 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
     full = mode == 0 and learned  # variance outputs full size (else one value per sample, or none)
 
     def launch(ins, o, p, c):
-        # stride sets: the 4 inputs, the outputs (2, or 4 when full), then the row-major set if in-kernel noise
-        sets = list(p.strides[:4 + len(o)])
-        if not full:  # the per-sample / absent outputs take x_t's strides (never used)
-            sets += [p.strides[2]] * 2
-        sets.append(p.strides[-1] if noise_mode == 2 else p.strides[2])  # unused unless NOISE == 2
         o34 = (o[2], o[3]) if full else ((outs[2], outs[3]) if mode == 0 else (o[0], o[0]))
         wrap(_sampler_kernel)[c.grid](
             *ins, o[0], o[1], *o34, seed if seed is not None else t, thr[0] if thr else t, t, table_,
-            *(s for st in sets for s in st), p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
+            *_stride_args(p, len(o), full, noise_mode), p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
             float(sample_max_value), float(eta), MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip,
             DT=dynamic_threshold is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
             CDT=tl_dtype(cdt), num_warps=c.warps)

@@ -153,8 +153,7 @@ def _flags(mode: str, var_type: int, num_timesteps: int) -> dict:
 
 def _halves(mo: torch.Tensor, var_type: int):
     if var_type in LEARNED:
-        c = mo.shape[1] // 2
-        return mo.narrow(1, 0, c), mo.narrow(1, c, c)  # narrow: the cheapest view call
+        return mo.chunk(2, 1)  # the two halves in one view call (2C channels: C each, as two narrows)
     return mo, mo
 
 
