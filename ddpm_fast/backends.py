@@ -49,7 +49,7 @@ class Capability:
 # The kernels (compiled and Triton): fused backwards for every op except p_mean_variance and the sampler
 # steps; the losses differentiate model_output only.
 _KERNELS_NO_GRAD = {"p_mean_variance": ALL_INPUTS, "p_sample_step": ALL_INPUTS, "ddim_step": ALL_INPUTS,
-                   "vb_terms_bpd": ("x0", "x_t"), "training_losses": ("x0", "noise")}
+                   "vb_terms_bpd": ("x0", "x_t"), "training_losses": ("x0", "noise"), "solver_update": ALL_INPUTS}
 _CUDA_NO_FLOAT64 = "the CUDA kernels are built for float32 math only"
 CAPABILITIES = {
     "reference": Capability(),

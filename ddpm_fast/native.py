@@ -296,3 +296,17 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
         model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type],
         bool(clip_denoised), thresh, float(eta), noise, philox, key)
     return {"sample": sample, "pred_xstart": pred}
+
+
+# -- the fused multistep solver update (ddpm_fast.solvers) --------------------------------------------
+@_kernel
+def solver_update(x, model_output, rows, row_index, m_out, *, model_cond=None, guidance_scale=1.0, cfg_factor=None,
+                  thresh=None, history=(None, None, None), last_sample=None, noise=None, draw_noise=False,
+                  generator=None, seed=None):
+    """One sampler update (ddpm_fast.reference.solver_update): x_prev in x's dtype; m_out and last_sample
+    written in place; with draw_noise and noise None, the noise is drawn in-kernel (Philox, as p_sample_step)."""
+    drawn = bool(draw_noise) and noise is None
+    philox, key = _philox_seed(seed, generator, x.device) if drawn else (0, None)
+    h1, h2, h3 = history
+    return _op("solver_update")(x, model_output, model_cond, rows, row_index, float(guidance_scale), cfg_factor,
+                                thresh, h1, h2, h3, last_sample, noise, drawn, philox, key, m_out)

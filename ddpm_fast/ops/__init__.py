@@ -14,7 +14,7 @@ Conventions for every op:
   tensors, for checking; see ddpm_fast.backends). Inputs a backend cannot take (float64 on the GPU
   kernels, a gradient it has no kernel for) run on the reference: ddpm_fast.backends.route decides.
 
-One module per op family (noising, model, bound, training, samplers) declares each op once
+One module per op family (noising, model, bound, training, samplers, solvers) declares each op once
 (ops._registry.register): the public function with its fakes, traffic model, bench cases and test case.
 """
 from __future__ import annotations
@@ -25,5 +25,6 @@ from .model import p_mean_variance, predict_xstart  # noqa: F401
 from .bound import discretized_gaussian_log_likelihood, normal_kl, prior_bpd, vb_terms_bpd  # noqa: F401
 from .training import training_losses  # noqa: F401
 from .samplers import ddim_step, p_sample_step  # noqa: F401
+from .solvers import solver_update  # noqa: F401
 
 __all__ = list(REGISTRY)
