@@ -166,6 +166,27 @@ class _SolverMixin:
         """The parent's code takes the rest of the loop: give it its state in its own dtypes."""
         state["parent_only"] = True
 
+    # -- classifier-free guidance in the step (keyword-only arguments the parents do not have) ---------------
+    @staticmethod
+    def _guidance(guidance_scale, guidance_rescale) -> dict:
+        """The steps' guidance keywords ({} without guidance)."""
+        if guidance_scale is None:
+            return {}
+        return {"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale}
+
+    @staticmethod
+    def _unconditional(model_output, guidance):
+        """What the readiness checks see: the unconditional half of a [2B, ...] output with guidance."""
+        if (guidance and isinstance(model_output, torch.Tensor) and model_output.ndim >= 1
+                and model_output.shape[0] % 2 == 0):
+            return model_output[: model_output.shape[0] // 2]
+        return model_output
+
+    @staticmethod
+    def _for_parent(model_output, guidance):
+        """The model output the parent's step takes: combined (cfg_combine) with guidance."""
+        return steps.cfg_combine(model_output, **guidance) if guidance else model_output
+
 
 class _MultistepMixin(_SolverMixin):
     """DPM-Solver++ and UniPC: the history ring buffer and the parent's model_outputs / lower_order_nums."""
@@ -204,6 +225,27 @@ class _MultistepMixin(_SolverMixin):
             return {}
         return {"dynamic_threshold": c.dynamic_thresholding_ratio, "sample_max_value": c.sample_max_value}
 
+    def _multistep_ready(self, model_output, timestep, sample):
+        """(state, history) when this step is fused, else None (the parent's step runs; a loop it took over
+        mid-way stays with it)."""
+        state = self._fused_ready(model_output, sample) if self.num_inference_steps is not None else None
+        history = self._buffers(state, sample) if state is not None else None
+        if history is not None and self.step_index is None:
+            self._init_step_index(timestep)
+        if history is None or not 0 <= self.step_index < state["table"].num_steps:
+            if history is not None:
+                self._hand_over(state)
+            return None
+        return state, history
+
+    def _advance(self, state, step_index, prev_sample, return_dict):
+        """The parent's bookkeeping after a fused step: model_outputs, lower_order_nums, step_index."""
+        self._publish(state, step_index)
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
     def _hand_over(self, state):
         state["parent_only"] = True
         if state["history"] is not None:
@@ -235,39 +277,32 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
             euler_at_final=c.euler_at_final, final_sigmas_type=c.final_sigmas_type,
             flow_sigmas=c.use_flow_sigmas)
 
-    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
-        state = None
-        if self.num_inference_steps is not None and isinstance(model_output, torch.Tensor):
-            if (self.config.prediction_type == "epsilon" and self.config.variance_type in ("learned", "learned_range")
-                    and model_output.ndim >= 2):
-                fused_output = model_output[:, :3]  # the parent's own slice of a learned-variance output
-            else:
-                fused_output = model_output
-            state = self._fused_ready(fused_output, sample)
-        history = self._buffers(state, sample) if state is not None else None
-        if history is not None and self.step_index is None:
-            self._init_step_index(timestep)
-        if history is None or not 0 <= self.step_index < state["table"].num_steps:
-            if history is not None:
-                self._hand_over(state)
-            return super().step(model_output, timestep, sample, generator=generator,
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True, *,
+             guidance_scale=None, guidance_rescale=0.0):
+        """The parent's step; guidance_scale (and guidance_rescale): model_output is [2B, ...] (unconditional half
+        first), combined inside the step as uncond + s (cond - uncond) (diffusers' rescale_noise_cfg with
+        guidance_rescale)."""
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        fused_output = model_output
+        if (isinstance(model_output, torch.Tensor) and self.config.prediction_type == "epsilon"
+                and self.config.variance_type in ("learned", "learned_range") and model_output.ndim >= 2):
+            fused_output = model_output[:, :3]  # the parent's own slice of a learned-variance output
+        ready = self._multistep_ready(self._unconditional(fused_output, guidance), timestep, sample)
+        if ready is None:
+            return super().step(self._for_parent(model_output, guidance), timestep, sample, generator=generator,
                                 variance_noise=variance_noise, return_dict=return_dict)
+        state, history = ready
         noise = None
         if self.config.algorithm_type == "sde-dpmsolver++":
             if variance_noise is None:
-                noise = randn_tensor(fused_output.shape, generator=generator, device=fused_output.device,
-                                     dtype=torch.float32)
+                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
             else:
-                noise = variance_noise.to(device=fused_output.device, dtype=torch.float32)
+                noise = variance_noise.to(device=sample.device, dtype=torch.float32)
         step_index = self.step_index
         prev_sample = steps.dpm_solver_step(fused_output, sample, step_index, state["table"], history,
                                             steps_done=self.lower_order_nums, noise=noise, validate=False,
-                                            **self._thresholding())
-        self._publish(state, step_index)
-        if self.lower_order_nums < self.config.solver_order:
-            self.lower_order_nums += 1
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+                                            **self._thresholding(), **guidance)
+        return self._advance(state, step_index, prev_sample, return_dict)
 
 
 class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
@@ -291,29 +326,22 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
             prediction_type=c.prediction_type, lower_order_final=c.lower_order_final,
             disable_corrector=self.disable_corrector, flow_sigmas=c.use_flow_sigmas)
 
-    def step(self, model_output, timestep, sample, return_dict=True):
-        state = self._fused_ready(model_output, sample) if self.num_inference_steps is not None else None
-        history = self._buffers(state, sample) if state is not None else None
-        if history is not None and self.step_index is None:
-            self._init_step_index(timestep)
-        if history is None or not 0 <= self.step_index < state["table"].num_steps:
-            if history is not None:
-                self._hand_over(state)
-            return super().step(model_output, timestep, sample, return_dict=return_dict)
-        step_index = self.step_index
-        prev_sample = steps.unipc_step(model_output, sample, step_index, state["table"], history,
-                                       state["last_sample"], steps_done=self.lower_order_nums, validate=False,
-                                       **(self._thresholding() if self.predict_x0 else {}))
-        table = state["table"]
+    def step(self, model_output, timestep, sample, return_dict=True, *, guidance_scale=None, guidance_rescale=0.0):
+        """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        ready = self._multistep_ready(self._unconditional(model_output, guidance), timestep, sample)
+        if ready is None:
+            return super().step(self._for_parent(model_output, guidance), timestep, sample, return_dict=return_dict)
+        state, history = ready
+        step_index, table = self.step_index, state["table"]
+        prev_sample = steps.unipc_step(model_output, sample, step_index, table, history, state["last_sample"],
+                                       steps_done=self.lower_order_nums, validate=False,
+                                       **(self._thresholding() if self.predict_x0 else {}), **guidance)
         order = self.config.solver_order
         self.this_order = min(int(table.max_order[step_index]), self.lower_order_nums + 1)
         self.timestep_list = self.timestep_list[1:] + [timestep] if order > 1 else [timestep]
         self.last_sample = state["last_sample"]
-        self._publish(state, step_index)
-        if self.lower_order_nums < order:
-            self.lower_order_nums += 1
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+        return self._advance(state, step_index, prev_sample, return_dict)
 
 
 class _EulerMixin(_SolverMixin):
@@ -360,22 +388,24 @@ class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
                                   else prediction)
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
-             generator=None, return_dict=True):
-        state = self._euler_ready(model_output, timestep, sample)
+             generator=None, return_dict=True, *, guidance_scale=None, guidance_rescale=0.0):
+        """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        state = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
                       for v in (s_churn, s_tmin, s_tmax, s_noise))
         if state is None or not numbers:
-            return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
-                                s_noise=s_noise, generator=generator, return_dict=return_dict)
+            return super().step(self._for_parent(model_output, guidance), timestep, sample, s_churn=s_churn,
+                                s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator,
+                                return_dict=return_dict)
         table, step_index = state["table"], self.step_index
         noise = None
         if steps.euler_churns(table, step_index, s_churn, s_tmin, s_tmax):
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
+            noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
         prev_sample, x0 = steps.euler_step(model_output, sample, step_index, table, s_churn=s_churn, s_tmin=s_tmin,
-                                           s_tmax=s_tmax, s_noise=s_noise, noise=noise, validate=False)
-        if table.prediction_type == "sample":
-            x0 = model_output  # the parent returns the model output itself
+                                           s_tmax=s_tmax, s_noise=s_noise, noise=noise, validate=False, **guidance)
+        if table.prediction_type == "sample":  # the parent returns the model output itself
+            x0 = x0.to(sample.dtype) if guidance else model_output
         self._step_index += 1
         if not return_dict:
             return prev_sample, x0
@@ -394,14 +424,17 @@ class FastEulerAncestralDiscreteScheduler(_EulerMixin, EulerAncestralDiscreteSch
     def _build_table(self):
         return tables.euler_ancestral_table(self.sigmas, prediction_type=self.config.prediction_type)
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        state = self._euler_ready(model_output, timestep, sample)
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True, *, guidance_scale=None,
+             guidance_rescale=0.0):
+        """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        state = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
         if state is None:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                             generator=generator)
+            return super().step(self._for_parent(model_output, guidance), timestep, sample, generator=generator,
+                                return_dict=return_dict)
+        noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
         prev_sample, x0 = steps.euler_ancestral_step(model_output, sample, self.step_index, state["table"],
-                                                     noise=noise, validate=False)
+                                                     noise=noise, validate=False, **guidance)
         self._step_index += 1
         if not return_dict:
             return prev_sample, x0
