@@ -74,6 +74,14 @@ _SCALE_WARNING = ("The `scale_model_input` function should be called before `ste
                   "See `StableDiffusionPipeline` for a usage example.")
 
 
+def _numbers(*values) -> bool:
+    """Whether every value is an int or a float (not a bool)."""
+    for value in values:
+        if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return False
+    return True
+
+
 class _SolverMixin:
     """Shared state handling: the table per set_timesteps, the step index without a sync, the fallback."""
 
@@ -112,6 +120,7 @@ class _SolverMixin:
             return
         state["host_timesteps"] = self.timesteps.detach().cpu().numpy()
         state["table"].on(self.timesteps.device)
+        state["table"].fused(self.timesteps.device)  # the step's coefficient rows (float32) on the device
 
     def _fast_state(self):
         """The fused state, None before set_timesteps. Reassigned sigmas / timesteps (an identity check, no
@@ -392,9 +401,7 @@ class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
         """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
         guidance = self._guidance(guidance_scale, guidance_rescale)
         state = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                      for v in (s_churn, s_tmin, s_tmax, s_noise))
-        if state is None or not numbers:
+        if state is None or not _numbers(s_churn, s_tmin, s_tmax, s_noise):
             return super().step(self._for_parent(model_output, guidance), timestep, sample, s_churn=s_churn,
                                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator,
                                 return_dict=return_dict)

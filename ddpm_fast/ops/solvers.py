@@ -100,10 +100,11 @@ def solver_update(x, model_output, rows, row_index, m_out, *, model_cond=None, g
         check.seed(seed)
         if generator is not None:
             check.generator(generator, x.device)
-        return fn(x, model_output, rows, row_index, m_out, model_cond=model_cond,
-                  guidance_scale=check.number("guidance_scale", guidance_scale), cfg_factor=cfg_factor, thresh=thresh,
-                  history=history, last_sample=last_sample, noise=noise, draw_noise=bool(draw_noise),
-                  generator=generator, seed=seed)
+        if type(guidance_scale) is not float or guidance_scale != guidance_scale:
+            guidance_scale = check.number("guidance_scale", guidance_scale)
+        return fn(x, model_output, rows, row_index, m_out, model_cond=model_cond, guidance_scale=guidance_scale,
+                  cfg_factor=cfg_factor, thresh=thresh, history=history, last_sample=last_sample, noise=noise,
+                  draw_noise=bool(draw_noise), generator=generator, seed=seed)
     check.tensor("x", x)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     device = x.device
@@ -161,7 +162,11 @@ def _history(history) -> tuple:
 
 def _history_needs_grad(history) -> bool:
     """Whether autograd must see a history entry (its kernels have none: the reference runs)."""
-    return torch.is_grad_enabled() and any(h is not None and h.requires_grad for h in history)
+    if torch.is_grad_enabled():
+        for h in history:
+            if h is not None and h.requires_grad:
+                return True
+    return False
 
 
 def _check_rows(rows, row_index, x, compute):

@@ -64,7 +64,7 @@ def _check_table(table, kind):
 
 
 def _check_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
 
 

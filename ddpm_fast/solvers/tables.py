@@ -136,13 +136,17 @@ class SolverTable:
         return rows
 
     def row_index(self, row: int, batch: int, device) -> torch.Tensor:
-        """int64 [batch] filled with ``row`` on device, cached per (row, batch, device): a host step index
-        costs no op and no host-to-device copy after its first call."""
-        key = ("row_index", row, batch, device)
-        index = self._device_tables.get(key)
-        if index is None:
-            index = self._device_tables[key] = torch.full((batch,), row, dtype=torch.int64, device=device)
-        return index
+        """int64 [batch] filled with ``row`` on device: a view of one [R, batch] tensor made at the first call per
+        (batch, device) (one copy to the device, at the loop's first step), so a host step index costs no op
+        and no host-to-device copy after that."""
+        key = ("row_index", batch, device)
+        views = self._device_tables.get(key)
+        if views is None:
+            count = self.num_steps * self.coef.shape[1] * self.corrector_orders
+            every_row = torch.arange(count, dtype=torch.int64).repeat_interleave(batch).reshape(count, batch)
+            views = self._device_tables[key] = every_row.to(device).unbind(0)
+        return views[row]
+
 
 def _sigmas64(sigmas) -> np.ndarray:
     if isinstance(sigmas, torch.Tensor):
