@@ -8,7 +8,8 @@ Subclasses of diffusers' schedulers with the same config, methods and public sta
 ``set_timesteps`` (which builds the step table on the host in float64 from the parent's own ``sigmas``,
 so Karras / exponential / beta / Lu sigmas, every timestep_spacing, final_sigmas_type and
 rescale_betas_zero_snr only change the table) ``step`` is elementwise math on the device with a
-device-resident history: no host sync, no host-to-device copy, no torch.linalg.solve per step.
+device-resident history: one fused op (ddpm_fast.ops.solver_update), no host sync, no host-to-device
+copy, no torch.linalg.solve per step.
 
 The first step finds its step index without reading the device when the timestep is an element of
 ``self.timesteps`` (``for t in scheduler.timesteps``: a view, located by its storage offset) or when
@@ -39,8 +40,17 @@ What differs:
   step returns NaN (its B(h) = -inf times a zero history term); ours returns the order-1 result, the x0
   prediction. Elsewhere where the parent produces NaN (predict_x0=False stepping to sigma 0; repeated
   sigmas with lower_order_final=False) so do we: the coefficients are the same expressions.
-- ``step`` takes one timestep for the batch, as the parent (per-sample step indices: the functional
-  steps of ddpm_fast.solvers).
+
+Beyond the parent (keyword-only, off by default; where the parent's own code runs they are applied
+before it):
+- ``step(..., guidance_scale=s, guidance_rescale=r)``: model_output is the model's [2B, ...] output
+  (unconditional half first); uncond + s (cond - uncond), rescaled as diffusers' rescale_noise_cfg with r,
+  is combined inside the step's one fused op (the rescale's per-sample std ratio is computed before it).
+- per-sample timesteps: a [B] timestep tensor where the parent raises (before the loop's first step,
+  without set_begin_index, B neither 1 nor the number of timesteps) steps each sample at its own step
+  index, located on the device by the parent's rule (no host read); the Euler pair's scale_model_input
+  likewise. step_index stays None then, the multistep warm-up counts each sample's steps on the device,
+  and the parent's model_outputs / lower_order_nums / this_order are not updated.
 """
 from __future__ import annotations
 
@@ -154,6 +164,22 @@ class _SolverMixin:
                 return
         super()._init_step_index(timestep)
 
+    def _per_sample_index(self, timestep, sample):
+        """Each sample's step index, int64 [B] on sample's device, for a [B] timestep tensor the parent cannot
+        take (before its first step, without begin_index, its index_for_timestep compares the [N] timesteps
+        with [B] values: it raises unless B is 1 or N); else None. The parent's rule on the device (the second
+        match if several, the last index if none): a few small ops, no host read."""
+        ts = self.timesteps
+        if (self.step_index is not None or self.begin_index is not None or not isinstance(timestep, torch.Tensor)
+                or not isinstance(sample, torch.Tensor) or timestep.ndim != 1 or sample.ndim < 1
+                or timestep.shape[0] != sample.shape[0] or not isinstance(ts, torch.Tensor) or ts.ndim != 1
+                or timestep.shape[0] in (1, ts.shape[0]) or timestep.is_complex()):
+            return None
+        hits = (ts.to(sample.device)[None, :] == timestep.to(device=sample.device, dtype=ts.dtype)[:, None]).long()
+        count, first = hits.sum(1), hits.argmax(1)
+        second = hits.scatter(1, first[:, None], 0).argmax(1)
+        return torch.where(count > 1, second, torch.where(count > 0, first, ts.shape[0] - 1))
+
     # -- the fused or the parent's step ---------------------------------------------------------------
     def _fused_ready(self, model_output, sample):
         """The state when this call can take the fused step, else None (the parent's step runs)."""
@@ -235,17 +261,29 @@ class _MultistepMixin(_SolverMixin):
         return {"dynamic_threshold": c.dynamic_thresholding_ratio, "sample_max_value": c.sample_max_value}
 
     def _multistep_ready(self, model_output, timestep, sample):
-        """(state, history) when this step is fused, else None (the parent's step runs; a loop it took over
-        mid-way stays with it)."""
+        """(state, history, per-sample step index [B] or None) when this step is fused, else None (the parent's
+        step runs; a loop it took over mid-way stays with it)."""
         state = self._fused_ready(model_output, sample) if self.num_inference_steps is not None else None
         history = self._buffers(state, sample) if state is not None else None
+        index = self._per_sample_index(timestep, sample) if history is not None else None
+        if index is not None:
+            return state, history, index
         if history is not None and self.step_index is None:
             self._init_step_index(timestep)
         if history is None or not 0 <= self.step_index < state["table"].num_steps:
             if history is not None:
                 self._hand_over(state)
             return None
-        return state, history
+        return state, history, None
+
+    @staticmethod
+    def _steps_done(state, index):
+        """Per-sample steps taken so far (the warm-up order of a per-sample loop), int64 [B] on the device;
+        counted in place after each per-sample step."""
+        done = state.get("per_sample_done")
+        if done is None or done.shape != index.shape or done.device != index.device:
+            done = state["per_sample_done"] = torch.zeros_like(index)
+        return done
 
     def _advance(self, state, step_index, prev_sample, return_dict):
         """The parent's bookkeeping after a fused step: model_outputs, lower_order_nums, step_index."""
@@ -300,13 +338,19 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
         if ready is None:
             return super().step(self._for_parent(model_output, guidance), timestep, sample, generator=generator,
                                 variance_noise=variance_noise, return_dict=return_dict)
-        state, history = ready
+        state, history, index = ready
         noise = None
         if self.config.algorithm_type == "sde-dpmsolver++":
             if variance_noise is None:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
             else:
                 noise = variance_noise.to(device=sample.device, dtype=torch.float32)
+        if index is not None:  # each sample at its own timestep: the parent's bookkeeping is left as it is
+            done = self._steps_done(state, index)
+            prev_sample = steps.dpm_solver_step(fused_output, sample, index, state["table"], history, steps_done=done,
+                                                noise=noise, validate=False, **self._thresholding(), **guidance)
+            done.add_(1)
+            return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
         step_index = self.step_index
         prev_sample = steps.dpm_solver_step(fused_output, sample, step_index, state["table"], history,
                                             steps_done=self.lower_order_nums, noise=noise, validate=False,
@@ -341,11 +385,17 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
         ready = self._multistep_ready(self._unconditional(model_output, guidance), timestep, sample)
         if ready is None:
             return super().step(self._for_parent(model_output, guidance), timestep, sample, return_dict=return_dict)
-        state, history = ready
+        state, history, index = ready
+        thresholding = self._thresholding() if self.predict_x0 else {}
+        if index is not None:  # each sample at its own timestep: the parent's bookkeeping is left as it is
+            done = self._steps_done(state, index)
+            prev_sample = steps.unipc_step(model_output, sample, index, state["table"], history, state["last_sample"],
+                                           steps_done=done, validate=False, **thresholding, **guidance)
+            done.add_(1)
+            return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
         step_index, table = self.step_index, state["table"]
         prev_sample = steps.unipc_step(model_output, sample, step_index, table, history, state["last_sample"],
-                                       steps_done=self.lower_order_nums, validate=False,
-                                       **(self._thresholding() if self.predict_x0 else {}), **guidance)
+                                       steps_done=self.lower_order_nums, validate=False, **thresholding, **guidance)
         order = self.config.solver_order
         self.this_order = min(int(table.max_order[step_index]), self.lower_order_nums + 1)
         self.timestep_list = self.timestep_list[1:] + [timestep] if order > 1 else [timestep]
@@ -355,31 +405,47 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
 
 class _EulerMixin(_SolverMixin):
     def scale_model_input(self, sample, timestep):
+        """The parent's; with a [B] timestep tensor the parent cannot take (see _per_sample_index), each sample
+        scaled at its own step."""
         state = self._fast_state()
         if (state is None or state["table"] is None or not isinstance(sample, torch.Tensor)
                 or not sample.is_floating_point()):
             return super().scale_model_input(sample, timestep)
+        index = self._per_sample_index(timestep, sample)
+        if index is None:
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            if not 0 <= self.step_index < state["table"].num_steps:
+                return super().scale_model_input(sample, timestep)
+        column = tables.EULER_COLUMNS.index("input_scale") if state["table"].kind == "euler" else \
+            tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")
+        device_table = state["table"].on(sample.device, sample.dtype)
+        self.is_scale_input_called = True
+        if index is None:
+            return sample * device_table["coef_columns"][self.step_index][0][column]
+        scale = device_table["coef"][index, 0, column].reshape(-1, *([1] * (sample.ndim - 1)))
+        return (sample * scale).to(sample.dtype)
+
+    def _euler_ready(self, model_output, timestep, sample):
+        """(state, per-sample step index [B] or None) when this step is fused, else None (the parent's runs)."""
+        integer = isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # the parent raises for these
+        if integer and not (isinstance(timestep, torch.Tensor) and timestep.ndim == 1):
+            return None
+        state = self._fused_ready(model_output, sample)
+        if state is None:
+            return None
+        index = self._per_sample_index(timestep, sample)
+        if index is not None:
+            return state, index
+        if integer:
+            return None
         if self.step_index is None:
             self._init_step_index(timestep)
         if not 0 <= self.step_index < state["table"].num_steps:
-            return super().scale_model_input(sample, timestep)
-        column = tables.EULER_COLUMNS.index("input_scale") if state["table"].kind == "euler" else \
-            tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")
-        scale = state["table"].on(sample.device, sample.dtype)["coef_columns"][self.step_index][0][column]
-        self.is_scale_input_called = True
-        return sample * scale
-
-    def _euler_ready(self, model_output, timestep, sample):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            return None  # the parent raises
-        state = self._fused_ready(model_output, sample)
-        if state is not None and self.step_index is None:
-            self._init_step_index(timestep)
-        if state is not None and not 0 <= self.step_index < state["table"].num_steps:
             return None
-        if state is not None and not self.is_scale_input_called:
+        if not self.is_scale_input_called:
             _euler_logger.warning(_SCALE_WARNING)
-        return state
+        return state, None
 
 
 class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
@@ -400,20 +466,22 @@ class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
              generator=None, return_dict=True, *, guidance_scale=None, guidance_rescale=0.0):
         """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
         guidance = self._guidance(guidance_scale, guidance_rescale)
-        state = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
-        if state is None or not _numbers(s_churn, s_tmin, s_tmax, s_noise):
+        ready = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
+        if ready is None or not _numbers(s_churn, s_tmin, s_tmax, s_noise):
             return super().step(self._for_parent(model_output, guidance), timestep, sample, s_churn=s_churn,
                                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator,
                                 return_dict=return_dict)
-        table, step_index = state["table"], self.step_index
+        (state, index), table = ready, ready[0]["table"]
+        step_index = self.step_index if index is None else index
         noise = None
-        if steps.euler_churns(table, step_index, s_churn, s_tmin, s_tmax):
+        if steps.euler_churns(table, step_index if index is None else None, s_churn, s_tmin, s_tmax):
             noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
         prev_sample, x0 = steps.euler_step(model_output, sample, step_index, table, s_churn=s_churn, s_tmin=s_tmin,
                                            s_tmax=s_tmax, s_noise=s_noise, noise=noise, validate=False, **guidance)
         if table.prediction_type == "sample":  # the parent returns the model output itself
             x0 = x0.to(sample.dtype) if guidance else model_output
-        self._step_index += 1
+        if index is None:
+            self._step_index += 1
         if not return_dict:
             return prev_sample, x0
         return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -435,14 +503,16 @@ class FastEulerAncestralDiscreteScheduler(_EulerMixin, EulerAncestralDiscreteSch
              guidance_rescale=0.0):
         """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
         guidance = self._guidance(guidance_scale, guidance_rescale)
-        state = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
-        if state is None:
+        ready = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
+        if ready is None:
             return super().step(self._for_parent(model_output, guidance), timestep, sample, generator=generator,
                                 return_dict=return_dict)
+        state, index = ready
         noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
-        prev_sample, x0 = steps.euler_ancestral_step(model_output, sample, self.step_index, state["table"],
-                                                     noise=noise, validate=False, **guidance)
-        self._step_index += 1
+        prev_sample, x0 = steps.euler_ancestral_step(model_output, sample, self.step_index if index is None else index,
+                                                     state["table"], noise=noise, validate=False, **guidance)
+        if index is None:
+            self._step_index += 1
         if not return_dict:
             return prev_sample, x0
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
