@@ -603,3 +603,24 @@ def test_host_index_steps_reuse_their_device_tensors():
     unipc = TABLES["unipc"](10)
     assert unipc.fused_rows().shape == (10 * 3 * 4, len(FUSED_COLUMNS))
     assert unipc.row_of(torch.tensor([2]), torch.tensor([3]), torch.tensor([1])).item() == unipc.row_of(2, 3, 1)
+
+
+def test_host_index_steps_with_guidance_without_host_sync():
+    """The host-index path (the drop-ins' loop) with guidance and its rescale: no .item() / nonzero either."""
+    from test_no_host_sync import NoHostSync
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(SHAPE, device=dev)
+    out2 = torch.randn((2 * SHAPE[0], *SHAPE[1:]), device=dev)
+    for kind, make in TABLES.items():
+        table = make(10)
+        table.on(dev), table.fused(dev)  # set_timesteps time: the copies to the device
+        history = new_history(table, x) if kind in ("dpm", "unipc") else None
+        last = torch.zeros_like(x)
+        for i in range(3):  # set-up, outside the check: the first step makes the [R, B] row-index tensor
+            step(kind, out2, x, i, table, history, last, torch.zeros_like(x), guidance_scale=5.0, guidance_rescale=0.5)
+        with NoHostSync():
+            for i in range(3, 6):
+                out = step(kind, out2, x, i, table, history, last, None, guidance_scale=5.0, guidance_rescale=0.5,
+                           validate=False)
+        assert out.shape == x.shape and torch.isfinite(out).all()
