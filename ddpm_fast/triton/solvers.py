@@ -18,7 +18,7 @@ before any output of it is written, by the same thread: m_out may be h3's memory
 last_sample is read then overwritten. Noise: a tensor (NOISE=1), Philox in-kernel (NOISE=2:
 tl.randn(seed, b * N + row-major index), the stream of p_sample_step and of the C++ kernels for a seed,
 whatever the layout), or none (NOISE=0). One pass: reads up to 8 tensors, writes up to 3.
-The contract shared with the C++ op: /work/notes/solver_op_spec.md; the result: reference.solver_update.
+The result is ddpm_fast.reference.solver_update's (the one definition); the C++ twin: csrc/ops/solvers.h.
 """
 from __future__ import annotations
 
