@@ -1,9 +1,9 @@
-"""backend="triton"'s solver_update (ddpm_fast/triton/solvers.py) against the formula of the op's
-contract (reference.solver_update, csrc/ops/solvers.h), written here in float64: every optional input present and absent, CFG,
-cfg_factor, dynamic thresholding, the in-place outputs (m_out, last_sample; m_out aliasing h3), fp32 / fp16
-(bf16 on a GPU) x with float32 history, layouts; in-kernel noise (the Philox stream of p_sample_step and of
-the C++ op for a seed, standard normal); the torch.library op under opcheck and torch.compile, and its
-ahead-of-time compile.
+"""backend="triton"'s solver_update (ddpm_fast/triton/solvers.py) against the formula of the op's contract
+(reference.solver_update, csrc/ops/solvers.h), written here in float64: every optional input present and
+absent, CFG, cfg_factor, dynamic thresholding, the in-place outputs (m_out, last_sample; m_out aliasing h3),
+fp32 / fp16 (bf16 on a GPU) x with float32 history, layouts; in-kernel noise (the Philox stream of
+p_sample_step and of the C++ op for a seed, standard normal); the torch.library op under opcheck and
+torch.compile, and its ahead-of-time compile.
 
 Comparisons follow the flash-attention rule of tests/test_triton_ops.py: |kernel - ref64| <= 2 |same - ref64|
 + floor, ref64 the formula in float64 and ``same`` the formula in float32 (the compute dtype), both from the
