@@ -2,9 +2,10 @@
 
 Modules: noising (q_sample, prior_bpd), posterior (q_posterior, predict_xstart, normal_kl,
 discretized_gaussian_log_likelihood), vb (vb_terms_bpd, training_losses), sampler (p_mean_variance,
-p_sample_step, ddim_step). The ops live in the ``ddpm_fast_triton`` torch.library namespace: triton_ops
-on a GPU (torch.compile inlines their kernels), opaque custom ops under the interpreter; plain eager
-calls reach the same launchers without the dispatcher (see _dispatch).
+p_sample_step, ddim_step), solvers (solver_update, the multistep samplers' step). The ops live in the
+``ddpm_fast_triton`` torch.library namespace: triton_ops on a GPU (torch.compile inlines their kernels),
+opaque custom ops under the interpreter; plain eager calls reach the same launchers without the
+dispatcher (see _dispatch).
 CUDA tensors run compiled kernels; CPU tensors run through the Triton interpreter, only when
 TRITON_INTERPRET=1 was set before ddpm_fast was imported (for checking, not speed).
 """
@@ -19,6 +20,7 @@ from ._runtime import INTERPRET
 from .noising import prior_bpd, q_sample
 from .posterior import discretized_gaussian_log_likelihood, normal_kl, predict_xstart, q_posterior
 from .sampler import ddim_step, p_mean_variance, p_sample_step
+from .solvers import solver_update
 from .vb import training_losses, vb_terms_bpd
 
 from ..ops import REGISTRY
