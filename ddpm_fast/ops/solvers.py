@@ -92,6 +92,18 @@ def solver_update(x, model_output, rows, row_index, m_out, *, model_cond=None, g
 
     Returns:
         x_prev [B, ...] in x's dtype.
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> from ddpm_fast.solvers.tables import FUSED_COLUMNS
+        >>> rows = torch.zeros(1, len(FUSED_COLUMNS))
+        >>> rows[0, [2, 10]] = 1.0  # conv_model, p_m0: x_prev = m = the guided output
+        >>> uncond, cond = torch.zeros(2, 3), torch.ones(2, 3)
+        >>> m_out = torch.empty(2, 3)
+        >>> F.solver_update(uncond, uncond, rows, torch.zeros(2, dtype=torch.int64), m_out, model_cond=cond,
+        ...                 guidance_scale=7.5)
+        tensor([[7.5000, 7.5000, 7.5000],
+                [7.5000, 7.5000, 7.5000]])
     """
     history = _history(history)
     fn = check.cpu_native("solver_update", backend, x, model_output, model_cond, rows, cfg_factor, thresh, last_sample,

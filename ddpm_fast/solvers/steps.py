@@ -292,32 +292,53 @@ def _noise(noise, generator, sample, dtype, name="noise"):
     return noise
 
 
+_PARAGRAPHS = {  # the Args paragraphs every step shares (``_document``)
+    "inputs": ("model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the\n"
+               "    unconditional half first, with guidance_scale); any float dtype.\n"
+               "sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.\n"
+               "step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in\n"
+               "    [0, table.num_steps).\n"
+               "table: the SolverTable of this sampler (tables.py), built once per set of timesteps."),
+    "guidance": ("guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).\n"
+                 "guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only."),
+    "validate": "validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).",
+}
+
+
+def _document(function):
+    """Replace each docstring line ``<name>`` by the shared Args paragraph ``name`` (_PARAGRAPHS)."""
+    lines = []
+    for line in function.__doc__.split("\n"):
+        key = line.strip()[1:-1]
+        if line.strip().startswith("<") and key in _PARAGRAPHS:
+            indent = line[: len(line) - len(line.lstrip())]
+            line = "\n".join(indent + text for text in _PARAGRAPHS[key].split("\n"))
+        lines.append(line)
+    function.__doc__ = "\n".join(lines)
+    return function
+
+
 # -- DPM-Solver++ -------------------------------------------------------------------------------------
+@_document
 def dpm_solver_step(model_output, sample, step_index, table: SolverTable, history, *, steps_done=None,
                     noise=None, generator=None, guidance_scale=None, guidance_rescale=0.0, dynamic_threshold=None,
                     sample_max_value=1.0, validate=None):
     """One DPM-Solver++ multistep step (orders 1-3, midpoint / heun, ODE or SDE).
 
     Args:
-        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
-            unconditional half first, with guidance_scale); any float dtype.
-        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
-        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
-            [0, table.num_steps).
-        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        <inputs>
         history: the ring buffer [solver_order, B, ...] (new_history); this step's x0 prediction is
             written into slot step_index % solver_order, in place.
         steps_done: steps since the loop began (int or int64 [B]; default step_index): the warm-up order.
         noise: the SDE variant's standard normal [B, ...]; None: drawn in float32 from generator on
             sample's device. The ODE variant ignores both.
         generator: a torch.Generator on sample's device, or None.
-        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
-        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        <guidance>
         dynamic_threshold: None, or the quantile p in (0, 1] of Imagen's dynamic thresholding of the x0
             prediction (diffusers' thresholding / dynamic_thresholding_ratio): s = the per-sample p-quantile
             of |x0| clamped to [1, sample_max_value], x0 = clamp(x0, -s, s) / s (a per-sample reduction).
         sample_max_value: the largest s (>= 1).
-        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+        <validate>
 
     Returns:
         x_prev [B, ...] in sample's dtype.
@@ -359,26 +380,21 @@ def euler_churns(table: SolverTable, step_index, s_churn, s_tmin, s_tmax) -> boo
 
 
 
+@_document
 def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=0.0, s_tmin=0.0,
                s_tmax=float("inf"), s_noise=1.0, noise=None, generator=None, guidance_scale=None,
                guidance_rescale=0.0, validate=None):
     """One Euler step, with Karras et al.'s churn.
 
     Args:
-        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
-            unconditional half first, with guidance_scale); any float dtype.
-        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
-        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
-            [0, table.num_steps).
-        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        <inputs>
         s_churn, s_tmin, s_tmax, s_noise: the churn: gamma = min(s_churn / N, sqrt(2) - 1) where
             s_tmin <= sigma <= s_tmax (N = table.num_sigmas - 1), noise scaled by s_noise.
         noise: the churn's standard normal [B, ...], used only where gamma > 0; None: drawn from generator
             (with a host step_index only when gamma > 0 there; with a tensor [B] whenever s_churn > 0).
         generator: a torch.Generator on sample's device, or None.
-        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
-        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
-        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+        <guidance>
+        <validate>
 
     Returns:
         (x_prev, x0_pred): [B, ...] each; x_prev in sample's dtype, x0_pred in the compute dtype.
@@ -405,22 +421,17 @@ def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=
     return out.update(sample, rows, idx.row_index(), x0, noise=z), x0
 
 
+@_document
 def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *, noise=None, generator=None,
                          guidance_scale=None, guidance_rescale=0.0, validate=None):
     """One Euler ancestral step.
 
     Args:
-        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
-            unconditional half first, with guidance_scale); any float dtype.
-        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
-        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
-            [0, table.num_steps).
-        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        <inputs>
         noise: standard normal [B, ...]; None: drawn from generator on sample's device.
         generator: a torch.Generator on sample's device, or None.
-        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
-        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
-        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+        <guidance>
+        <validate>
 
     Returns:
         (x_prev, x0_pred): [B, ...] each; x_prev in sample's dtype, x0_pred in the compute dtype.
@@ -442,6 +453,7 @@ def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *
 
 
 # -- UniPC --------------------------------------------------------------------------------------------
+@_document
 def unipc_step(model_output, sample, step_index, table: SolverTable, history, last_sample, *, steps_done=None,
                guidance_scale=None, guidance_rescale=0.0, dynamic_threshold=None, sample_max_value=1.0,
                validate=None):
@@ -449,26 +461,20 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
     disables it), then the UniP predictor.
 
     Args:
-        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
-            unconditional half first, with guidance_scale); any float dtype.
-        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
-        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
-            [0, table.num_steps).
-        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        <inputs>
         history: the ring buffer [solver_order, B, ...] (new_history); this step's converted output is
             written into slot step_index % solver_order, in place.
         last_sample: [B, ...] in the compute dtype (zeros before the first step): the corrected sample the
             previous predictor started from; this step's corrected sample is written into it, in place.
         steps_done: steps since the loop began (int or int64 [B]; default step_index): the warm-up order
             and, at 0, no correction.
-        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
-        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        <guidance>
         dynamic_threshold: None, or the quantile p in (0, 1] of Imagen's dynamic thresholding of the x0
             prediction (predict_x0 tables only; diffusers' thresholding / dynamic_thresholding_ratio):
             s = the per-sample p-quantile of |x0| clamped to [1, sample_max_value], x0 = clamp(x0, -s, s) / s
             (a per-sample reduction).
         sample_max_value: the largest s (>= 1).
-        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+        <validate>
 
     Returns:
         x_prev [B, ...] in sample's dtype.
