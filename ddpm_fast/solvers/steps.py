@@ -17,8 +17,8 @@ history: the device-resident ring buffer of the converted model outputs, [solver
 compute dtype (``new_history``): the output of step j sits in slot j % solver_order. A step writes its
 slot in place (the op's m_out). With a host step index the op reads and writes the slots themselves;
 with a per-sample index [B] each sample's slots differ, so the step gathers them
-(history[slot, arange(B)]) before the op and scatters its output back after it: that path is three
-full-size ops, not one kernel. UniPC also keeps last_sample [B, ...] (the corrected sample the predictor
+(history[slot, arange(B)], one copy per entry read) before the op and scatters its output back after it
+(index_put_): that path is not one kernel. UniPC also keeps last_sample [B, ...] (the corrected sample the predictor
 started from), updated in place by the op.
 
 Per-sample reductions run before the op and enter it as [B] factors: classifier-free guidance's
