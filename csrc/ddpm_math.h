@@ -251,6 +251,10 @@ DDPM_HD V ddim_sample(V x0, V x_t, V sqrt_abar, V sqrt_1m_abar, V sqrt_abar_prev
   return x0 * sqrt_abar_prev + eps_coef * eps;
 }
 
+// classifier-free guidance: the unconditional output moved towards the conditional one by `scale`
+// (scale 1: the conditional output; 0: the unconditional one)
+template <class V> DDPM_HD V guided_output(V uncond, V cond, V scale) { return uncond + scale * (cond - uncond); }
+
 // ---- Philox 4x32-10 normal draws (same stream as triton.language.randn(seed, offset)) ------------------
 DDPM_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);

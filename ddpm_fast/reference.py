@@ -372,3 +372,70 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
     if eta != 0.0:
         sample = sample + _nonzero_mask(t, x_tc) * sigma * _step_noise(noise, x_tc, generator, seed)
     return {"sample": sample.to(x_t.dtype), "pred_xstart": pred_xstart.to(x_t.dtype)}
+
+
+# -- the fused multistep solver update (ddpm_fast.solvers) ----------------------------------------------
+def _column(coef_rows, name_index, like):
+    """Column ``name_index`` of the gathered rows [B, 14] shaped [B, 1, ...] to broadcast against ``like``."""
+    return coef_rows[:, name_index].reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def solver_update(x, model_output, rows, row_index, m_out, *, model_cond=None, guidance_scale=1.0, cfg_factor=None,
+                  thresh=None, history=(None, None, None), last_sample=None, noise=None, draw_noise=False,
+                  generator=None, seed=None):
+    """One step of a multistep sampler (DPM-Solver++, Euler, Euler ancestral, UniPC: ddpm_fast.solvers.steps)
+    as one linear combination with per-sample coefficients; the formula every backend's solver_update computes.
+
+    Args (S = float32, float64 when x is float64):
+        x: the sample [B, ...], float16 / bfloat16 / float32 / float64.
+        model_output: the model's output [B, ...] (x's dtype or S); the unconditional half u with model_cond.
+        rows: the coefficient rows [R, 14] of dtype S (columns ddpm_fast.solvers.tables.FUSED_COLUMNS).
+        row_index: int64 [B], each sample's row, in [0, R).
+        m_out: [B, ...] of dtype S: receives the converted model output m (written in place).
+        model_cond: None, or the conditional half c [B, ...]: g = u + guidance_scale (c - u).
+        guidance_scale: the classifier-free guidance scale (used with model_cond).
+        cfg_factor: None, or [B] of dtype S: g = g * cfg_factor[b] (guidance_rescale's per-sample factor).
+        thresh: None, or [B] of dtype S: m = clamp(m, -thresh[b], thresh[b]) / thresh[b] (dynamic thresholding).
+        history: (h1, h2, h3), the converted outputs of steps i-1, i-2, i-3, [B, ...] of dtype S or None (0).
+        last_sample: None (0), or UniPC's [B, ...] of dtype S: read, then overwritten with the corrected sample.
+        noise: None, or the standard normal [B, ...] (x's dtype or S).
+        draw_noise: with noise None, draw it as p_sample_step does (from seed, else generator); else no noise.
+
+    With x_s = x + churn noise, m = conv_sample x_s + conv_model g,
+    corrected = c_this x_s + c_last last + c_model m + c_h1 h1 + c_h2 h2 + c_h3 h3 and
+    x_prev = p_corr corrected + p_m0 m + p_h1 h1 + p_h2 h2 + p_noise noise; absent terms are left out.
+    Every input is read before m_out / last_sample are written (m_out may be the memory of a history entry).
+
+    Returns:
+        x_prev [B, ...] in x's dtype.
+    """
+    S = compute_dtype(x.dtype)
+    coef_rows = rows[row_index].to(S)
+    (churn, conv_sample, conv_model, c_this, c_last, c_model, c_h1, c_h2, c_h3, p_corr, p_m0, p_h1, p_h2,
+     p_noise) = (_column(coef_rows, k, x) for k in range(coef_rows.shape[1]))
+    guided = model_output.to(S)
+    if model_cond is not None:
+        guided = guided + guidance_scale * (model_cond.to(S) - guided)
+    if cfg_factor is not None:
+        guided = guided * cfg_factor.to(S).reshape(-1, *([1] * (x.ndim - 1)))
+    x_s = x.to(S)
+    z = _step_noise(noise, x_s, generator, seed) if (noise is not None or draw_noise) else None
+    if z is not None:
+        x_s = x_s + churn * z
+    m = conv_sample * x_s + conv_model * guided
+    if thresh is not None:
+        s = thresh.to(S).reshape(-1, *([1] * (x.ndim - 1)))
+        m = torch.maximum(torch.minimum(m, s), -s) / s
+    h1, h2, h3 = (None if h is None else h.to(S) for h in history)
+    corrected = c_this * x_s
+    for c, term in ((c_last, last_sample), (c_model, m), (c_h1, h1), (c_h2, h2), (c_h3, h3)):
+        if term is not None:
+            corrected = corrected + c * term.to(S)
+    x_prev = p_corr * corrected
+    for c, term in ((p_m0, m), (p_h1, h1), (p_h2, h2), (p_noise, z)):
+        if term is not None:
+            x_prev = x_prev + c * term
+    m_out.copy_(m)
+    if last_sample is not None:
+        last_sample.copy_(corrected)
+    return x_prev.to(x.dtype)

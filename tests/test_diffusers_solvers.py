@@ -480,3 +480,106 @@ def test_unipc_bh1_to_sigma_zero_is_finite():
         xb = b.step(last_output, t, xb).prev_sample
     assert torch.isnan(xa).any()
     torch.testing.assert_close(xb, last_output, rtol=1e-6, atol=1e-6)
+
+
+# -- classifier-free guidance in step (keyword-only arguments the parents do not have) ----------------------
+GUIDED = [("dpm", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}), ("dpm", {"thresholding": True}),
+          ("unipc", {"solver_order": 3}), ("euler", {"prediction_type": "v_prediction"}), ("euler_a", {})]
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+@pytest.mark.parametrize("kind, cfg", GUIDED)
+def test_guidance_in_step_equals_the_pipeline_arithmetic(kind, cfg, rescale):
+    """step(model_output [2B], ..., guidance_scale=s, guidance_rescale=r) = the parent's step of diffusers'
+    pipeline arithmetic (uncond + s (cond - uncond), then rescale_noise_cfg), over a 10-step loop, fp32;
+    without guidance_scale the keywords change nothing; a configuration the parent runs gets the combination."""
+    parent_cls, fast_cls, _ = PAIRS[kind]
+    ours, parent = fast_cls(**cfg), parent_cls(**cfg)
+    for s in (ours, parent):
+        s.set_timesteps(10)
+    gen = torch.Generator().manual_seed(5)
+    xa = xb = torch.randn(SHAPE, generator=gen) * float(parent.init_noise_sigma)
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    kw_a = {} if kind == "unipc" else {"generator": ga}
+    kw_b = {} if kind == "unipc" else {"generator": gb}
+    model = StandIn(cfg.get("prediction_type", "epsilon"))
+    both = lambda x_in, t: torch.cat([model(x_in, t), model(0.5 * x_in, t)])  # noqa: E731  (uncond, cond)
+    for i, t in enumerate(parent.timesteps):
+        out_a, out_b = both(ours.scale_model_input(xa, t), t), both(parent.scale_model_input(xb, t), t)
+        uncond, cond = out_b.chunk(2)
+        guided = uncond + 6.0 * (cond - uncond)
+        if rescale:  # diffusers' rescale_noise_cfg (its pipelines' module needs transformers)
+            dims = list(range(1, guided.ndim))
+            rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+            guided = rescale * rescaled + (1 - rescale) * guided
+        xa = ours.step(out_a, t, xa, guidance_scale=6.0, guidance_rescale=rescale, **kw_a).prev_sample
+        xb = parent.step(guided, t, xb, **kw_b).prev_sample
+        scale = max(xb.abs().max().item(), 1.0)
+        assert (xa - xb).abs().max().item() <= 1e-4 * scale, (kind, cfg, i)
+    assert xa.shape == SHAPE
+
+
+def test_guidance_where_the_parent_runs():
+    """A configuration the fused steps do not take (DPM-Solver's 'dpmsolver'): the parent steps the combined
+    output; an odd batch with guidance_scale is our argument's error, named."""
+    ours = FastDPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    parent = DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    for s in (ours, parent):
+        s.set_timesteps(5)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    out = torch.randn((2 * SHAPE[0], *SHAPE[1:]), generator=torch.Generator().manual_seed(1))
+    t = parent.timesteps[0]
+    got = ours.step(out, t, x, guidance_scale=3.0).prev_sample
+    uncond, cond = out.chunk(2)
+    want = parent.step(uncond + 3.0 * (cond - uncond), t, x).prev_sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fresh = FastDPMSolverMultistepScheduler()
+    fresh.set_timesteps(5)
+    with pytest.raises(ValueError, match="model_output"):
+        fresh.step(out[:3], fresh.timesteps[0], x, guidance_scale=3.0)
+
+
+# -- per-sample timesteps in step (a [B] timestep tensor, where the parent raises) ----------------------------
+@pytest.mark.parametrize("kind, cfg", [("dpm", {"solver_order": 3}), ("unipc", {"solver_order": 3}),
+                                       ("euler", {}), ("euler_a", {})])
+def test_per_sample_timesteps_in_step(kind, cfg, monkeypatch):
+    """A loop whose timestep is given per sample ([B], every sample at the loop's step) equals the loop with
+    the scalar timestep (the parent raises on the [B] tensor); the Euler pair also takes samples at different
+    steps (each equals its own scalar-timestep step, begun there with set_begin_index)."""
+    parent_cls, fast_cls, _ = PAIRS[kind]
+    parent = parent_cls(**cfg)
+    parent.set_timesteps(10)
+    with pytest.raises(Exception):
+        parent.step(torch.zeros(SHAPE), parent.timesteps[:1].expand(SHAPE[0]).clone(), torch.zeros(SHAPE))
+    model = StandIn()
+    runs = []
+    for per_sample in (False, True):
+        s = fast_cls(**cfg)
+        s.set_timesteps(10)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * float(s.init_noise_sigma)
+        gen = torch.Generator().manual_seed(2)
+        kw = {} if kind == "unipc" else {"generator": gen}
+        for t in s.timesteps:
+            t_in = t.reshape(1).expand(SHAPE[0]).clone() if per_sample else t
+            x = s.step(model(s.scale_model_input(x, t_in), t), t_in, x, **kw).prev_sample
+        runs.append(x)
+        assert (s.step_index is None) == per_sample
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-6)
+    if kind not in ("euler", "euler_a"):
+        return
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(compat, "randn_tensor", lambda *a, **k: noise.clone())
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)) * 3
+    index = [2, 7]
+    out = []
+    for begin in (None, *index):
+        s = fast_cls(**cfg)
+        s.set_timesteps(10)
+        if begin is None:
+            t_in = s.timesteps[torch.tensor(index)]
+        else:
+            s.set_begin_index(begin)
+            t_in = s.timesteps[begin]
+        out.append(s.step(model(s.scale_model_input(x, t_in), 500), t_in, x).prev_sample)
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[0][1], out[2][1], rtol=1e-6, atol=1e-6)

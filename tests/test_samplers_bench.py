@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("diffusers", reason="the samplers benchmark compares with diffusers")
 
+import ddpm_fast as F  # noqa: E402
 from ddpm_fast.bench import samplers  # noqa: E402
 
 NAMES = ["DPM++ 2M", "DPM++ 3M SDE", "Euler", "Euler a", "UniPC bh2 o3"]
@@ -46,12 +47,13 @@ def test_both_sides_ran_every_row(quick_run):
         assert r["ours_ops"]["host_reads"] == 0, r["sampler"]  # the drop-ins step without a host read
         assert r["ratio"] == pytest.approx(r["parent_us"] / r["ours_us"])
         assert r["met"] in (True, False)
-    for r in results["rows"]:  # the parent's guidance arithmetic adds full-size ops, so does cfg_combine
+    for r in results["rows"]:  # the parent's guidance arithmetic adds full-size ops; ours is inside the fused step
         if r["cfg"]:
             plain = next(p for p in results["rows"] if (p["sampler"], p["size"], p["cfg"]) ==
                          (r["sampler"], r["size"], False))
             assert r["parent_ops"]["full"] > plain["parent_ops"]["full"]
-            assert r["ours_ops"]["full"] > plain["ours_ops"]["full"]
+            if F.availability()["cpu"][0]:  # one compiled op per step, with or without guidance
+                assert r["ours_ops"]["full"] == plain["ours_ops"]["full"], r["sampler"]
 
 
 def test_table_has_a_line_per_row_and_the_targets(quick_run):
@@ -65,16 +67,23 @@ def test_table_has_a_line_per_row_and_the_targets(quick_run):
     assert "host time per step on 1x4x8x8" in stdout
 
 
-def test_guidance_matches_the_pipeline_arithmetic():
-    """Both sides step the same guided model output: cfg_combine equals uncond + s (cond - uncond)."""
+@pytest.mark.parametrize("which", range(5))
+def test_guidance_in_the_step_matches_the_pipeline_arithmetic(which):
+    """Both sides step the same guided model output: ours combines the [2B] output inside its step, the parent
+    steps uncond + s (cond - uncond); a short loop gives the same samples."""
     import torch
 
-    name, parent_cls, fast_cls, config = samplers.samplers()[0]
+    name, parent_cls, fast_cls, config = samplers.samplers()[which]
     x, model_output = samplers._inputs((2, 4, 8, 8), 7.5, torch.device("cpu"), seed=0)
-    ours = samplers.Side(fast_cls, config, True, 7.5, 0).guided(model_output)
-    parent = samplers.Side(parent_cls, config, False, 7.5, 0).guided(model_output)
-    assert ours.shape == x.shape
-    torch.testing.assert_close(ours, parent)
+    ours = samplers.Side(fast_cls, config, True, 7.5, 0)
+    parent = samplers.Side(parent_cls, config, False, 7.5, 0)
+    assert ours.guided(model_output) is model_output and parent.guided(model_output).shape == x.shape
+    for side in (ours, parent):
+        side.scheduler.set_timesteps(6)
+    xa = xb = x
+    for t in parent.scheduler.timesteps:
+        xa, xb = ours.step(model_output, t, xa), parent.step(model_output, t, xb)
+    torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-4 * xb.abs().max().item())
 
 
 @pytest.mark.parametrize("args, flag", [(["--threads", "0"], "--threads"), (["--device", "mps"], "--device")])

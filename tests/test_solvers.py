@@ -320,3 +320,307 @@ def test_per_sample_path_without_host_sync():
                 out = step(kind, torch.tanh(x), x, index, table, history, last, None, validate=False,
                            dynamic_threshold=0.9)
         assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+# -- the fused op: ddpm_fast.ops.solver_update -----------------------------------------------------------------
+import ddpm_fast as F  # noqa: E402
+from ddpm_fast import reference as R  # noqa: E402
+from ddpm_fast.solvers.tables import FUSED_COLUMNS  # noqa: E402
+
+
+def _composed(kind, table, mo, x, i, history, last, noise, steps_done, guidance=(None, 0.0), threshold=None,
+              churn=(2.0, 0.3, 5.0, 1.0)):
+    """The steps as they were composed before the fused op (host step index): the old formulas, kept as the
+    oracle of the fused path. Updates history / last in place; returns (x_prev, x0 or None)."""
+    dtype = R.compute_dtype(x.dtype)
+    col = lambda a, *k: torch.tensor(float(a[k]), dtype=dtype)  # noqa: E731
+    if guidance[0] is not None:
+        uncond, cond = mo.to(dtype).chunk(2)
+        out = uncond + guidance[0] * (cond - uncond)
+        if guidance[1]:
+            dims = list(range(1, out.ndim))
+            ratio = cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+            out = guidance[1] * (out * ratio) + (1.0 - guidance[1]) * out
+    else:
+        out = mo.to(dtype)
+    xc = x.to(dtype)
+    size = None if history is None else history.shape[0]
+    order = None if table.solver_order == 0 else min(int(table.max_order[i]), steps_done + 1)
+    if kind == "dpm":
+        c = [col(table.coef, i, order - 1, k) for k in range(7)]
+        x0 = c[0] * xc + c[1] * out
+        if threshold is not None:
+            x0 = R._process_xstart(x0, False, threshold, 1.0)
+        x_prev = c[2] * xc + c[3] * x0
+        for back in range(1, table.solver_order):
+            x_prev = x_prev + c[3 + back] * history[(i - back) % size]
+        if table.sde:
+            x_prev = x_prev + c[6] * noise.to(dtype)
+        history[i % size] = x0
+        return x_prev.to(x.dtype), None
+    if kind == "unipc":
+        corr_order = 0 if steps_done == 0 or i == 0 else min(int(table.max_order[i - 1]), steps_done)
+        cc = [col(table.corrector, i, corr_order, k) for k in range(6)]
+        p = [col(table.coef, i, order - 1, k) for k in range(6)]
+        m = p[0] * xc + p[1] * out
+        if threshold is not None:
+            m = R._process_xstart(m, False, threshold, 1.0)
+        corrected = cc[0] * xc + cc[1] * last + cc[2] * m
+        for back in range(1, table.solver_order + 1):
+            corrected = corrected + cc[2 + back] * history[(i - back) % size]
+        x_prev = p[2] * corrected + p[3] * m
+        for back in range(1, table.solver_order):
+            x_prev = x_prev + p[3 + back] * history[(i - back) % size]
+        history[i % size] = m
+        last.copy_(corrected)
+        return x_prev.to(x.dtype), None
+    sigma = col(table.coef, i, 0, 0)
+    input_scale = col(table.coef, i, 0, 2 if kind == "euler" else 3)
+    sigma_hat = sigma
+    if kind == "euler":
+        s_churn, s_tmin, s_tmax, s_noise = churn
+        gamma = min(s_churn / (table.num_sigmas - 1), 2 ** 0.5 - 1) if s_tmin <= float(sigma) <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1.0)
+        if gamma > 0:
+            xc = xc + noise.to(dtype) * s_noise * (sigma_hat ** 2 - sigma ** 2).sqrt()
+    if table.prediction_type == "epsilon":
+        x0 = xc - sigma_hat * out
+    elif table.prediction_type == "v_prediction":
+        x0 = out * (-sigma * input_scale) + xc * (input_scale * input_scale)
+    else:
+        x0 = out
+    target = col(table.coef, i, 0, 1) if kind == "euler" else col(table.coef, i, 0, 2)
+    x_prev = xc + (xc - x0) / sigma_hat * (target - sigma_hat)
+    if kind == "euler_a":
+        x_prev = x_prev + noise.to(dtype) * col(table.coef, i, 0, 1)
+    return x_prev.to(x.dtype), x0
+
+
+FUSED_CASES = [("dpm", {}), ("dpm", {"guidance": (5.0, 0.7)}), ("dpm", {"threshold": 0.9}),
+               ("unipc", {}), ("unipc", {"guidance": (3.0, 0.0), "threshold": 0.8}),
+               ("euler", {}), ("euler", {"guidance": (4.0, 0.5)}), ("euler_a", {})]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind, options", FUSED_CASES)
+def test_fused_steps_equal_the_composed_formulas(kind, options, dtype):
+    """A 10-step loop of each step (one fused op) against the formulas the steps composed before it
+    (the same table coefficients, one op per term): float32 to rounding, float64 to 1e-12."""
+    n = 10
+    table = TABLES[kind](n)
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(SHAPE, generator=gen) * 3).to(dtype)
+    noises = [torch.randn(SHAPE, generator=gen) for _ in range(n)]
+    guidance, threshold = options.get("guidance", (None, 0.0)), options.get("threshold")
+    ours, theirs = x.clone(), x.clone()
+    multistep = kind in ("dpm", "unipc")
+    hist_ours, hist_theirs = (new_history(table, x), new_history(table, x)) if multistep else (None, None)
+    compute = R.compute_dtype(dtype)
+    last_ours, last_theirs = torch.zeros(SHAPE, dtype=compute), torch.zeros(SHAPE, dtype=compute)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for i in range(n):
+        mo = model(theirs, i)
+        if guidance[0] is not None:
+            mo = torch.cat([mo, model(theirs * 0.5, i + 1)])
+        want, x0_want = _composed(kind, table, mo, theirs, i, hist_theirs, last_theirs, noises[i], i, guidance,
+                                  threshold)
+        kw = {} if guidance[0] is None else {"guidance_scale": guidance[0], "guidance_rescale": guidance[1]}
+        if threshold is not None:
+            kw["dynamic_threshold"] = threshold
+        got = step(kind, mo, theirs, i, table, hist_ours, last_ours, noises[i], **kw)
+        if kind == "euler":
+            got, x0 = euler_step(mo, theirs, i, table, s_churn=2.0, s_tmin=0.3, s_tmax=5.0, noise=noises[i], **kw)
+            torch.testing.assert_close(x0, x0_want, rtol=tol, atol=tol)
+        assert got.dtype == dtype
+        scale = max(want.double().abs().max().item(), 1.0)
+        if dtype == torch.bfloat16:  # both round one float32 result to bfloat16: at most one unit apart
+            assert (got.double() - want.double()).abs().max().item() <= 2 ** -7 * scale, (kind, i)
+        else:
+            assert (got.double() - want.double()).abs().max().item() <= tol * scale, (kind, i)
+        if multistep:
+            torch.testing.assert_close(hist_ours, hist_theirs, rtol=tol, atol=tol * scale)
+        if kind == "unipc":
+            torch.testing.assert_close(last_ours, last_theirs, rtol=tol, atol=tol * scale)
+        theirs = want  # both sides continue from the composed result: each step is compared on its own
+        hist_ours.copy_(hist_theirs) if multistep else None
+        last_ours.copy_(last_theirs)
+
+
+def _update_inputs(B=3, shape=(2, 5, 4), dtype=torch.float32, seed=0, R_rows=4):
+    g = torch.Generator().manual_seed(seed)
+    compute = R.compute_dtype(dtype)
+    full = (B, *shape)
+    rnd = lambda dt=dtype: torch.randn(full, generator=g).to(dt)  # noqa: E731
+    rows = torch.randn(R_rows, len(FUSED_COLUMNS), generator=g, dtype=torch.float64).to(compute)
+    return dict(x=rnd(), model_output=rnd(), model_cond=rnd(), rows=rows,
+                row_index=torch.randint(0, R_rows, (B,), generator=g), cfg_factor=torch.rand(B, generator=g).to(compute) + 0.5,
+                thresh=torch.rand(B, generator=g).to(compute) + 1.0, history=(rnd(compute), rnd(compute), rnd(compute)),
+                last_sample=rnd(compute), noise=rnd())
+
+
+def _run_update(a, backend, **override):
+    a = dict(a, **override)
+    compute = R.compute_dtype(a["x"].dtype)
+    m_out = torch.full(a["x"].shape, float("nan"), dtype=compute)
+    last = None if a["last_sample"] is None else a["last_sample"].clone()
+    x_prev = F.solver_update(a["x"], a["model_output"], a["rows"], a["row_index"], m_out, model_cond=a["model_cond"],
+                             guidance_scale=2.5, cfg_factor=a["cfg_factor"], thresh=a["thresh"], history=a["history"],
+                             last_sample=last, noise=a["noise"], backend=backend)
+    return x_prev, m_out, last
+
+
+def test_solver_update_reference_is_the_documented_formula():
+    """Every column enters as FUSED_COLUMNS says (float64, by hand); m_out and last_sample are written in place."""
+    a = _update_inputs(dtype=torch.float64)
+    x_prev, m_out, last = _run_update(a, "reference")
+    c = {name: a["rows"][a["row_index"], k].reshape(-1, 1, 1, 1) for k, name in enumerate(FUSED_COLUMNS)}
+    u, cond, z = a["model_output"], a["model_cond"], a["noise"]
+    h1, h2, h3 = a["history"]
+    g = (u + 2.5 * (cond - u)) * a["cfg_factor"].reshape(-1, 1, 1, 1)
+    x_s = a["x"] + c["churn"] * z
+    s = a["thresh"].reshape(-1, 1, 1, 1)
+    m = (c["conv_sample"] * x_s + c["conv_model"] * g).clamp(-s, s) / s
+    corrected = (c["c_this"] * x_s + c["c_last"] * a["last_sample"] + c["c_model"] * m + c["c_h1"] * h1
+                 + c["c_h2"] * h2 + c["c_h3"] * h3)
+    want = c["p_corr"] * corrected + c["p_m0"] * m + c["p_h1"] * h1 + c["p_h2"] * h2 + c["p_noise"] * z
+    torch.testing.assert_close(x_prev, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(m_out, m, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(last, corrected, rtol=1e-13, atol=1e-13)
+
+
+def _compiled_backends():
+    return [b for b in ("cpu", "cuda_emu") if F.availability()[b][0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", _compiled_backends() or [pytest.param("cpu", marks=pytest.mark.skip(
+    reason="no compiled backend here"))])
+def test_solver_update_compiled_equals_the_reference(backend, dtype):
+    """Every option at once and each optional input absent, against the reference (float32 math both)."""
+    a = _update_inputs(dtype=dtype, seed=1)
+    variants = [{}, {"model_cond": None}, {"cfg_factor": None, "thresh": None}, {"last_sample": None},
+                {"history": (a["history"][0], None, None)}, {"noise": None},
+                {"model_output": a["model_output"].float(), "noise": a["noise"].float()}]
+    tol = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    for override in variants:
+        got = _run_update(a, backend, **override)
+        want = _run_update(a, "reference", **override)
+        for k, (g_, w_) in enumerate(zip(got, want)):
+            if w_ is None:
+                assert g_ is None
+                continue
+            assert g_.dtype == w_.dtype and g_.shape == w_.shape
+            torch.testing.assert_close(g_, w_, rtol=tol, atol=tol * 4, msg=lambda m: f"{override.keys()} [{k}] {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + _compiled_backends())
+def test_solver_update_reads_every_input_before_writing(backend):
+    """m_out may be the memory of a history entry (UniPC at order == solver_order reads the slot it writes):
+    the result is that of a separate m_out; last_sample is read, then overwritten."""
+    a = _update_inputs(seed=2)
+    h1, h2, h3 = (h.clone() for h in a["history"])
+    want = _run_update(a, backend, history=(h1.clone(), h2.clone(), h3.clone()))
+    for alias in (0, 2):
+        hist = [h1.clone(), h2.clone(), h3.clone()]
+        last = a["last_sample"].clone()
+        x_prev = F.solver_update(a["x"], a["model_output"], a["rows"], a["row_index"], hist[alias],
+                                 model_cond=a["model_cond"], guidance_scale=2.5, cfg_factor=a["cfg_factor"],
+                                 thresh=a["thresh"], history=tuple(hist), last_sample=last, noise=a["noise"],
+                                 backend=backend)
+        torch.testing.assert_close(x_prev, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(hist[alias], want[1], rtol=0, atol=0)
+        torch.testing.assert_close(last, want[2], rtol=0, atol=0)
+
+
+def test_solver_update_draws_noise_as_p_sample_step():
+    """draw_noise with a seed: the reference draws torch.Generator(seed)'s standard normal (p_sample_step's
+    convention); without draw_noise and noise there is no noise term."""
+    a = _update_inputs(seed=3)
+    m_out = torch.empty(a["x"].shape)
+    rows = a["rows"]
+    drawn = F.solver_update(a["x"], a["model_output"], rows, a["row_index"], m_out, draw_noise=True, seed=5,
+                            backend="reference")
+    z = torch.randn(a["x"].shape, generator=torch.Generator().manual_seed(5))
+    given = F.solver_update(a["x"], a["model_output"], rows, a["row_index"], m_out, noise=z, backend="reference")
+    torch.testing.assert_close(drawn, given, rtol=0, atol=0)
+    none = F.solver_update(a["x"], a["model_output"], rows, a["row_index"], m_out, backend="reference")
+    zero = F.solver_update(a["x"], a["model_output"], rows, a["row_index"], m_out, noise=torch.zeros_like(z),
+                           backend="reference")
+    torch.testing.assert_close(none, zero, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + _compiled_backends())
+def test_solver_update_bad_input_names_the_argument(backend):
+    a = _update_inputs(seed=4)
+    x, mo, rows, index = a["x"], a["model_output"], a["rows"], a["row_index"]
+    m_out = torch.empty(x.shape)
+    call = lambda **kw: F.solver_update(**({"x": x, "model_output": mo, "rows": rows, "row_index": index,  # noqa: E731
+                                             "m_out": m_out, "backend": backend} | kw))
+    cases = [
+        (dict(rows=rows.double()), TypeError, "rows"),
+        (dict(rows=rows[:, :13].contiguous()), ValueError, "rows"),
+        (dict(row_index=index.int()), TypeError, "row_index"),
+        (dict(row_index=index[:2]), ValueError, "row_index"),
+        (dict(row_index=torch.tensor([0, 1, 4])), ValueError, "row_index"),
+        (dict(m_out=torch.empty(x.shape, dtype=torch.float64)), TypeError, "m_out"),
+        (dict(m_out=torch.empty(x.shape)[:2]), ValueError, "m_out"),
+        (dict(last_sample=x.half()), TypeError, "last_sample"),
+        (dict(history=(x[:, :1],)), ValueError, "h"),
+        (dict(cfg_factor=torch.ones(2)), ValueError, "cfg_factor"),
+        (dict(thresh=torch.ones(3, dtype=torch.float64)), TypeError, "thresh"),
+        (dict(model_cond=x.double()), TypeError, "model_cond"),
+        (dict(guidance_scale="2"), TypeError, "guidance_scale"),
+        (dict(draw_noise=True, seed=-1), ValueError, "seed"),
+    ]
+    for kw, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            call(**kw)
+    with pytest.raises(ValueError, match="history"):
+        call(history=(None, None, None, None))
+
+
+def test_solver_update_gradients_run_on_the_reference():
+    """The kernels have no gradient: an input that requires grad takes the reference (ordinary autograd)."""
+    a = _update_inputs(seed=5)
+    mo = a["model_output"].clone().requires_grad_()
+    h1 = a["history"][0].clone().requires_grad_()
+    m_out = torch.empty(a["x"].shape)
+    x_prev = F.solver_update(a["x"], mo, a["rows"], a["row_index"], m_out, history=(h1,))
+    grads = torch.autograd.grad(x_prev.sum(), (mo, h1))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_host_index_steps_reuse_their_device_tensors():
+    """A host step index: the fused rows and the row index are made once (cached), not per step."""
+    table = TABLES["dpm"](10)
+    x = torch.randn(SHAPE)
+    history = new_history(table, x)
+    dpm_solver_step(model(x, 2), x, 2, table, history, noise=torch.zeros(SHAPE))
+    rows, index = table.fused("cpu"), table.row_index(table.row_of(2, 2), SHAPE[0], x.device)
+    dpm_solver_step(model(x, 2), x, 2, table, history, noise=torch.zeros(SHAPE))
+    assert table.fused("cpu") is rows and table.row_index(table.row_of(2, 2), SHAPE[0], x.device) is index
+    assert table.fused_rows().shape == (10 * 3, len(FUSED_COLUMNS))
+    unipc = TABLES["unipc"](10)
+    assert unipc.fused_rows().shape == (10 * 3 * 4, len(FUSED_COLUMNS))
+    assert unipc.row_of(torch.tensor([2]), torch.tensor([3]), torch.tensor([1])).item() == unipc.row_of(2, 3, 1)
+
+
+def test_host_index_steps_with_guidance_without_host_sync():
+    """The host-index path (the drop-ins' loop) with guidance and its rescale: no .item() / nonzero either."""
+    from test_no_host_sync import NoHostSync
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(SHAPE, device=dev)
+    out2 = torch.randn((2 * SHAPE[0], *SHAPE[1:]), device=dev)
+    for kind, make in TABLES.items():
+        table = make(10)
+        table.on(dev), table.fused(dev)  # set_timesteps time: the copies to the device
+        history = new_history(table, x) if kind in ("dpm", "unipc") else None
+        last = torch.zeros_like(x)
+        for i in range(3):  # set-up, outside the check: the first step makes the [R, B] row-index tensor
+            step(kind, out2, x, i, table, history, last, torch.zeros_like(x), guidance_scale=5.0, guidance_rescale=0.5)
+        with NoHostSync():
+            for i in range(3, 6):
+                out = step(kind, out2, x, i, table, history, last, None, guidance_scale=5.0, guidance_rescale=0.5,
+                           validate=False)
+        assert out.shape == x.shape and torch.isfinite(out).all()

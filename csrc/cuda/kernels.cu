@@ -34,7 +34,7 @@ constexpr int kVec = 8;  // elements per thread and step: one 16-byte access of 
 // kMaxChunkElems (float32 per-thread sums stay short). Same N, B and device: same chunks, same results.
 constexpr int64_t kMinChunkElems = 1024, kMaxChunkElems = 8192;
 constexpr int64_t kTargetBlocksPerSm = 4;
-constexpr int kMaxIn = 5, kMaxOut = 4, kMaxFinal = 4;
+constexpr int kMaxIn = 8, kMaxOut = 4, kMaxFinal = 4;  // operand slots of a body (SolverUpdateElem: 8 in)
 
 enum StoreType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
@@ -212,7 +212,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) body_kernel(
   const int64_t b = blockIdx.y, c = blockIdx.x;
   const int64_t tb = a.t ? a.t[b] : a.fixed_t;
   CUDA_KERNEL_ASSERT(a.table == nullptr || (tb >= 0 && tb < a.nrows));  // table-less bodies read no row
-  if (a.table && threadIdx.x < kNumCols) row[threadIdx.x] = a.table[tb * a.ncols + threadIdx.x];
+  // the row's first min(ncols, kNumCols) columns: a body's own table may be narrower than the schedule's
+  if (a.table && threadIdx.x < kNumCols && threadIdx.x < a.ncols)
+    row[threadIdx.x] = a.table[tb * a.ncols + threadIdx.x];
   __syncthreads();
   const F f = F::make(a.table ? row : nullptr, a.p, b, tb);
   uint64_t seed = a.seed;
@@ -320,6 +322,7 @@ int store_type(at::ScalarType t, bool dbl) {
 template <class S, class F> void run(const Launch& L, const typename F::Options& prm) {
   const Plan& p = L.plan;
   KArgs<S, typename F::Options> a{};
+  static_assert(F::NI <= kMaxIn && F::NO <= kMaxOut, "a body with more operand slots: raise kMaxIn / kMaxOut");
   TORCH_CHECK(int(L.in.size()) == F::NI && int(L.out.size()) == F::NO, "ddpm_fast: operand count mismatch");
   const auto acc_type = c10::CppTypeToScalarType<S>::value;
   for (int k = 0; k < F::NI; ++k) {

@@ -8,3 +8,4 @@
 #include "sampling.h"
 #include "losses.h"
 #include "elementwise.h"
+#include "solvers.h"

@@ -7,16 +7,17 @@ ours (ddpm_fast.compat.diffusers_solvers) and the parent (diffusers), float32 on
   classifier-free guidance: the median over every step of ``loops`` full sampling loops (``steps``
   steps each, after one warm-up loop), parent and ours alternating loop by loop in the same run. A
   step is scale_model_input + (the guidance combination) + step, the model output fixed. With guidance
-  the model output is [2B, ...]: ours combines it with ddpm_fast.solvers.cfg_combine, the parent with
-  the pipelines' arithmetic ``uncond + s * (cond - uncond)``.
+  the model output is [2B, ...]: ours takes it whole (``step(..., guidance_scale=s)``: the combination
+  inside the step's one fused op), the parent after the pipelines' arithmetic ``uncond + s * (cond - uncond)``.
 - host time per step on tiny inputs (1x4x8x8, one thread, no guidance): CPU time of the calling thread
   (time.thread_time, as bench/host.py), the median over the steps of ``loops`` loops.
 - ops per step: the aten ops one step dispatches (step 5 of a loop, past the multistep warm-up):
   full-size results + the rest (mostly 0-dim), and host reads (.item() / nonzero).
 
-Targets of issue 19 (printed next to the ratios; met by fused kernels, not by the PyTorch reference
-steps the drop-ins run until then): each step >= 3x its parent's speed at the SD sizes, and <= 0.5x
-its host time on tiny inputs. Writes samplers.json and samplers.txt to --out.
+Targets of issue 19 (printed next to the ratios): each step >= 3x its parent's speed at the SD sizes, and
+<= 0.5x its host time on tiny inputs. Each of ours is one ddpm_fast.ops.solver_update call (the compiled op
+on the CPU; the reference's PyTorch ops where the extension is not built). Writes samplers.json and
+samplers.txt to --out.
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def samplers():
 
 
 class CountOps(TorchDispatchMode):
-    """Counts dispatched aten ops: results of at least ``numel`` elements (full), the rest (small), and
-    host reads (_local_scalar_dense: .item() / bool(); nonzero)."""
+    """Counts dispatched ops: results of at least ``numel`` elements of ops that are not views (full: a
+    full-size pass over memory), the rest (small, views included), and host reads
+    (_local_scalar_dense: .item() / bool(); nonzero)."""
 
     def __init__(self, numel: int):
         super().__init__()
@@ -70,7 +72,7 @@ class CountOps(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
             self.host_reads += 1
-        if isinstance(out, torch.Tensor) and out.numel() >= self.numel:
+        if isinstance(out, torch.Tensor) and out.numel() >= self.numel and not getattr(func, "is_view", False):
             self.full += 1
         else:
             self.small += 1
@@ -87,19 +89,18 @@ class Side:
         self.takes_generator = "generator" in cls.step.__code__.co_varnames
 
     def guided(self, model_output):
-        """The model output the step takes: [B, ...] (the guidance combination included, if any)."""
-        if self.guidance is None:
+        """The model output the parent's step takes: [B, ...] (the pipelines' guidance arithmetic, if any);
+        ours takes the [2B, ...] output itself."""
+        if self.guidance is None or self.ours:
             return model_output
-        if self.ours:
-            from ..solvers import cfg_combine
-
-            return cfg_combine(model_output, self.guidance)
         uncond, cond = model_output.chunk(2)
         return uncond + self.guidance * (cond - uncond)
 
     def step(self, model_output, t, x):
         self.scheduler.scale_model_input(x, t)  # the pipeline's call (its result feeds the model)
         kwargs = {"generator": self.generator} if self.takes_generator else {}
+        if self.ours and self.guidance is not None:
+            kwargs["guidance_scale"] = self.guidance  # combined inside the fused step
         return self.scheduler.step(self.guided(model_output), t, x, **kwargs).prev_sample
 
     def loop(self, x, model_output, steps: int, clock=time.perf_counter) -> list:

@@ -8,7 +8,8 @@ Subclasses of diffusers' schedulers with the same config, methods and public sta
 ``set_timesteps`` (which builds the step table on the host in float64 from the parent's own ``sigmas``,
 so Karras / exponential / beta / Lu sigmas, every timestep_spacing, final_sigmas_type and
 rescale_betas_zero_snr only change the table) ``step`` is elementwise math on the device with a
-device-resident history: no host sync, no host-to-device copy, no torch.linalg.solve per step.
+device-resident history: one fused op (ddpm_fast.ops.solver_update), no host sync, no host-to-device
+copy, no torch.linalg.solve per step.
 
 The first step finds its step index without reading the device when the timestep is an element of
 ``self.timesteps`` (``for t in scheduler.timesteps``: a view, located by its storage offset) or when
@@ -39,8 +40,17 @@ What differs:
   step returns NaN (its B(h) = -inf times a zero history term); ours returns the order-1 result, the x0
   prediction. Elsewhere where the parent produces NaN (predict_x0=False stepping to sigma 0; repeated
   sigmas with lower_order_final=False) so do we: the coefficients are the same expressions.
-- ``step`` takes one timestep for the batch, as the parent (per-sample step indices: the functional
-  steps of ddpm_fast.solvers).
+
+Beyond the parent (keyword-only, off by default; where the parent's own code runs they are applied
+before it):
+- ``step(..., guidance_scale=s, guidance_rescale=r)``: model_output is the model's [2B, ...] output
+  (unconditional half first); uncond + s (cond - uncond), rescaled as diffusers' rescale_noise_cfg with r,
+  is combined inside the step's one fused op (the rescale's per-sample std ratio is computed before it).
+- per-sample timesteps: a [B] timestep tensor where the parent raises (before the loop's first step,
+  without set_begin_index, B neither 1 nor the number of timesteps) steps each sample at its own step
+  index, located on the device by the parent's rule (no host read); the Euler pair's scale_model_input
+  likewise. step_index stays None then, the multistep warm-up counts each sample's steps on the device,
+  and the parent's model_outputs / lower_order_nums / this_order are not updated.
 """
 from __future__ import annotations
 
@@ -72,6 +82,14 @@ _log = logging.getLogger(__name__)
 
 _SCALE_WARNING = ("The `scale_model_input` function should be called before `step` to ensure correct denoising. "
                   "See `StableDiffusionPipeline` for a usage example.")
+
+
+def _numbers(*values) -> bool:
+    """Whether every value is an int or a float (not a bool)."""
+    for value in values:
+        if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return False
+    return True
 
 
 class _SolverMixin:
@@ -112,6 +130,7 @@ class _SolverMixin:
             return
         state["host_timesteps"] = self.timesteps.detach().cpu().numpy()
         state["table"].on(self.timesteps.device)
+        state["table"].fused(self.timesteps.device)  # the step's coefficient rows (float32) on the device
 
     def _fast_state(self):
         """The fused state, None before set_timesteps. Reassigned sigmas / timesteps (an identity check, no
@@ -145,6 +164,22 @@ class _SolverMixin:
                 return
         super()._init_step_index(timestep)
 
+    def _per_sample_index(self, timestep, sample):
+        """Each sample's step index, int64 [B] on sample's device, for a [B] timestep tensor the parent cannot
+        take (before its first step, without begin_index, its index_for_timestep compares the [N] timesteps
+        with [B] values: it raises unless B is 1 or N); else None. The parent's rule on the device (the second
+        match if several, the last index if none): a few small ops, no host read."""
+        ts = self.timesteps
+        if (self.step_index is not None or self.begin_index is not None or not isinstance(timestep, torch.Tensor)
+                or not isinstance(sample, torch.Tensor) or timestep.ndim != 1 or sample.ndim < 1
+                or timestep.shape[0] != sample.shape[0] or not isinstance(ts, torch.Tensor) or ts.ndim != 1
+                or timestep.shape[0] in (1, ts.shape[0]) or timestep.is_complex()):
+            return None
+        hits = (ts.to(sample.device)[None, :] == timestep.to(device=sample.device, dtype=ts.dtype)[:, None]).long()
+        count, first = hits.sum(1), hits.argmax(1)
+        second = hits.scatter(1, first[:, None], 0).argmax(1)
+        return torch.where(count > 1, second, torch.where(count > 0, first, ts.shape[0] - 1))
+
     # -- the fused or the parent's step ---------------------------------------------------------------
     def _fused_ready(self, model_output, sample):
         """The state when this call can take the fused step, else None (the parent's step runs)."""
@@ -165,6 +200,27 @@ class _SolverMixin:
     def _hand_over(self, state):
         """The parent's code takes the rest of the loop: give it its state in its own dtypes."""
         state["parent_only"] = True
+
+    # -- classifier-free guidance in the step (keyword-only arguments the parents do not have) ---------------
+    @staticmethod
+    def _guidance(guidance_scale, guidance_rescale) -> dict:
+        """The steps' guidance keywords ({} without guidance)."""
+        if guidance_scale is None:
+            return {}
+        return {"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale}
+
+    @staticmethod
+    def _unconditional(model_output, guidance):
+        """What the readiness checks see: the unconditional half of a [2B, ...] output with guidance."""
+        if (guidance and isinstance(model_output, torch.Tensor) and model_output.ndim >= 1
+                and model_output.shape[0] % 2 == 0):
+            return model_output[: model_output.shape[0] // 2]
+        return model_output
+
+    @staticmethod
+    def _for_parent(model_output, guidance):
+        """The model output the parent's step takes: combined (cfg_combine) with guidance."""
+        return steps.cfg_combine(model_output, **guidance) if guidance else model_output
 
 
 class _MultistepMixin(_SolverMixin):
@@ -204,6 +260,39 @@ class _MultistepMixin(_SolverMixin):
             return {}
         return {"dynamic_threshold": c.dynamic_thresholding_ratio, "sample_max_value": c.sample_max_value}
 
+    def _multistep_ready(self, model_output, timestep, sample):
+        """(state, history, per-sample step index [B] or None) when this step is fused, else None (the parent's
+        step runs; a loop it took over mid-way stays with it)."""
+        state = self._fused_ready(model_output, sample) if self.num_inference_steps is not None else None
+        history = self._buffers(state, sample) if state is not None else None
+        index = self._per_sample_index(timestep, sample) if history is not None else None
+        if index is not None:
+            return state, history, index
+        if history is not None and self.step_index is None:
+            self._init_step_index(timestep)
+        if history is None or not 0 <= self.step_index < state["table"].num_steps:
+            if history is not None:
+                self._hand_over(state)
+            return None
+        return state, history, None
+
+    @staticmethod
+    def _steps_done(state, index):
+        """Per-sample steps taken so far (the warm-up order of a per-sample loop), int64 [B] on the device;
+        counted in place after each per-sample step."""
+        done = state.get("per_sample_done")
+        if done is None or done.shape != index.shape or done.device != index.device:
+            done = state["per_sample_done"] = torch.zeros_like(index)
+        return done
+
+    def _advance(self, state, step_index, prev_sample, return_dict):
+        """The parent's bookkeeping after a fused step: model_outputs, lower_order_nums, step_index."""
+        self._publish(state, step_index)
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
     def _hand_over(self, state):
         state["parent_only"] = True
         if state["history"] is not None:
@@ -235,39 +324,38 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
             euler_at_final=c.euler_at_final, final_sigmas_type=c.final_sigmas_type,
             flow_sigmas=c.use_flow_sigmas)
 
-    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
-        state = None
-        if self.num_inference_steps is not None and isinstance(model_output, torch.Tensor):
-            if (self.config.prediction_type == "epsilon" and self.config.variance_type in ("learned", "learned_range")
-                    and model_output.ndim >= 2):
-                fused_output = model_output[:, :3]  # the parent's own slice of a learned-variance output
-            else:
-                fused_output = model_output
-            state = self._fused_ready(fused_output, sample)
-        history = self._buffers(state, sample) if state is not None else None
-        if history is not None and self.step_index is None:
-            self._init_step_index(timestep)
-        if history is None or not 0 <= self.step_index < state["table"].num_steps:
-            if history is not None:
-                self._hand_over(state)
-            return super().step(model_output, timestep, sample, generator=generator,
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True, *,
+             guidance_scale=None, guidance_rescale=0.0):
+        """The parent's step; guidance_scale (and guidance_rescale): model_output is [2B, ...] (unconditional half
+        first), combined inside the step as uncond + s (cond - uncond) (diffusers' rescale_noise_cfg with
+        guidance_rescale)."""
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        fused_output = model_output
+        if (isinstance(model_output, torch.Tensor) and self.config.prediction_type == "epsilon"
+                and self.config.variance_type in ("learned", "learned_range") and model_output.ndim >= 2):
+            fused_output = model_output[:, :3]  # the parent's own slice of a learned-variance output
+        ready = self._multistep_ready(self._unconditional(fused_output, guidance), timestep, sample)
+        if ready is None:
+            return super().step(self._for_parent(model_output, guidance), timestep, sample, generator=generator,
                                 variance_noise=variance_noise, return_dict=return_dict)
+        state, history, index = ready
         noise = None
         if self.config.algorithm_type == "sde-dpmsolver++":
             if variance_noise is None:
-                noise = randn_tensor(fused_output.shape, generator=generator, device=fused_output.device,
-                                     dtype=torch.float32)
+                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
             else:
-                noise = variance_noise.to(device=fused_output.device, dtype=torch.float32)
+                noise = variance_noise.to(device=sample.device, dtype=torch.float32)
+        if index is not None:  # each sample at its own timestep: the parent's bookkeeping is left as it is
+            done = self._steps_done(state, index)
+            prev_sample = steps.dpm_solver_step(fused_output, sample, index, state["table"], history, steps_done=done,
+                                                noise=noise, validate=False, **self._thresholding(), **guidance)
+            done.add_(1)
+            return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
         step_index = self.step_index
         prev_sample = steps.dpm_solver_step(fused_output, sample, step_index, state["table"], history,
                                             steps_done=self.lower_order_nums, noise=noise, validate=False,
-                                            **self._thresholding())
-        self._publish(state, step_index)
-        if self.lower_order_nums < self.config.solver_order:
-            self.lower_order_nums += 1
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+                                            **self._thresholding(), **guidance)
+        return self._advance(state, step_index, prev_sample, return_dict)
 
 
 class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
@@ -291,58 +379,73 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
             prediction_type=c.prediction_type, lower_order_final=c.lower_order_final,
             disable_corrector=self.disable_corrector, flow_sigmas=c.use_flow_sigmas)
 
-    def step(self, model_output, timestep, sample, return_dict=True):
-        state = self._fused_ready(model_output, sample) if self.num_inference_steps is not None else None
-        history = self._buffers(state, sample) if state is not None else None
-        if history is not None and self.step_index is None:
-            self._init_step_index(timestep)
-        if history is None or not 0 <= self.step_index < state["table"].num_steps:
-            if history is not None:
-                self._hand_over(state)
-            return super().step(model_output, timestep, sample, return_dict=return_dict)
-        step_index = self.step_index
-        prev_sample = steps.unipc_step(model_output, sample, step_index, state["table"], history,
-                                       state["last_sample"], steps_done=self.lower_order_nums, validate=False,
-                                       **(self._thresholding() if self.predict_x0 else {}))
-        table = state["table"]
+    def step(self, model_output, timestep, sample, return_dict=True, *, guidance_scale=None, guidance_rescale=0.0):
+        """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        ready = self._multistep_ready(self._unconditional(model_output, guidance), timestep, sample)
+        if ready is None:
+            return super().step(self._for_parent(model_output, guidance), timestep, sample, return_dict=return_dict)
+        state, history, index = ready
+        thresholding = self._thresholding() if self.predict_x0 else {}
+        if index is not None:  # each sample at its own timestep: the parent's bookkeeping is left as it is
+            done = self._steps_done(state, index)
+            prev_sample = steps.unipc_step(model_output, sample, index, state["table"], history, state["last_sample"],
+                                           steps_done=done, validate=False, **thresholding, **guidance)
+            done.add_(1)
+            return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+        step_index, table = self.step_index, state["table"]
+        prev_sample = steps.unipc_step(model_output, sample, step_index, table, history, state["last_sample"],
+                                       steps_done=self.lower_order_nums, validate=False, **thresholding, **guidance)
         order = self.config.solver_order
         self.this_order = min(int(table.max_order[step_index]), self.lower_order_nums + 1)
         self.timestep_list = self.timestep_list[1:] + [timestep] if order > 1 else [timestep]
         self.last_sample = state["last_sample"]
-        self._publish(state, step_index)
-        if self.lower_order_nums < order:
-            self.lower_order_nums += 1
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+        return self._advance(state, step_index, prev_sample, return_dict)
 
 
 class _EulerMixin(_SolverMixin):
     def scale_model_input(self, sample, timestep):
+        """The parent's; with a [B] timestep tensor the parent cannot take (see _per_sample_index), each sample
+        scaled at its own step."""
         state = self._fast_state()
         if (state is None or state["table"] is None or not isinstance(sample, torch.Tensor)
                 or not sample.is_floating_point()):
             return super().scale_model_input(sample, timestep)
+        index = self._per_sample_index(timestep, sample)
+        if index is None:
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            if not 0 <= self.step_index < state["table"].num_steps:
+                return super().scale_model_input(sample, timestep)
+        column = tables.EULER_COLUMNS.index("input_scale") if state["table"].kind == "euler" else \
+            tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")
+        device_table = state["table"].on(sample.device, sample.dtype)
+        self.is_scale_input_called = True
+        if index is None:
+            return sample * device_table["coef_columns"][self.step_index][0][column]
+        scale = device_table["coef"][index, 0, column].reshape(-1, *([1] * (sample.ndim - 1)))
+        return (sample * scale).to(sample.dtype)
+
+    def _euler_ready(self, model_output, timestep, sample):
+        """(state, per-sample step index [B] or None) when this step is fused, else None (the parent's runs)."""
+        integer = isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # the parent raises for these
+        if integer and not (isinstance(timestep, torch.Tensor) and timestep.ndim == 1):
+            return None
+        state = self._fused_ready(model_output, sample)
+        if state is None:
+            return None
+        index = self._per_sample_index(timestep, sample)
+        if index is not None:
+            return state, index
+        if integer:
+            return None
         if self.step_index is None:
             self._init_step_index(timestep)
         if not 0 <= self.step_index < state["table"].num_steps:
-            return super().scale_model_input(sample, timestep)
-        column = tables.EULER_COLUMNS.index("input_scale") if state["table"].kind == "euler" else \
-            tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")
-        scale = state["table"].on(sample.device, sample.dtype)["coef_columns"][self.step_index][0][column]
-        self.is_scale_input_called = True
-        return sample * scale
-
-    def _euler_ready(self, model_output, timestep, sample):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            return None  # the parent raises
-        state = self._fused_ready(model_output, sample)
-        if state is not None and self.step_index is None:
-            self._init_step_index(timestep)
-        if state is not None and not 0 <= self.step_index < state["table"].num_steps:
             return None
-        if state is not None and not self.is_scale_input_called:
+        if not self.is_scale_input_called:
             _euler_logger.warning(_SCALE_WARNING)
-        return state
+        return state, None
 
 
 class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
@@ -360,23 +463,25 @@ class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
                                   else prediction)
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
-             generator=None, return_dict=True):
-        state = self._euler_ready(model_output, timestep, sample)
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                      for v in (s_churn, s_tmin, s_tmax, s_noise))
-        if state is None or not numbers:
-            return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
-                                s_noise=s_noise, generator=generator, return_dict=return_dict)
-        table, step_index = state["table"], self.step_index
+             generator=None, return_dict=True, *, guidance_scale=None, guidance_rescale=0.0):
+        """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        ready = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
+        if ready is None or not _numbers(s_churn, s_tmin, s_tmax, s_noise):
+            return super().step(self._for_parent(model_output, guidance), timestep, sample, s_churn=s_churn,
+                                s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator,
+                                return_dict=return_dict)
+        (state, index), table = ready, ready[0]["table"]
+        step_index = self.step_index if index is None else index
         noise = None
-        if steps.euler_churns(table, step_index, s_churn, s_tmin, s_tmax):
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
+        if steps.euler_churns(table, step_index if index is None else None, s_churn, s_tmin, s_tmax):
+            noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
         prev_sample, x0 = steps.euler_step(model_output, sample, step_index, table, s_churn=s_churn, s_tmin=s_tmin,
-                                           s_tmax=s_tmax, s_noise=s_noise, noise=noise, validate=False)
-        if table.prediction_type == "sample":
-            x0 = model_output  # the parent returns the model output itself
-        self._step_index += 1
+                                           s_tmax=s_tmax, s_noise=s_noise, noise=noise, validate=False, **guidance)
+        if table.prediction_type == "sample":  # the parent returns the model output itself
+            x0 = x0.to(sample.dtype) if guidance else model_output
+        if index is None:
+            self._step_index += 1
         if not return_dict:
             return prev_sample, x0
         return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -394,15 +499,20 @@ class FastEulerAncestralDiscreteScheduler(_EulerMixin, EulerAncestralDiscreteSch
     def _build_table(self):
         return tables.euler_ancestral_table(self.sigmas, prediction_type=self.config.prediction_type)
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        state = self._euler_ready(model_output, timestep, sample)
-        if state is None:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                             generator=generator)
-        prev_sample, x0 = steps.euler_ancestral_step(model_output, sample, self.step_index, state["table"],
-                                                     noise=noise, validate=False)
-        self._step_index += 1
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True, *, guidance_scale=None,
+             guidance_rescale=0.0):
+        """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        ready = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
+        if ready is None:
+            return super().step(self._for_parent(model_output, guidance), timestep, sample, generator=generator,
+                                return_dict=return_dict)
+        state, index = ready
+        noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
+        prev_sample, x0 = steps.euler_ancestral_step(model_output, sample, self.step_index if index is None else index,
+                                                     state["table"], noise=noise, validate=False, **guidance)
+        if index is None:
+            self._step_index += 1
         if not return_dict:
             return prev_sample, x0
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

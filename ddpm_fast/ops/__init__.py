@@ -14,14 +14,14 @@ Conventions for every op:
   tensors, for checking; see ddpm_fast.backends). Inputs a backend cannot take (float64 on the GPU
   kernels, a gradient it has no kernel for) run on the reference: ddpm_fast.backends.route decides.
 
-One module per op family (noising, model, bound, training, samplers) declares each op once
+One module per op family (noising, model, bound, training, samplers, solvers) declares each op once
 (ops._registry.register): the public function with its fakes, traffic model, bench cases, test case and
 compiled adapter; a new op in an existing family is declared there only.
 """
 from __future__ import annotations
 
 from ._registry import REGISTRY, OpSpec, register  # noqa: F401
-from . import noising, model, bound, training, samplers  # noqa: F401,E402  (each family registers its ops on import)
+from . import noising, model, bound, training, samplers, solvers  # noqa: F401,E402  (each family registers its ops on import)
 
 globals().update({name: spec.function for name, spec in REGISTRY.items()})  # ddpm_fast.ops.<op>, from the declarations
 __all__ = list(REGISTRY)

@@ -1,7 +1,10 @@
-"""Functional sampler steps -- the reference formulas of DPM-Solver++, Euler, Euler ancestral and UniPC.
+"""Functional sampler steps -- DPM-Solver++, Euler, Euler ancestral and UniPC, each one fused op call.
 
-Every step is elementwise math over (model_output, sample, the history, one row of a SolverTable from
-ddpm_fast.solvers.tables): no host sync, no host-to-device copy once the table is on the device.
+Every step is argument checks, the choice of one coefficient row of its SolverTable
+(ddpm_fast.solvers.tables: ``fused_rows``, built once per set of timesteps) and one call of
+ddpm_fast.ops.solver_update, whose reference (ddpm_fast.reference.solver_update) is the one formula of
+every sampler: no host sync, no host-to-device copy once the table is on the device (a host step index
+maps to a cached row_index tensor; a per-sample index computes it with a few int ops on the device).
 
 Shapes and dtypes: model_output and sample [B, ...] (model_output [2B, ...] with guidance_scale: the
 unconditional half first, as diffusers' pipelines concatenate it); fp16 / bf16 / fp32 compute in float32,
@@ -12,32 +15,32 @@ order min(max_order[step_index], steps_done + 1) (its warm-up).
 
 history: the device-resident ring buffer of the converted model outputs, [solver_order, B, ...] in the
 compute dtype (``new_history``): the output of step j sits in slot j % solver_order. A step writes its
-slot in place. UniPC also keeps last_sample [B, ...] (the corrected sample the predictor started from),
-updated in place.
+slot in place (the op's m_out). With a host step index the op reads and writes the slots themselves;
+with a per-sample index [B] each sample's slots differ, so the step gathers them
+(history[slot, arange(B)], one copy per entry read) before the op and scatters its output back after it
+(index_put_): that path is not one kernel. UniPC also keeps last_sample [B, ...] (the corrected sample the predictor
+started from), updated in place by the op.
 
-Formulas (table columns in tables.py):
-- DPM-Solver++: x0 = conv_sample x + conv_model out (optionally dynamically thresholded: the one
-  per-sample reduction, reference.py's); x_prev = c_sample x + c_m0 x0 + c_h1 x0[i-1] + c_h2 x0[i-2]
-  + c_noise noise (noise: the SDE variant's, float32 standard normal). UniPC's m likewise.
-- Euler: gamma = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax, else 0; sigma_hat =
-  sigma (1 + gamma); x <- x + s_noise noise sqrt(sigma_hat^2 - sigma^2); x0 = x - sigma_hat eps
-  (epsilon) | -sigma / sqrt(sigma^2 + 1) v + x / (sigma^2 + 1) (v) | out (sample);
-  x_prev = x + (x - x0) / sigma_hat (sigma_next - sigma_hat).
-- Euler ancestral: x0 as Euler's with gamma = 0; x_prev = x + (x - x0) / sigma (sigma_down - sigma)
-  + sigma_up noise.
-- UniPC: m = conv_sample x + conv_model out; x_c = c_this x + c_last last_sample + c_model m
-  + c_h1 m[i-1] + c_h2 m[i-2] + c_h3 m[i-3] (UniC); x_prev = p_sample x_c + p_m0 m + p_h1 m[i-1]
-  + p_h2 m[i-2] (UniP).
-- Classifier-free guidance (``cfg_combine``): out = uncond + s (cond - uncond); with guidance_rescale
-  r: out <- r out std(cond) / std(out) + (1 - r) out, std per sample over all other dims (unbiased).
+Per-sample reductions run before the op and enter it as [B] factors: classifier-free guidance's
+guidance_rescale (cfg_factor: r std(cond) / std(guided) + 1 - r, diffusers' rescale_noise_cfg) and
+dynamic thresholding (thresh: the p-quantile of |x0| clamped to [1, sample_max_value], from a first
+op call that only computes x0). Noise the step needs and is not given is drawn with torch.randn from
+generator in the compute dtype.
+
+The rows (tables.py's FUSED_COLUMNS): DPM-Solver++ x0 = conv_sample x + conv_model out, x_prev =
+c_sample x + c_m0 x0 + c_h1 x0[i-1] + c_h2 x0[i-2] + c_noise noise; Euler with churn gamma: x <- x +
+s_noise sqrt(sigma_hat^2 - sigma^2) noise, x_prev = x + (x - x0) / sigma_hat (sigma_next - sigma_hat);
+Euler ancestral likewise to sigma_down plus sigma_up noise; UniPC the UniC corrector then the UniP
+predictor.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..reference import _process_xstart, compute_dtype
-from .tables import SolverTable
+from .. import ops
+from ..reference import compute_dtype, per_sample
+from .tables import FUSED, FUSED_COLUMNS, SolverTable
 
 __all__ = ["cfg_combine", "new_history", "dpm_solver_step", "euler_churns", "euler_step", "euler_ancestral_step",
            "unipc_step"]
@@ -60,52 +63,110 @@ def _check_table(table, kind):
         raise ValueError(f"table: expected a {kind} table, got a {table.kind} table")
 
 
+def _check_number(name, value):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+
+
 def _check_thresholding(dynamic_threshold, sample_max_value):
     for name, value in (("dynamic_threshold", dynamic_threshold), ("sample_max_value", sample_max_value)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        if value is not None:
+            _check_number(name, value)
     if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
         raise ValueError(f"dynamic_threshold: expected a value in (0, 1], got {dynamic_threshold}")
     if not sample_max_value >= 1.0:
         raise ValueError(f"sample_max_value: expected a value >= 1, got {sample_max_value}")
 
 
-def _guided(model_output, sample, guidance_scale, guidance_rescale):
-    """The model output the step uses, in the compute dtype: cfg-combined when guidance_scale is given."""
-    _check_tensor("model_output", model_output)
-    _check_tensor("sample", sample)
-    dtype = compute_dtype(sample.dtype)
-    if guidance_scale is not None:
-        out = _cfg(model_output, guidance_scale, guidance_rescale, dtype)
-    else:
-        out = model_output.to(dtype)
-    if out.shape != sample.shape:
-        what = "[2B, ...] of" if guidance_scale is not None else ""
-        raise ValueError(f"model_output: expected the shape {what}sample {tuple(sample.shape)}, got "
-                         f"{tuple(model_output.shape)}")
-    return out, dtype
+_GUIDANCE_ROWS: dict = {}  # (device, dtype) -> the one row [1, 14] whose x_prev is the guided output
 
 
-def _cfg(model_output, guidance_scale, guidance_rescale, dtype):
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale: expected a number, got {type(guidance_scale).__name__}")
-    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
-        raise TypeError(f"guidance_rescale: expected a number, got {type(guidance_rescale).__name__}")
+def _guidance_row(device, dtype) -> torch.Tensor:
+    rows = _GUIDANCE_ROWS.get((device, dtype))
+    if rows is None:
+        row = np.zeros((1, len(FUSED_COLUMNS)))
+        row[0, FUSED["conv_model"]] = row[0, FUSED["p_m0"]] = 1.0  # m = g, x_prev = m
+        rows = _GUIDANCE_ROWS[(device, dtype)] = torch.as_tensor(row, dtype=dtype).to(device)
+    return rows
+
+
+def _guide(uncond, cond, guidance_scale, cfg_factor=None):
+    """(uncond + guidance_scale (cond - uncond)) (* cfg_factor) by the fused op: (in uncond's dtype, in its
+    compute dtype)."""
+    dtype = compute_dtype(uncond.dtype)
+    rows = _guidance_row(uncond.device, dtype)
+    guided = torch.empty(uncond.shape, dtype=dtype, device=uncond.device)
+    out = ops.solver_update(uncond, uncond, rows, torch.zeros(uncond.shape[0], dtype=torch.int64, device=uncond.device),
+                            guided, model_cond=cond, guidance_scale=guidance_scale, cfg_factor=cfg_factor,
+                            validate=False)
+    return out, guided
+
+
+def _rescale_factor(uncond, cond, guidance_scale, guidance_rescale):
+    """diffusers' rescale_noise_cfg as one factor per sample [B] (compute dtype): r std(cond) / std(guided) + 1 - r,
+    std over every non-batch dim (unbiased)."""
+    _, guided = _guide(uncond, cond, guidance_scale)
+    ratio = per_sample(cond.to(guided.dtype)).std(dim=1) / per_sample(guided).std(dim=1)
+    return (guidance_rescale * ratio + (1.0 - guidance_rescale)).contiguous()
+
+
+def _split_guidance(model_output, guidance_scale, guidance_rescale):
+    """(uncond, cond, cfg_factor or None) of a [2B, ...] model output."""
+    _check_number("guidance_scale", guidance_scale)
+    _check_number("guidance_rescale", guidance_rescale)
     if model_output.shape[0] % 2:
         raise ValueError(f"model_output: classifier-free guidance needs [2B, ...] (unconditional half first), "
                          f"got batch {model_output.shape[0]}")
-    uncond, cond = model_output.to(dtype).chunk(2)
-    guided = uncond + guidance_scale * (cond - uncond)
-    if guidance_rescale:
-        dims = list(range(1, guided.ndim))
-        ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
-        guided = guidance_rescale * (guided * ratio) + (1.0 - guidance_rescale) * guided
-    return guided
+    uncond, cond = model_output.chunk(2)
+    factor = _rescale_factor(uncond, cond, guidance_scale, guidance_rescale) if guidance_rescale else None
+    return uncond, cond, factor
+
+
+class _Guided:
+    """A step's model output as solver_update takes it: model_output (the unconditional half with guidance),
+    model_cond, guidance_scale, cfg_factor; in sample's dtype or the compute dtype."""
+
+    def __init__(self, model_output, sample, guidance_scale, guidance_rescale):
+        _check_tensor("model_output", model_output)
+        _check_tensor("sample", sample)
+        self.dtype = dtype = compute_dtype(sample.dtype)
+        self.cond = self.cfg_factor = None
+        self.scale = 1.0
+        if guidance_scale is not None:
+            uncond, self.cond, self.cfg_factor = _split_guidance(model_output, guidance_scale, guidance_rescale)
+            self.scale = float(guidance_scale)
+        else:
+            uncond = model_output
+        if uncond.shape != sample.shape:
+            what = "[2B, ...] of" if guidance_scale is not None else ""
+            raise ValueError(f"model_output: expected the shape {what}sample {tuple(sample.shape)}, got "
+                             f"{tuple(model_output.shape)}")
+        if uncond.dtype != sample.dtype and uncond.dtype != dtype:
+            uncond = uncond.to(dtype)
+            self.cond = None if self.cond is None else self.cond.to(dtype)
+        if uncond.device != sample.device:
+            raise ValueError(f"model_output: expected a tensor on {sample.device} (like sample), got {uncond.device}")
+        self.uncond = uncond
+
+    def update(self, sample, rows, row_index, m_out, **kwargs):
+        """ops.solver_update of this output (the steps' arguments checked: no host read of row_index)."""
+        return ops.solver_update(sample, self.uncond, rows, row_index, m_out, model_cond=self.cond,
+                                 guidance_scale=self.scale, cfg_factor=self.cfg_factor, validate=False, **kwargs)
+
+    def thresh(self, sample, rows, row_index, noise, dynamic_threshold, sample_max_value):
+        """Dynamic thresholding's per-sample scale [B] (compute dtype), or None: the p-quantile of |x0| clamped
+        to [1, sample_max_value], x0 from an op call that writes only it (no history, no last_sample)."""
+        if dynamic_threshold is None:
+            return None
+        x0 = torch.empty_like(sample, dtype=self.dtype, memory_format=torch.contiguous_format)
+        self.update(sample, rows, row_index, x0, noise=noise)
+        scale = torch.quantile(per_sample(x0.abs()), dynamic_threshold, dim=1)
+        return scale.clamp(min=1.0, max=sample_max_value).contiguous()
 
 
 def cfg_combine(model_output: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance: uncond + guidance_scale (cond - uncond), optionally rescaled (diffusers'
-    rescale_noise_cfg with guidance_rescale).
+    rescale_noise_cfg with guidance_rescale), as one fused op (ddpm_fast.ops.solver_update's guidance).
 
     model_output: [2B, ...] (unconditional half first); returns [B, ...] in model_output's dtype (math in
     float32, float64 for float64).
@@ -115,8 +176,8 @@ def cfg_combine(model_output: torch.Tensor, guidance_scale: float, guidance_resc
     tensor([[7.5000, 7.5000]])
     """
     _check_tensor("model_output", model_output)
-    return _cfg(model_output, guidance_scale, guidance_rescale, compute_dtype(model_output.dtype)).to(
-        model_output.dtype)
+    uncond, cond, factor = _split_guidance(model_output, guidance_scale, guidance_rescale)
+    return _guide(uncond, cond, guidance_scale, factor)[0]
 
 
 def new_history(table: SolverTable, sample: torch.Tensor) -> torch.Tensor:
@@ -127,7 +188,7 @@ def new_history(table: SolverTable, sample: torch.Tensor) -> torch.Tensor:
 
 
 class _Index:
-    """A step's table rows and history slots, for a host int step index or a device int64 tensor [B]."""
+    """A step's fused row and history slots, for a host int step index or a device int64 tensor [B]."""
 
     def __init__(self, step_index, steps_done, table, sample, dtype, validate, history=None):
         n, batch, device = table.num_steps, sample.shape[0], sample.device
@@ -166,7 +227,7 @@ class _Index:
                     raise ValueError("steps_done: expected values >= 0")
             self.batch_range = torch.arange(batch, device=device)
         self.step_index, self.steps_done, self.table = step_index, steps_done, table
-        self.device_tables = table.on(device, dtype)  # cached: no copy after the first call
+        self.batch, self.device, self.dtype = batch, device, dtype
         self.history = history
 
     def order(self, offset=0):
@@ -174,35 +235,41 @@ class _Index:
         step's order (offset -1, the UniC corrector's); a host int or a device tensor [B]."""
         if self.host:
             return min(int(self.table.max_order[max(self.step_index + offset, 0)]), self.steps_done + 1 + offset)
-        max_order = self.device_tables["max_order"][(self.step_index + offset).clamp_min(0)]
+        max_order = self.table.on(self.device, self.dtype)["max_order"][(self.step_index + offset).clamp_min(0)]
         return torch.minimum(max_order, self.steps_done + 1 + offset)
 
-    def columns(self, name, order, ndim):
-        """The coefficients at (step_index, order -- 0-based in the table) as a tuple of tensors that
-        broadcast against [B, ...] of ndim dims: 0-dim views made once per table (host index; no op per
-        step) or [B, 1, ...] gathered per sample (tensor index)."""
-        if self.host:
-            return self.device_tables[name + "_columns"][self.step_index][order]
-        rows = self.device_tables[name][self.step_index, order]  # [B, columns]
-        return rows.t().reshape(rows.shape[1], rows.shape[0], *([1] * (ndim - 1))).unbind(0)
+    def rows(self, churn=None):
+        return self.table.fused(self.device, self.dtype, churn)
 
-    def slot(self, back):
-        """History slot of the output of step i - back: an int, or a device tensor [B]."""
-        size = self.history.shape[0]
-        if self.host:
-            return (self.step_index - back) % size
-        return torch.remainder(self.step_index - back, size)
+    def row_index(self, order=1, corrector_order=0):
+        """The fused row of each sample: a cached int64 [B] (host index) or computed on the device."""
+        row = self.table.row_of(self.step_index, order, corrector_order)
+        return self.table.row_index(row, self.batch, self.device) if self.host else row
 
-    def read(self, back):
-        s = self.slot(back)
-        return self.history[s] if self.host else self.history[s, self.batch_range]
-
-    def write(self, value):
-        s = self.slot(0)
+    def slots(self, count):
+        """(h1, ..., h_count: the outputs of steps i-1, ..., i-count; m_out: where this step's goes): the
+        history's slots (host index) or per-sample gathers of them and a fresh m_out (tensor index; store
+        scatters it back)."""
+        size, i = self.history.shape[0], self.step_index
         if self.host:
-            self.history[s].copy_(value)
-        else:
-            self.history.index_put_((s, self.batch_range), value)
+            views = _slot_views(self.history)
+            return tuple(views[(i - back) % size] for back in range(1, count + 1)), views[i % size]
+        gathered = tuple(self.history[torch.remainder(i - back, size), self.batch_range]
+                         for back in range(1, count + 1))
+        return gathered, torch.empty_like(gathered[0] if gathered else self.history[0])
+
+    def store(self, m_out):
+        if not self.host:
+            self.history.index_put_((torch.remainder(self.step_index, self.history.shape[0]), self.batch_range), m_out)
+
+
+def _slot_views(history):
+    """history.unbind(0), made once per history tensor (kept on it) and remade if its storage moved."""
+    views = getattr(history, "_ddpm_fast_slots", None)
+    if views is None or views[0].data_ptr() != history.data_ptr() or len(views) != history.shape[0]:
+        views = history.unbind(0)
+        history._ddpm_fast_slots = views
+    return views
 
 
 def _check_history(history, table, sample, dtype):
@@ -215,39 +282,63 @@ def _check_history(history, table, sample, dtype):
 
 
 def _noise(noise, generator, sample, dtype, name="noise"):
+    """The step's standard normal in sample's dtype or the compute dtype: noise, else drawn from generator."""
     if noise is None:
         return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=dtype)
     if not isinstance(noise, torch.Tensor) or noise.shape != sample.shape:
         raise ValueError(f"{name}: expected a tensor of sample's shape {tuple(sample.shape)}")
-    return noise.to(device=sample.device, dtype=dtype)
+    if noise.device != sample.device or (noise.dtype != sample.dtype and noise.dtype != dtype):
+        noise = noise.to(device=sample.device, dtype=dtype)
+    return noise
+
+
+_PARAGRAPHS = {  # the Args paragraphs every step shares (``_document``)
+    "inputs": ("model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the\n"
+               "    unconditional half first, with guidance_scale); any float dtype.\n"
+               "sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.\n"
+               "step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in\n"
+               "    [0, table.num_steps).\n"
+               "table: the SolverTable of this sampler (tables.py), built once per set of timesteps."),
+    "guidance": ("guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).\n"
+                 "guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only."),
+    "validate": "validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).",
+}
+
+
+def _document(function):
+    """Replace each docstring line ``<name>`` by the shared Args paragraph ``name`` (_PARAGRAPHS)."""
+    lines = []
+    for line in function.__doc__.split("\n"):
+        key = line.strip()[1:-1]
+        if line.strip().startswith("<") and key in _PARAGRAPHS:
+            indent = line[: len(line) - len(line.lstrip())]
+            line = "\n".join(indent + text for text in _PARAGRAPHS[key].split("\n"))
+        lines.append(line)
+    function.__doc__ = "\n".join(lines)
+    return function
 
 
 # -- DPM-Solver++ -------------------------------------------------------------------------------------
+@_document
 def dpm_solver_step(model_output, sample, step_index, table: SolverTable, history, *, steps_done=None,
                     noise=None, generator=None, guidance_scale=None, guidance_rescale=0.0, dynamic_threshold=None,
                     sample_max_value=1.0, validate=None):
     """One DPM-Solver++ multistep step (orders 1-3, midpoint / heun, ODE or SDE).
 
     Args:
-        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
-            unconditional half first, with guidance_scale); any float dtype.
-        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
-        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
-            [0, table.num_steps).
-        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        <inputs>
         history: the ring buffer [solver_order, B, ...] (new_history); this step's x0 prediction is
             written into slot step_index % solver_order, in place.
         steps_done: steps since the loop began (int or int64 [B]; default step_index): the warm-up order.
         noise: the SDE variant's standard normal [B, ...]; None: drawn in float32 from generator on
             sample's device. The ODE variant ignores both.
         generator: a torch.Generator on sample's device, or None.
-        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
-        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        <guidance>
         dynamic_threshold: None, or the quantile p in (0, 1] of Imagen's dynamic thresholding of the x0
             prediction (diffusers' thresholding / dynamic_thresholding_ratio): s = the per-sample p-quantile
             of |x0| clamped to [1, sample_max_value], x0 = clamp(x0, -s, s) / s (a per-sample reduction).
         sample_max_value: the largest s (>= 1).
-        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+        <validate>
 
     Returns:
         x_prev [B, ...] in sample's dtype.
@@ -265,33 +356,19 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
     """
     _check_table(table, "dpm_solver")
     _check_thresholding(dynamic_threshold, sample_max_value)
-    out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
-    _check_history(history, table, sample, dtype)
-    idx = _Index(step_index, steps_done, table, sample, dtype, validate, history)
-    order = idx.order()
-    x = sample.to(dtype)
-    conv_sample, conv_model, c_sample, c_m0, c_h1, c_h2, c_noise = idx.columns("coef", order - 1, x.ndim)
-    x0 = torch.addcmul(conv_sample * x, conv_model, out)
-    if dynamic_threshold is not None:
-        x0 = _process_xstart(x0, False, dynamic_threshold, sample_max_value)
-    idx.write(x0)
-    x_prev = torch.addcmul(c_sample * x, c_m0, x0)
-    for back, c_history in zip(range(1, table.solver_order), (c_h1, c_h2)):
-        x_prev.addcmul_(c_history, idx.read(back))
-    if table.sde:
-        x_prev.addcmul_(c_noise, _noise(noise, generator, sample, dtype))
-    return x_prev.to(sample.dtype)
+    out = _Guided(model_output, sample, guidance_scale, guidance_rescale)
+    _check_history(history, table, sample, out.dtype)
+    idx = _Index(step_index, steps_done, table, sample, out.dtype, validate, history)
+    rows, row_index = idx.rows(), idx.row_index(idx.order())
+    z = _noise(noise, generator, sample, out.dtype) if table.sde else None
+    thresh = out.thresh(sample, rows, row_index, None, dynamic_threshold, sample_max_value)
+    previous, m_out = idx.slots(table.solver_order - 1)
+    x_prev = out.update(sample, rows, row_index, m_out, thresh=thresh, history=previous, noise=z)
+    idx.store(m_out)
+    return x_prev
 
 
 # -- Euler --------------------------------------------------------------------------------------------
-def _euler_x0(prediction_type, out, x, sigma, sigma_hat, input_scale):
-    if prediction_type == "epsilon":
-        return x - sigma_hat * out
-    if prediction_type == "v_prediction":
-        return out * (-sigma * input_scale) + x * (input_scale * input_scale)
-    return out
-
-
 def euler_churns(table: SolverTable, step_index, s_churn, s_tmin, s_tmax) -> bool:
     """Whether an Euler step at the host step_index adds churn noise (gamma > 0), decided on the host
     table; for step_index None (a per-sample tensor) whether any sample may (s_churn > 0)."""
@@ -300,26 +377,24 @@ def euler_churns(table: SolverTable, step_index, s_churn, s_tmin, s_tmax) -> boo
     return step_index is None or s_tmin <= float(table.coef[step_index, 0, 0]) <= s_tmax
 
 
+
+
+
+@_document
 def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=0.0, s_tmin=0.0,
                s_tmax=float("inf"), s_noise=1.0, noise=None, generator=None, guidance_scale=None,
                guidance_rescale=0.0, validate=None):
     """One Euler step, with Karras et al.'s churn.
 
     Args:
-        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
-            unconditional half first, with guidance_scale); any float dtype.
-        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
-        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
-            [0, table.num_steps).
-        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        <inputs>
         s_churn, s_tmin, s_tmax, s_noise: the churn: gamma = min(s_churn / N, sqrt(2) - 1) where
             s_tmin <= sigma <= s_tmax (N = table.num_sigmas - 1), noise scaled by s_noise.
         noise: the churn's standard normal [B, ...], used only where gamma > 0; None: drawn from generator
             (with a host step_index only when gamma > 0 there; with a tensor [B] whenever s_churn > 0).
         generator: a torch.Generator on sample's device, or None.
-        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
-        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
-        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+        <guidance>
+        <validate>
 
     Returns:
         (x_prev, x0_pred): [B, ...] each; x_prev in sample's dtype, x0_pred in the compute dtype.
@@ -336,40 +411,27 @@ def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=
     """
     _check_table(table, "euler")
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
-    idx = _Index(step_index, None, table, sample, dtype, validate)
-    x = sample.to(dtype)
-    sigma, sigma_next, input_scale = idx.columns("coef", 0, x.ndim)
-    max_gamma = min(s_churn / (table.num_sigmas - 1), 2 ** 0.5 - 1)
-    if euler_churns(table, step_index if idx.host else None, s_churn, s_tmin, s_tmax):
-        gamma = torch.where((sigma >= s_tmin) & (sigma <= s_tmax), max_gamma, 0.0)
-        sigma_hat = sigma * (gamma + 1.0)
-        x = x + _noise(noise, generator, sample, dtype) * s_noise * (sigma_hat * sigma_hat - sigma * sigma).sqrt()
-    else:
-        sigma_hat = sigma
-    x0 = _euler_x0(table.prediction_type, out, x, sigma, sigma_hat, input_scale)
-    x_prev = x + (x - x0) / sigma_hat * (sigma_next - sigma_hat)
-    return x_prev.to(sample.dtype), x0
+        _check_number(name, value)
+    out = _Guided(model_output, sample, guidance_scale, guidance_rescale)
+    idx = _Index(step_index, None, table, sample, out.dtype, validate)
+    churns = euler_churns(table, step_index if idx.host else None, s_churn, s_tmin, s_tmax)
+    rows = idx.rows((float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)) if s_churn > 0 else None)
+    z = _noise(noise, generator, sample, out.dtype) if churns else None
+    x0 = torch.empty_like(sample, dtype=out.dtype, memory_format=torch.contiguous_format)
+    return out.update(sample, rows, idx.row_index(), x0, noise=z), x0
 
 
+@_document
 def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *, noise=None, generator=None,
                          guidance_scale=None, guidance_rescale=0.0, validate=None):
     """One Euler ancestral step.
 
     Args:
-        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
-            unconditional half first, with guidance_scale); any float dtype.
-        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
-        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
-            [0, table.num_steps).
-        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        <inputs>
         noise: standard normal [B, ...]; None: drawn from generator on sample's device.
         generator: a torch.Generator on sample's device, or None.
-        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
-        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
-        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+        <guidance>
+        <validate>
 
     Returns:
         (x_prev, x0_pred): [B, ...] each; x_prev in sample's dtype, x0_pred in the compute dtype.
@@ -383,16 +445,15 @@ def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *
         torch.float32
     """
     _check_table(table, "euler_ancestral")
-    out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
-    idx = _Index(step_index, None, table, sample, dtype, validate)
-    x = sample.to(dtype)
-    sigma, sigma_up, sigma_down, input_scale, _ = idx.columns("coef", 0, x.ndim)
-    x0 = _euler_x0(table.prediction_type, out, x, sigma, sigma, input_scale)
-    x_prev = x + (x - x0) / sigma * (sigma_down - sigma) + _noise(noise, generator, sample, dtype) * sigma_up
-    return x_prev.to(sample.dtype), x0
+    out = _Guided(model_output, sample, guidance_scale, guidance_rescale)
+    idx = _Index(step_index, None, table, sample, out.dtype, validate)
+    z = _noise(noise, generator, sample, out.dtype)
+    x0 = torch.empty_like(sample, dtype=out.dtype, memory_format=torch.contiguous_format)
+    return out.update(sample, idx.rows(), idx.row_index(), x0, noise=z), x0
 
 
 # -- UniPC --------------------------------------------------------------------------------------------
+@_document
 def unipc_step(model_output, sample, step_index, table: SolverTable, history, last_sample, *, steps_done=None,
                guidance_scale=None, guidance_rescale=0.0, dynamic_threshold=None, sample_max_value=1.0,
                validate=None):
@@ -400,26 +461,20 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
     disables it), then the UniP predictor.
 
     Args:
-        model_output: the model's prediction [B, ...] of the table's prediction_type ([2B, ...], the
-            unconditional half first, with guidance_scale); any float dtype.
-        sample: x at this step [B, ...], fp16 / bf16 / fp32 / fp64.
-        step_index: int (every sample at that step) or int64 tensor [B] (each sample at its own), in
-            [0, table.num_steps).
-        table: the SolverTable of this sampler (tables.py), built once per set of timesteps.
+        <inputs>
         history: the ring buffer [solver_order, B, ...] (new_history); this step's converted output is
             written into slot step_index % solver_order, in place.
         last_sample: [B, ...] in the compute dtype (zeros before the first step): the corrected sample the
             previous predictor started from; this step's corrected sample is written into it, in place.
         steps_done: steps since the loop began (int or int64 [B]; default step_index): the warm-up order
             and, at 0, no correction.
-        guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).
-        guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only.
+        <guidance>
         dynamic_threshold: None, or the quantile p in (0, 1] of Imagen's dynamic thresholding of the x0
             prediction (predict_x0 tables only; diffusers' thresholding / dynamic_thresholding_ratio):
             s = the per-sample p-quantile of |x0| clamped to [1, sample_max_value], x0 = clamp(x0, -s, s) / s
             (a per-sample reduction).
         sample_max_value: the largest s (>= 1).
-        validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).
+        <validate>
 
     Returns:
         x_prev [B, ...] in sample's dtype.
@@ -439,29 +494,20 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
     if dynamic_threshold is not None and not table.predict_x0:
         raise ValueError("dynamic_threshold: thresholds the x0 prediction; this table predicts epsilon "
                          "(predict_x0=False)")
-    out, dtype = _guided(model_output, sample, guidance_scale, guidance_rescale)
-    _check_history(history, table, sample, dtype)
+    out = _Guided(model_output, sample, guidance_scale, guidance_rescale)
+    _check_history(history, table, sample, out.dtype)
     if (not isinstance(last_sample, torch.Tensor) or last_sample.shape != sample.shape
-            or last_sample.dtype != dtype or last_sample.device != sample.device):
-        raise ValueError(f"last_sample: expected a {dtype} tensor {tuple(sample.shape)} on {sample.device}")
-    idx = _Index(step_index, steps_done, table, sample, dtype, validate, history)
-    x = sample.to(dtype)
+            or last_sample.dtype != out.dtype or last_sample.device != sample.device):
+        raise ValueError(f"last_sample: expected a {out.dtype} tensor {tuple(sample.shape)} on {sample.device}")
+    idx = _Index(step_index, steps_done, table, sample, out.dtype, validate, history)
     # UniC: order 0 (the identity) at the first step, else the previous step's predictor order
     if idx.host:
         corrector_order = 0 if idx.steps_done == 0 or idx.step_index == 0 else idx.order(-1)
     else:
         corrector_order = torch.where((idx.steps_done == 0) | (idx.step_index == 0), 0, idx.order(-1))
-    c_this, c_last, c_model, *c_history = idx.columns("corrector", corrector_order, x.ndim)
-    conv_sample, conv_model, p_sample, p_m0, *p_history = idx.columns("coef", idx.order() - 1, x.ndim)
-    m = torch.addcmul(conv_sample * x, conv_model, out)
-    if dynamic_threshold is not None:
-        m = _process_xstart(m, False, dynamic_threshold, sample_max_value)
-    corrected = torch.addcmul(c_this * x, c_last, last_sample).addcmul_(c_model, m)
-    for back in range(1, table.solver_order + 1):
-        corrected.addcmul_(c_history[back - 1], idx.read(back))
-    x_prev = torch.addcmul(p_sample * corrected, p_m0, m)
-    for back in range(1, table.solver_order):
-        x_prev.addcmul_(p_history[back - 1], idx.read(back))
-    idx.write(m)
-    last_sample.copy_(corrected)
-    return x_prev.to(sample.dtype)
+    rows, row_index = idx.rows(), idx.row_index(idx.order(), corrector_order)
+    thresh = out.thresh(sample, rows, row_index, None, dynamic_threshold, sample_max_value)
+    previous, m_out = idx.slots(table.solver_order)
+    x_prev = out.update(sample, rows, row_index, m_out, thresh=thresh, history=previous, last_sample=last_sample)
+    idx.store(m_out)
+    return x_prev

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 __all__ = ["SolverTable", "dpm_solver_table", "euler_table", "euler_ancestral_table", "unipc_table",
-           "DPM_COLUMNS", "UNIPC_PREDICTOR_COLUMNS", "UNIPC_CORRECTOR_COLUMNS", "EULER_COLUMNS",
+           "FUSED_COLUMNS", "DPM_COLUMNS", "UNIPC_PREDICTOR_COLUMNS", "UNIPC_CORRECTOR_COLUMNS", "EULER_COLUMNS",
            "EULER_ANCESTRAL_COLUMNS"]
 
 DPM_COLUMNS = ("conv_sample", "conv_model", "c_sample", "c_m0", "c_h1", "c_h2", "c_noise")
@@ -49,6 +49,10 @@ UNIPC_PREDICTOR_COLUMNS = ("conv_sample", "conv_model", "p_sample", "p_m0", "p_h
 UNIPC_CORRECTOR_COLUMNS = ("c_this", "c_last", "c_model", "c_h1", "c_h2", "c_h3")
 EULER_COLUMNS = ("sigma", "sigma_next", "input_scale")
 EULER_ANCESTRAL_COLUMNS = ("sigma", "sigma_up", "sigma_down", "input_scale", "sigma_next")
+# The columns of a fused row, the coefficients of ddpm_fast.reference.solver_update (the order its kernels read)
+FUSED_COLUMNS = ("churn", "conv_sample", "conv_model", "c_this", "c_last", "c_model", "c_h1", "c_h2", "c_h3",
+                 "p_corr", "p_m0", "p_h1", "p_h2", "p_noise")
+FUSED = {name: k for k, name in enumerate(FUSED_COLUMNS)}
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 MULTISTEP_PREDICTION_TYPES = PREDICTION_TYPES + ("flow_prediction",)
@@ -99,6 +103,49 @@ class SolverTable:
                     tables[name + "_columns"] = [[tuple(at_order.unbind(0)) for at_order in row]
                                                  for row in tables[name]]
         return tables
+
+
+    # -- the fused rows: one per (step, predictor order, corrector order), the arguments of solver_update ----
+    @property
+    def corrector_orders(self) -> int:
+        """The corrector orders a row can take: solver_order + 1 (UniPC: 0, the identity, to solver_order), else 1."""
+        return 1 if self.corrector is None else self.corrector.shape[1]
+
+    def row_of(self, step_index, order=1, corrector_order=0):
+        """The fused row of (step index, predictor order >= 1, corrector order): Python ints, or int64 device
+        tensors [B] (a few elementwise int ops, no sync)."""
+        return (step_index * self.coef.shape[1] + (order - 1)) * self.corrector_orders + corrector_order
+
+    def fused_rows(self, churn: tuple | None = None) -> np.ndarray:
+        """float64 [R, 14] (FUSED_COLUMNS), R = num_steps * orders * corrector_orders, row row_of(i, k, c).
+        churn: Euler's (s_churn, s_tmin, s_tmax, s_noise) (None: no churn); cached per churn."""
+        key = ("rows", churn)
+        rows = self._device_tables.get(key)
+        if rows is None:
+            rows = self._device_tables[key] = _FUSED_BUILDERS[self.kind](self, churn)
+        return rows
+
+    def fused(self, device, dtype=torch.float32, churn: tuple | None = None) -> torch.Tensor:
+        """fused_rows(churn) on device, float32 (float64 for dtype float64), contiguous; cached per (device,
+        dtype, churn): the first call copies (set_timesteps time)."""
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = ("fused", torch.device(device), dtype, churn)
+        rows = self._device_tables.get(key)
+        if rows is None:
+            rows = self._device_tables[key] = torch.as_tensor(self.fused_rows(churn), dtype=dtype).to(key[1])
+        return rows
+
+    def row_index(self, row: int, batch: int, device) -> torch.Tensor:
+        """int64 [batch] filled with ``row`` on device: a view of one [R, batch] tensor made at the first call per
+        (batch, device) (one copy to the device, at the loop's first step), so a host step index costs no op
+        and no host-to-device copy after that."""
+        key = ("row_index", batch, device)
+        views = self._device_tables.get(key)
+        if views is None:
+            count = self.num_steps * self.coef.shape[1] * self.corrector_orders
+            every_row = torch.arange(count, dtype=torch.int64).repeat_interleave(batch).reshape(count, batch)
+            views = self._device_tables[key] = every_row.to(device).unbind(0)
+        return views[row]
 
 
 def _sigmas64(sigmas) -> np.ndarray:
@@ -306,3 +353,77 @@ def unipc_table(sigmas, *, solver_order: int = 2, solver_type: str = "bh2", pred
                 corrector[i, k] = (0.0, ratio[i - 1], c_model, c_h1, *(on_history + [0.0, 0.0])[:2])
     return SolverTable("unipc", coef, max_order, solver_order, n + 1, corrector=corrector,
                        prediction_type=prediction_type, predict_x0=predict_x0)
+
+
+# -- the fused rows of each kind (SolverTable.fused_rows) ---------------------------------------------
+def _rows_dpm_solver(table: SolverTable, churn) -> np.ndarray:
+    """x0 = conv_sample x + conv_model out; x_prev = c_sample x + c_m0 x0 + c_h1 x0[i-1] + c_h2 x0[i-2]
+    + c_noise noise: corrected = x, p_corr = c_sample."""
+    n, orders, _ = table.coef.shape
+    rows = np.zeros((n, orders, len(FUSED_COLUMNS)))
+    conv_sample, conv_model, c_sample, c_m0, c_h1, c_h2, c_noise = np.moveaxis(table.coef, 2, 0)
+    rows[..., FUSED["conv_sample"]], rows[..., FUSED["conv_model"]] = conv_sample, conv_model
+    rows[..., FUSED["c_this"]] = 1.0
+    for name, value in (("p_corr", c_sample), ("p_m0", c_m0), ("p_h1", c_h1), ("p_h2", c_h2), ("p_noise", c_noise)):
+        rows[..., FUSED[name]] = value
+    return rows.reshape(-1, len(FUSED_COLUMNS))
+
+
+def _rows_unipc(table: SolverTable, churn) -> np.ndarray:
+    """Row (i, k, c): the predictor of order k after the corrector of order c (UNIPC_*_COLUMNS in the fused
+    ones' order)."""
+    n, orders, _ = table.coef.shape
+    rows = np.zeros((n, orders, table.corrector_orders, len(FUSED_COLUMNS)))
+    rows[..., FUSED["conv_sample"]:FUSED["conv_model"] + 1] = table.coef[:, :, None, 0:2]
+    rows[..., FUSED["c_this"]:FUSED["c_h3"] + 1] = table.corrector[:, None, :, :]
+    rows[..., FUSED["p_corr"]:FUSED["p_h2"] + 1] = table.coef[:, :, None, 2:6]
+    return rows.reshape(-1, len(FUSED_COLUMNS))
+
+
+def _euler_conversion(prediction_type, sigma, sigma_hat, input_scale):
+    """(conv_sample, conv_model) of Euler's x0: x - sigma_hat eps | x / (sigma^2 + 1) - sigma v / sqrt(sigma^2 + 1)
+    | out (diffusers' formulas, at the churned sample)."""
+    if prediction_type == "epsilon":
+        return np.ones_like(sigma), -sigma_hat
+    if prediction_type == "v_prediction":
+        return input_scale * input_scale, -sigma * input_scale
+    return np.zeros_like(sigma), np.ones_like(sigma)
+
+
+def _euler_rows(sigma, sigma_hat, sigma_to, input_scale, prediction_type, churn=None, noise=None):
+    """x_prev = x + (x - x0) / sigma_hat (sigma_to - sigma_hat) = (1 + d) x - d x0, d = (sigma_to - sigma_hat)
+    / sigma_hat, at x = the churned sample."""
+    rows = np.zeros((sigma.shape[0], len(FUSED_COLUMNS)))
+    conv_sample, conv_model = _euler_conversion(prediction_type, sigma, sigma_hat, input_scale)
+    step = (sigma_to - sigma_hat) / sigma_hat
+    for name, value in (("conv_sample", conv_sample), ("conv_model", conv_model), ("c_this", 1.0),
+                        ("p_corr", 1.0 + step), ("p_m0", -step)):
+        rows[:, FUSED[name]] = value
+    if churn is not None:
+        rows[:, FUSED["churn"]] = churn
+    if noise is not None:
+        rows[:, FUSED["p_noise"]] = noise
+    return rows
+
+
+def _rows_euler(table: SolverTable, churn) -> np.ndarray:
+    """Karras et al.'s churn: gamma = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax, sigma_hat =
+    sigma (1 + gamma), x <- x + s_noise sqrt(sigma_hat^2 - sigma^2) noise (no churn where gamma = 0)."""
+    sigma, sigma_next, input_scale = np.moveaxis(table.coef[:, 0, :], 1, 0)
+    s_churn, s_tmin, s_tmax, s_noise = churn if churn is not None else (0.0, 0.0, float("inf"), 1.0)
+    max_gamma = min(s_churn / (table.num_sigmas - 1), 2 ** 0.5 - 1)
+    gamma = np.where((sigma >= s_tmin) & (sigma <= s_tmax), max_gamma, 0.0) if max_gamma > 0 else np.zeros_like(sigma)
+    sigma_hat = sigma * (gamma + 1.0)
+    with np.errstate(invalid="ignore"):
+        noise_scale = np.where(gamma > 0, s_noise * np.sqrt(sigma_hat * sigma_hat - sigma * sigma), 0.0)
+    return _euler_rows(sigma, sigma_hat, sigma_next, input_scale, table.prediction_type, churn=noise_scale)
+
+
+def _rows_euler_ancestral(table: SolverTable, churn) -> np.ndarray:
+    """Euler to sigma_down, then sigma_up noise."""
+    sigma, sigma_up, sigma_down, input_scale, _ = np.moveaxis(table.coef[:, 0, :], 1, 0)
+    return _euler_rows(sigma, sigma, sigma_down, input_scale, table.prediction_type, noise=sigma_up)
+
+
+_FUSED_BUILDERS = {"dpm_solver": _rows_dpm_solver, "unipc": _rows_unipc, "euler": _rows_euler,
+                   "euler_ancestral": _rows_euler_ancestral}

@@ -397,3 +397,10 @@ def ddim_sample(x0, x_t, sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, eps_coef):
     the form that stays finite where abar = 0 (zero terminal SNR)."""
     eps = (x_t - sqrt_abar * x0) / sqrt_1m_abar
     return x0 * sqrt_abar_prev + eps_coef * eps
+
+
+@triton.jit
+def guided_output(uncond, cond, scale):
+    """Classifier-free guidance: the unconditional output moved towards the conditional one by ``scale``
+    (1: the conditional output; 0: the unconditional one)."""
+    return uncond + scale * (cond - uncond)

@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton kernel for a GPU target, without a GPU.
 
-``python -m ddpm_fast.triton.aot [--arch 80 90] [--json]`` compiles each kernel (fp32 pointers,
+``python -m ddpm_fast.triton.aot [--arch 80 90] [--json] [--only LABEL]`` compiles each kernel (fp32 pointers,
 16-byte aligned contiguous inputs, BLOCK 1024, 4 warps (8 for vb_bwd with the vb term): what the launchers
 pick on a GPU) with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) and reads registers per thread and
 spill bytes from ptxas' own report. Must run with TRITON_INTERPRET unset: under the interpreter
@@ -17,11 +17,13 @@ import re
 
 def _variants():
     """[(label, kernel, constexprs, streaming)] covering every kernel and its main variants."""
-    from . import noising, posterior, sampler, vb
+    from . import noising, posterior, sampler, solvers, vb
 
     f = dict(FLAT=True, BLOCK=1024, IDX64=False)
     fp = dict(f, CDT="fp32")
     big = dict(fp, IDX64=True)  # more than 2^31 elements per sample: int64 element indices
+    solver = dict(fp, **{flag: False for flag in ("HAS_COND", "HAS_CFG", "HAS_THRESH", "HAS_H1", "HAS_H2", "HAS_H3",
+                                                  "HAS_LAST")}, NOISE=0)
     return [
         ("q_sample", noising._q_sample_kernel, fp, True),
         ("q_sample int64 index", noising._q_sample_kernel, big, True),
@@ -71,6 +73,16 @@ def _variants():
          dict(fp, MODE=1, MEAN=0, VAR=0, CLIP=True, DT=False, NOISE=1), True),
         ("ddim_step noise + dyn. threshold", sampler._sampler_kernel,
          dict(fp, MODE=2, MEAN=0, VAR=0, CLIP=True, DT=True, NOISE=1), True),
+        ("solver_update dpm++ 2 (h1)", solvers._solver_update_kernel, dict(solver, HAS_H1=True), True),
+        ("solver_update dpm++ 3 sde cfg philox", solvers._solver_update_kernel,
+         dict(solver, HAS_COND=True, HAS_H1=True, HAS_H2=True, NOISE=2), True),
+        ("solver_update euler churn noise", solvers._solver_update_kernel, dict(solver, NOISE=1), True),
+        ("solver_update unipc all inputs", solvers._solver_update_kernel,
+         dict(solver, HAS_COND=True, HAS_CFG=True, HAS_THRESH=True, HAS_H1=True, HAS_H2=True, HAS_H3=True,
+              HAS_LAST=True, NOISE=1), True),
+        ("solver_update unipc all strided", solvers._solver_update_kernel,
+         dict(solver, HAS_COND=True, HAS_CFG=True, HAS_THRESH=True, HAS_H1=True, HAS_H2=True, HAS_H3=True,
+              HAS_LAST=True, NOISE=2, FLAT=False), False),
     ]
 
 
@@ -83,9 +95,10 @@ def _signature(kernel, constexprs):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*i64" if name in ("t_ptr", "seed_ptr") else "*fp32"
+            sig[name] = "*i64" if name in ("t_ptr", "seed_ptr", "row_index_ptr") else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("gamma", "vb_scale", "loss_scale", "scale", "sample_max", "eta", "sqrt_abar", "const"):
+        elif name in ("gamma", "vb_scale", "loss_scale", "scale", "sample_max", "eta", "sqrt_abar", "const",
+                      "guidance_scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if idx64 and (name.endswith("_sb") or name == "N") else "i32"
@@ -94,8 +107,9 @@ def _signature(kernel, constexprs):
     return sig, attrs
 
 
-def compile_all(archs=(80, 90), num_warps=4):
-    """[{kernel, arch, regs, spill_stores, spill_loads, v4_loads, streaming}] for every variant."""
+def compile_all(archs=(80, 90), num_warps=4, only=None):
+    """[{kernel, arch, regs, spill_stores, spill_loads, v4_loads, streaming}] for every variant (only: those whose
+    label starts with this string)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -110,6 +124,8 @@ def compile_all(archs=(80, 90), num_warps=4):
     knobs.compilation.always_compile = True  # a cached binary would skip ptxas and its report
     rows = []
     for label, kernel, constexprs, streaming in _variants():
+        if only is not None and not label.startswith(only):
+            continue
         consts = {k: (tl.float32 if v == "fp32" else v) for k, v in constexprs.items()}
         sig, attrs = _signature(kernel, consts)
         warps = vb.bwd_warps(num_warps, constexprs["DO_VB"]) if kernel is vb._vb_bwd_kernel else num_warps
@@ -143,8 +159,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.triton.aot", description=__doc__)
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--only", metavar="LABEL", help="compile only the variants whose label starts with LABEL")
     args = p.parse_args(argv)
-    rows = compile_all(tuple(args.arch))
+    rows = compile_all(tuple(args.arch), only=args.only)
     print(json.dumps(rows) if args.json else "\n\n".join(table_text(rows, a) for a in args.arch))
     return 0
 
