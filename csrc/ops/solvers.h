@@ -44,17 +44,21 @@ template <class S> struct SolverUpdateElem {
     const S* cfg_factor = nullptr;   // [B] guidance_rescale factor of g, or nullptr
     const S* thresh = nullptr;       // [B] dynamic-threshold scale of m, or nullptr
   };
-  enum In : int { in_x, in_uncond, in_cond, in_h1, in_h2, in_h3, in_last, in_noise, kNumIn };
+  // noise first: a CUDA thread draws its noise before it loads the other inputs (fewer values live at once)
+  enum In : int { in_noise, in_x, in_uncond, in_cond, in_h1, in_h2, in_h3, in_last, kNumIn };
   enum Out : int { out_x_prev, out_m, out_corrected, kNumOut };
   static constexpr int NI = kNumIn, NO = kNumOut, NR = 0;
   static constexpr bool kMayDrawNoise = true;  // its noise input may be drawn in-kernel (Philox)
-  S coef[kNumSolverCols];  // this sample's row
+  // CUDA: 8 float32 inputs of 8 elements a thread already take 64 registers; at 80 (3 blocks / SM) the
+  // coefficients are read from the row where the driver staged it (shared memory), not copied to registers
+  static constexpr int kMinBlocksPerSm = 3;
+  const S* coef;  // this sample's row [kNumSolverCols] (CUDA: the block's shared copy; CPU: the table's row)
   S guidance_scale, cfg_factor, thresh_scale;
   bool has_cond, has_cfg_factor, has_thresh;
 
   static DDPM_HD SolverUpdateElem make(const S* row, const Options& options, int64_t b, int64_t) {
     SolverUpdateElem e;
-    for (int k = 0; k < kNumSolverCols; ++k) e.coef[k] = row[k];
+    e.coef = row;
     e.guidance_scale = options.guidance_scale;
     e.has_cond = options.has_cond;
     e.has_cfg_factor = options.cfg_factor != nullptr;
