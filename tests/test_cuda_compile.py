@@ -54,21 +54,29 @@ def test_cuda_kernels_compile_without_spills(kernels):
 @needs_nvcc
 def test_body_kernels_keep_three_or_more_blocks_resident_per_sm(kernels):
     """__launch_bounds__ asks ptxas for 4 blocks of 256 threads an SM (3 for TrainElem, VbElem,
-    PMeanVarElem): at least 3 resident blocks (37.5% occupancy) on sm_80 and sm_90, 4 for most."""
+    PMeanVarElem): at least 3 resident blocks (37.5% occupancy) on sm_80 and sm_90, 4 for most. The one
+    exception, SolverUpdateElem (8 input streams: 64 registers of loads in flight alone), asks for 2 and must
+    get them without spilling (test above)."""
     body = [r for r in kernels if r["name"].startswith("body")]
     assert body
-    low = [(r["name"], r["arch"], r["registers"], r["blocks_per_sm"]) for r in body if r["blocks_per_sm"] < 3]
+    solver = [r for r in body if "SolverUpdateElem" in r["name"]]
+    assert solver and all(r["blocks_per_sm"] >= 2 for r in solver), [(r["name"], r["registers"]) for r in solver]
+    low = [(r["name"], r["arch"], r["registers"], r["blocks_per_sm"]) for r in body
+           if r["blocks_per_sm"] < 3 and r not in solver]
     assert not low, f"fewer than 3 resident blocks per SM: {low}"
-    four = [r for r in _sm90(kernels) if r["blocks_per_sm"] >= 4]
-    assert len(four) >= len(_sm90(kernels)) - 3, [(r["name"], r["registers"]) for r in _sm90(kernels)]
+    others = [r for r in _sm90(kernels) if "SolverUpdateElem" not in r["name"]]
+    four = [r for r in others if r["blocks_per_sm"] >= 4]
+    assert len(four) >= len(others) - 3, [(r["name"], r["registers"]) for r in others]
 
 
 @needs_nvcc
 def test_noise_is_compiled_only_into_the_kernels_that_draw_it(kernels):
     """Philox + Box-Muller (cosf's slow path: a stack frame, local memory) only in the `noise` instances
-    of the bodies that can draw noise (p_sample_step, ddim_step); every other kernel has no stack frame."""
+    of the bodies that can draw noise (p_sample_step, ddim_step, solver_update); every other kernel has no
+    stack frame."""
     noise = {r["name"] for r in _sm90(kernels) if r["name"].endswith(" noise")}
-    assert noise == {"body PSampleElem<float> noise", "body DdimElem<float> noise"}, noise
+    assert noise == {"body PSampleElem<float> noise", "body DdimElem<float> noise",
+                     "body SolverUpdateElem<float> noise"}, noise
     framed = {r["name"]: r["stack"] for r in kernels
               if not r["name"].endswith(" noise") and r["stack"] > 0}
     assert not framed, f"stack frames in noise-free kernels (bytes): {framed}"

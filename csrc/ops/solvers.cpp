@@ -114,19 +114,11 @@ Tensor solver_update(const Tensor& x, const Tensor& model_output, const c10::opt
   return x_prev;
 }
 
-void impls(torch::Library& m) { m.impl("solver_update", &solver_update); }
+DDPM_DEVICE_OP(solver_update, "(Tensor x, Tensor model_output, Tensor? model_cond, Tensor rows, Tensor row_index, "
+                              "float guidance_scale, Tensor? cfg_factor, Tensor? thresh, Tensor? h1, Tensor? h2, "
+                              "Tensor? h3, Tensor(a!)? last_sample, Tensor? noise, bool draw_noise, int seed, "
+                              "Tensor? seed_key, Tensor(b!) m_out) -> Tensor")
 
 }  // namespace
 }  // namespace op
 }  // namespace ddpm
-
-DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {
-  m.def("solver_update(Tensor x, Tensor model_output, Tensor? model_cond, Tensor rows, Tensor row_index, "
-        "float guidance_scale, Tensor? cfg_factor, Tensor? thresh, Tensor? h1, Tensor? h2, Tensor? h3, "
-        "Tensor(a!)? last_sample, Tensor? noise, bool draw_noise, int seed, Tensor? seed_key, Tensor(b!) m_out) "
-        "-> Tensor");
-}
-DDPM_TORCH_LIBRARY_IMPL(DDPM_NS, CPU, m) { ddpm::op::impls(m); }
-#ifdef DDPM_WITH_CUDA
-TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { ddpm::op::impls(m); }
-#endif
