@@ -1,5 +1,6 @@
-// ops/forward_process.cpp -- the forward-process family: q_sample, q_posterior, predict_xstart and their
-// shared backward linear_backward (schemas, host functions, autograd kernels; bodies in forward_process.h).
+// ops/forward_process.cpp -- the forward-process family: q_sample, velocity (no autograd kernel), q_posterior,
+// predict_xstart and the shared backward linear_backward (schemas, host functions, autograd kernels; bodies in
+// forward_process.h).
 #include "forward_process.h"
 
 #include "autograd_common.h"
@@ -9,17 +10,27 @@ namespace ddpm {
 namespace op {
 namespace {
 
-Tensor q_sample(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+// q_sample's x_t, or the velocity target v (QSampleElem)
+Tensor noising(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table, bool velocity) {
   using Body = QSampleElem<float>;
   check_input("x0", x0);
   check_same("noise", noise, "x0", x0);
   check_t(t, x0.size(0), table);
   Plan p = make_plan(x0);
-  Tensor x_t = alloc_like_plan(p, x0.sizes(), x0.options());
+  Tensor out = alloc_like_plan(p, x0.sizes(), x0.options());
   Runner<QSampleElem> r(p, x0, x0.scalar_type() == at::kDouble);
-  r.in(Body::in_x0, x0), r.in(Body::in_noise, noise), r.out(Body::out_x_t, x_t), r.table(table, t);
+  r.in(Body::in_x0, x0), r.in(Body::in_noise, noise), r.out(Body::out_x_t, out), r.table(table, t);
+  r.set_options([&](auto& o) { o.velocity = velocity; });
   r.run();
-  return x_t;
+  return out;
+}
+
+Tensor q_sample(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+  return noising(x0, t, noise, table, false);
+}
+
+Tensor velocity(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+  return noising(x0, t, noise, table, true);
 }
 
 // kind: LinearOp (the forward op), mean_type: predict_xstart's
@@ -69,6 +80,7 @@ Tensor predict_xstart(const Tensor& mo, const Tensor& x_t, const Tensor& t, cons
 
 void impls(torch::Library& m) {
   m.impl("q_sample", &q_sample);
+  m.impl("velocity", &velocity);
   m.impl("linear_backward", &linear_backward);
   m.impl("q_posterior", &q_posterior);
   m.impl("predict_xstart", &predict_xstart);
@@ -80,6 +92,7 @@ void impls(torch::Library& m) {
 
 DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {
   m.def("q_sample(Tensor x0, Tensor t, Tensor noise, Tensor table) -> Tensor");
+  m.def("velocity(Tensor x0, Tensor t, Tensor noise, Tensor table) -> Tensor");
   m.def("linear_backward(Tensor grad, Tensor t, Tensor table, int kind, int mean_type) -> (Tensor, Tensor)");
   m.def("q_posterior(Tensor x0, Tensor x_t, Tensor t, Tensor table) -> (Tensor, Tensor, Tensor)");
   m.def("predict_xstart(Tensor model_output, Tensor x_t, Tensor t, Tensor table, int mean_type) -> Tensor");
