@@ -68,6 +68,12 @@ def q_sample(x0, t, noise, schedule):
     return x_t.to(x0.dtype)
 
 
+def velocity(x0, t, noise, schedule):
+    """The v-prediction target v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (the training target of mean type
+    "v"; diffusers' get_velocity). x0, noise: [B, ...] -> [B, ...] in x0's dtype."""
+    return _mean_target(_up(x0), None, _up(noise), t, schedule, "v").to(x0.dtype)
+
+
 def _posterior(x0c, x_tc, t, schedule):
     mean = coef(schedule, "posterior_mean_coef1", t, x0c) * x0c + coef(
         schedule, "posterior_mean_coef2", t, x0c

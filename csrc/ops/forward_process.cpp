@@ -1,5 +1,6 @@
-// ops/forward_process.cpp -- the forward-process family: q_sample, q_posterior, predict_xstart and their
-// shared backward linear_backward (schemas, host functions, autograd kernels; bodies in forward_process.h).
+// ops/forward_process.cpp -- the forward-process family: q_sample, velocity (no autograd kernel), q_posterior,
+// predict_xstart and the shared backward linear_backward (schemas, host functions, autograd kernels; bodies in
+// forward_process.h).
 #include "forward_process.h"
 
 #include "autograd_common.h"
@@ -9,16 +10,27 @@ namespace ddpm {
 namespace op {
 namespace {
 
-Tensor q_sample(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+// q_sample's x_t, or the velocity target v (QSampleElem)
+Tensor noising(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table, bool velocity) {
   using Body = QSampleElem<float>;
   check_inputs("x0", x0, "noise", noise, t, table);
   Runner<QSampleElem> r(x0);
-  Tensor x_t = r.new_out(Body::out_x_t);
+  Tensor out = r.new_out(Body::out_x_t);
   r.in(Body::in_x0, x0), r.in(Body::in_noise, noise), r.table(table, t);
+  r.set_options([&](auto& o) { o.velocity = velocity; });
   r.run();
-  return x_t;
+  return out;
+}
+
+Tensor q_sample(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+  return noising(x0, t, noise, table, false);
+}
+
+Tensor velocity(const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table) {
+  return noising(x0, t, noise, table, true);
 }
 DDPM_DEVICE_OP(q_sample, "(Tensor x0, Tensor t, Tensor noise, Tensor table) -> Tensor")
+DDPM_DEVICE_OP(velocity, "(Tensor x0, Tensor t, Tensor noise, Tensor table) -> Tensor")
 
 // kind: LinearOp (the forward op), mean_type: predict_xstart's
 std::tuple<Tensor, Tensor> linear_backward(const Tensor& grad, const Tensor& t, const Tensor& table, int64_t kind,

@@ -1,5 +1,6 @@
-// ops/forward_process.h -- the bodies of the forward-process family (ops/forward_process.cpp): q_sample,
-// q_posterior's mean, predict_xstart, and linear_backward, the backward of all three (linear maps).
+// ops/forward_process.h -- the bodies of the forward-process family (ops/forward_process.cpp): q_sample and
+// velocity, q_posterior's mean, predict_xstart, and linear_backward, the backward of q_sample, the posterior
+// mean and predict_xstart (linear maps).
 #pragma once
 
 #include "body.h"
@@ -7,18 +8,24 @@
 
 namespace ddpm {
 
-// x_t = q_sample(x0, noise).
+// The two linear maps of (x0, noise) at t: x_t = q_sample(x0, noise), or with options.velocity the
+// v-prediction target v = sqrt(abar) noise - sqrt(1 - abar) x0 (mean_target of mean type v; the op velocity).
 template <class S> struct QSampleElem {
-  struct Options {};
+  struct Options {
+    bool velocity = false;
+  };
   enum In : int { in_x0, in_noise, kNumIn };
   enum Out : int { out_x_t, kNumOut };
   static constexpr int NI = kNumIn, NO = kNumOut, NR = 0;
   S sqrt_abar, sqrt_1m_abar;
-  static DDPM_HD QSampleElem make(const S* row, const Options&, int64_t, int64_t) {
-    return {row[kSqrtAbar], row[kSqrt1mAbar]};
+  bool velocity;
+  static DDPM_HD QSampleElem make(const S* row, const Options& options, int64_t, int64_t) {
+    return {row[kSqrtAbar], row[kSqrt1mAbar], options.velocity};
   }
   template <class V> DDPM_HD void operator()(const V* in, V* out, V*) const {
-    out[out_x_t] = q_sample(in[in_x0], in[in_noise], V(sqrt_abar), V(sqrt_1m_abar));
+    out[out_x_t] = velocity ? mean_target(int(kV), in[in_x0], in[in_x0], in[in_noise], V(sqrt_abar), V(sqrt_1m_abar),
+                                          V(0), V(0))
+                            : q_sample(in[in_x0], in[in_noise], V(sqrt_abar), V(sqrt_1m_abar));
   }
 };
 DDPM_BODY(QSampleElem)

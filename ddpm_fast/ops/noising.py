@@ -55,14 +55,57 @@ def q_sample(x0, t, noise, schedule, *, backend="auto", validate=None):
         >>> x_t[:, 0, 0, 0]  # sqrt(1 - abar_t) at t = 0 and t = 999
         tensor([0.0100, 1.0000])
     """
-    native = check.cpu_native("q_sample", backend, x0, noise)
+    return _linear_in_x0_and_noise("q_sample", x0, t, noise, schedule, backend, validate)
+
+
+def _linear_in_x0_and_noise(op, x0, t, noise, schedule, backend, validate):
+    """Checks, then ``op`` (q_sample or velocity: a linear map of x0 and noise at t) on its backend."""
+    native = check.cpu_native(op, backend, x0, noise)
     if native is not None:
         return native(x0, check.cpu_timesteps(t, x0, check.schedule(schedule)), noise, schedule)
     check.tensor("x0", x0), check.tensor("noise", noise)
     check.same_shape("x0", x0, noise=noise), check.same_dtype("x0", x0, noise=noise)
     device = check.same_device(x0=x0, noise=noise)
     t = check.timesteps(t, x0.shape[0], check.schedule(schedule), device, validate)
-    return backends.route(backend, device.type, "q_sample", x0.dtype, x0, noise)[0](x0, t, noise, schedule)
+    return backends.route(backend, device.type, op, x0.dtype, x0, noise)[0](x0, t, noise, schedule)
+
+
+@register(
+    tensors=("x0", "noise"),
+    fakes={"velocity": lambda x0, t, noise, table: like_plan(x0)},
+    traffic=_q_sample_traffic,
+    bench=(dict(name="velocity", label="velocity", kind="q_sample"),),
+    test_case=lambda a, schedule, **kw: velocity(a["x0"], a["t"], a["noise"], schedule, **kw),
+    reads=("x0", "noise", "t"),
+    compiled=_q_sample_compiled,  # the same call: kernel.op is the velocity op
+    kernel_no_grad=backends.ALL_INPUTS,
+)
+@check.document
+def velocity(x0, t, noise, schedule, *, backend="auto", validate=None):
+    """The v-prediction target v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (Salimans & Ho; diffusers'
+    get_velocity): what a model with mean_type "v" learns to output at x_t = q_sample(x0, t, noise).
+
+    Args:
+        x0: clean samples [B, ...], float16 / bfloat16 / float32 / float64.
+        <t>
+        noise: the N(0, I) draw, x0's shape and dtype.
+        <schedule>
+        <backend>
+        <validate>
+
+    Returns:
+        v: [B, ...] in x0's dtype (computed in float32, float64 for float64). Differentiable with respect to
+        x0 and noise (the gradient runs on the reference path: no fused backward).
+
+    Example:
+        >>> import torch, ddpm_fast as F
+        >>> schedule = F.NoiseSchedule.named("linear", 1000)
+        >>> x0, noise = torch.ones(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)
+        >>> v = F.velocity(x0, torch.tensor([0, 999]), noise, schedule)
+        >>> v[:, 0, 0, 0]  # -sqrt(1 - abar_t) at t = 0 and t = 999
+        tensor([-0.0100, -1.0000])
+    """
+    return _linear_in_x0_and_noise("velocity", x0, t, noise, schedule, backend, validate)
 
 
 def _q_posterior_traffic(shape, dtype) -> Traffic:

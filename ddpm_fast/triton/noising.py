@@ -1,11 +1,13 @@
-"""Forward noising: q_sample (forward and backward kernels) and the prior term prior_bpd.
+"""Forward noising: q_sample (forward and backward kernels), the v target velocity and the prior term prior_bpd.
 
-q_sample: x_t = sqrt_abar_t x0 + sqrt_1m_abar_t noise, one pass (reads x0, noise; writes x_t).
+q_sample: x_t = sqrt_abar_t x0 + sqrt_1m_abar_t noise, one pass (reads x0, noise; writes x_t); velocity:
+v = sqrt_abar_t noise - sqrt_1m_abar_t x0, the same kernel (VELOCITY), no backward kernel.
 Backward: one pass (reads grad; writes grad_x0, grad_noise).
 prior_bpd: one pass over x0 to per-program partial sums [B, n_chunks], then a fixed-order sum.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,14 +25,19 @@ from ._runtime import check_device, compute_dtype, table, tl_dtype
 @triton.jit
 def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
                      a_sb, a_s1, a_s2, a_s3, n_sb, n_s1, n_s2, n_s3, o_sb, o_s1, o_s2, o_s3, N, T, D2, D3,
-                     n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
+                     n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr,
+                     VELOCITY: tl.constexpr = False):
+    """x_t = q_sample(x0, noise), or with VELOCITY the v target mean_target(x0, ., noise) of mean type v."""
     b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     m = n < N
     t = M._load_t(t_ptr, b, T)
     x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     nz = M._load(nz_ptr, b, n, m, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT, CDT)
-    x_t = M.q_sample(x0, nz, table_ptr, t)
-    tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), x_t, mask=m)
+    if VELOCITY:
+        out = M.mean_target(x0, x0, nz, table_ptr, t, 3)  # MEAN 3: v
+    else:
+        out = M.q_sample(x0, nz, table_ptr, t)
+    tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), out, mask=m)
 
 
 @triton.jit
@@ -79,14 +86,15 @@ def finish_mean(wrap, part: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 # -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
-def _q_sample(wrap, x0, t, noise, table_):
-    """x_t [B, ...] like x0 (t: int64 [B]; table_: the packed schedule table in the compute dtype)."""
+def _q_sample(wrap, x0, t, noise, table_, velocity=False):
+    """x_t (velocity: v) [B, ...] like x0 (t: int64 [B]; table_: the packed schedule table in the compute dtype)."""
     out = torch.empty_like(x0)
     if out.numel():
         def launch(ins, outs, p, c):
             wrap(_q_sample_kernel)[c.grid](
                 *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
-                FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype), num_warps=c.warps)
+                FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype), VELOCITY=velocity,
+                num_warps=c.warps)
 
         run((x0, noise), (out,), launch)
     return out
@@ -140,6 +148,14 @@ def q_sample_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tens
     return _q_sample_backward(wrap_triton, grad, t, table_, x0_like, noise_like)
 
 
+_velocity = functools.partial(_q_sample, velocity=True)
+
+
+@define("velocity", lambda x0, t, noise, table_: torch.empty_like(x0))
+def velocity_op(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table_: torch.Tensor) -> torch.Tensor:
+    return _q_sample(wrap_triton, x0, t, noise, table_, True)
+
+
 def _q_sample_setup(ctx, inputs, output):
     x0, t, noise, table_ = inputs
     ctx.save_for_backward(t, table_, x0, noise)
@@ -191,6 +207,13 @@ def q_sample(x0, t, noise, schedule):
     check_device(x0, noise)
     args = (x0, t, noise, table(schedule, x0.device, torch.float32))
     return call(q_sample_op, _q_sample, _QSample, args, args, diff=(x0, noise))
+
+
+def velocity(x0, t, noise, schedule):
+    """v [B, ...] in x0's dtype (no gradient kernel: the router runs the reference for inputs that need one)."""
+    check_device(x0, noise)
+    args = (x0, t, noise, table(schedule, x0.device, torch.float32))
+    return call(velocity_op, _velocity, None, args, args)
 
 
 def prior_bpd(x0, schedule):
