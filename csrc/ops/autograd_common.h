@@ -1,5 +1,5 @@
-// ops/autograd_common.h -- what the families' autograd kernels (the DDPM_TORCH_LIBRARY_IMPL(DDPM_NS,
-// Autograd, m) block at the end of ops/<family>.cpp) share.
+// ops/autograd_common.h -- what the families' autograd kernels (in ops/<family>.cpp, each registered by a
+// DDPM_AUTOGRAD_OP line of host.h) share.
 //
 // Per-call overhead counts: the loss runs once per training step and q_sample on every sample batch,
 // and on a GPU the fused kernel takes microseconds. torch.library's Python autograd wrapper costs

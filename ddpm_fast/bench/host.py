@@ -125,6 +125,13 @@ def _op_rows(backend: str, gen: torch.Generator) -> list:
     add("p_sample_step", lambda: ops.p_sample_step(mo, x_t, t, S, mean_type="epsilon", var_type="fixed_small",
                                                    seed=7, **kw)["sample"], note="seeded, clip")
     add("ddim_step", lambda: ops.ddim_step(mo, x_t, t50, S50, **kw)["sample"], note="eta 0, clip, 50 steps")
+    add("velocity", lambda: ops.velocity(x0, t, noise, S, **kw))
+    from ..solvers import dpm_solver_table
+
+    dpm_rows = dpm_solver_table(torch.tensor([14.6, 4.0, 1.0, 0.2, 0.0]), solver_order=2).fused("cpu")
+    m_out, row_index = torch.empty(TINY), torch.zeros(B, dtype=torch.int64)
+    add("solver_update", lambda: ops.solver_update(x_t, mo, dpm_rows, row_index, m_out, history=(x0, None, None),
+                                                   **kw), note="one DPM-Solver++ 2M row")
     return rows
 
 
