@@ -517,6 +517,7 @@ def _opcheck_cases():
     seed = torch.tensor([3], device=DEV)
     return [
         (noising.q_sample_op, (g(x0), t, g(nz), tab)),
+        (noising.velocity_op, (x0, t, nz, tab)),
         (noising.q_sample_backward_op, (xt, t, tab, x0, nz)),
         (noising.prior_bpd_op, (g(x0), 0.01, 0.5e-4)),
         (posterior.q_posterior_op, (g(x0), g(xt), t, tab)),
