@@ -105,3 +105,14 @@ def check(kind: str, value) -> str:
 def cpp_enumerator(value: str) -> str:
     """The C++ enumerator of an option value: "learned_range" -> "kLearnedRange", "x0" -> "kX0"."""
     return "k" + "".join(part[:1].upper() + part[1:] for part in value.split("_"))
+
+
+def loss_terms(loss_type: str, var_type: str, loss, mse, vb) -> dict:
+    """The terms training_losses returns for these options: "loss" and "vb" for kl losses; "mse" and "loss",
+    plus "vb" with a learned variance, for mse losses (each a [B] tensor)."""
+    if loss_type in KL_LOSS_TYPES:
+        return {"loss": loss, "vb": vb}
+    terms = {"mse": mse, "loss": loss}
+    if var_type in LEARNED_VAR_TYPES:
+        terms["vb"] = vb
+    return terms

@@ -19,6 +19,7 @@ from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteSchedu
 from diffusers.schedulers import (scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete,  # noqa: E402
                                   scheduling_euler_discrete, scheduling_unipc_multistep)
 
+from _helpers import CountParentSteps  # noqa: E402
 from ddpm_fast.compat import diffusers_solvers as compat  # noqa: E402
 from ddpm_fast.compat.diffusers_solvers import (FastDPMSolverMultistepScheduler,  # noqa: E402
                                                 FastEulerAncestralDiscreteScheduler, FastEulerDiscreteScheduler,
@@ -127,18 +128,6 @@ def run_loop(scheduler, n, dtype, *, model, draws, module, monkeypatch, begin=0,
         outs.append(x)
     monkeypatch.undo()
     return x, outs
-
-
-class CountParentSteps:
-    def __init__(self, monkeypatch, cls):
-        self.n = 0
-        original = cls.step
-
-        def spy(this, *args, **kwargs):
-            self.n += 1
-            return original(this, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "step", spy)
 
 
 def check(ours, parent, gold, what):

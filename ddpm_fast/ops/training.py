@@ -58,12 +58,7 @@ def _training_losses_compiled(kernel, model_output, x0, t, noise, schedule, *, m
     loss, mse, vb, _, _, _ = kernel.op(
         model_output, x0, t, noise, kernel.table(schedule, x0), MEAN_IDS[mean_type], VAR_IDS[var_type],
         LOSS_IDS[loss_type], WEIGHTING_IDS[weighting], float(min_snr_gamma), kernel.grad_needed(model_output))
-    if loss_type in KL_LOSS_TYPES:
-        return {"loss": loss, "vb": vb}
-    terms = {"mse": mse, "loss": loss}
-    if var_type in LEARNED_VAR_TYPES:
-        terms["vb"] = vb
-    return terms
+    return options.loss_terms(loss_type, var_type, loss, mse, vb)
 
 
 @register(

@@ -21,7 +21,7 @@ import triton.language as tl
 from . import _math as M
 from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
-from ..options import KL_LOSS_TYPES, LOSS_TYPES, WEIGHTING_IDS
+from ..options import LOSS_TYPES, WEIGHTING_IDS, loss_terms
 from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, table, tl_dtype
 MODES = ("vb",) + LOSS_TYPES  # "vb": vb_terms_bpd (x_t given); a loss type: training_losses
 
@@ -286,9 +286,4 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
     var_id = VAR_IDS[var_type]
     loss, mse, vb = _vb_call(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,
                              WEIGHTING_IDS[weighting], float(min_snr_gamma))
-    if loss_type in KL_LOSS_TYPES:
-        return {"loss": loss, "vb": vb}
-    terms = {"mse": mse, "loss": loss}
-    if var_id in LEARNED:
-        terms["vb"] = vb
-    return terms
+    return loss_terms(loss_type, var_type, loss, mse, vb)
