@@ -41,14 +41,22 @@ def _ddpm_bench_traffic(case, shape, dtype):
                                   noise_given=bool(case.options.get("noise_given")))
 
 
+def _step_compiled(kernel, model_output, x_t, t, schedule, mean_type, var_type, clip_denoised, dynamic_threshold,
+                   sample_max_value, noise, draws_noise, generator, seed, *step_options):
+    """A compiled DDPM or DDIM step: dict sample, pred_xstart. With draws_noise and noise=None the kernel draws
+    N(0, I) itself (Philox, seeded from seed / generator); step_options go between the clip threshold and noise."""
+    thresh = kernel.thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
+    philox, key = kernel.philox_seed(seed, generator, x_t.device) if draws_noise and noise is None else (0, None)
+    sample, pred = kernel.op(model_output, x_t, t, kernel.table(schedule, x_t), MEAN_IDS[mean_type],
+                             VAR_IDS[var_type], bool(clip_denoised), thresh, *step_options, noise, philox, key)
+    return {"sample": sample, "pred_xstart": pred}
+
+
 def _p_sample_step_compiled(kernel, model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True,
                             dynamic_threshold=None, sample_max_value=1.0, noise=None, generator=None, seed=None):
-    """The compiled op: dict sample, pred_xstart; noise=None draws N(0, I) in-kernel (Philox)."""
-    thresh = kernel.thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
-    philox, key = (0, None) if noise is not None else kernel.philox_seed(seed, generator, x_t.device)
-    sample, pred = kernel.op(model_output, x_t, t, kernel.table(schedule, x_t), MEAN_IDS[mean_type],
-                             VAR_IDS[var_type], bool(clip_denoised), thresh, noise, philox, key)
-    return {"sample": sample, "pred_xstart": pred}
+    """The compiled op: noise=None draws N(0, I) in-kernel (Philox)."""
+    return _step_compiled(kernel, model_output, x_t, t, schedule, mean_type, var_type, clip_denoised,
+                          dynamic_threshold, sample_max_value, noise, True, generator, seed)
 
 
 @register(
@@ -133,13 +141,9 @@ def _step_args(op, model_output, x_t, t, schedule, mean_type, var_type, dynamic_
 def _ddim_step_compiled(kernel, model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,
                         sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None,
                         seed=None):
-    """The compiled op: dict sample, pred_xstart; with eta > 0 and noise=None the noise is drawn in-kernel."""
-    thresh = kernel.thresh(model_output, x_t, t, schedule, mean_type, var_type, dynamic_threshold, sample_max_value)
-    philox, key = ((0, None) if (noise is not None or eta == 0.0)
-                   else kernel.philox_seed(seed, generator, x_t.device))
-    sample, pred = kernel.op(model_output, x_t, t, kernel.table(schedule, x_t), MEAN_IDS[mean_type],
-                             VAR_IDS[var_type], bool(clip_denoised), thresh, float(eta), noise, philox, key)
-    return {"sample": sample, "pred_xstart": pred}
+    """The compiled op: with eta > 0 and noise=None the noise is drawn in-kernel."""
+    return _step_compiled(kernel, model_output, x_t, t, schedule, mean_type, var_type, clip_denoised,
+                          dynamic_threshold, sample_max_value, noise, eta != 0.0, generator, seed, float(eta))
 
 
 @register(

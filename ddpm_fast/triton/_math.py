@@ -65,6 +65,20 @@ def _program_chunk(n_chunks, BLOCK: tl.constexpr, IDX64: tl.constexpr):
 
 
 @triton.jit
+def _program_block(N, n_chunks, BLOCK: tl.constexpr, IDX64: tl.constexpr):
+    """_program_chunk's (b, chunk, n) and the mask m = n < N of the elements that exist (N per sample)."""
+    b, chunk, n = _program_chunk(n_chunks, BLOCK, IDX64)
+    return b, chunk, n, n < N
+
+
+@triton.jit
+def _program_block_t(t_ptr, T, N, n_chunks, BLOCK: tl.constexpr, IDX64: tl.constexpr):
+    """_program_block's (b, chunk, n, m) and the sample's timestep t (_load_t: int, clamped into [0, T))."""
+    b, chunk, n, m = _program_block(N, n_chunks, BLOCK, IDX64)
+    return b, chunk, n, m, _load_t(t_ptr, b, T)
+
+
+@triton.jit
 def _offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr):
     """int64 element offsets of sample b's logical elements n (see _layout.Plan)."""
     if FLAT:
@@ -89,6 +103,34 @@ def _load_t(t_ptr, b, T):
     t = tl.load(t_ptr + b)
     tl.device_assert((t >= 0) & (t < T), "t out of range [0, T)")
     return tl.minimum(tl.maximum(t, 0), T - 1)
+
+
+@triton.jit
+def _load_training_operands(mo_ptr, x0_ptr, xn_ptr, table_ptr, b, n, m, t, m_sb, m_s1, m_s2, m_s3,
+                             a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, D2, D3, FROM_NOISE: tl.constexpr,
+                             FLAT: tl.constexpr, CDT: tl.constexpr):
+    """(model output, x0, xn, x_t) of elements n of sample b: xn is the noise (FROM_NOISE, x_t = q_sample(x0, xn))
+    or x_t itself."""
+    out = _load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
+    x0 = _load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
+    xn = _load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
+    if FROM_NOISE:
+        xt = q_sample(x0, xn, table_ptr, t)
+    else:
+        xt = xn
+    return out, x0, xn, xt
+
+
+@triton.jit
+def _load_model_log_variance(out, mv_ptr, b, n, m, t, table_ptr, v_sb, v_s1, v_s2, v_s3, D2, D3, VAR: tl.constexpr,
+                             FLAT: tl.constexpr, CDT: tl.constexpr):
+    """The model's log variance of elements n of sample b: from its variance output (read at mv_ptr, learned VAR
+    >= 2) or fixed by the table."""
+    if VAR >= 2:
+        v = _load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
+    else:
+        v = out
+    return _model_log_variance(v, table_ptr, t, VAR)
 
 
 @triton.jit

@@ -28,9 +28,7 @@ def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
                      n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr,
                      VELOCITY: tl.constexpr = False):
     """x_t = q_sample(x0, noise), or with VELOCITY the v target mean_target(x0, ., noise) of mean type v."""
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
+    b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     nz = M._load(nz_ptr, b, n, m, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT, CDT)
     if VELOCITY:
@@ -44,15 +42,21 @@ def _q_sample_kernel(x0_ptr, nz_ptr, out_ptr, t_ptr, table_ptr,
 def linear2_bwd_kernel(g_ptr, gx_ptr, gn_ptr, t_ptr, table_ptr,
                        g_sb, g_s1, g_s2, g_s3, x_sb, x_s1, x_s2, x_s3, n_sb, n_s1, n_s2, n_s3,
                        N, T, D2, D3, n_chunks, CA: tl.constexpr, CB: tl.constexpr,
-                       FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
-    """Backward of y = col_CA(t) a + col_CB(t) b: grad_a = col_CA g, grad_b = col_CB g (one pass)."""
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
+                       FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr,
+                       MEAN: tl.constexpr = -1):
+    """Backward of y = coef_a(t) a + coef_b(t) b: grad_a = coef_a g, grad_b = coef_b g (one pass). The
+    coefficients are the table columns CA and CB, or with MEAN >= 0 those of predict_xstart(a = model output,
+    b = x_t) for that mean type."""
+    b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
-    tl.store(gx_ptr + M._offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M._col(table_ptr, t, CA) * g, mask=m)
-    tl.store(gn_ptr + M._offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT),
-             M._col(table_ptr, t, CB) * g, mask=m)
+    if MEAN >= 0:
+        coef_a = M._dxstart_dout(table_ptr, t, MEAN)
+        coef_b = M._dxstart_dxt(table_ptr, t, MEAN)
+    else:
+        coef_a = M._col(table_ptr, t, CA)
+        coef_b = M._col(table_ptr, t, CB)
+    tl.store(gx_ptr + M._offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), coef_a * g, mask=m)
+    tl.store(gn_ptr + M._offsets(b, n, n_sb, n_s1, n_s2, n_s3, D2, D3, FLAT), coef_b * g, mask=m)
 
 
 @triton.jit
@@ -61,8 +65,7 @@ def _prior_kernel(x0_ptr, part_ptr, a_sb, a_s1, a_s2, a_s3, N, D2, D3, n_chunks,
     """Partial sums of KL(N(sqrt_abar x0, 1 - abar) || N(0, 1)) = 0.5 (const + (sqrt_abar x0)^2), where the
     per-schedule constant const = -1 - log(1 - abar) + (1 - abar) is computed once in float64 on the host
     (it cancels catastrophically in float32 when abar_{T-1} is near 0)."""
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
+    b, chunk, n, m = M._program_block(N, n_chunks, BLOCK, IDX64)
     x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     mean = sqrt_abar * x0
     kl = 0.5 * (const + mean * mean)
@@ -100,19 +103,20 @@ def _q_sample(wrap, x0, t, noise, table_, velocity=False):
     return out
 
 
-def _q_sample_backward(wrap, grad, t, table_, x0_like, noise_like):
-    """(grad of x0, grad of noise), laid out like x0_like / noise_like."""
-    gx = torch.empty_like(x0_like)
-    gn = torch.empty_like(noise_like)
+def _linear2_backward(wrap, grad, t, table_, a_like, b_like, column_a, column_b, mean_type=-1):
+    """(grad of a, grad of b) of y = coef_a(t) a + coef_b(t) b, laid out like a_like / b_like: the coefficients
+    are the table columns column_a / column_b, or with mean_type >= 0 predict_xstart's (linear2_bwd_kernel)."""
+    grad_a = torch.empty_like(a_like)
+    grad_b = torch.empty_like(b_like)
     if grad.numel():
         def launch(ins, outs, p, c):
             wrap(linear2_bwd_kernel)[c.grid](
                 *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
-                CA=COLUMN["sqrt_alphas_cumprod"], CB=COLUMN["sqrt_one_minus_alphas_cumprod"], FLAT=p.flat,
-                BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype), num_warps=c.warps)
+                CA=column_a, CB=column_b, MEAN=mean_type, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
+                CDT=tl_dtype(table_.dtype), num_warps=c.warps)
 
-        run((grad,), (gx, gn), launch)
-    return gx, gn
+        run((grad,), (grad_a, grad_b), launch)
+    return grad_a, grad_b
 
 
 def _prior_bpd(wrap, x0, abar_last, const):
@@ -141,11 +145,33 @@ def q_sample_op(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table_: 
     return _q_sample(wrap_triton, x0, t, noise, table_)
 
 
-@define("q_sample_backward",
-            lambda grad, t, table_, x0_like, noise_like: (torch.empty_like(x0_like), torch.empty_like(noise_like)))
-def q_sample_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, x0_like: torch.Tensor,
-                         noise_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _q_sample_backward(wrap_triton, grad, t, table_, x0_like, noise_like)
+@define("linear2_backward", lambda grad, t, table_, a_like, b_like, column_a, column_b, mean_type: (
+    torch.empty_like(a_like), torch.empty_like(b_like)))
+def linear2_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, a_like: torch.Tensor,
+                        b_like: torch.Tensor, column_a: int, column_b: int,
+                        mean_type: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of q_sample, q_posterior's mean and predict_xstart (_linear2_backward)."""
+    return _linear2_backward(wrap_triton, grad, t, table_, a_like, b_like, column_a, column_b, mean_type)
+
+
+def linear2_autograd(name, op, impl, a_at, b_at, t_at, column_a=0, column_b=0):
+    """Register the autograd of ``op``, a map y = coef_a(t) a + coef_b(t) b of its inputs a = inputs[a_at],
+    b = inputs[b_at] (t = inputs[t_at], the table inputs[3], predict_xstart's mean type inputs[4] if given; the
+    coefficients as in _linear2_backward), and return the autograd.Function running ``impl`` with it."""
+    def setup(ctx, inputs, output):
+        ctx.n_inputs = len(inputs)
+        ctx.mean_type = inputs[4] if len(inputs) > 4 else -1
+        ctx.save_for_backward(inputs[t_at], inputs[3], inputs[a_at], inputs[b_at])
+
+    def backward(ctx, grad, *grads_of_other_outputs):
+        t, table_, a, b = ctx.saved_tensors
+        args = (grad, t, table_, a, b, column_a, column_b, ctx.mean_type)
+        grads = [None] * ctx.n_inputs
+        grads[a_at], grads[b_at] = call(linear2_backward_op, _linear2_backward, None, args, args[:5])
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup)
+    return autograd_function(name, impl, setup, backward)
 
 
 _velocity = functools.partial(_q_sample, velocity=True)
@@ -156,20 +182,8 @@ def velocity_op(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table_: 
     return _q_sample(wrap_triton, x0, t, noise, table_, True)
 
 
-def _q_sample_setup(ctx, inputs, output):
-    x0, t, noise, table_ = inputs
-    ctx.save_for_backward(t, table_, x0, noise)
-
-
-def _q_sample_bwd(ctx, grad):
-    t, table_, x0, noise = ctx.saved_tensors
-    args = (grad, t, table_, x0, noise)
-    gx, gn = call(q_sample_backward_op, _q_sample_backward, None, args, args)
-    return gx, None, gn, None
-
-
-q_sample_op.register_autograd(_q_sample_bwd, setup_context=_q_sample_setup)
-_QSample = autograd_function("QSample", _q_sample, _q_sample_setup, _q_sample_bwd)
+_QSample = linear2_autograd("QSample", q_sample_op, _q_sample, a_at=0, b_at=2, t_at=1,
+                            column_a=COLUMN["sqrt_alphas_cumprod"], column_b=COLUMN["sqrt_one_minus_alphas_cumprod"])
 
 
 @define("prior_bpd", lambda x0, abar_last, const: x0.new_empty((x0.shape[0],), dtype=compute_dtype(x0)))

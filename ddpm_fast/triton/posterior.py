@@ -20,7 +20,7 @@ from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
 from ._runtime import MEAN_IDS, check_device, compute_dtype, table, tl_dtype
 from ..schedule import COLUMN
-from .noising import linear2_bwd_kernel
+from .noising import linear2_autograd
 
 
 # -- kernels -----------------------------------------------------------------------------------
@@ -29,9 +29,7 @@ def _q_posterior_kernel(x0_ptr, xt_ptr, mean_ptr, var_ptr, logvar_ptr, t_ptr, ta
                         a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
                         N, T, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
                         CDT: tl.constexpr):
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
+    b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     tl.store(mean_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.posterior_mean(x0, xt, table_ptr, t),
@@ -46,9 +44,7 @@ def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
                     m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3, o_sb, o_s1, o_s2, o_s3,
                     N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
                     IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
+    b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
     xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT),
@@ -56,86 +52,50 @@ def _predict_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
 
 
 @triton.jit
-def _predict_bwd_kernel(g_ptr, gm_ptr, gx_ptr, t_ptr, table_ptr,
-                        g_sb, g_s1, g_s2, g_s3, m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3,
-                        N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
-                        IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
-    g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
-    tl.store(gm_ptr + M._offsets(b, n, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT), M._dxstart_dout(table_ptr, t, MEAN) * g,
-             mask=m)
-    tl.store(gx_ptr + M._offsets(b, n, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT), M._dxstart_dxt(table_ptr, t, MEAN) * g,
-             mask=m)
-
-
-@triton.jit
-def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, out_ptr,
+def _normal_kl_kernel(m1_ptr, l1_ptr, m2_ptr, l2_ptr, g_ptr, out_ptr, g2_ptr, g3_ptr, g4_ptr,
                       a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3,
-                      d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
-                      N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
-                      CDT: tl.constexpr):
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
+                      d_sb, d_s1, d_s2, d_s3, g_sb, g_s1, g_s2, g_s3, o_sb, o_s1, o_s2, o_s3,
+                      N, D2, D3, n_chunks, GRAD: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                      IDX64: tl.constexpr, CDT: tl.constexpr):
+    """The KL into out; with GRAD, g times its gradients in the four operands into out, g2, g3, g4 (which share
+    out's layout), all at the broadcast shape (g_ptr is not read without GRAD)."""
+    b, chunk, n, m = M._program_block(N, n_chunks, BLOCK, IDX64)
     m1 = M._load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     l1 = M._load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
     m2 = M._load(m2_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
     l2 = M._load(l2_ptr, b, n, m, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT, CDT)
-    tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.normal_kl(m1, l1, m2, l2), mask=m)
-
-
-@triton.jit
-def _normal_kl_bwd_kernel(g_ptr, m1_ptr, l1_ptr, m2_ptr, l2_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr,
-                          g_sb, g_s1, g_s2, g_s3, a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3,
-                          c_sb, c_s1, c_s2, c_s3, d_sb, d_s1, d_s2, d_s3, o_sb, o_s1, o_s2, o_s3,
-                          N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
-                          CDT: tl.constexpr):
-    """Gradients of all four operands at the broadcast shape (outputs share one contiguous layout)."""
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
-    m1 = M._load(m1_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    l1 = M._load(l1_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
-    m2 = M._load(m2_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
-    l2 = M._load(l2_ptr, b, n, m, d_sb, d_s1, d_s2, d_s3, D2, D3, FLAT, CDT)
-    d1, d2, d3, d4 = M.normal_kl_grad(m1, l1, m2, l2)
     o = M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
-    tl.store(g1_ptr + o, g * d1, mask=m)
-    tl.store(g2_ptr + o, g * d2, mask=m)
-    tl.store(g3_ptr + o, g * d3, mask=m)
-    tl.store(g4_ptr + o, g * d4, mask=m)
+    if GRAD:
+        g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
+        d1, d2, d3, d4 = M.normal_kl_grad(m1, l1, m2, l2)
+        tl.store(out_ptr + o, g * d1, mask=m)
+        tl.store(g2_ptr + o, g * d2, mask=m)
+        tl.store(g3_ptr + o, g * d3, mask=m)
+        tl.store(g4_ptr + o, g * d4, mask=m)
+    else:
+        tl.store(out_ptr + o, M.normal_kl(m1, l1, m2, l2), mask=m)
 
 
 @triton.jit
-def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, out_ptr,
-                 a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
-                 N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
+def _dgll_kernel(x_ptr, mu_ptr, ls_ptr, g_ptr, out_ptr, gls_ptr,
+                 a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3,
+                 g_sb, g_s1, g_s2, g_s3, o_sb, o_s1, o_s2, o_s3,
+                 N, D2, D3, n_chunks, GRAD: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                 IDX64: tl.constexpr, CDT: tl.constexpr):
+    """The log-likelihood into out; with GRAD, g times its gradients in means and log_scales into out and
+    gls (which share out's layout) (g_ptr is not read without GRAD)."""
+    b, chunk, n, m = M._program_block(N, n_chunks, BLOCK, IDX64)
     x = M._load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
     mu = M._load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
     ls = M._load(ls_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
-    tl.store(out_ptr + M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT), M.discretized_gaussian_loglik(x, mu, ls),
-             mask=m)
-
-
-@triton.jit
-def _dgll_bwd_kernel(g_ptr, x_ptr, mu_ptr, ls_ptr, gmu_ptr, gls_ptr,
-                     g_sb, g_s1, g_s2, g_s3, a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3,
-                     c_sb, c_s1, c_s2, c_s3, o_sb, o_s1, o_s2, o_s3,
-                     N, D2, D3, n_chunks, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
-                     CDT: tl.constexpr):
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
-    x = M._load(x_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    mu = M._load(mu_ptr, b, n, m, b_sb, b_s1, b_s2, b_s3, D2, D3, FLAT, CDT)
-    ls = M._load(ls_ptr, b, n, m, c_sb, c_s1, c_s2, c_s3, D2, D3, FLAT, CDT)
-    dmu, dls = M._discretized_gaussian_loglik_grads(x, mu, ls)
     o = M._offsets(b, n, o_sb, o_s1, o_s2, o_s3, D2, D3, FLAT)
-    tl.store(gmu_ptr + o, g * dmu, mask=m)
-    tl.store(gls_ptr + o, g * dls, mask=m)
+    if GRAD:
+        g = M._load(g_ptr, b, n, m, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT, CDT)
+        dmu, dls = M._discretized_gaussian_loglik_grads(x, mu, ls)
+        tl.store(out_ptr + o, g * dmu, mask=m)
+        tl.store(gls_ptr + o, g * dls, mask=m)
+    else:
+        tl.store(out_ptr + o, M.discretized_gaussian_loglik(x, mu, ls), mask=m)
 
 
 def _kw(p, c):
@@ -179,20 +139,6 @@ def _q_posterior(wrap, x0, x_t, t, table_):
     return mean, var, logvar
 
 
-def _q_posterior_backward(wrap, grad, t, table_, x0_like, xt_like):
-    """(grad of x0, grad of x_t) of the posterior mean, laid out like x0_like / xt_like."""
-    gx0, gxt = torch.empty_like(x0_like), torch.empty_like(xt_like)
-    if grad.numel():
-        def launch(ins, outs, p, c):
-            wrap(linear2_bwd_kernel)[c.grid](*ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1],
-                                             p.sizes[2], CA=COLUMN["posterior_mean_coef1"],
-                                             CB=COLUMN["posterior_mean_coef2"], CDT=tl_dtype(table_.dtype),
-                                             **_kw(p, c))
-
-        run((grad,), (gx0, gxt), launch)
-    return gx0, gxt
-
-
 def _predict_xstart(wrap, model_output, x_t, t, table_, mean_type):
     """x0 implied by the model output (unclipped), like x_t."""
     out = torch.empty_like(x_t)
@@ -205,18 +151,6 @@ def _predict_xstart(wrap, model_output, x_t, t, table_, mean_type):
     return out
 
 
-def _predict_xstart_backward(wrap, grad, t, table_, mo_like, xt_like, mean_type):
-    """(grad of model_output, grad of x_t), laid out like mo_like / xt_like."""
-    gmo, gxt = torch.empty_like(mo_like), torch.empty_like(xt_like)
-    if grad.numel():
-        def launch(ins, outs, p, c):
-            wrap(_predict_bwd_kernel)[c.grid](*ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1],
-                                              p.sizes[2], MEAN=mean_type, CDT=tl_dtype(table_.dtype), **_kw(p, c))
-
-        run((grad,), (gmo, gxt), launch)
-    return gmo, gxt
-
-
 def _normal_kl(wrap, mean1, logvar1, mean2, logvar2):
     """KL in nats at the broadcast shape, in the promoted dtype."""
     args = (mean1, logvar1, mean2, logvar2)
@@ -225,9 +159,9 @@ def _normal_kl(wrap, mean1, logvar1, mean2, logvar2):
     if out.numel():
         bs = _batched(shape)
 
-        def launch(ins, outs, p, c):
-            wrap(_normal_kl_kernel)[c.grid](*ins, *outs, *p.args, p.n, p.sizes[1], p.sizes[2],
-                                            CDT=tl_dtype(compute_dtype(*args)), **_kw(p, c))
+        def launch(ins, outs, p, c):  # no gradient: out stands in for the unused pointers, zeros for g's strides
+            wrap(_normal_kl_kernel)[c.grid](*ins, *outs * 5, *p.args[:16], 0, 0, 0, 0, *p.args[16:], p.n, p.sizes[1],
+                                            p.sizes[2], GRAD=False, CDT=tl_dtype(compute_dtype(*args)), **_kw(p, c))
 
         run([_expanded(a, shape, bs) for a in args], (out.reshape(bs),), launch)
     return out
@@ -244,10 +178,10 @@ def _normal_kl_backward(wrap, grad, mean1, logvar1, mean2, logvar2):
 
         def launch(ins, o, p, c):
             # the four outputs share one layout: pass the first one's strides once
-            wrap(_normal_kl_bwd_kernel)[c.grid](*ins, *o, *p.args[:24], p.n, p.sizes[1], p.sizes[2],
-                                                CDT=tl_dtype(cdt), **_kw(p, c))
+            wrap(_normal_kl_kernel)[c.grid](*ins, *o, *p.args[:24], p.n, p.sizes[1], p.sizes[2], GRAD=True,
+                                            CDT=tl_dtype(cdt), **_kw(p, c))
 
-        run([grad.reshape(bs)] + [_expanded(a, shape, bs) for a in args], [o.reshape(bs) for o in outs], launch)
+        run([_expanded(a, shape, bs) for a in args] + [grad.reshape(bs)], [o.reshape(bs) for o in outs], launch)
     return outs
 
 
@@ -257,9 +191,10 @@ def _dgll(wrap, x, means, log_scales):
     if out.numel():
         bs = _batched(x.shape)
 
-        def launch(ins, outs, p, c):
-            wrap(_dgll_kernel)[c.grid](*ins, *outs, *p.args, p.n, p.sizes[1], p.sizes[2],
-                                       CDT=tl_dtype(compute_dtype(x, means, log_scales)), **_kw(p, c))
+        def launch(ins, outs, p, c):  # no gradient: out stands in for the unused pointers, zeros for g's strides
+            wrap(_dgll_kernel)[c.grid](*ins, *outs * 3, *p.args[:12], 0, 0, 0, 0, *p.args[12:], p.n, p.sizes[1],
+                                       p.sizes[2], GRAD=False, CDT=tl_dtype(compute_dtype(x, means, log_scales)),
+                                       **_kw(p, c))
 
         run((x.reshape(bs), means.reshape(bs), _expanded(log_scales, x.shape, bs)), (out.reshape(bs),), launch)
     return out
@@ -273,11 +208,11 @@ def _dgll_backward(wrap, grad, x, means, log_scales):
     if x.numel():
         bs = _batched(x.shape)
 
-        def launch(ins, o, p, c):
-            wrap(_dgll_bwd_kernel)[c.grid](*ins, *o, *p.args[:20], p.n, p.sizes[1], p.sizes[2], CDT=tl_dtype(cdt),
-                                           **_kw(p, c))
+        def launch(ins, o, p, c):  # the two outputs share one layout: the first one's strides once
+            wrap(_dgll_kernel)[c.grid](*ins, *o, *p.args[:20], p.n, p.sizes[1], p.sizes[2], GRAD=True,
+                                       CDT=tl_dtype(cdt), **_kw(p, c))
 
-        run((grad.reshape(bs), x.reshape(bs), means.reshape(bs), _expanded(log_scales, x.shape, bs)),
+        run((x.reshape(bs), means.reshape(bs), _expanded(log_scales, x.shape, bs), grad.reshape(bs)),
             (gmu.reshape(bs), gls.reshape(bs)), launch)
     return gmu, gls
 
@@ -294,27 +229,8 @@ def q_posterior_op(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
     return _q_posterior(wrap_triton, x0, x_t, t, table_)
 
 
-@define("q_posterior_backward",
-            lambda grad, t, table_, x0_like, xt_like: (torch.empty_like(x0_like), torch.empty_like(xt_like)))
-def q_posterior_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, x0_like: torch.Tensor,
-                            xt_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _q_posterior_backward(wrap_triton, grad, t, table_, x0_like, xt_like)
-
-
-def _q_posterior_setup(ctx, inputs, output):
-    x0, x_t, t, table_ = inputs
-    ctx.save_for_backward(t, table_, x0, x_t)
-
-
-def _q_posterior_bwd(ctx, g_mean, g_var, g_logvar):
-    t, table_, x0, x_t = ctx.saved_tensors
-    args = (g_mean, t, table_, x0, x_t)
-    gx0, gxt = call(q_posterior_backward_op, _q_posterior_backward, None, args, args)
-    return gx0, gxt, None, None
-
-
-q_posterior_op.register_autograd(_q_posterior_bwd, setup_context=_q_posterior_setup)
-_QPosterior = autograd_function("QPosterior", _q_posterior, _q_posterior_setup, _q_posterior_bwd)
+_QPosterior = linear2_autograd("QPosterior", q_posterior_op, _q_posterior, a_at=0, b_at=1, t_at=2,
+                               column_a=COLUMN["posterior_mean_coef1"], column_b=COLUMN["posterior_mean_coef2"])
 
 
 @define("predict_xstart", lambda model_output, x_t, t, table_, mean_type: torch.empty_like(x_t))
@@ -323,28 +239,7 @@ def predict_xstart_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Te
     return _predict_xstart(wrap_triton, model_output, x_t, t, table_, mean_type)
 
 
-@define("predict_xstart_backward", lambda grad, t, table_, mo_like, xt_like, mean_type: (
-    torch.empty_like(mo_like), torch.empty_like(xt_like)))
-def predict_xstart_backward_op(grad: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mo_like: torch.Tensor,
-                               xt_like: torch.Tensor, mean_type: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _predict_xstart_backward(wrap_triton, grad, t, table_, mo_like, xt_like, mean_type)
-
-
-def _predict_setup(ctx, inputs, output):
-    mo, x_t, t, table_, mean_type = inputs
-    ctx.mean_type = mean_type
-    ctx.save_for_backward(t, table_, mo, x_t)
-
-
-def _predict_bwd(ctx, grad):
-    t, table_, mo, x_t = ctx.saved_tensors
-    args = (grad, t, table_, mo, x_t, ctx.mean_type)
-    gmo, gxt = call(predict_xstart_backward_op, _predict_xstart_backward, None, args, args[:5])
-    return gmo, gxt, None, None, None
-
-
-predict_xstart_op.register_autograd(_predict_bwd, setup_context=_predict_setup)
-_PredictXstart = autograd_function("PredictXstart", _predict_xstart, _predict_setup, _predict_bwd)
+_PredictXstart = linear2_autograd("PredictXstart", predict_xstart_op, _predict_xstart, a_at=0, b_at=1, t_at=2)
 
 
 def _normal_kl_fake(mean1, logvar1, mean2, logvar2):

@@ -36,9 +36,7 @@ def _abs_xstart_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
                        N, T, D2, D3, n_chunks, MEAN: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
                        IDX64: tl.constexpr, CDT: tl.constexpr):
     """|predict_xstart| into a contiguous [B, N] buffer (for the per-sample quantile)."""
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
+    b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
     xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     tl.store(out_ptr + b * N + n, tl.abs(M.predict_xstart(out, xt, table_ptr, t, MEAN)), mask=m)
@@ -54,9 +52,7 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
                     CDT: tl.constexpr):
     """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart).
     l_*: the row-major strides (l_sb = N) giving in-kernel noise its counter b * N + row-major index."""
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
+    b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
     xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
     s = 1.0
@@ -75,11 +71,8 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
             if t != 0:
                 res = res + sigma * z
     else:
-        if VAR >= 2:
-            v = M._load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
-        else:
-            v = out
-        lv = M._model_log_variance(v, table_ptr, t, VAR)
+        lv = M._load_model_log_variance(out, mv_ptr, b, n, m, t, table_ptr, v_sb, v_s1, v_s2, v_s3, D2, D3, VAR,
+                                        FLAT, CDT)
         if MEAN == 2:
             res = out
         else:

@@ -33,27 +33,18 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
                    IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
-    out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    xn = M._load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
-    if FROM_NOISE:
-        xt = M.q_sample(x0, xn, table_ptr, t)
-    else:
-        xt = xn
+    b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
+    out, x0, xn, xt = M._load_training_operands(mo_ptr, x0_ptr, xn_ptr, table_ptr, b, n, m, t, m_sb, m_s1, m_s2,
+                                                m_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, D2, D3,
+                                                FROM_NOISE, FLAT, CDT)
     mse_part = tl.sum(tl.zeros([BLOCK], CDT), axis=0)
     vb_part = tl.sum(tl.zeros([BLOCK], CDT), axis=0)
     if DO_MSE:
         d = M.mean_target(x0, xt, xn, table_ptr, t, MEAN) - out
         mse_part = tl.sum(tl.where(m, d * d, 0.0), axis=0)
     if DO_VB:
-        if VAR >= 2:
-            v = M._load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
-        else:
-            v = out
-        lv = M._model_log_variance(v, table_ptr, t, VAR)
+        lv = M._load_model_log_variance(out, mv_ptr, b, n, m, t, table_ptr, v_sb, v_s1, v_s2, v_s3, D2, D3, VAR,
+                                        FLAT, CDT)
         mean, raw = M._model_mean(out, xt, table_ptr, t, MEAN, CLIP)
         if t > 0:
             term = M.normal_kl(M.posterior_mean(x0, xt, table_ptr, t), M._col(table_ptr, t, M.POST_LOGVAR), mean, lv)
@@ -91,17 +82,11 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr, WEIGHTING: tl.constexpr,
                    FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
-    b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
-    m = n < N
-    t = M._load_t(t_ptr, b, T)
+    b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     g_loss = tl.load(gl_ptr + b).to(CDT)
-    out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
-    x0 = M._load(x0_ptr, b, n, m, a_sb, a_s1, a_s2, a_s3, D2, D3, FLAT, CDT)
-    xn = M._load(xn_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
-    if FROM_NOISE:
-        xt = M.q_sample(x0, xn, table_ptr, t)
-    else:
-        xt = xn
+    out, x0, xn, xt = M._load_training_operands(mo_ptr, x0_ptr, xn_ptr, table_ptr, b, n, m, t, m_sb, m_s1, m_s2,
+                                                m_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, D2, D3,
+                                                FROM_NOISE, FLAT, CDT)
     g_out = tl.zeros([BLOCK], CDT)
     if DO_MSE:
         w = M.loss_weight(table_ptr, t, gamma, MEAN, VAR, WEIGHTING)
@@ -109,11 +94,8 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
         g_out = coef * (out - M.mean_target(x0, xt, xn, table_ptr, t, MEAN))
     if DO_VB:
         G = (tl.load(gv_ptr + b).to(CDT) + g_loss * loss_scale) * vb_scale / N / 0.6931471805599453
-        if VAR >= 2:
-            v = M._load(mv_ptr, b, n, m, v_sb, v_s1, v_s2, v_s3, D2, D3, FLAT, CDT)
-        else:
-            v = out
-        lv = M._model_log_variance(v, table_ptr, t, VAR)
+        lv = M._load_model_log_variance(out, mv_ptr, b, n, m, t, table_ptr, v_sb, v_s1, v_s2, v_s3, D2, D3, VAR,
+                                        FLAT, CDT)
         mean, raw = M._model_mean(out, xt, table_ptr, t, MEAN, CLIP)
         if t > 0:
             post_logvar = M._col(table_ptr, t, M.POST_LOGVAR)
