@@ -55,6 +55,8 @@ STAGES = (
                                  "torch.cuda.set_sync_debug_mode('error')"),
     Stage("second_gpu", 20, True, "the ops stage (fp32) on cuda:1 (needs a second GPU)"),
     Stage("bench", 45, True, "ddpm-fast bench --device cuda --quick"),
+    Stage("samplers", 25, True, "ddpm-fast bench --samplers --device cuda --quick: each drop-in solver step "
+          "(DPM-Solver++, Euler, Euler a, UniPC) against its diffusers parent, time and host time per step"),
     Stage("e2e", 15, True, "ddpm-fast bench --e2e --quick: real U-Nets trained and sampled both ways; the loss "
                            "curves of the eager and fused ways must agree"),
     Stage("aot", 60, False, "Triton kernels compiled for sm_80/sm_90 (registers, no spills); on a CPU-only "
@@ -396,6 +398,18 @@ def _environment(device) -> dict:
     return env
 
 
+def _bench_cli(name, flags, device, out_dir) -> dict:
+    """`ddpm-fast bench <flags> --device <device> --quick` in a child process, its output in <name>.log."""
+    proc = subprocess.run([sys.executable, "-m", "ddpm_fast.cli", "bench", *flags, "--device", str(device), "--quick",
+                           "--out", str(out_dir / name)], capture_output=True, text=True, timeout=1800)
+    log = out_dir / f"{name}.log"
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"checked": 1, "failures": [f"{name} exited {proc.returncode}: "
+                                           + " | ".join(proc.stderr.splitlines()[-3:])]}
+    return {"checked": 1, "failures": [], "log": str(log)}
+
+
 def _run_stage(stage: Stage, device: torch.device, out_dir: Path) -> dict:
     """{name, status: passed / failed / skipped, seconds, budget_s, reason, ...details}."""
     if stage.needs_gpu and device.type != "cuda":
@@ -426,14 +440,8 @@ def _run_stage(stage: Stage, device: torch.device, out_dir: Path) -> dict:
             raise StageSkipped("one GPU only")
         second = torch.device("cuda", 1)
         return check_ops(second, _fused_backends(second)[0], dtypes=(torch.float32,), fuzz=0)
-    if stage.name == "bench":
-        proc = subprocess.run([sys.executable, "-m", "ddpm_fast.cli", "bench", "--device", str(device), "--quick",
-                               "--out", str(out_dir / "bench")], capture_output=True, text=True, timeout=1800)
-        (out_dir / "bench.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            return {"checked": 1, "failures": ["bench exited " + str(proc.returncode) + ": "
-                                               + " | ".join(proc.stderr.splitlines()[-3:])]}
-        return {"checked": 1, "failures": [], "log": str(out_dir / "bench.log")}
+    if stage.name in ("bench", "samplers"):
+        return _bench_cli(stage.name, ["--samplers"] if stage.name == "samplers" else [], device, out_dir)
     if stage.name == "e2e":
         from .bench.e2e import run_e2e
 

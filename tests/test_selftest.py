@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 
 import pytest
 import torch
@@ -151,3 +152,23 @@ def test_solver_loops_of_the_gpu_stages_run_and_match_their_parent(name):
     for t in parent.timesteps:
         y = parent.step(torch.tanh(parent.scale_model_input(y, t)), t, y, **kwargs).prev_sample
     torch.testing.assert_close(ours, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("returncode", [0, 3])
+def test_bench_stages_run_the_cli_and_report_its_exit(monkeypatch, tmp_path, returncode):
+    """The GPU stages bench / samplers run `ddpm-fast bench [--samplers] --device D --quick` in a child process,
+    keep its output in a log, and fail with the child's last stderr lines when it exits non-zero."""
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncode, stdout="table\n", stderr="one\ntwo\n")
+
+    monkeypatch.setattr(selftest.subprocess, "run", fake_run)
+    res = selftest._run_stage(selftest.BY_NAME["samplers"], torch.device("cuda", 0), tmp_path)
+    assert seen[0][-7:] == ["bench", "--samplers", "--device", "cuda:0", "--quick", "--out", str(tmp_path / "samplers")]
+    assert (tmp_path / "samplers.log").read_text() == "table\none\ntwo\n"
+    if returncode == 0:
+        assert res["failures"] == []
+    else:
+        assert res["failures"] == ["samplers exited 3: one | two"]
