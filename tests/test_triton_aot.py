@@ -38,10 +38,10 @@ def test_every_kernel_compiles_for_both_targets(rows):
     for arch in (80, 90):
         assert {r["kernel"] for r in rows if r["arch"] == arch} == labels
     # every @triton.jit kernel of the package is in the list
-    from ddpm_fast.triton import noising, posterior, sampler, vb
+    from ddpm_fast.triton import noising, posterior, sampler, solvers, vb
 
     kernels = {id(k) for _, k, *_ in aot._variants()}
-    for mod in (noising, posterior, sampler, vb):
+    for mod in (noising, posterior, sampler, solvers, vb):
         for name, obj in vars(mod).items():
             if name.endswith("_kernel"):
                 assert id(obj) in kernels, f"{mod.__name__}.{name} is not compiled ahead of time"

@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "csrc" / "ddpm_math.h"
 MATH = ROOT / "ddpm_fast" / "triton" / "_math.py"
-KERNEL_FILES = [ROOT / "ddpm_fast" / "triton" / f"{name}.py" for name in ("noising", "posterior", "vb", "sampler")]
+KERNEL_FILES = [ROOT / "ddpm_fast" / "triton" / f"{name}.py"
+                for name in ("noising", "posterior", "vb", "sampler", "solvers")]
 
 # a namespace-level function definition: optional template line, then DDPM_HD / inline (not indented, so the
 # static members of the Prim<> structs do not count), return type, name, "("
