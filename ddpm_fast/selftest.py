@@ -55,8 +55,7 @@ STAGES = (
                                  "torch.cuda.set_sync_debug_mode('error')"),
     Stage("second_gpu", 20, True, "the ops stage (fp32) on cuda:1 (needs a second GPU)"),
     Stage("bench", 45, True, "ddpm-fast bench --device cuda --quick"),
-    Stage("samplers", 25, True, "ddpm-fast bench --samplers --device cuda --quick: each drop-in solver step "
-          "(DPM-Solver++, Euler, Euler a, UniPC) against its diffusers parent, time and host time per step"),
+    Stage("samplers", 25, True, "ddpm-fast bench --samplers --device cuda --quick (solver drop-ins vs parents)"),
     Stage("e2e", 15, True, "ddpm-fast bench --e2e --quick: real U-Nets trained and sampled both ways; the loss "
                            "curves of the eager and fused ways must agree"),
     Stage("aot", 60, False, "Triton kernels compiled for sm_80/sm_90 (registers, no spills); on a CPU-only "
