@@ -43,6 +43,13 @@ class Plan:
     args: tuple
     n: int
 
+    def __hash__(self):  # launchers key caches on plans: hash the fields once (a plan is immutable)
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.sizes, self.strides, self.flat, self.args, self.n))
+            object.__setattr__(self, "_hash", h)
+        return h
+
 
 def _merge(shape, strides_list):
     """Drop size-1 dims, sort by the first operand's strides (descending), merge mergeable neighbours."""
@@ -114,7 +121,11 @@ def planned(operands, logical: bool = False) -> tuple:
     """(Plan, _runtime.LaunchConfig) for operands of one shape [B, ...], cached by their shapes and strides:
     a repeated call costs one dict lookup. Raises LayoutError (> 3 unmergeable dims), or ValueError from
     launch_config."""
-    key = (logical, *[x.shape for x in operands], *[x.stride() for x in operands])
+    key = [logical]
+    for x in operands:
+        key.append(x.shape)
+        key.append(x.stride())
+    key = tuple(key)
     try:
         hit = _CACHE.get(key)
     except TypeError:  # symbolic sizes while tracing: not hashable, planned each time
@@ -134,11 +145,10 @@ def run(inputs, outputs, launch, logical: bool = False) -> None:
     one shape; the row-major stride set last if logical), on the inputs' CUDA device; if the layouts do not
     fit one plan, on contiguous copies (outputs copied back afterwards: an extra pass, only for > 3
     unmergeable dims)."""
-    device = inputs[0].device
-    if device.type != "cuda":  # the interpreter: no current device to set (no context manager per launch)
+    if not inputs[0].is_cuda:  # the interpreter: no current device to set (no context manager per launch)
         _run(inputs, outputs, launch, logical)
         return
-    with device_guard(device):
+    with device_guard(inputs[0].device):
         _run(inputs, outputs, launch, logical)
 
 

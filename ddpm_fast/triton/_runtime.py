@@ -24,8 +24,13 @@ _RUNNABLE_DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
 
 def check_device(*tensors) -> None:
     """Raise BackendUnavailableError (with every reason) if these tensors cannot run on Triton here."""
-    for x in tensors:
-        if x is not None and (x.device.type not in _RUNNABLE_DEVICES or (INTERPRET and x.dtype == torch.bfloat16)):
+    for x in tensors:  # x.device.type in _RUNNABLE_DEVICES, and not bfloat16 under the interpreter
+        if x is None:
+            continue
+        if INTERPRET:
+            if x.dtype == torch.bfloat16 or not (x.is_cpu or x.is_cuda):
+                break
+        elif not x.is_cuda:
             break
     else:
         return
