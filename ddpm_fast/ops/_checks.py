@@ -18,6 +18,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 # up to this many CPU timesteps are range-checked in Python (t.tolist(): ~0.3 us for a few, against ~2.5 us for
 # torch.aminmax and two scalar reads); more through torch.aminmax
 _LIST_RANGE_MAX = 64
+_MEAN_TYPES, _VAR_TYPES = options.OPTIONS["mean_type"], options.OPTIONS["var_type"]
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -85,12 +86,17 @@ def schedule(value):
 
 def timesteps(t, batch: int, sched: NoiseSchedule, device: torch.device, validate):
     """t as an int64 tensor [B] on ``device``; range-checked when validate (default: not on CUDA)."""
-    T = sched.num_timesteps
-    if (type(t) is torch.Tensor and t.dtype == torch.int64 and t.ndim == 1 and t.shape[0] == batch
-            and t.device == device):  # the common case, in one test; then only the range and the layout
+    if type(t) is torch.Tensor and t.dtype == torch.int64 and t.shape == (batch,) and t.device == device:
+        # the common case in one test; then only the range (values read on the host) and the layout
         if validate or (validate is None and not t.is_cuda):
-            _check_range(t, T)
+            if batch <= _LIST_RANGE_MAX and t.is_cpu:
+                values = t.tolist()
+                if values and (min(values) < 0 or max(values) >= sched.num_timesteps):
+                    _check_range(t, sched.num_timesteps)  # raises, with the range found
+            else:
+                _check_range(t, sched.num_timesteps)
         return t if t.is_contiguous() else t.contiguous()
+    T = sched.num_timesteps
     if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
         raise TypeError("t: expected integer timesteps, got a bool")
     if isinstance(t, int):
@@ -117,11 +123,11 @@ def timesteps(t, batch: int, sched: NoiseSchedule, device: torch.device, validat
 
 
 def _check_range(t, T):
-    """Raise ValueError unless every value of the integer tensor t is in [0, T) (reads t on the host)."""
-    n = t.numel()
-    if n == 0:
-        return
+    """Raise ValueError unless every value of the integer tensor t [B] is in [0, T) (reads t on the host)."""
+    n = t.shape[0]
     if n <= _LIST_RANGE_MAX and t.is_cpu:
+        if not n:
+            return
         values = t.tolist()
         lo, hi = min(values), max(values)
     else:
@@ -202,12 +208,16 @@ def xstart_defined(mean_type, sched):
 
 def model_args(model_output, x_t, t, sched, mean_type, var_type, validate, x_name="x_t", **others):
     """Shared checks of (model_output, x_t, t, ...) ops; x_name names x_t. Returns (t, device)."""
-    options.check("mean_type", mean_type), options.check("var_type", var_type)
+    if mean_type not in _MEAN_TYPES or var_type not in _VAR_TYPES:  # options.check's test; it raises
+        options.check("mean_type", mean_type), options.check("var_type", var_type)
     if type(model_output) in _PLAIN_TYPES and type(x_t) in _PLAIN_TYPES:  # one pass when the checks below pass
         dtype, shape, device = x_t.dtype, x_t.shape, x_t.device
-        if (dtype in _FLOAT_SET and shape and model_output.dtype == dtype and model_output.ndim
-                and model_output.device == device and _all_like(others, dtype, shape, device)):
-            model_output_shape(model_output, x_t, var_type, x_name)
+        if (dtype in _FLOAT_SET and shape and model_output.dtype == dtype and model_output.device == device
+                and (not others or _all_like(others, dtype, shape, device))):
+            if var_type in LEARNED_VAR_TYPES or model_output.shape != shape:  # (equal shapes: batched too)
+                if not model_output.ndim:
+                    tensor("model_output", model_output)  # raises
+                model_output_shape(model_output, x_t, var_type, x_name)
             return timesteps(t, shape[0], schedule(sched), device, validate), device
     tensor("model_output", model_output), tensor(x_name, x_t)
     for name, x in others.items():
@@ -238,8 +248,11 @@ def cpu_native(op, backend, *tensors):
     if plan is None:
         plan = _cpu_plan(op, backend, tensors[0].dtype)
     fn, positions = plan
-    if positions and backends.grad_blocked(positions, tensors):
-        return None
+    if positions and torch.is_grad_enabled():  # backends.grad_blocked, inline
+        for i in positions:
+            x = tensors[i]
+            if x is not None and x.requires_grad:
+                return None
     return fn
 
 

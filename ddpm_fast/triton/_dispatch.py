@@ -120,8 +120,11 @@ def autograd_function(name: str, impl, setup_context, backward):
 def call(op, impl, fn, args, tensors, diff=()):
     """Run one op on ``args``: its launcher directly, its autograd.Function ``fn`` when an input in ``diff``
     requires grad, or the library ``op`` when not plain eager (``tensors``: every tensor argument)."""
-    if not _plain_eager(tensors):
+    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:  # _plain_eager, inline
         return op(*args)
+    for x in tensors:
+        if x is not None and type(x) not in _PLAIN_TYPES:
+            return op(*args)
     if fn is not None and _grad_enabled():
         for x in diff:
             if x is not None and x.requires_grad:

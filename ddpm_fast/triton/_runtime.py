@@ -9,6 +9,7 @@ import torch
 import triton.language as tl
 
 from .. import options
+from ..schedule import NoiseSchedule
 from ..backends import FALLBACK_WARNED, BackendUnavailableError
 
 # The Triton interpreter is chosen when kernels are defined (at import), from this variable.
@@ -64,9 +65,9 @@ def tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def table(schedule, device, cdt: torch.dtype) -> torch.Tensor:
-    """The schedule's packed [T, len(COLUMNS)] table in the compute dtype, on ``device``."""
-    return schedule.table(device, cdt)
+# table(schedule, device, cdt): the schedule's packed [T, len(COLUMNS)] table in the compute dtype, on ``device``
+# (NoiseSchedule.table itself: no wrapper frame per call)
+table = NoiseSchedule.table
 
 
 def block_for(n: int) -> tuple:
