@@ -204,8 +204,11 @@ def route(backend: str, device_type: str, op: str, dtype, *tensors) -> tuple:
     if plan is None:
         plan = _plan((backend, device_type, op, dtype))
     decision, positions, on_grad = plan
-    if positions and grad_blocked(positions, tensors):
-        return on_grad
+    if positions and torch.is_grad_enabled():  # grad_blocked, inline
+        for i in positions:
+            x = tensors[i]
+            if x is not None and x.requires_grad:
+                return on_grad
     return decision
 
 

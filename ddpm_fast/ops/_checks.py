@@ -11,6 +11,14 @@ from ..options import LEARNED_VAR_TYPES
 from ..schedule import NoiseSchedule
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_SET = frozenset(_FLOAT_DTYPES)
+# tensor types whose shape, dtype and device are read directly by the one-pass checks (subclasses take the
+# separate checks: their attributes may be overridden)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+# up to this many timesteps are range-checked in Python (t.tolist(): ~0.3 us for a few on the CPU, against ~2.5 us
+# for torch.aminmax and two scalar reads; one device-to-host copy for CUDA tensors, not two); more through aminmax
+_LIST_RANGE_MAX = 64
+_MEAN_TYPES, _VAR_TYPES = options.OPTIONS["mean_type"], options.OPTIONS["var_type"]
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -45,6 +53,31 @@ def same_dtype(ref_name, ref, **tensors):
             raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {x.dtype}")
 
 
+def _all_like(tensors: dict, dtype, shape, device) -> bool:
+    """Whether every tensor of ``tensors`` (None: absent) is a plain tensor of this dtype, shape and device."""
+    for x in tensors.values():
+        if x is not None and not (type(x) in _PLAIN_TYPES and x.dtype == dtype and x.shape == shape
+                                  and x.device == device):
+            return False
+    return True
+
+
+def like(ref_name, ref, **others):
+    """tensor(ref_name, ref) and each of ``others`` (None: absent), then same_shape, same_dtype and
+    same_device of ``others`` against ``ref``, in that order; returns the device. One pass over plain tensors
+    when every check passes; otherwise the separate checks, which raise their errors."""
+    if type(ref) in _PLAIN_TYPES:
+        dtype, shape, device = ref.dtype, ref.shape, ref.device
+        if dtype in _FLOAT_SET and shape and _all_like(others, dtype, shape, device):
+            return device
+    tensor(ref_name, ref)
+    for name, x in others.items():
+        if x is not None:
+            tensor(name, x)
+    same_shape(ref_name, ref, **others), same_dtype(ref_name, ref, **others)
+    return same_device(**{ref_name: ref}, **others)
+
+
 def schedule(value):
     if not isinstance(value, NoiseSchedule):
         raise TypeError(f"schedule: expected a ddpm_fast.NoiseSchedule, got {type(value).__name__}")
@@ -53,6 +86,16 @@ def schedule(value):
 
 def timesteps(t, batch: int, sched: NoiseSchedule, device: torch.device, validate):
     """t as an int64 tensor [B] on ``device``; range-checked when validate (default: not on CUDA)."""
+    if type(t) is torch.Tensor and t.dtype == torch.int64 and t.shape == (batch,) and t.device == device:
+        # the common case in one test; then only the range (values read on the host) and the layout
+        if validate or (validate is None and not t.is_cuda):
+            if batch <= _LIST_RANGE_MAX:  # (on a GPU too: one copy to the host, where aminmax reads twice)
+                values = t.tolist()
+                if values and (min(values) < 0 or max(values) >= sched.num_timesteps):
+                    _check_range(t, sched.num_timesteps)  # raises, with the range found
+            else:
+                _check_range(t, sched.num_timesteps)
+        return t if t.is_contiguous() else t.contiguous()
     T = sched.num_timesteps
     if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
         raise TypeError("t: expected integer timesteps, got a bool")
@@ -74,12 +117,24 @@ def timesteps(t, batch: int, sched: NoiseSchedule, device: torch.device, validat
         t = t.to(torch.int64)
     if validate is None:
         validate = device.type != "cuda"
-    if validate and t.numel() > 0:
+    if validate:
+        _check_range(t, T)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _check_range(t, T):
+    """Raise ValueError unless every value of the integer tensor t [B] is in [0, T) (reads t on the host)."""
+    n = t.shape[0]
+    if n <= _LIST_RANGE_MAX:
+        if not n:
+            return
+        values = t.tolist()
+        lo, hi = min(values), max(values)
+    else:
         lo, hi = torch.aminmax(t)
         lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= T:
-            raise ValueError(f"t: expected timesteps in [0, {T}), got values in [{lo}, {hi}]")
-    return t if t.is_contiguous() else t.contiguous()
+    if lo < 0 or hi >= T:
+        raise ValueError(f"t: expected timesteps in [0, {T}), got values in [{lo}, {hi}]")
 
 
 def model_output_shape(model_output, x_t, var_type, x_name):
@@ -112,6 +167,8 @@ def number(name, value, lo=None, hi=None, lo_open=False):
 
 
 def thresholding(dynamic_threshold, sample_max_value):
+    if dynamic_threshold is None and type(sample_max_value) in (float, int) and sample_max_value >= 1.0:
+        return  # the default case, valid (NaN and bools take the checks below)
     if dynamic_threshold is not None:
         number("dynamic_threshold", dynamic_threshold, 0.0, 1.0, lo_open=True)
     number("sample_max_value", sample_max_value, 1.0, float("inf"))
@@ -151,7 +208,17 @@ def xstart_defined(mean_type, sched):
 
 def model_args(model_output, x_t, t, sched, mean_type, var_type, validate, x_name="x_t", **others):
     """Shared checks of (model_output, x_t, t, ...) ops; x_name names x_t. Returns (t, device)."""
-    options.check("mean_type", mean_type), options.check("var_type", var_type)
+    if mean_type not in _MEAN_TYPES or var_type not in _VAR_TYPES:  # options.check's test; it raises
+        options.check("mean_type", mean_type), options.check("var_type", var_type)
+    if type(model_output) in _PLAIN_TYPES and type(x_t) in _PLAIN_TYPES:  # one pass when the checks below pass
+        dtype, shape, device = x_t.dtype, x_t.shape, x_t.device
+        if (dtype in _FLOAT_SET and shape and model_output.dtype == dtype and model_output.device == device
+                and (not others or _all_like(others, dtype, shape, device))):
+            if var_type in LEARNED_VAR_TYPES or model_output.shape != shape:  # (equal shapes: batched too)
+                if not model_output.ndim:
+                    tensor("model_output", model_output)  # raises
+                model_output_shape(model_output, x_t, var_type, x_name)
+            return timesteps(t, shape[0], schedule(sched), device, validate), device
     tensor("model_output", model_output), tensor(x_name, x_t)
     for name, x in others.items():
         if x is not None:
@@ -181,8 +248,11 @@ def cpu_native(op, backend, *tensors):
     if plan is None:
         plan = _cpu_plan(op, backend, tensors[0].dtype)
     fn, positions = plan
-    if positions and backends.grad_blocked(positions, tensors):
-        return None
+    if positions and torch.is_grad_enabled():  # backends.grad_blocked, inline
+        for i in positions:
+            x = tensors[i]
+            if x is not None and x.requires_grad:
+                return None
     return fn
 
 

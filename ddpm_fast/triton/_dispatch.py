@@ -83,12 +83,20 @@ def define(name: str, fake):
     return register
 
 
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.maybe_current_level
+_grad_enabled = torch.is_grad_enabled
+
+
 def plain_eager(*tensors) -> bool:
     """True if the kernels may be launched directly: plain tensors, not under torch.compile, no dispatch
     mode (fake / functional tensors, FlopCounter, ...) and no functorch transform (vmap, grad)."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.maybe_current_level() is not None:
+    return _plain_eager(tensors)
+
+
+def _plain_eager(tensors) -> bool:
+    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:
         return False
     for x in tensors:
         if x is not None and type(x) not in _PLAIN_TYPES:
@@ -112,9 +120,12 @@ def autograd_function(name: str, impl, setup_context, backward):
 def call(op, impl, fn, args, tensors, diff=()):
     """Run one op on ``args``: its launcher directly, its autograd.Function ``fn`` when an input in ``diff``
     requires grad, or the library ``op`` when not plain eager (``tensors``: every tensor argument)."""
-    if not plain_eager(*tensors):
+    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:  # _plain_eager, inline
         return op(*args)
-    if fn is not None and torch.is_grad_enabled():
+    for x in tensors:
+        if x is not None and type(x) not in _PLAIN_TYPES:
+            return op(*args)
+    if fn is not None and _grad_enabled():
         for x in diff:
             if x is not None and x.requires_grad:
                 return fn.apply(*args)

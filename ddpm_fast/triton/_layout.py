@@ -43,6 +43,13 @@ class Plan:
     args: tuple
     n: int
 
+    def __hash__(self):  # launchers key caches on plans: hash the fields once (a plan is immutable)
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.sizes, self.strides, self.flat, self.args, self.n))
+            object.__setattr__(self, "_hash", h)
+        return h
+
 
 def _merge(shape, strides_list):
     """Drop size-1 dims, sort by the first operand's strides (descending), merge mergeable neighbours."""
@@ -110,15 +117,28 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
+def _lookup(operands, logical: bool) -> tuple:
+    """(the cache key of these operands, their cached (Plan, LaunchConfig) or None); key None while tracing."""
+    key, previous = [logical], None
+    for x in operands:  # an operand repeated (a model output read as both halves, ...) keys as None
+        if x is previous:
+            key.append(None)
+        else:
+            key.append(x.shape)
+            key.append(x.stride())
+        previous = x
+    key = tuple(key)
+    try:
+        return key, _CACHE.get(key)
+    except TypeError:  # symbolic sizes while tracing: not hashable, planned each time
+        return None, None
+
+
 def planned(operands, logical: bool = False) -> tuple:
     """(Plan, _runtime.LaunchConfig) for operands of one shape [B, ...], cached by their shapes and strides:
     a repeated call costs one dict lookup. Raises LayoutError (> 3 unmergeable dims), or ValueError from
     launch_config."""
-    key = (logical, *[x.shape for x in operands], *[x.stride() for x in operands])
-    try:
-        hit = _CACHE.get(key)
-    except TypeError:  # symbolic sizes while tracing: not hashable, planned each time
-        key, hit = None, None
+    key, hit = _lookup(operands, logical)
     if hit is None:
         p = plan(operands, logical)
         hit = (p, launch_config(p.n, operands[0].shape[0]))
@@ -134,12 +154,18 @@ def run(inputs, outputs, launch, logical: bool = False) -> None:
     one shape; the row-major stride set last if logical), on the inputs' CUDA device; if the layouts do not
     fit one plan, on contiguous copies (outputs copied back afterwards: an extra pass, only for > 3
     unmergeable dims)."""
-    device = inputs[0].device
-    if device.type != "cuda":  # the interpreter: no current device to set (no context manager per launch)
-        _run(inputs, outputs, launch, logical)
+    first = inputs[0]
+    # Triton launches on the current CUDA device: switch only when the inputs are on another one (the context
+    # manager costs a few microseconds); CPU tensors (the interpreter) have no current device
+    if first.is_cuda and first.get_device() != torch.cuda.current_device():
+        with device_guard(first.device):
+            _run(inputs, outputs, launch, logical)
         return
-    with device_guard(device):
+    _, hit = _lookup((*inputs, *outputs), logical)
+    if hit is None:  # planned on first use (or each time while tracing)
         _run(inputs, outputs, launch, logical)
+    else:
+        launch(inputs, outputs, *hit)
 
 
 def _run(inputs, outputs, launch, logical):

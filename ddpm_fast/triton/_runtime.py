@@ -9,6 +9,7 @@ import torch
 import triton.language as tl
 
 from .. import options
+from ..schedule import NoiseSchedule
 from ..backends import FALLBACK_WARNED, BackendUnavailableError
 
 # The Triton interpreter is chosen when kernels are defined (at import), from this variable.
@@ -24,8 +25,13 @@ _RUNNABLE_DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
 
 def check_device(*tensors) -> None:
     """Raise BackendUnavailableError (with every reason) if these tensors cannot run on Triton here."""
-    for x in tensors:
-        if x is not None and (x.device.type not in _RUNNABLE_DEVICES or (INTERPRET and x.dtype == torch.bfloat16)):
+    for x in tensors:  # x.device.type in _RUNNABLE_DEVICES, and not bfloat16 under the interpreter
+        if x is None:
+            continue
+        if INTERPRET:
+            if x.dtype == torch.bfloat16 or not (x.is_cpu or x.is_cuda):
+                break
+        elif not x.is_cuda:
             break
     else:
         return
@@ -59,9 +65,9 @@ def tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def table(schedule, device, cdt: torch.dtype) -> torch.Tensor:
-    """The schedule's packed [T, len(COLUMNS)] table in the compute dtype, on ``device``."""
-    return schedule.table(device, cdt)
+# table(schedule, device, cdt): the schedule's packed [T, len(COLUMNS)] table in the compute dtype, on ``device``
+# (NoiseSchedule.table itself: no wrapper frame per call)
+table = NoiseSchedule.table
 
 
 def block_for(n: int) -> tuple:

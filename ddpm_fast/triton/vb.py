@@ -152,13 +152,13 @@ def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode,
     _check_mode(mode, weighting)
     B, T = x0.shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
     f = _flags(mode, var_type, T)
-    outs = [torch.empty(B, dtype=table_.dtype, device=x0.device) for _ in range(3)]
+    outs = [table_.new_empty(B) for _ in range(3)]  # the table's dtype, on x0's device (no kwargs to parse)
     if B == 0 or x0.numel() == 0:
         return tuple(o.fill_(float("nan")) for o in outs)
     mo, mv = _halves(model_output, var_type)
 
     def launch(ins, _, p, c):
-        part = torch.empty((B, 2, c.n_chunks), dtype=table_.dtype, device=x0.device)
+        part = table_.new_empty((B, 2, c.n_chunks))
         wrap(_vb_fwd_kernel)[c.grid](
             *ins, part, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
             MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"],
