@@ -535,6 +535,7 @@ def _opcheck_cases():
         (sampler.p_mean_variance_op, (mo1, xt, t, tab, 1, 0, False, 0.9, 2.0)),
         (sampler.sampler_step_op, (mo, xt, t, tab, nz, None, False, 0, 3, True, -1.0, 1.0, 0.0)),
         (sampler.sampler_step_op, (mo1, xt, t, tab, None, seed, True, 0, 0, True, 0.9, 1.5, 1.0)),
+        (sampler.sampler_step_op, (mo, xt, t, tab, None, None, False, 0, 3, True, -1.0, 1.0, 0.0, 2**40 + 3)),
     ]
 
 

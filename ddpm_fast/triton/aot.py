@@ -62,6 +62,8 @@ def _variants():
          dict(fp, MODE=0, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=0), True),
         ("p_sample_step philox", sampler._sampler_kernel,
          dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2), True),
+        ("p_sample_step philox int seed", sampler._sampler_kernel,
+         dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2, SEED_FROM_PTR=False), True),
         ("p_sample_step philox strided", sampler._sampler_kernel,
          dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2, FLAT=False), False),
         ("p_sample_step philox int64 index", sampler._sampler_kernel,
@@ -87,8 +89,8 @@ def _variants():
 
 
 def _signature(kernel, constexprs):
-    """Argument types as the JIT would see them for fp32 tensors: pointers *fp32 (t and seed *i64); sizes
-    and strides i32, except N and the batch strides, i64 for the IDX64 variants (>= 2^31 elements per sample)."""
+    """Argument types as the JIT would see them for fp32 tensors: pointers *fp32 (t and seed *i64); an int seed
+    i64; sizes and strides i32, except N and the batch strides, i64 for the IDX64 variants (>= 2^31 elements per sample)."""
     sig, attrs = {}, {}
     idx64 = bool(constexprs.get("IDX64", False))
     for i, name in enumerate(kernel.arg_names):
@@ -100,6 +102,8 @@ def _signature(kernel, constexprs):
         elif name in ("gamma", "vb_scale", "loss_scale", "scale", "sample_max", "eta", "sqrt_abar", "const",
                       "guidance_scale"):
             sig[name] = "fp32"
+        elif name == "seed":  # an int Philox seed in [0, 2^63)
+            sig[name] = "i64"
         else:
             sig[name] = "i64" if idx64 and (name.endswith("_sb") or name == "N") else "i32"
             if name.endswith("_sb") or name == "N":  # batch strides and sizes of 16-aligned samples

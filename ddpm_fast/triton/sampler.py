@@ -42,16 +42,17 @@ def _abs_xstart_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
     tl.store(out_ptr + b * N + n, tl.abs(M.predict_xstart(out, xt, table_ptr, t, MEAN)), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed_ptr, thr_ptr, t_ptr, table_ptr,
                     m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, x_sb, x_s1, x_s2, x_s3, z_sb, z_s1, z_s2, z_s3,
                     a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, d_sb, d_s1, d_s2, d_s3,
-                    l_sb, l_s1, l_s2, l_s3, N, T, D2, D3, n_chunks, sample_max, eta,
+                    l_sb, l_s1, l_s2, l_s3, N, T, D2, D3, n_chunks, sample_max, eta, seed,
                     MODE: tl.constexpr, MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, DT: tl.constexpr,
                     NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
-                    CDT: tl.constexpr):
+                    CDT: tl.constexpr, SEED_FROM_PTR: tl.constexpr = True):
     """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart).
-    l_*: the row-major strides (l_sb = N) giving in-kernel noise its counter b * N + row-major index."""
+    l_*: the row-major strides (l_sb = N) giving in-kernel noise its counter b * N + row-major index; the
+    Philox seed is seed_ptr[0] (SEED_FROM_PTR: a device tensor, graph-safe) or the int seed."""
     b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
     xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
@@ -62,7 +63,10 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
     if NOISE == 1:
         z = M._load(nz_ptr, b, n, m, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
-        z = tl.randn(tl.load(seed_ptr), M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
+        if SEED_FROM_PTR:
+            z = tl.randn(tl.load(seed_ptr), M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
+        else:
+            z = tl.randn(seed, M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
     if MODE == 2:
         sigma, sqrt_abar_prev, eps_coef = M.ddim_coefs(eta, table_ptr, t)
         res = M.ddim_sample(px, xt, M._col(table_ptr, t, M.SQRT_ABAR), M._col(table_ptr, t, M.SQRT_1M_ABAR),
@@ -130,8 +134,9 @@ def _stride_args(p, n_out: int, full: bool, noise_mode: int) -> tuple:
 
 
 def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip, dynamic_threshold,
-            sample_max_value, eta, outs):
-    """Fill outs (see _sampler_kernel) for MODE ``mode``; noise: a tensor, or Philox from seed[0], or neither."""
+            sample_max_value, eta, outs, seed_value=None):
+    """Fill outs (see _sampler_kernel) for MODE ``mode``; noise: a tensor, or Philox from seed[0] or the int
+    seed_value, or neither."""
     B = x_t.shape[0]
     cdt = table_.dtype
     learned = var_type in LEARNED
@@ -150,7 +155,7 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
             thr.append(_quantile(buf, dynamic_threshold))
 
         run((mo, x_t), (), launch_abs)
-    noise_mode = 0 if (noise is None and seed is None) else (1 if noise is not None else 2)
+    noise_mode = 1 if noise is not None else (0 if seed is None and seed_value is None else 2)
     full = mode == 0 and learned  # variance outputs full size (else one value per sample, or none)
 
     def launch(ins, o, p, c):
@@ -158,9 +163,9 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
         wrap(_sampler_kernel)[c.grid](
             *ins, o[0], o[1], *o34, seed if seed is not None else t, thr[0] if thr else t, t, table_,
             *_stride_args(p, len(o), full, noise_mode), p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
-            float(sample_max_value), float(eta), MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip,
-            DT=dynamic_threshold is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
-            CDT=tl_dtype(cdt), num_warps=c.warps)
+            float(sample_max_value), float(eta), 0 if seed_value is None else seed_value, MODE=mode, MEAN=mean_type,
+            VAR=var_type, CLIP=clip, DT=dynamic_threshold is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block,
+            IDX64=c.idx64, CDT=tl_dtype(cdt), SEED_FROM_PTR=seed_value is None, num_warps=c.warps)
 
     ins = (mo, mv, x_t, noise if noise is not None else x_t)
     run(ins, outs[:4] if full else outs[:2], launch, logical=noise_mode == 2)
@@ -193,12 +198,13 @@ def _p_mean_variance_fake(model_output, x_t, t, table_, mean_type, var_type, cli
 
 
 def _sampler_step(wrap, model_output, x_t, t, table_, noise, seed, ddim, mean_type, var_type, clip, dynamic_threshold,
-                  sample_max_value, eta):
-    """(sample, pred_xstart) of one DDPM (ddim=False) or DDIM step; noise tensor, or Philox from seed[0], or none."""
+                  sample_max_value, eta, seed_value=None):
+    """(sample, pred_xstart) of one DDPM (ddim=False) or DDIM step; noise tensor, or Philox from seed[0] or the
+    int seed_value, or none."""
     outs = (torch.empty_like(x_t), torch.empty_like(x_t))
     if x_t.numel():
         _launch(wrap, 2 if ddim else 1, model_output, x_t, t, table_, noise, seed, mean_type, var_type, clip,
-                _dt(dynamic_threshold), sample_max_value, eta, outs)
+                _dt(dynamic_threshold), sample_max_value, eta, outs, seed_value)
     return outs
 
 
@@ -215,10 +221,11 @@ def p_mean_variance_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.T
 def sampler_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table_: torch.Tensor,
                     noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], ddim: bool, mean_type: int,
                     var_type: int, clip: bool, dynamic_threshold: float, sample_max_value: float,
-                    eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sample, pred_xstart) of one DDPM (ddim=False) or DDIM step; noise tensor, or Philox from seed[0], or none."""
+                    eta: float, seed_value: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample, pred_xstart) of one DDPM (ddim=False) or DDIM step; noise tensor, or Philox from seed[0] or the
+    int seed_value, or none."""
     return _sampler_step(wrap_triton, model_output, x_t, t, table_, noise, seed, ddim, mean_type, var_type, clip,
-                         dynamic_threshold, sample_max_value, eta)
+                         dynamic_threshold, sample_max_value, eta, seed_value)
 
 
 # -- backend functions -------------------------------------------------------------------------
@@ -237,21 +244,25 @@ def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip
 
 
 def _noise_args(noise, generator, seed, device, wanted):
+    """(noise tensor, seed tensor, int seed), at most one given: an int seed is passed to the kernel as is (as
+    on the compiled path); a generator's draw stays a device tensor (no host read)."""
     if not wanted:
-        return None, None
+        return None, None, None
     if noise is not None:
-        return noise, None
-    return None, seed_tensor(seed, generator, device)
+        return noise, None, None
+    if seed is not None:
+        return None, None, int(seed)
+    return None, seed_tensor(None, generator, device), None
 
 
 def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True, dynamic_threshold=None,
                   sample_max_value=1.0, noise=None, generator=None, seed=None):
     """dict sample, pred_xstart (x_t's dtype). Noise: the tensor, else Philox in-kernel from seed / generator."""
     check_device(model_output, x_t, noise)
-    nz, sd = _noise_args(noise, generator, seed, x_t.device, True)
+    nz, sd, seed_value = _noise_args(noise, generator, seed, x_t.device, True)
     args = (model_output, x_t, t, _table(schedule, x_t), nz, sd, False, MEAN_IDS[mean_type], VAR_IDS[var_type],
             bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold),
-            float(sample_max_value), 0.0)
+            float(sample_max_value), 0.0, seed_value)
     sample, px = call(sampler_step_op, _sampler_step, None, args, args[:6])
     return {"sample": sample, "pred_xstart": px}
 
@@ -260,9 +271,9 @@ def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dy
               sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None, seed=None):
     """dict sample, pred_xstart (x_t's dtype); noise only when eta != 0."""
     check_device(model_output, x_t, noise)
-    nz, sd = _noise_args(noise, generator, seed, x_t.device, eta != 0.0)
+    nz, sd, seed_value = _noise_args(noise, generator, seed, x_t.device, eta != 0.0)
     args = (model_output, x_t, t, _table(schedule, x_t), nz, sd, True, MEAN_IDS[mean_type], VAR_IDS[var_type],
             bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold),
-            float(sample_max_value), float(eta))
+            float(sample_max_value), float(eta), seed_value)
     sample, px = call(sampler_step_op, _sampler_step, None, args, args[:6])
     return {"sample": sample, "pred_xstart": px}
