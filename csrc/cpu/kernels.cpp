@@ -97,6 +97,15 @@ template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, 
     for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<S>(z[j]);
 }
 
+// Whether body f reads input k (F::reads where it says, e.g. a copy with constant inputs: the loop then skips
+// the loads of the others), else true
+template <class F> inline __attribute__((always_inline)) bool reads(const F& f, int k) {
+  if constexpr (requires { f.reads(k); })
+    return f.reads(k);
+  else
+    return true;
+}
+
 // Run body f on n elements: in[k] / out[k] are contiguous compute-dtype arrays of n elements (an absent
 // input points at zeros, an absent output at scratch), so the loop loads and stores without tests.
 // Inlined into run_chunk, where f may be a copy with constant options (F::specialized).
@@ -116,7 +125,8 @@ inline __attribute__((always_inline)) void run_loop(const F f, const S* const* i
   for (int k = 0; k < NO; ++k) vout[k] = Vec(S(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    for (int k = 0; k < NI; ++k) vin[k] = Vec::loadu(in[k] + i);
+    for (int k = 0; k < NI; ++k)
+      if (reads(f, k)) vin[k] = Vec::loadu(in[k] + i);
     f.template operator()<Vec>(vin, vout, vr);
     for (int k = 0; k < F::NO; ++k) vout[k].store(out[k] + i);
     for (int k = 0; k < F::NR; ++k) acc[k] = acc[k] + vr[k];

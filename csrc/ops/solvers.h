@@ -94,6 +94,11 @@ template <class S> struct SolverUpdateElem {
                      ((inputs == (Sets | kHasCond) && (run(fixed(Sets | kHasCond)), true)) || ...);
     if (!ran) run(fixed(inputs));
   }
+  // whether the body reads input k (the CPU loop loads only those)
+  DDPM_HD bool reads(int k) const {
+    constexpr unsigned kOptional[kNumIn] = {kHasNoise, 0, 0, kHasCond, kHasH1, kHasH2, kHasH3, kHasLast};
+    return kOptional[k] == 0 || (inputs & kOptional[k]) != 0;
+  }
   template <class V> DDPM_HD void operator()(const V* in, V* out, V*) const {
     V x_s = in[in_x];
     if (inputs & kHasNoise) x_s = x_s + V(coef[kChurn]) * in[in_noise];

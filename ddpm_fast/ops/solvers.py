@@ -183,7 +183,7 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
     h1, h2, h3 = history + (None,) * (3 - len(history))
     op = _compiled_cpu_op(x.dtype) if x.is_cpu else None
     if op is not None and torch.is_grad_enabled():
-        for t in (x, model_output, model_cond, cfg_factor, thresh, h1, h2, h3, last_sample, noise):
+        for t in (x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2, h3, last_sample, noise, m_out):
             if t is not None and t.requires_grad:
                 op = None
                 break
