@@ -2,9 +2,11 @@
 
 Every step is argument checks, the choice of one coefficient row of its SolverTable
 (ddpm_fast.solvers.tables: ``fused_rows``, built once per set of timesteps) and one call of
-ddpm_fast.ops.solver_update, whose reference (ddpm_fast.reference.solver_update) is the one formula of
-every sampler: no host sync, no host-to-device copy once the table is on the device (a host step index
-maps to a cached row_index tensor; a per-sample index computes it with a few int ops on the device).
+ddpm_fast.ops.solver_update (its arguments checked here once: ops.solvers.solver_update_checked, which on
+CPU tensors calls the compiled op straight away), whose reference (ddpm_fast.reference.solver_update) is the
+one formula of every sampler: no host sync, no host-to-device copy once the table is on the device (a host
+step index maps to a cached row_index tensor; a per-sample index computes it with a few int ops on the
+device).
 
 Shapes and dtypes: model_output and sample [B, ...] (model_output [2B, ...] with guidance_scale: the
 unconditional half first, as diffusers' pipelines concatenate it); fp16 / bf16 / fp32 compute in float32,
