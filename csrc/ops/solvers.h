@@ -55,8 +55,8 @@ template <class S> struct SolverUpdateElem {
   static constexpr bool kMayDrawNoise = true;  // its noise input may be drawn in-kernel (Philox)
   // CUDA: 8 float32 inputs of 8 elements a thread already take 64 registers, the body ~110 on sm_90 (96, 106
   // with noise, on sm_80): at 80 registers (3 blocks / SM) ptxas spills, so this body asks for 2 blocks / SM
-  // (25% occupancy, no spills; tests/test_cuda_compile.py names it as the one exception). The coefficients are read from the row
-  // where the driver staged it (shared memory), not copied to registers.
+  // (25% occupancy, no spills; tests/test_cuda_compile.py names it as the one exception). The coefficients
+  // are read from the row where the driver staged it (shared memory), not copied to registers.
   static constexpr int kMinBlocksPerSm = 2;
   const S* coef;  // this sample's row [kNumSolverCols] (CUDA: the block's shared copy; CPU: the table's row)
   S guidance_scale, cfg_factor, thresh_scale;
