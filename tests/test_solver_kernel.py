@@ -175,6 +175,38 @@ def test_dtypes(backend, dtype, case):
         run_and_check(backend, a, f"{backend} {dtype} {case} (model output and noise in S: {low_inputs_in_s})")
 
 
+# The samplers' launches, which the CPU loop runs with their inputs as constants (SolverUpdateElem::specialized),
+# each with and without guidance, and sets it runs as given (DPM-Solver++ 2M SDE; with cfg_factor / thresh)
+SAMPLER_SETS = {
+    "euler": (),
+    "euler churn, euler ancestral": ("noise",),
+    "dpm++ 2m": ("h1",),
+    "dpm++ 3m sde": ("h1", "h2", "noise"),
+    "unipc order 3": ("h1", "h2", "h3", "last_sample"),
+    "dpm++ 2m sde (not a constant set)": ("h1", "noise"),
+    "euler rescaled (not a constant set)": ("cfg_factor",),
+    "unipc order 2 thresholded (not a constant set)": ("h1", "h2", "last_sample", "thresh"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLER_SETS))
+@pytest.mark.parametrize("backend", backends())
+def test_sampler_input_sets(backend, name):
+    """Each history entry present on its own (h1 without h3, ...), over a tail (70 elements a sample) and over
+    several CPU chunks (4920), with and without guidance, in float32 and float64."""
+    inputs = set(SAMPLER_SETS[name])
+    for guided, dtype, shape in itertools.product((False, True), (torch.float32, torch.float64),
+                                                  ((3, 2, 5, 7), (2, 3, 40, 41))):
+        if backend == "cuda_emu" and dtype == torch.float64:
+            continue
+        present = (inputs - {"h1", "h2", "h3"}) | ({"history"} if inputs & {"h1", "h2", "h3"} else set())
+        a = make_case(dtype, present | ({"model_cond"} if guided else set()), shape=shape)
+        for h in ("h1", "h2", "h3"):
+            if h not in inputs:
+                a[h] = None
+        run_and_check(backend, a, f"{backend} {name} guided={guided} {dtype} {shape}")
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_m_out_may_be_h3_and_last_sample_is_updated_in_place(backend):
     """UniPC at order == solver_order reads history slot h3 and writes m into the same memory; last_sample is

@@ -624,3 +624,27 @@ def test_host_index_steps_with_guidance_without_host_sync():
                 out = step(kind, out2, x, i, table, history, last, None, guidance_scale=5.0, guidance_rescale=0.5,
                            validate=False)
         assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_solver_update_checked_equals_solver_update():
+    """The steps' entry (ddpm_fast.ops.solvers.solver_update_checked: the compiled op without a second Python
+    check on CPU tensors) gives solver_update's outputs for each history length, and an input that requires grad
+    still takes the reference (a gradient)."""
+    from ddpm_fast.ops.solvers import solver_update_checked
+
+    a = _update_inputs(seed=6)
+    for history in ((), a["history"][:1], a["history"][:2], a["history"]):
+        kw = dict(model_cond=a["model_cond"], guidance_scale=2.5, cfg_factor=a["cfg_factor"], history=history,
+                  noise=a["noise"])
+        want_m, got_m = torch.empty(a["x"].shape), torch.empty(a["x"].shape)
+        want_last, got_last = a["last_sample"].clone(), a["last_sample"].clone()
+        want = F.solver_update(a["x"], a["model_output"], a["rows"], a["row_index"], want_m, last_sample=want_last,
+                               **kw)
+        got = solver_update_checked(a["x"], a["model_output"], a["rows"], a["row_index"], got_m,
+                                    last_sample=got_last, **kw)
+        for w, g in ((want, got), (want_m, got_m), (want_last, got_last)):
+            assert torch.equal(w, g), f"history of {len(history)}"
+    mo = a["model_output"].clone().requires_grad_()
+    x_prev = solver_update_checked(a["x"], mo, a["rows"], a["row_index"], torch.empty(a["x"].shape))
+    (grad,) = torch.autograd.grad(x_prev.sum(), (mo,))
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

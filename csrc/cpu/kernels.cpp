@@ -97,19 +97,36 @@ template <class S> void philox_normals(const Plan& p, uint64_t seed, int64_t b, 
     for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<S>(z[j]);
 }
 
+// Whether body f reads input k (F::reads where it says, e.g. a copy with constant inputs: the loop then skips
+// the loads of the others), else true
+template <class F> inline __attribute__((always_inline)) bool reads(const F& f, int k) {
+  if constexpr (requires { f.reads(k); })
+    return f.reads(k);
+  else
+    return true;
+}
+
 // Run body f on n elements: in[k] / out[k] are contiguous compute-dtype arrays of n elements (an absent
 // input points at zeros, an absent output at scratch), so the loop loads and stores without tests.
 // Inlined into run_chunk, where f may be a copy with constant options (F::specialized).
 template <class S, class F>
-inline __attribute__((always_inline)) void run_loop(const F f, const S* const* in, S* const* out, int64_t n, S* red) {
+inline __attribute__((always_inline)) void run_loop(const F f, const S* const* ins, S* const* outs, int64_t n,
+                                                    S* red) {
   using Vec = at::vec::Vectorized<S>;
   constexpr int NI = F::NI, NO = F::NO > 0 ? F::NO : 1, NR = F::NR > 0 ? F::NR : 1;
+  // the operand pointers in locals: the loop's stores cannot alias them, so they stay in registers and the
+  // loads of inputs the body does not read are dropped (through the callers' arrays, both stay in the loop)
+  const S* in[NI];
+  S* out[NO];
+  for (int k = 0; k < NI; ++k) in[k] = ins[k];
+  for (int k = 0; k < F::NO; ++k) out[k] = outs[k];
   Vec vin[NI], vout[NO], vr[NR], acc[NR];
   for (int k = 0; k < NR; ++k) acc[k] = Vec(S(0));
   for (int k = 0; k < NO; ++k) vout[k] = Vec(S(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    for (int k = 0; k < NI; ++k) vin[k] = Vec::loadu(in[k] + i);
+    for (int k = 0; k < NI; ++k)
+      if (reads(f, k)) vin[k] = Vec::loadu(in[k] + i);
     f.template operator()<Vec>(vin, vout, vr);
     for (int k = 0; k < F::NO; ++k) vout[k].store(out[k] + i);
     for (int k = 0; k < F::NR; ++k) acc[k] = acc[k] + vr[k];

@@ -103,7 +103,9 @@ Tensor solver_update(const Tensor& x, const Tensor& model_output, const c10::opt
   r.set_options([&](auto& o) {
     using S = std::remove_reference_t<decltype(o.guidance_scale)>;
     o.guidance_scale = static_cast<S>(guidance_scale);
-    o.has_cond = given(model_cond);
+    o.inputs = (given(model_cond) ? Body::kHasCond : 0u) | (given(noise) || draw_noise ? Body::kHasNoise : 0u) |
+               (given(h1) ? Body::kHasH1 : 0u) | (given(h2) ? Body::kHasH2 : 0u) | (given(h3) ? Body::kHasH3 : 0u) |
+               (given(last_sample) ? Body::kHasLast : 0u);
     o.cfg_factor = nullptr;
     o.thresh = nullptr;
     const auto dtype = c10::CppTypeToScalarType<S>::value;  // the per-sample data goes to its dtype's options

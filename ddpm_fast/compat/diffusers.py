@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ from .. import ops, reference
 from ..options import LEARNED_VAR_TYPES
 from ..schedule import COLUMN, NoiseSchedule, betas_problem
 from .diffusers_solvers import (FastDPMSolverMultistepScheduler, FastEulerAncestralDiscreteScheduler,
-                                FastEulerDiscreteScheduler, FastUniPCMultistepScheduler)
+                                FastEulerDiscreteScheduler, FastUniPCMultistepScheduler, _output, _say_once)
 
 __all__ = ["FastDDPMScheduler", "FastDDIMScheduler", "FastDPMSolverMultistepScheduler", "FastEulerDiscreteScheduler",
            "FastEulerAncestralDiscreteScheduler", "FastUniPCMultistepScheduler"]
@@ -167,17 +166,6 @@ def _host_timestep(timestep):
     return None
 
 
-def _output(cls, prev, pred):
-    """cls(prev_sample=prev, pred_original_sample=pred) (a diffusers BaseOutput: an OrderedDict with the same
-    fields as attributes), built without the dataclass __init__ / __post_init__ (about 4 us a step)."""
-    out = cls.__new__(cls)
-    OrderedDict.__setitem__(out, "prev_sample", prev)
-    OrderedDict.__setitem__(out, "pred_original_sample", pred)
-    object.__setattr__(out, "prev_sample", prev)
-    object.__setattr__(out, "pred_original_sample", pred)
-    return out
-
-
 class _FastMixin:
     """Shared by both schedulers: the float64 base schedule, the fused add_noise / get_velocity."""
 
@@ -199,10 +187,7 @@ class _FastMixin:
 
     def _say(self, reason):
         """Log once per scheduler and reason, at debug level, that the parent's code runs."""
-        said = self.__dict__.setdefault("_ddpm_fast_said", set())
-        if reason not in said:
-            said.add(reason)
-            _log.debug("%s runs diffusers' own code where %s", type(self).__name__, reason)
+        _say_once(self, reason, _log)
 
     def _plan(self) -> _Plan:
         plan = self.__dict__.get("_ddpm_fast_plan")

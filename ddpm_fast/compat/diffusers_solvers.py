@@ -55,6 +55,7 @@ before it):
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -92,6 +93,26 @@ def _numbers(*values) -> bool:
     return True
 
 
+def _say_once(scheduler, reason, log):
+    """Log once per scheduler and reason, at debug level on ``log``, that the parent's code runs (the drop-ins
+    of this module and of ddpm_fast.compat.diffusers)."""
+    said = scheduler.__dict__.setdefault("_ddpm_fast_said", set())
+    if reason not in said:
+        said.add(reason)
+        log.debug("%s runs diffusers' own code where %s", type(scheduler).__name__, reason)
+
+
+def _output(cls, prev, pred):
+    """cls(prev_sample=prev, pred_original_sample=pred) (a diffusers BaseOutput: an OrderedDict with the same
+    fields as attributes), built without the dataclass __init__ / __post_init__ (about 4 us a step)."""
+    out = cls.__new__(cls)
+    OrderedDict.__setitem__(out, "prev_sample", prev)
+    OrderedDict.__setitem__(out, "pred_original_sample", pred)
+    object.__setattr__(out, "prev_sample", prev)
+    object.__setattr__(out, "pred_original_sample", pred)
+    return out
+
+
 class _SolverMixin:
     """Shared state handling: the table per set_timesteps, the step index without a sync, the fallback."""
 
@@ -103,10 +124,7 @@ class _SolverMixin:
         raise NotImplementedError
 
     def _say(self, reason):
-        said = self.__dict__.setdefault("_ddpm_fast_said", set())
-        if reason not in said:
-            said.add(reason)
-            _log.debug("%s runs diffusers' own code where %s", type(self).__name__, reason)
+        _say_once(self, reason, _log)
 
     # -- per set_timesteps ----------------------------------------------------------------------------
     def set_timesteps(self, *args, **kwargs):
@@ -118,7 +136,8 @@ class _SolverMixin:
     def _fast_refresh(self, state):
         """Build the table from the parent's sigmas (host, float64), put it on the timesteps' device, keep a
         host copy of the timesteps (set_timesteps time: one read). The loop's buffers are kept."""
-        state.update({"table": None, "host_timesteps": None, "sigmas": self.sigmas, "timesteps": self.timesteps})
+        state.update({"table": None, "host_timesteps": None, "sigmas": self.sigmas, "timesteps": self.timesteps,
+                      "input_scales": {}})
         reason = self._unsupported()
         if reason is None:
             try:
@@ -253,6 +272,22 @@ class _MultistepMixin(_SolverMixin):
         for j in range(max(order - taken, 0)):
             self.model_outputs[j] = None
 
+    def _multistep_unsupported(self, thresholds: bool) -> str | None:
+        """The reasons DPM-Solver and UniPC share to run the parent's code: a prediction type the tables lack,
+        thresholding (where it applies: ``thresholds``) with sample_max_value < 1."""
+        c = self.config
+        if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
+            return f"prediction_type {c.prediction_type!r}"
+        if thresholds and c.thresholding and c.sample_max_value < 1:
+            return "thresholding with sample_max_value < 1"
+        return None
+
+    def _table_options(self) -> dict:
+        """The table keywords DPM-Solver and UniPC share, from the config."""
+        c = self.config
+        return {"solver_order": c.solver_order, "solver_type": c.solver_type, "prediction_type": c.prediction_type,
+                "lower_order_final": c.lower_order_final, "flow_sigmas": c.use_flow_sigmas}
+
     def _thresholding(self):
         """The config's thresholding as the steps' dynamic_threshold / sample_max_value arguments."""
         c = self.config
@@ -310,19 +345,12 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
         c = self.config
         if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
             return f"algorithm_type {c.algorithm_type!r}"
-        if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
-            return f"prediction_type {c.prediction_type!r}"
-        if c.thresholding and c.sample_max_value < 1:
-            return "thresholding with sample_max_value < 1"
-        return None
+        return self._multistep_unsupported(thresholds=True)
 
     def _build_table(self):
         c = self.config
-        return tables.dpm_solver_table(
-            self.sigmas, solver_order=c.solver_order, algorithm_type=c.algorithm_type, solver_type=c.solver_type,
-            prediction_type=c.prediction_type, lower_order_final=c.lower_order_final,
-            euler_at_final=c.euler_at_final, final_sigmas_type=c.final_sigmas_type,
-            flow_sigmas=c.use_flow_sigmas)
+        return tables.dpm_solver_table(self.sigmas, algorithm_type=c.algorithm_type, euler_at_final=c.euler_at_final,
+                                       final_sigmas_type=c.final_sigmas_type, **self._table_options())
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True, *,
              guidance_scale=None, guidance_rescale=0.0):
@@ -363,21 +391,14 @@ class FastUniPCMultistepScheduler(_MultistepMixin, UniPCMultistepScheduler):
     predict_x0 or not, disable_corrector, every sigma schedule); see the module docstring."""
 
     def _unsupported(self):
-        c = self.config
-        if c.prediction_type not in tables.MULTISTEP_PREDICTION_TYPES:
-            return f"prediction_type {c.prediction_type!r}"
-        if c.thresholding and self.predict_x0 and c.sample_max_value < 1:
-            return "thresholding with sample_max_value < 1"
-        if self.solver_p is not None:
+        reason = self._multistep_unsupported(thresholds=self.predict_x0)
+        if reason is None and self.solver_p is not None:
             return "solver_p"
-        return None
+        return reason
 
     def _build_table(self):
-        c = self.config
-        return tables.unipc_table(
-            self.sigmas, solver_order=c.solver_order, solver_type=c.solver_type, predict_x0=self.predict_x0,
-            prediction_type=c.prediction_type, lower_order_final=c.lower_order_final,
-            disable_corrector=self.disable_corrector, flow_sigmas=c.use_flow_sigmas)
+        return tables.unipc_table(self.sigmas, predict_x0=self.predict_x0, disable_corrector=self.disable_corrector,
+                                  **self._table_options())
 
     def step(self, model_output, timestep, sample, return_dict=True, *, guidance_scale=None, guidance_rescale=0.0):
         """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
@@ -411,41 +432,69 @@ class _EulerMixin(_SolverMixin):
         if (state is None or state["table"] is None or not isinstance(sample, torch.Tensor)
                 or not sample.is_floating_point()):
             return super().scale_model_input(sample, timestep)
-        index = self._per_sample_index(timestep, sample)
+        index = self._per_sample_index(timestep, sample) if self._step_index is None else None
         if index is None:
-            if self.step_index is None:
+            if self._step_index is None:
                 self._init_step_index(timestep)
-            if not 0 <= self.step_index < state["table"].num_steps:
+            if not 0 <= self._step_index < state["table"].num_steps:
                 return super().scale_model_input(sample, timestep)
-        column = tables.EULER_COLUMNS.index("input_scale") if state["table"].kind == "euler" else \
-            tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")
-        device_table = state["table"].on(sample.device, sample.dtype)
+            self.is_scale_input_called = True
+            return sample * self._input_scales(state, sample)[self._step_index]
+        table = state["table"]
         self.is_scale_input_called = True
-        if index is None:
-            return sample * device_table["coef_columns"][self.step_index][0][column]
-        scale = device_table["coef"][index, 0, column].reshape(-1, *([1] * (sample.ndim - 1)))
+        coef = table.on(sample.device, sample.dtype)["coef"]
+        scale = coef[index, 0, self._INPUT_SCALE[table.kind]].reshape(-1, *([1] * (sample.ndim - 1)))
         return (sample * scale).to(sample.dtype)
 
-    def _euler_ready(self, model_output, timestep, sample):
-        """(state, per-sample step index [B] or None) when this step is fused, else None (the parent's runs)."""
-        integer = isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # the parent raises for these
+    _INPUT_SCALE = {"euler": tables.EULER_COLUMNS.index("input_scale"),
+                    "euler_ancestral": tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")}
+
+    def _input_scales(self, state, sample) -> tuple:
+        """The scale_model_input factor of every step, 0-dim tensors on sample's device in its compute dtype
+        (views of the device table), kept per device and dtype for this set_timesteps."""
+        key = (sample.device, sample.dtype == torch.float64)
+        scales = state["input_scales"].get(key)
+        if scales is None:
+            table = state["table"]
+            coef = table.on(sample.device, sample.dtype)["coef"]
+            scales = coef[:, 0, self._INPUT_SCALE[table.kind]].unbind(0)
+            state["input_scales"][key] = scales
+        return scales
+
+    def _euler_ready(self, model_output, timestep, sample, guidance_scale, guidance_rescale):
+        """(state, step index: the host int or a per-sample [B] tensor, the model output as steps._Guided) when
+        this step is fused, else None (the parent's runs)."""
+        # the parent raises for integer timesteps (a float tensor, the usual one, is not: no slower test for it)
+        integer = (not (isinstance(timestep, torch.Tensor) and timestep.is_floating_point())
+                   and isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)))
         if integer and not (isinstance(timestep, torch.Tensor) and timestep.ndim == 1):
             return None
-        state = self._fused_ready(model_output, sample)
+        guidance = self._guidance(guidance_scale, guidance_rescale)
+        state = self._fused_ready(self._unconditional(model_output, guidance), sample)
         if state is None:
             return None
-        index = self._per_sample_index(timestep, sample)
-        if index is not None:
-            return state, index
-        if integer:
-            return None
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if not 0 <= self.step_index < state["table"].num_steps:
-            return None
-        if not self.is_scale_input_called:
-            _euler_logger.warning(_SCALE_WARNING)
-        return state, None
+        index = self._per_sample_index(timestep, sample) if self._step_index is None else None
+        if index is None:
+            if integer:
+                return None
+            if self._step_index is None:
+                self._init_step_index(timestep)
+            if not 0 <= self._step_index < state["table"].num_steps:
+                return None
+            if not self.is_scale_input_called:
+                _euler_logger.warning(_SCALE_WARNING)
+            index = self._step_index
+        if guidance:  # (the checks: model_output and sample are float tensors of one dtype, shape and device)
+            return state, index, steps._Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
+        return state, index, steps._Guided(model_output, compute_dtype(sample.dtype))
+
+    def _euler_output(self, output_cls, step_index, prev_sample, x0, return_dict):
+        """The parent's bookkeeping (a host step index advances) and its output."""
+        if not isinstance(step_index, torch.Tensor):
+            self._step_index += 1
+        if not return_dict:
+            return prev_sample, x0
+        return _output(output_cls, prev_sample, x0)
 
 
 class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
@@ -465,26 +514,23 @@ class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True, *, guidance_scale=None, guidance_rescale=0.0):
         """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
-        guidance = self._guidance(guidance_scale, guidance_rescale)
-        ready = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
+        ready = self._euler_ready(model_output, timestep, sample, guidance_scale, guidance_rescale)
         if ready is None or not _numbers(s_churn, s_tmin, s_tmax, s_noise):
-            return super().step(self._for_parent(model_output, guidance), timestep, sample, s_churn=s_churn,
-                                s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, generator=generator,
-                                return_dict=return_dict)
-        (state, index), table = ready, ready[0]["table"]
-        step_index = self.step_index if index is None else index
-        noise = None
-        if steps.euler_churns(table, step_index if index is None else None, s_churn, s_tmin, s_tmax):
-            noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
-        prev_sample, x0 = steps.euler_step(model_output, sample, step_index, table, s_churn=s_churn, s_tmin=s_tmin,
-                                           s_tmax=s_tmax, s_noise=s_noise, noise=noise, validate=False, **guidance)
+            return super().step(self._for_parent(model_output, self._guidance(guidance_scale, guidance_rescale)),
+                                timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                                generator=generator, return_dict=return_dict)
+        state, step_index, out = ready
+        table = state["table"]
+        noise = churn = None
+        if s_churn > 0:
+            churn = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
+            host_index = None if isinstance(step_index, torch.Tensor) else step_index
+            if steps.euler_churns(table, host_index, s_churn, s_tmin, s_tmax):
+                noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
+        prev_sample, x0 = steps._euler_update(out, sample, step_index, table, noise, churn)
         if table.prediction_type == "sample":  # the parent returns the model output itself
-            x0 = x0.to(sample.dtype) if guidance else model_output
-        if index is None:
-            self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0
-        return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+            x0 = x0.to(sample.dtype) if out.cond is not None else model_output
+        return self._euler_output(EulerDiscreteSchedulerOutput, step_index, prev_sample, x0, return_dict)
 
 
 class FastEulerAncestralDiscreteScheduler(_EulerMixin, EulerAncestralDiscreteScheduler):
@@ -502,17 +548,11 @@ class FastEulerAncestralDiscreteScheduler(_EulerMixin, EulerAncestralDiscreteSch
     def step(self, model_output, timestep, sample, generator=None, return_dict=True, *, guidance_scale=None,
              guidance_rescale=0.0):
         """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
-        guidance = self._guidance(guidance_scale, guidance_rescale)
-        ready = self._euler_ready(self._unconditional(model_output, guidance), timestep, sample)
+        ready = self._euler_ready(model_output, timestep, sample, guidance_scale, guidance_rescale)
         if ready is None:
-            return super().step(self._for_parent(model_output, guidance), timestep, sample, generator=generator,
-                                return_dict=return_dict)
-        state, index = ready
+            return super().step(self._for_parent(model_output, self._guidance(guidance_scale, guidance_rescale)),
+                                timestep, sample, generator=generator, return_dict=return_dict)
+        state, step_index, out = ready
         noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
-        prev_sample, x0 = steps.euler_ancestral_step(model_output, sample, self.step_index if index is None else index,
-                                                     state["table"], noise=noise, validate=False, **guidance)
-        if index is None:
-            self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0
-        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+        prev_sample, x0 = steps._euler_update(out, sample, step_index, state["table"], noise)
+        return self._euler_output(EulerAncestralDiscreteSchedulerOutput, step_index, prev_sample, x0, return_dict)

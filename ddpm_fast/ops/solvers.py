@@ -173,6 +173,38 @@ def solver_update(x, model_output, rows, row_index, m_out, *, model_cond=None, g
               draw_noise=bool(draw_noise), generator=generator, seed=seed)
 
 
+def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond=None, guidance_scale=1.0,
+                          cfg_factor=None, thresh=None, history=(), last_sample=None, noise=None):
+    """solver_update (backend "auto", validate False, no noise drawn) for callers that have checked its
+    arguments (ddpm_fast.solvers.steps: tensors on x's device, history a tuple of up to 3 entries,
+    guidance_scale a float). CPU tensors that the compiled extension runs go to its op straight away (its C++
+    checks them once more, as on solver_update's own CPU path); the rest, and inputs that require grad, go
+    through solver_update: the same result with less Python per step."""
+    h1, h2, h3 = history + (None,) * (3 - len(history))
+    op = _compiled_cpu_op(x.dtype) if x.is_cpu else None
+    if op is not None and torch.is_grad_enabled():
+        for t in (x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2, h3, last_sample, noise, m_out):
+            if t is not None and t.requires_grad:
+                op = None
+                break
+    if op is None:
+        return solver_update(x, model_output, rows, row_index, m_out, model_cond=model_cond,
+                             guidance_scale=guidance_scale, cfg_factor=cfg_factor, thresh=thresh,
+                             history=(h1, h2, h3), last_sample=last_sample, noise=noise, validate=False)
+    return op(x, model_output, model_cond, rows, row_index, guidance_scale, cfg_factor, thresh, h1, h2, h3, last_sample,
+              noise, False, 0, None, m_out)
+
+
+def _compiled_cpu_op(dtype):
+    """The compiled op (its torch.ops overload) when backend "auto" runs solver_update on CPU tensors of dtype
+    with the compiled extension, else None: backends.plan's cached decision, this module's compiled adapter
+    bound to its Kernel (ddpm_fast.native.kernels), whose op is taken."""
+    fn, reason = backends.plan("auto", "cpu", "solver_update", dtype)[0]
+    if reason or getattr(fn, "func", None) is not _solver_update_compiled:
+        return None
+    return fn.args[0].op
+
+
 def _history(history) -> tuple:
     """history as (h1, h2, h3), absent entries None."""
     if type(history) is not tuple:

@@ -2,9 +2,11 @@
 
 Every step is argument checks, the choice of one coefficient row of its SolverTable
 (ddpm_fast.solvers.tables: ``fused_rows``, built once per set of timesteps) and one call of
-ddpm_fast.ops.solver_update, whose reference (ddpm_fast.reference.solver_update) is the one formula of
-every sampler: no host sync, no host-to-device copy once the table is on the device (a host step index
-maps to a cached row_index tensor; a per-sample index computes it with a few int ops on the device).
+ddpm_fast.ops.solver_update (its arguments checked here once: ops.solvers.solver_update_checked, which on
+CPU tensors calls the compiled op straight away), whose reference (ddpm_fast.reference.solver_update) is the
+one formula of every sampler: no host sync, no host-to-device copy once the table is on the device (a host
+step index maps to a cached row_index tensor; a per-sample index computes it with a few int ops on the
+device).
 
 Shapes and dtypes: model_output and sample [B, ...] (model_output [2B, ...] with guidance_scale: the
 unconditional half first, as diffusers' pipelines concatenate it); fp16 / bf16 / fp32 compute in float32,
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..ops.solvers import solver_update_checked
 from ..reference import compute_dtype, per_sample
 from .tables import FUSED, FUSED_COLUMNS, SolverTable
 
@@ -123,18 +126,24 @@ def _split_guidance(model_output, guidance_scale, guidance_rescale):
 
 
 class _Guided:
-    """A step's model output as solver_update takes it: model_output (the unconditional half with guidance),
-    model_cond, guidance_scale, cfg_factor; in sample's dtype or the compute dtype."""
+    """A step's model output as solver_update takes it: uncond (the model output, its unconditional half with
+    guidance), cond, scale (guidance_scale), cfg_factor; in sample's dtype or the compute dtype ``dtype``.
+    ``checked`` builds it from a step's arguments; the drop-in schedulers, which check their own, may build it
+    directly."""
 
-    def __init__(self, model_output, sample, guidance_scale, guidance_rescale):
+    def __init__(self, uncond, dtype, cond=None, scale=1.0, cfg_factor=None):
+        self.uncond, self.dtype, self.cond, self.scale, self.cfg_factor = uncond, dtype, cond, scale, cfg_factor
+
+    @classmethod
+    def checked(cls, model_output, sample, guidance_scale, guidance_rescale):
         _check_tensor("model_output", model_output)
         _check_tensor("sample", sample)
-        self.dtype = dtype = compute_dtype(sample.dtype)
-        self.cond = self.cfg_factor = None
-        self.scale = 1.0
+        dtype = compute_dtype(sample.dtype)
+        cond = cfg_factor = None
+        scale = 1.0
         if guidance_scale is not None:
-            uncond, self.cond, self.cfg_factor = _split_guidance(model_output, guidance_scale, guidance_rescale)
-            self.scale = float(guidance_scale)
+            uncond, cond, cfg_factor = _split_guidance(model_output, guidance_scale, guidance_rescale)
+            scale = float(guidance_scale)
         else:
             uncond = model_output
         if uncond.shape != sample.shape:
@@ -143,15 +152,16 @@ class _Guided:
                              f"{tuple(model_output.shape)}")
         if uncond.dtype != sample.dtype and uncond.dtype != dtype:
             uncond = uncond.to(dtype)
-            self.cond = None if self.cond is None else self.cond.to(dtype)
+            cond = None if cond is None else cond.to(dtype)
         if uncond.device != sample.device:
             raise ValueError(f"model_output: expected a tensor on {sample.device} (like sample), got {uncond.device}")
-        self.uncond = uncond
+        return cls(uncond, dtype, cond, scale, cfg_factor)
 
     def update(self, sample, rows, row_index, m_out, **kwargs):
-        """ops.solver_update of this output (the steps' arguments checked: no host read of row_index)."""
-        return ops.solver_update(sample, self.uncond, rows, row_index, m_out, model_cond=self.cond,
-                                 guidance_scale=self.scale, cfg_factor=self.cfg_factor, validate=False, **kwargs)
+        """ops.solver_update of this output (the steps' arguments checked: no host read of row_index; on the
+        CPU the compiled op without a second Python check: solver_update_checked)."""
+        return solver_update_checked(sample, self.uncond, rows, row_index, m_out, model_cond=self.cond,
+                                     guidance_scale=self.scale, cfg_factor=self.cfg_factor, **kwargs)
 
     def thresh(self, sample, rows, row_index, noise, dynamic_threshold, sample_max_value):
         """Dynamic thresholding's per-sample scale [B] (compute dtype), or None: the p-quantile of |x0| clamped
@@ -356,7 +366,7 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
     """
     _check_table(table, "dpm_solver")
     _check_thresholding(dynamic_threshold, sample_max_value)
-    out = _Guided(model_output, sample, guidance_scale, guidance_rescale)
+    out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, out.dtype)
     idx = _Index(step_index, steps_done, table, sample, out.dtype, validate, history)
     rows, row_index = idx.rows(), idx.row_index(idx.order())
@@ -377,7 +387,18 @@ def euler_churns(table: SolverTable, step_index, s_churn, s_tmin, s_tmax) -> boo
     return step_index is None or s_tmin <= float(table.coef[step_index, 0, 0]) <= s_tmax
 
 
-
+def _euler_update(out: _Guided, sample, step_index, table: SolverTable, noise, churn=None):
+    """(x_prev, x0_pred) of an Euler step (churn: its (s_churn, s_tmin, s_tmax, s_noise) as floats, or None) or
+    an Euler ancestral step at step_index (a host int, or an int64 tensor [B] on sample's device) with its
+    noise (or None): the step's one solver_update call. The callers (the two steps below, the drop-in
+    schedulers of ddpm_fast.compat.diffusers_solvers) have checked the arguments."""
+    device = sample.device
+    if isinstance(step_index, torch.Tensor):
+        rows, row_index = table.fused(device, out.dtype, churn), table.row_of(step_index)
+    else:
+        rows, row_index = table.host_rows(device, out.dtype, sample.shape[0], churn)[step_index]
+    x0 = torch.empty_like(sample, dtype=out.dtype, memory_format=torch.contiguous_format)
+    return out.update(sample, rows, row_index, x0, noise=noise), x0
 
 
 @_document
@@ -412,19 +433,18 @@ def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=
     _check_table(table, "euler")
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
         _check_number(name, value)
-    out = _Guided(model_output, sample, guidance_scale, guidance_rescale)
+    out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     idx = _Index(step_index, None, table, sample, out.dtype, validate)
-    churns = euler_churns(table, step_index if idx.host else None, s_churn, s_tmin, s_tmax)
-    rows = idx.rows((float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)) if s_churn > 0 else None)
+    churns = euler_churns(table, idx.step_index if idx.host else None, s_churn, s_tmin, s_tmax)
     z = _noise(noise, generator, sample, out.dtype) if churns else None
-    x0 = torch.empty_like(sample, dtype=out.dtype, memory_format=torch.contiguous_format)
-    return out.update(sample, rows, idx.row_index(), x0, noise=z), x0
+    churn = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)) if s_churn > 0 else None
+    return _euler_update(out, sample, idx.step_index, table, z, churn)
 
 
 @_document
 def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *, noise=None, generator=None,
                          guidance_scale=None, guidance_rescale=0.0, validate=None):
-    """One Euler ancestral step.
+    """One Euler ancestral step: Euler to sigma_down, then sigma_up times a standard normal.
 
     Args:
         <inputs>
@@ -434,22 +454,19 @@ def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *
         <validate>
 
     Returns:
-        (x_prev, x0_pred): [B, ...] each; x_prev in sample's dtype, x0_pred in the compute dtype.
+        (x_prev, x0_pred) as euler_step's.
 
     Example:
         >>> from ddpm_fast.solvers import euler_ancestral_table
         >>> table = euler_ancestral_table(torch.tensor([14.6, 4.0, 1.0, 0.2, 0.0]))
-        >>> x = torch.randn(2, 4, 8, 8) * 14.6
-        >>> x, x0 = euler_ancestral_step(torch.tanh(x * 0.068), x, 0, table, generator=torch.Generator())
-        >>> x.dtype
-        torch.float32
+        >>> x, x0 = euler_ancestral_step(torch.zeros(2, 3), torch.ones(2, 3), 0, table, generator=torch.Generator())
+        >>> x.dtype, x0.shape
+        (torch.float32, torch.Size([2, 3]))
     """
     _check_table(table, "euler_ancestral")
-    out = _Guided(model_output, sample, guidance_scale, guidance_rescale)
+    out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     idx = _Index(step_index, None, table, sample, out.dtype, validate)
-    z = _noise(noise, generator, sample, out.dtype)
-    x0 = torch.empty_like(sample, dtype=out.dtype, memory_format=torch.contiguous_format)
-    return out.update(sample, idx.rows(), idx.row_index(), x0, noise=z), x0
+    return _euler_update(out, sample, idx.step_index, table, _noise(noise, generator, sample, out.dtype))
 
 
 # -- UniPC --------------------------------------------------------------------------------------------
@@ -494,7 +511,7 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
     if dynamic_threshold is not None and not table.predict_x0:
         raise ValueError("dynamic_threshold: thresholds the x0 prediction; this table predicts epsilon "
                          "(predict_x0=False)")
-    out = _Guided(model_output, sample, guidance_scale, guidance_rescale)
+    out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, out.dtype)
     if (not isinstance(last_sample, torch.Tensor) or last_sample.shape != sample.shape
             or last_sample.dtype != out.dtype or last_sample.device != sample.device):

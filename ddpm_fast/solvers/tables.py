@@ -135,6 +135,18 @@ class SolverTable:
             rows = self._device_tables[key] = torch.as_tensor(self.fused_rows(churn), dtype=dtype).to(key[1])
         return rows
 
+    def host_rows(self, device, dtype, batch: int, churn: tuple | None = None) -> tuple:
+        """For each host step index i, (fused(device, dtype, churn), row_index(row_of(i), batch, device)): the
+        arguments of a step at order 1 without corrector (Euler's), cached per (device, dtype, batch, churn), so
+        a step finds both with one lookup."""
+        key = ("host_rows", device, dtype == torch.float64, batch, churn)
+        steps = self._device_tables.get(key)
+        if steps is None:
+            rows = self.fused(device, dtype, churn)
+            steps = self._device_tables[key] = tuple((rows, self.row_index(self.row_of(i), batch, device))
+                                                     for i in range(self.num_steps))
+        return steps
+
     def row_index(self, row: int, batch: int, device) -> torch.Tensor:
         """int64 [batch] filled with ``row`` on device: a view of one [R, batch] tensor made at the first call per
         (batch, device) (one copy to the device, at the loop's first step), so a host step index costs no op
