@@ -75,3 +75,14 @@ class NoHostSync(TorchDispatchMode):
         if func.overloadpacket in self.FORBIDDEN:
             raise AssertionError(f"host sync: {func}")
         return func(*args, **(kwargs or {}))
+
+
+def run_bench_cli(out, *flags):
+    """`ddpm-fast bench <flags> --quick --out <out>` in a child process: its stdout (asserts it exited 0)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ddpm_fast.cli", "bench", *flags, "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -13,6 +13,8 @@ import torch
 from ddpm_fast import backends, ops
 from ddpm_fast.bench import host
 
+from _helpers import run_bench_cli
+
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 DIFFERENTIABLE = {"q_sample", "q_posterior", "predict_xstart", "normal_kl", "discretized_gaussian_log_likelihood",
                   "vb_terms_bpd", "prior_bpd", "training_losses hybrid", "training_losses mse"}
@@ -21,11 +23,9 @@ DIFFERENTIABLE = {"q_sample", "q_posterior", "predict_xstart", "normal_kl", "dis
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("host")
-    cmd = [sys.executable, "-m", "ddpm_fast.cli", "bench", "--host", "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = run_bench_cli(out, "--host")
     with open(out / "host.json") as f:
-        return json.load(f), proc.stdout
+        return json.load(f), stdout
 
 
 def _runnable_backends():

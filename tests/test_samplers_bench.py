@@ -3,8 +3,6 @@ table's and the JSON's structure, and that both sides (ours and the diffusers pa
 No timing is compared with any threshold."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -13,17 +11,17 @@ pytest.importorskip("diffusers", reason="the samplers benchmark compares with di
 import ddpm_fast as F  # noqa: E402
 from ddpm_fast.bench import samplers  # noqa: E402
 
+from _helpers import run_bench_cli  # noqa: E402
+
 NAMES = ["DPM++ 2M", "DPM++ 3M SDE", "Euler", "Euler a", "UniPC bh2 o3"]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("samplers")
-    cmd = [sys.executable, "-m", "ddpm_fast.cli", "bench", "--samplers", "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "samplers.txt").read_text().strip() in proc.stdout
-    return json.loads((out / "samplers.json").read_text()), proc.stdout
+    stdout = run_bench_cli(out, "--samplers")
+    assert (out / "samplers.txt").read_text().strip() in stdout
+    return json.loads((out / "samplers.json").read_text()), stdout
 
 
 def test_rows_cover_every_sampler_size_and_guidance(quick_run):
