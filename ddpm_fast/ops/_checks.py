@@ -89,12 +89,7 @@ def timesteps(t, batch: int, sched: NoiseSchedule, device: torch.device, validat
     if type(t) is torch.Tensor and t.dtype == torch.int64 and t.shape == (batch,) and t.device == device:
         # the common case in one test; then only the range (values read on the host) and the layout
         if validate or (validate is None and not t.is_cuda):
-            if batch <= _LIST_RANGE_MAX:  # (on a GPU too: one copy to the host, where aminmax reads twice)
-                values = t.tolist()
-                if values and (min(values) < 0 or max(values) >= sched.num_timesteps):
-                    _check_range(t, sched.num_timesteps)  # raises, with the range found
-            else:
-                _check_range(t, sched.num_timesteps)
+            _check_range(t, sched.num_timesteps)
         return t if t.is_contiguous() else t.contiguous()
     T = sched.num_timesteps
     if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):

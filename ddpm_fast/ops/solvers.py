@@ -181,28 +181,24 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
     checks them once more, as on solver_update's own CPU path); the rest, and inputs that require grad, go
     through solver_update: the same result with less Python per step."""
     h1, h2, h3 = history + (None,) * (3 - len(history))
-    op = _compiled_cpu_op(x.dtype) if x.is_cpu else None
-    if op is not None and torch.is_grad_enabled():
-        for t in (x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2, h3, last_sample, noise, m_out):
-            if t is not None and t.requires_grad:
-                op = None
-                break
-    if op is None:
+    kernel = _compiled_cpu_kernel(x.dtype) if x.is_cpu else None
+    if kernel is None or kernel.grad_needed(x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2, h3,
+                                            last_sample, noise, m_out):
         return solver_update(x, model_output, rows, row_index, m_out, model_cond=model_cond,
                              guidance_scale=guidance_scale, cfg_factor=cfg_factor, thresh=thresh,
                              history=(h1, h2, h3), last_sample=last_sample, noise=noise, validate=False)
-    return op(x, model_output, model_cond, rows, row_index, guidance_scale, cfg_factor, thresh, h1, h2, h3, last_sample,
-              noise, False, 0, None, m_out)
+    return kernel.op(x, model_output, model_cond, rows, row_index, guidance_scale, cfg_factor, thresh, h1, h2, h3,
+                     last_sample, noise, False, 0, None, m_out)
 
 
-def _compiled_cpu_op(dtype):
-    """The compiled op (its torch.ops overload) when backend "auto" runs solver_update on CPU tensors of dtype
-    with the compiled extension, else None: backends.plan's cached decision, this module's compiled adapter
-    bound to its Kernel (ddpm_fast.native.kernels), whose op is taken."""
+def _compiled_cpu_kernel(dtype):
+    """The compiled Kernel (ddpm_fast.native.Kernel: its op, grad_needed) when backend "auto" runs solver_update
+    on CPU tensors of dtype with the compiled extension, else None: backends.plan's cached decision, this
+    module's compiled adapter bound to its Kernel."""
     fn, reason = backends.plan("auto", "cpu", "solver_update", dtype)[0]
     if reason or getattr(fn, "func", None) is not _solver_update_compiled:
         return None
-    return fn.args[0].op
+    return fn.args[0]
 
 
 def _history(history) -> tuple:
