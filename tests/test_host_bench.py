@@ -84,6 +84,56 @@ def test_times_and_ratios_are_measured_and_consistent(quick_run):
             assert math.isfinite(r["x_reference"]) and r["x_reference"] > 0, r
 
 
+def test_the_autograd_floor_is_timed_as_the_fwd_bwd_rows_are(quick_run):
+    """One aten op forward and backward, called as every fwd+bwd row is: the least any differentiable call costs."""
+    results, _ = quick_run
+    floor = [r for r in results["rows"] if r["kind"] == "floor"]
+    assert len(floor) == 1 and floor[0]["impl"] == "torch.mul" and floor[0]["mode"] == "fwd+bwd"
+    assert floor[0]["us_per_call"] > 0
+    row = next(r for r in host.plan("cpu") if r.kind == "floor")
+    (grad,) = row.fn()
+    assert grad.shape == host.TINY and torch.isfinite(grad).all()
+
+
+@pytest.mark.skipif(not backends.availability()["cpu"][0], reason="the compiled CPU backend is unavailable")
+def test_issue_17_targets_are_reported_with_their_ratios(quick_run):
+    results, stdout = quick_run
+    targets = {t["target"]: t for t in results["targets"]}
+    expected = {"q_sample fwd, cpu": ("torch.add", 4.0), "training_losses hybrid fwd+bwd, cpu": ("reference", 0.25),
+                "training_losses mse fwd+bwd, cpu": ("reference", 0.25)}
+    if HAVE_DIFFUSERS:
+        expected.update({f"Fast{m}": ("diffusers", 0.5) for m in (
+            "DDPMScheduler.add_noise", "DDPMScheduler.get_velocity", "DDPMScheduler.step", "DDIMScheduler.step")})
+    assert set(targets) == set(expected)
+    for name, (baseline, bound) in expected.items():
+        t = targets[name]
+        assert (t["of"], t["bound"]) == (baseline, bound), name
+        assert math.isfinite(t["ratio"]) and t["ratio"] > 0, name
+        # the losses carry the autograd floor's ratio against the same reference call
+        assert (t["floor"] is not None) == name.startswith("training_losses"), name
+        if t["floor"] is not None:
+            assert math.isfinite(t["floor"]) and t["floor"] > 0, name
+    assert "issue 17's targets" in stdout
+
+
+def test_targets_pair_each_fast_method_with_its_parent():
+    """targets() divides each Fast row by the diffusers row of the same method, round by round."""
+    rows = [host.Row("aten", "fwd", "torch.add", "baseline"), host.Row("m", "fwd+bwd", "torch.mul", "floor"),
+            host.Row("add_noise", "fwd", "diffusers DDPMScheduler.add_noise", "peer"),
+            host.Row("add_noise", "fwd", "ddpm_fast Fast DDPMScheduler.add_noise", "backend"),
+            host.Row("step", "fwd", "diffusers DDPMScheduler.step", "peer"),
+            host.Row("step", "fwd", "ddpm_fast Fast DDPMScheduler.step", "backend"),
+            host.Row("q_sample", "fwd", "cpu", "backend")]
+    times = ([1.0, 1.0], [50.0, 60.0], [10.0, 20.0], [2.0, 6.0], [100.0, 100.0], [30.0, 20.0], [4.0, 3.0])
+    for r, us in zip(rows, times):
+        r.samples_us = list(us)
+    if not backends.available("cpu"):
+        assert host.targets(rows, {}) == []
+        return
+    got = {t["target"]: t["ratio"] for t in host.targets(rows, {})}
+    assert got == {"q_sample fwd, cpu": 3.5, "FastDDPMScheduler.add_noise": 0.25, "FastDDPMScheduler.step": 0.25}
+
+
 @pytest.mark.skipif(not backends.availability()["cpu"][0], reason="the compiled CPU backend is unavailable")
 def test_floors_are_reported(quick_run):
     results, stdout = quick_run

@@ -57,7 +57,7 @@ class Row:
     op: str                 # the op or group ("q_sample", "training_losses hybrid", "aten")
     mode: str               # "fwd" or "fwd+bwd"
     impl: str               # "torch.add", a ddpm_fast backend, or a peer's name
-    kind: str               # "baseline", "backend", "peer", "skipped"
+    kind: str               # "baseline", "floor", "backend", "peer", "skipped"
     fn: object = field(default=None, repr=False)  # zero-argument call
     note: str = ""
     samples_us: list = field(default_factory=list, repr=False)
@@ -84,7 +84,7 @@ def _op_rows(backend: str, gen: torch.Generator) -> list:
 
     S = NoiseSchedule.named("linear", 1000)
     S50 = S.respace(space_timesteps(1000, "ddim50"))
-    B, C = TINY[0], TINY[1]
+    B = TINY[0]
 
     def rnd(shape=TINY, grad=False):
         return torch.randn(shape, generator=gen).requires_grad_(grad)
@@ -221,6 +221,11 @@ def plan(device_type: str = "cpu", seed: int = 0) -> list:
     gen = torch.Generator().manual_seed(seed)
     a, b = torch.randn(TINY, generator=gen), torch.randn(TINY, generator=gen)
     rows = [Row("aten", "fwd", "torch.add", "baseline", lambda: torch.add(a, b))]
+    # the autograd floor: one aten op forward and backward the way every fwd+bwd row is timed (_grad_call); no
+    # differentiable call can cost less (torch.autograd.grad's own engine and Python cost it alone)
+    leaf = a.clone().requires_grad_(True)
+    rows.append(Row("aten mul (autograd floor)", "fwd+bwd", "torch.mul", "floor",
+                    _grad_call(lambda: torch.mul(leaf, b), [leaf])))
     runnable = []
     for name, (ok, reason) in backends.availability().items():
         if not ok:
@@ -427,7 +432,44 @@ def run(*, quick: bool = False, threads: int = 1, seed: int = 0, with_floors: bo
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "elapsed_s": time.perf_counter() - started}
-    return {"meta": meta, "rows": out, "floors": fl, "triton_stubbed": stubbed}
+    return {"meta": meta, "rows": out, "floors": fl, "targets": targets(rows, ref), "triton_stubbed": stubbed}
+
+
+# the losses whose fwd+bwd issue 17 bounds against the reference's
+LOSS_TARGETS = ("training_losses hybrid", "training_losses mse")
+
+
+def targets(rows: list, ref: dict) -> list:
+    """Issue 17's compiled-path targets with their measured ratios (the median over rounds of the ratio within a
+    round): q_sample against torch.add, the losses' fwd+bwd against the reference's (beside the autograd floor:
+    torch.mul's fwd+bwd against that reference, the lowest ratio any differentiable call reaches), every Fast
+    scheduler method against its diffusers parent. [] when the compiled path or the reference did not run."""
+    from .. import backends
+
+    compiled = next((name for name in ("cuda", "cpu") if any(r.impl == name and r.us for r in rows)), None)
+    if compiled is None or not backends.available(compiled):
+        return []
+    by_key = {(r.op, r.mode, r.impl): r for r in rows if r.us}
+    add = next(r for r in rows if r.kind == "baseline")
+    floor = next(r for r in rows if r.kind == "floor")
+    out = []
+    q = by_key.get(("q_sample", "fwd", compiled))
+    if q is not None:
+        out.append({"target": f"q_sample fwd, {compiled}", "of": "torch.add", "ratio": round_ratio(q, add),
+                    "bound": 4.0, "floor": None})
+    for op in LOSS_TARGETS:
+        ours, base = by_key.get((op, "fwd+bwd", compiled)), ref.get((op, "fwd+bwd"))
+        if ours is not None and base is not None:
+            out.append({"target": f"{op} fwd+bwd, {compiled}", "of": "reference", "ratio": round_ratio(ours, base),
+                        "bound": 0.25, "floor": round_ratio(floor, base)})
+    parents = {(r.op, r.impl.split(" ", 1)[1]): r for r in rows if r.kind == "peer" and r.us}
+    for r in rows:
+        if r.kind == "backend" and r.impl.startswith("ddpm_fast Fast ") and r.us:
+            parent = parents.get((r.op, r.impl[len("ddpm_fast Fast "):]))
+            if parent is not None:
+                out.append({"target": f"Fast{r.impl[len('ddpm_fast Fast '):]}", "of": "diffusers",
+                            "ratio": round_ratio(r, parent), "bound": 0.5, "floor": None})
+    return out
 
 
 def _fmt(v, spec):
@@ -446,6 +488,15 @@ def table(results: dict) -> str:
             continue
         lines.append(f"{r['op']:<36} {r['mode']:<8} {r['impl']:<40} {_fmt(r['us_per_call'], '9.1f')} "
                      f"{_fmt(r['x_torch_add'], '7.2f')} {_fmt(r['x_reference'], '6.2f')}  {r['note']}")
+    if results.get("targets"):
+        lines += ["", "issue 17's targets on the compiled path: ratio = / the baseline's same call (median over rounds "
+                      "of the ratio within a round); floor = the autograd floor's ratio (torch.mul fwd+bwd / that "
+                      "baseline)",
+                  f"{'target':<52} {'baseline':<10} {'ratio':>6} {'bound':>6} {'floor':>6}  met"]
+        for t in results["targets"]:
+            met = "yes" if t["ratio"] <= t["bound"] else "no"
+            lines.append(f"{t['target']:<52} {t['of']:<10} {t['ratio']:6.2f} {t['bound']:6.2f} "
+                         f"{_fmt(t['floor'], '6.2f')}  {met}")
     if results["floors"]:
         lines += ["", f"CPU bandwidth floors ({m['threads']} thread(s)): ratio = ceiling time / op time",
                   f"{'floor':<66} {'size':<11} {'ceiling us':>10} {'op us':>9} {'ratio':>6}  target"]

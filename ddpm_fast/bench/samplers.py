@@ -11,6 +11,9 @@ ours (ddpm_fast.compat.diffusers_solvers) and the parent (diffusers), float32 on
   inside the step's one fused op), the parent after the pipelines' arithmetic ``uncond + s * (cond - uncond)``.
 - host time per step on tiny inputs (1x4x8x8, one thread, no guidance): CPU time of the calling thread
   (time.thread_time, as bench/host.py), the median over the steps of ``loops`` loops.
+- the bound of the speed-up: what ours runs exactly as the parent does (scale_model_input, and for the samplers
+  that draw noise diffusers' randn_tensor from the generator: the drop-ins keep the parent's noise stream), timed
+  alone in the same alternation; parent / that time is the speed-up were the fused update free.
 - ops per step: the aten ops one step dispatches (step 5 of a loop, past the multistep warm-up):
   full-size results + the rest (mostly 0-dim), and host reads (.item() / nonzero).
 
@@ -127,6 +130,29 @@ class Side:
         return counter
 
 
+class SharedSide(Side):
+    """What ours runs exactly as the parent does, alone: scale_model_input and, for the samplers that draw noise,
+    diffusers' randn_tensor of the sample's shape from the generator (the drop-ins keep the parent's noise stream).
+    The parent's time over this one bounds any drop-in's speed-up: it is the speed-up if the fused update took no
+    time at all."""
+
+    def __init__(self, cls, config: dict, guidance: float | None, seed: int, draws_noise: bool):
+        super().__init__(cls, config, True, guidance, seed)
+        self.draws_noise = draws_noise
+
+    def step(self, model_output, t, x):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        self.scheduler.scale_model_input(x, t)
+        if self.draws_noise:
+            randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return x
+
+
+# the samplers whose step draws noise on the parent's default path (Euler draws only with s_churn > 0)
+NOISE_DRAWING = ("DPM++ 3M SDE", "Euler a")
+
+
 def _inputs(shape, guidance, device, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen).to(device)
@@ -150,19 +176,23 @@ def _paired_loops(sides, x, model_output, steps, loops, clock) -> dict:
 
 def time_step(name, parent_cls, fast_cls, config, shape, guidance, *, steps, loops, device, seed,
               clock=time.perf_counter) -> dict:
-    """One row: median us per step of parent and ours, their ratio, and the ops of one step each."""
+    """One row: median us per step of parent, ours and what ours shares with the parent (SharedSide), the
+    speed-up (parent / ours) and its bound (parent / shared), and the ops of one step of parent and ours."""
     x, model_output = _inputs(shape, guidance, device, seed)
     sides = {"parent": Side(parent_cls, config, False, guidance, seed),
-             "ours": Side(fast_cls, config, True, guidance, seed)}
+             "ours": Side(fast_cls, config, True, guidance, seed),
+             "shared": SharedSide(fast_cls, config, guidance, seed, name in NOISE_DRAWING)}
     times = _paired_loops(sides, x, model_output, steps, loops, clock)
     row = {"sampler": name, "size": "x".join(map(str, shape)), "cfg": guidance is not None,
            "guidance_scale": guidance, "steps": steps, "loops": loops}
     for label, side in sides.items():
         row[f"{label}_us"] = statistics.median(times[label]) * 1e6
         row[f"{label}_steps_timed"] = len(times[label])
-        ops = side.ops(x, model_output, steps)
-        row[f"{label}_ops"] = {"full": ops.full, "small": ops.small, "host_reads": ops.host_reads}
+        if label != "shared":
+            ops = side.ops(x, model_output, steps)
+            row[f"{label}_ops"] = {"full": ops.full, "small": ops.small, "host_reads": ops.host_reads}
     row["ratio"] = row["parent_us"] / row["ours_us"]
+    row["bound"] = row["parent_us"] / row["shared_us"]
     return row
 
 
@@ -225,12 +255,15 @@ def table(results: dict) -> str:
              f"{' (quick: not a measurement)' if m['quick'] else ''}",
              f"time per step: median over {m['loops']} loops of {m['steps']} steps each, after a warm-up loop; "
              f"cfg: model output [2B], guidance {m['guidance_scale']:g}",
-             "ops per step: full-size results + other (host reads)", "",
+             "ops per step: full-size results + other (host reads)",
+             "shared: what ours runs as the parent does (scale_model_input, and the parent's noise draw where the "
+             "step draws noise); bound = parent / shared: the speed-up were the fused update free", "",
              f"{'sampler':14s} {'size':12s} {'cfg':3s} {'parent us':>10s} {'ours us':>10s} {'speedup':>8s} "
-             f"{'target':>7s} {'met':>3s}  {'ops parent':>14s} {'ops ours':>14s}"]
+             f"{'target':>7s} {'met':>3s} {'shared us':>10s} {'bound':>8s}  {'ops parent':>14s} {'ops ours':>14s}"]
     for r in results["rows"]:
         lines.append(f"{r['sampler']:14s} {r['size']:12s} {'yes' if r['cfg'] else 'no':3s} {r['parent_us']:10.1f} "
-                     f"{r['ours_us']:10.1f} {r['ratio']:7.2f}x {r['target']:>7s} {'yes' if r['met'] else 'no':>3s}  "
+                     f"{r['ours_us']:10.1f} {r['ratio']:7.2f}x {r['target']:>7s} {'yes' if r['met'] else 'no':>3s} "
+                     f"{r['shared_us']:10.1f} {r['bound']:7.1f}x  "
                      f"{_ops(r['parent_ops']):>14s} {_ops(r['ours_ops']):>14s}")
     lines += ["", f"host time per step on {m['host_size']} ({m['host_clock']}; median over {m['host_loops']} loops "
               f"of {m['host_steps']} steps)",

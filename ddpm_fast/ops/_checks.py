@@ -119,17 +119,22 @@ def timesteps(t, batch: int, sched: NoiseSchedule, device: torch.device, validat
 
 def _check_range(t, T):
     """Raise ValueError unless every value of the integer tensor t [B] is in [0, T) (reads t on the host)."""
-    n = t.shape[0]
+    lo, hi = int_range(t)
+    if lo is not None and (lo < 0 or hi >= T):
+        raise ValueError(f"t: expected timesteps in [0, {T}), got values in [{lo}, {hi}]")
+
+
+def int_range(values):
+    """(min, max) of the integer tensor values [N] as ints, read on the host ((None, None) when empty): a list
+    for short ones (one copy, no reduction ops), aminmax otherwise."""
+    n = values.shape[0]
     if n <= _LIST_RANGE_MAX:
         if not n:
-            return
-        values = t.tolist()
-        lo, hi = min(values), max(values)
-    else:
-        lo, hi = torch.aminmax(t)
-        lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= T:
-        raise ValueError(f"t: expected timesteps in [0, {T}), got values in [{lo}, {hi}]")
+            return None, None
+        items = values.tolist()
+        return min(items), max(items)
+    lo, hi = torch.aminmax(values)
+    return int(lo), int(hi)
 
 
 def model_output_shape(model_output, x_t, var_type, x_name):

@@ -162,7 +162,8 @@ def solver_update(x, model_output, rows, row_index, m_out, *, model_cond=None, g
     check.seed(seed)
     check.generator(generator, device)
     if validate or (validate is None and device.type == "cpu"):
-        if row_index.numel() and not (0 <= int(row_index.min()) and int(row_index.max()) < rows.shape[0]):
+        lo, hi = check.int_range(row_index)
+        if lo is not None and not (0 <= lo and hi < rows.shape[0]):
             raise ValueError(f"row_index: expected values in [0, {rows.shape[0]}) (the rows of rows)")
     fn = backends.route(backend, device.type, "solver_update", x.dtype, x, model_output, model_cond, rows,
                         cfg_factor, thresh, last_sample, noise, m_out)[0]

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import _math as M
 from ._dispatch import NS, call, wrap_triton
-from ._layout import run
+from ._layout import CACHE_SIZE, run
 from ._runtime import INTERPRET, check_device, seed_tensor, tl_dtype
 
 # The columns of a row, in order (ddpm_fast/solvers/tables.py FUSED_COLUMNS; csrc/ops/solvers.h SolverCol).
@@ -123,14 +123,10 @@ def _solver_update(wrap, x, model_output, model_cond, rows, row_index, guidance_
     outputs = (x_prev, m_out) if last_sample is None else (x_prev, m_out, last_sample)
 
     def launch(ins, outs, p, c):
-        # stride sets: the 8 inputs, x_prev, m_out, last_sample written (x_prev's when absent: never used), then
-        # the row-major set (x's when no noise is drawn: never used)
-        sets = (*p.strides[:10], p.strides[10] if len(outs) == 3 else p.strides[8],
-                p.strides[-1] if noise_mode == 2 else p.strides[0])
         wrap(_solver_update_kernel)[c.grid](
             *ins, outs[0], outs[1], outs[-1], rows, row_index, rows if cfg_factor is None else cfg_factor,
             rows if thresh is None else thresh, row_index if seed is None else seed,
-            *(s for st in sets for s in st), p.n, rows.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
+            *_stride_args(p, len(outs) == 3, noise_mode == 2), p.n, rows.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
             float(guidance_scale), HAS_COND=model_cond is not None, HAS_CFG=cfg_factor is not None,
             HAS_THRESH=thresh is not None, HAS_H1=h1 is not None, HAS_H2=h2 is not None, HAS_H3=h3 is not None,
             HAS_LAST=last_sample is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
@@ -138,6 +134,29 @@ def _solver_update(wrap, x, model_output, model_cond, rows, row_index, guidance_
 
     run(inputs, outputs, launch, logical=noise_mode == 2)
     return x_prev
+
+
+def _stride_args(p, has_last: bool, drawn: bool) -> tuple:
+    """The kernel's stride arguments for plan p: the 8 inputs', x_prev's, m_out's, last_sample's written (x_prev's
+    when absent: never used), then the row-major set (x's when no noise is drawn: never used); flat. Cached per
+    concrete plan (a traced one holds symbolic sizes, which do not hash)."""
+    key = (p, has_last, drawn)
+    try:
+        return _STRIDE_ARGS[key]
+    except KeyError:
+        pass
+    except TypeError:  # symbolic strides under tracing
+        key = None
+    sets = (*p.strides[:10], p.strides[10] if has_last else p.strides[8], p.strides[-1] if drawn else p.strides[0])
+    args = tuple(s for st in sets for s in st)
+    if key is not None:
+        if len(_STRIDE_ARGS) >= CACHE_SIZE:
+            _STRIDE_ARGS.clear()
+        _STRIDE_ARGS[key] = args
+    return args
+
+
+_STRIDE_ARGS: dict = {}
 
 
 def _solver_update_fake(x, *rest):
