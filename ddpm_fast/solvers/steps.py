@@ -318,7 +318,8 @@ _PARAGRAPHS = {  # the Args paragraphs every step shares (``_document``)
                  "guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only."),
     "validate": "validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).",
     "generator": ("generator: used when noise and seed are None: a torch.Generator on sample's device (default:\n"
-                  "    torch's global generator); the fused backends take one Philox seed from it per step.\n"
+                  "    torch's global generator); the fused backends take one Philox seed from it per step, the\n"
+                  "    reference backend its standard normal.\n"
                   "seed: an int in [0, 2**63): draw the noise from this seed; fused backends generate it\n"
                   "    in-kernel (Philox-4x32-10, the stream of p_sample_step), the reference backend from\n"
                   "    torch.Generator(seed); a seed gives the same noise on every call. Takes precedence over\n"
