@@ -6,7 +6,9 @@
 - classifier-free guidance inside a step equals cfg_combine then the step; cfg_combine and the rescale
   against diffusers' formula;
 - dtypes (fp16 / bf16 in, float32 math, the input dtype out), bad input raising a named error, and no
-  host sync on the per-sample device path.
+  host sync on the per-sample device path;
+- the noise the steps draw themselves (noise None: solver_update's draw_noise from seed / generator):
+  deterministic per seed, a standard normal, the op's own draw, only where Euler's gamma > 0.
 """
 import math
 
@@ -628,8 +630,8 @@ def test_host_index_steps_with_guidance_without_host_sync():
 
 def test_solver_update_checked_equals_solver_update():
     """The steps' entry (ddpm_fast.ops.solvers.solver_update_checked: the compiled op without a second Python
-    check on CPU tensors) gives solver_update's outputs for each history length, and an input that requires grad
-    still takes the reference (a gradient)."""
+    check on CPU tensors) gives solver_update's outputs for each history length and with draw_noise (seed or
+    generator), and an input that requires grad still takes the reference (a gradient)."""
     from ddpm_fast.ops.solvers import solver_update_checked
 
     a = _update_inputs(seed=6)
@@ -644,7 +646,179 @@ def test_solver_update_checked_equals_solver_update():
                                     last_sample=got_last, **kw)
         for w, g in ((want, got), (want_m, got_m), (want_last, got_last)):
             assert torch.equal(w, g), f"history of {len(history)}"
+    for draw in ("seed", "generator"):  # draw_noise: the in-kernel draw of solver_update's own path
+        kw = [dict(seed=5) if draw == "seed" else dict(generator=torch.Generator().manual_seed(5)) for _ in "ab"]
+        want = F.solver_update(a["x"], a["model_output"], a["rows"], a["row_index"], torch.empty(a["x"].shape),
+                               draw_noise=True, **kw[0])
+        got = solver_update_checked(a["x"], a["model_output"], a["rows"], a["row_index"], torch.empty(a["x"].shape),
+                                    draw_noise=True, **kw[1])
+        assert torch.equal(want, got), draw
     mo = a["model_output"].clone().requires_grad_()
     x_prev = solver_update_checked(a["x"], mo, a["rows"], a["row_index"], torch.empty(a["x"].shape))
     (grad,) = torch.autograd.grad(x_prev.sum(), (mo,))
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# -- the steps' own noise draw: solver_update's draw_noise (in-kernel Philox on the compiled backends) ---------
+NOISE_SHAPE = (2, 4, 64, 64)  # n = 32768 draws for the distribution checks
+
+
+def _noise_step(kind, x, index, table, history=None, **kw):
+    """x_prev of one step with a fresh history (DPM: order 1, steps_done 0) and noise keywords kw."""
+    mo = model(x, 0)
+    if kind == "dpm":
+        history = new_history(table, x) if history is None else history
+        return dpm_solver_step(mo, x, index, table, history, steps_done=0, **kw)
+    if kind == "euler":
+        return euler_step(mo, x, index, table, s_churn=kw.pop("s_churn", 2.0), s_tmin=kw.pop("s_tmin", 0.3),
+                          s_tmax=kw.pop("s_tmax", 5.0), **kw)[0]
+    return euler_ancestral_step(mo, x, index, table, **kw)[0]
+
+
+NOISY = ("dpm", "euler", "euler_a")  # the steps that add noise (DPM: the sde-dpmsolver++ table of TABLES)
+STEP = 6  # sigma 2.04 of TABLES' 10 steps: inside euler's churn range [0.3, 5]
+
+
+@pytest.mark.parametrize("kind", NOISY)
+def test_seeded_steps_are_deterministic(kind):
+    """The same seed gives the same x_prev on every call, another seed another one; a generator in the same
+    state gives the same x_prev; the seed takes precedence over the generator."""
+    table = TABLES[kind](10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(20)) * 2
+    a, b = _noise_step(kind, x, STEP, table, seed=5), _noise_step(kind, x, STEP, table, seed=5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, _noise_step(kind, x, STEP, table, seed=6))
+    assert torch.equal(a, _noise_step(kind, x, STEP, table, seed=5, generator=torch.Generator().manual_seed(1)))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    from_g1 = _noise_step(kind, x, STEP, table, generator=g1)
+    assert torch.equal(from_g1, _noise_step(kind, x, STEP, table, generator=g2))
+    assert not torch.equal(from_g1, _noise_step(kind, x, STEP, table, generator=g1))  # g1 advanced
+    assert not torch.equal(from_g1, _noise_step(kind, x, STEP, table, noise=torch.zeros(SHAPE)))
+
+
+def _recovered_noise(kind, table, index, x, **kw):
+    """z = (x_prev(drawn) - x_prev(noise 0)) / (x_prev(noise 1) - x_prev(noise 0)): the step is affine in its
+    noise, so this is the standard normal the step drew, element by element."""
+    drawn = _noise_step(kind, x, index, table, **kw).double()
+    zero = _noise_step(kind, x, index, table, noise=torch.zeros_like(x)).double()
+    one = _noise_step(kind, x, index, table, noise=torch.ones_like(x)).double()
+    coefficient = one - zero
+    assert coefficient.abs().min() > 0.1  # the noise enters every element with weight (this step's sigma_up, ...)
+    return (drawn - zero) / coefficient
+
+
+@pytest.mark.parametrize("kind", NOISY)
+def test_drawn_noise_is_standard_normal(kind):
+    """The draw recovered from x_prev over n = 32768 elements (2 samples) is N(0, 1) and independent.
+
+    Bounds are 5 standard errors of each statistic under the null (a false failure has probability < 1e-6
+    per check): mean: SE 1/sqrt(n); sample std s: Var(s^2) = 2/n for normal data and s - 1 ~ (s^2 - 1) / 2,
+    so SE 1/sqrt(2n); the fraction with |z| < 1 (0.6827 for N(0, 1); a uniform or a two-point variable of
+    std 1 gives 0.577 / 0): binomial SE sqrt(p (1 - p) / n); the correlation of neighbouring elements and
+    of the two samples' draws (a repeated stream): SE 1/sqrt(n) (1/sqrt(n/2) for the halves)."""
+    table = TABLES[kind](10)
+    x = torch.randn(NOISE_SHAPE, generator=torch.Generator().manual_seed(21)) * 2
+    z = _recovered_noise(kind, table, STEP, x, seed=1234)
+    n = z.numel()
+    flat = z.reshape(-1)
+    assert abs(float(flat.mean())) < 5 / math.sqrt(n)
+    assert abs(float(flat.std()) - 1) < 5 / math.sqrt(2 * n)
+    p = math.erf(1 / math.sqrt(2))
+    assert abs(float((flat.abs() < 1).double().mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+    assert abs(float(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1])) < 5 / math.sqrt(n - 1)
+    halves = z.reshape(2, -1)
+    assert abs(float(torch.corrcoef(halves)[0, 1])) < 5 / math.sqrt(n / 2)
+
+
+@pytest.mark.skipif("cpu" not in _compiled_backends(), reason="no compiled CPU backend here")
+@pytest.mark.parametrize("kind", NOISY)
+def test_seeded_step_is_one_solver_update_draw(kind):
+    """On the compiled CPU path the step's seeded (or generator) draw is solver_update's own draw_noise with the
+    same rows: the step adds no noise of its own."""
+    table = TABLES[kind](10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(22)) * 2
+    index, batch = STEP, SHAPE[0]
+    churn = (2.0, 0.3, 5.0, 1.0) if kind == "euler" else None
+    history = new_history(table, x)
+    if kind == "dpm":  # order 1 (steps_done 0): the row row_of(STEP, 1), its history slots read
+        rows, row_index = table.fused(x.device), table.row_index(table.row_of(index, 1), batch, x.device)
+        previous = (history[(index - 1) % 3], history[(index - 2) % 3])
+    else:
+        rows, row_index = table.host_rows(x.device, torch.float32, batch, churn)[index]
+        previous = ()
+    for noise_kw in (dict(seed=77), dict(generator=torch.Generator().manual_seed(3))):
+        got = _noise_step(kind, x, index, table, history=history.clone(), **noise_kw)
+        draw_kw = {k: (torch.Generator().manual_seed(3) if k == "generator" else v) for k, v in noise_kw.items()}
+        want = F.solver_update(x, model(x, 0), rows, row_index, torch.empty(SHAPE), history=previous,
+                               draw_noise=True, backend="cpu", **draw_kw)
+        assert torch.equal(got, want), noise_kw
+
+
+def test_euler_churn_draws_only_where_gamma_is_positive():
+    """gamma = 0 at the step (s_churn 0, or sigma outside [s_tmin, s_tmax]): the seed changes nothing, the
+    result is the noise-free one; gamma > 0: the seed's draw enters. A per-sample index with s_churn > 0 draws
+    for the whole batch, and the kernel weights each sample's draw by its row's churn coefficient (0 outside
+    the range)."""
+    table = TABLES["euler"](10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(23)) * 2
+    sigmas = table.coef[:, 0, 0]
+    inside = next(i for i in range(table.num_steps) if 0.3 <= sigmas[i] <= 5.0)
+    outside = next(i for i in range(table.num_steps) if not 0.3 <= sigmas[i] <= 5.0)
+    for index, churn in ((inside, dict(s_churn=0.0)), (outside, {})):
+        free = _noise_step("euler", x, index, table, noise=torch.zeros(SHAPE), **churn)
+        for seed in (1, 2):
+            assert torch.equal(_noise_step("euler", x, index, table, seed=seed, **churn), free), (index, churn)
+        g = torch.Generator().manual_seed(4)
+        state = g.get_state()
+        assert torch.equal(_noise_step("euler", x, index, table, generator=g, **churn), free)
+        assert torch.equal(g.get_state(), state)  # nothing drawn: the generator did not advance
+    free = _noise_step("euler", x, inside, table, noise=torch.zeros(SHAPE))
+    a = _noise_step("euler", x, inside, table, seed=1)
+    assert torch.equal(a, _noise_step("euler", x, inside, table, seed=1))
+    assert not torch.equal(a, free) and not torch.equal(a, _noise_step("euler", x, inside, table, seed=2))
+    per_sample = torch.tensor([inside, outside, inside])
+    got = _noise_step("euler", x, per_sample, table, seed=1)
+    assert torch.equal(got[1], _noise_step("euler", x, outside, table, noise=torch.zeros(SHAPE))[1])
+    assert torch.equal(got[0], a[0]) and torch.equal(got[2], a[2])
+
+
+@pytest.mark.parametrize("kind", NOISY)
+def test_per_sample_index_with_seed_matches_host_steps(kind):
+    """A per-sample step index [B] with a seed: each sample gets the host-index step at its index with the
+    same seed (the draw depends on the seed and the element, not on the rows)."""
+    table = TABLES[kind](10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(24)) * 2
+    index = torch.tensor([1, STEP, 8])
+    got = _noise_step(kind, x, index, table, seed=11)
+    for b, i in enumerate(index.tolist()):
+        want = _noise_step(kind, x, i, table, seed=11)
+        assert torch.equal(got[b], want[b]), (b, i)
+    assert not torch.equal(got, _noise_step(kind, x, index, table, seed=12))
+
+
+@pytest.mark.parametrize("kind", NOISY)
+def test_bad_seed_or_generator_names_it(kind):
+    table = TABLES[kind](10)
+    x = torch.randn(SHAPE)
+    for seed in (-1, 2 ** 63, 1.5, True):
+        with pytest.raises((ValueError, TypeError), match="seed"):
+            _noise_step(kind, x, STEP, table, seed=seed)
+    with pytest.raises(TypeError, match="generator"):
+        _noise_step(kind, x, STEP, table, generator=7)
+
+
+def test_drawing_steps_without_host_sync():
+    """seed, generator and the default generator: the steps' draw reads nothing on the host."""
+    from test_no_host_sync import NoHostSync
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(SHAPE, device=dev)
+    for kind in NOISY:
+        table = TABLES[kind](10)
+        table.on(dev), table.fused(dev)
+        _noise_step(kind, x, STEP, table, noise=torch.zeros_like(x))  # set-up: the cached row-index tensors
+        for noise_kw in (dict(seed=3), dict(generator=torch.Generator(dev).manual_seed(0)), {}):
+            with NoHostSync():
+                for index in (STEP, torch.tensor([0, STEP, 7], device=dev)):
+                    out = _noise_step(kind, x, index, table, validate=False, **noise_kw)
+            assert out.shape == x.shape and torch.isfinite(out).all()

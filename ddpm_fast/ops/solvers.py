@@ -175,21 +175,26 @@ def solver_update(x, model_output, rows, row_index, m_out, *, model_cond=None, g
 
 
 def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond=None, guidance_scale=1.0,
-                          cfg_factor=None, thresh=None, history=(), last_sample=None, noise=None):
-    """solver_update (backend "auto", validate False, no noise drawn) for callers that have checked its
-    arguments (ddpm_fast.solvers.steps: tensors on x's device, history a tuple of up to 3 entries,
-    guidance_scale a float). CPU tensors that the compiled extension runs go to its op straight away (its C++
-    checks them once more, as on solver_update's own CPU path); the rest, and inputs that require grad, go
-    through solver_update: the same result with less Python per step."""
+                          cfg_factor=None, thresh=None, history=(), last_sample=None, noise=None, draw_noise=False,
+                          generator=None, seed=None):
+    """solver_update (backend "auto", validate False) for callers that have checked its arguments
+    (ddpm_fast.solvers.steps: tensors on x's device, history a tuple of up to 3 entries, guidance_scale a float,
+    seed None or an int in [0, 2**63), generator None or a torch.Generator on x's device). CPU tensors that the
+    compiled extension runs go to its op straight away (its C++ checks them once more, as on solver_update's own
+    CPU path; with draw_noise and noise None it draws the noise in-kernel); the rest, and inputs that require
+    grad, go through solver_update: the same result with less Python per step."""
     h1, h2, h3 = history + (None,) * (3 - len(history))
     kernel = _compiled_cpu_kernel(x.dtype) if x.is_cpu else None
     if kernel is None or kernel.grad_needed(x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2, h3,
                                             last_sample, noise, m_out):
         return solver_update(x, model_output, rows, row_index, m_out, model_cond=model_cond,
                              guidance_scale=guidance_scale, cfg_factor=cfg_factor, thresh=thresh,
-                             history=(h1, h2, h3), last_sample=last_sample, noise=noise, validate=False)
+                             history=(h1, h2, h3), last_sample=last_sample, noise=noise, draw_noise=draw_noise,
+                             generator=generator, seed=seed, validate=False)
+    drawn = draw_noise and noise is None
+    philox, key = kernel.philox_seed(seed, generator, x.device) if drawn else (0, None)
     return kernel.op(x, model_output, model_cond, rows, row_index, guidance_scale, cfg_factor, thresh, h1, h2, h3,
-                     last_sample, noise, False, 0, None, m_out)
+                     last_sample, noise, drawn, philox, key, m_out)
 
 
 def _compiled_cpu_kernel(dtype):

@@ -26,8 +26,9 @@ started from), updated in place by the op.
 Per-sample reductions run before the op and enter it as [B] factors: classifier-free guidance's
 guidance_rescale (cfg_factor: r std(cond) / std(guided) + 1 - r, diffusers' rescale_noise_cfg) and
 dynamic thresholding (thresh: the p-quantile of |x0| clamped to [1, sample_max_value], from a first
-op call that only computes x0). Noise the step needs and is not given is drawn with torch.randn from
-generator in the compute dtype.
+op call that only computes x0). Noise the step needs and is not given is drawn inside the same op call
+(solver_update's draw_noise: in-kernel Philox on the fused backends, from seed or generator, the stream of
+p_sample_step; the reference backend draws from torch.Generator(seed) / generator): no separate pass.
 
 The rows (tables.py's FUSED_COLUMNS): DPM-Solver++ x0 = conv_sample x + conv_model out, x_prev =
 c_sample x + c_m0 x0 + c_h1 x0[i-1] + c_h2 x0[i-2] + c_noise noise; Euler with churn gamma: x <- x +
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..ops import _checks as check
 from ..ops.solvers import solver_update_checked
 from ..reference import compute_dtype, per_sample
 from .tables import FUSED, FUSED_COLUMNS, SolverTable
@@ -291,15 +293,18 @@ def _check_history(history, table, sample, dtype):
                          f"new_history), got {history.dtype} {tuple(history.shape)} on {history.device}")
 
 
-def _noise(noise, generator, sample, dtype, name="noise"):
-    """The step's standard normal in sample's dtype or the compute dtype: noise, else drawn from generator."""
+def _noise(noise, generator, seed, sample, dtype):
+    """solver_update's noise keywords for a step that adds noise: {"noise": the given standard normal in
+    sample's dtype or the compute dtype ``dtype``}, else a draw inside the op (draw_noise, from seed, else
+    generator; seed checked by the step)."""
     if noise is None:
-        return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=dtype)
+        check.generator(generator, sample.device)
+        return {"draw_noise": True, "generator": generator, "seed": seed}
     if not isinstance(noise, torch.Tensor) or noise.shape != sample.shape:
-        raise ValueError(f"{name}: expected a tensor of sample's shape {tuple(sample.shape)}")
+        raise ValueError(f"noise: expected a tensor of sample's shape {tuple(sample.shape)}")
     if noise.device != sample.device or (noise.dtype != sample.dtype and noise.dtype != dtype):
         noise = noise.to(device=sample.device, dtype=dtype)
-    return noise
+    return {"noise": noise}
 
 
 _PARAGRAPHS = {  # the Args paragraphs every step shares (``_document``)
@@ -312,6 +317,13 @@ _PARAGRAPHS = {  # the Args paragraphs every step shares (``_document``)
     "guidance": ("guidance_scale: None, or the classifier-free guidance scale s: uncond + s (cond - uncond).\n"
                  "guidance_rescale: diffusers' rescale_noise_cfg factor (0: none); with guidance_scale only."),
     "validate": "validate: range-check a step_index tensor on the host (a sync on a GPU; None: CPU tensors only).",
+    "generator": ("generator: used when noise and seed are None: a torch.Generator on sample's device (default:\n"
+                  "    torch's global generator); the fused backends take one Philox seed from it per step, the\n"
+                  "    reference backend its standard normal.\n"
+                  "seed: an int in [0, 2**63): draw the noise from this seed; fused backends generate it\n"
+                  "    in-kernel (Philox-4x32-10, the stream of p_sample_step), the reference backend from\n"
+                  "    torch.Generator(seed); a seed gives the same noise on every call. Takes precedence over\n"
+                  "    generator."),
 }
 
 
@@ -331,8 +343,8 @@ def _document(function):
 # -- DPM-Solver++ -------------------------------------------------------------------------------------
 @_document
 def dpm_solver_step(model_output, sample, step_index, table: SolverTable, history, *, steps_done=None,
-                    noise=None, generator=None, guidance_scale=None, guidance_rescale=0.0, dynamic_threshold=None,
-                    sample_max_value=1.0, validate=None):
+                    noise=None, generator=None, seed=None, guidance_scale=None, guidance_rescale=0.0,
+                    dynamic_threshold=None, sample_max_value=1.0, validate=None):
     """One DPM-Solver++ multistep step (orders 1-3, midpoint / heun, ODE or SDE).
 
     Args:
@@ -340,9 +352,9 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
         history: the ring buffer [solver_order, B, ...] (new_history); this step's x0 prediction is
             written into slot step_index % solver_order, in place.
         steps_done: steps since the loop began (int or int64 [B]; default step_index): the warm-up order.
-        noise: the SDE variant's standard normal [B, ...]; None: drawn in float32 from generator on
-            sample's device. The ODE variant ignores both.
-        generator: a torch.Generator on sample's device, or None.
+        noise: the SDE variant's standard normal [B, ...], or None (default) to draw it inside the step's
+            fused op from seed or generator. The ODE variant ignores noise, generator and seed.
+        <generator>
         <guidance>
         dynamic_threshold: None, or the quantile p in (0, 1] of Imagen's dynamic thresholding of the x0
             prediction (diffusers' thresholding / dynamic_thresholding_ratio): s = the per-sample p-quantile
@@ -365,15 +377,16 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
         (torch.Size([2, 4, 8, 8]), torch.Size([2, 2, 4, 8, 8]))
     """
     _check_table(table, "dpm_solver")
+    check.seed(seed)
     _check_thresholding(dynamic_threshold, sample_max_value)
     out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, out.dtype)
     idx = _Index(step_index, steps_done, table, sample, out.dtype, validate, history)
     rows, row_index = idx.rows(), idx.row_index(idx.order())
-    z = _noise(noise, generator, sample, out.dtype) if table.sde else None
+    noise_args = _noise(noise, generator, seed, sample, out.dtype) if table.sde else {}
     thresh = out.thresh(sample, rows, row_index, None, dynamic_threshold, sample_max_value)
     previous, m_out = idx.slots(table.solver_order - 1)
-    x_prev = out.update(sample, rows, row_index, m_out, thresh=thresh, history=previous, noise=z)
+    x_prev = out.update(sample, rows, row_index, m_out, thresh=thresh, history=previous, **noise_args)
     idx.store(m_out)
     return x_prev
 
@@ -387,23 +400,24 @@ def euler_churns(table: SolverTable, step_index, s_churn, s_tmin, s_tmax) -> boo
     return step_index is None or s_tmin <= float(table.coef[step_index, 0, 0]) <= s_tmax
 
 
-def _euler_update(out: _Guided, sample, step_index, table: SolverTable, noise, churn=None):
+def _euler_update(out: _Guided, sample, step_index, table: SolverTable, noise=None, churn=None, **draw):
     """(x_prev, x0_pred) of an Euler step (churn: its (s_churn, s_tmin, s_tmax, s_noise) as floats, or None) or
     an Euler ancestral step at step_index (a host int, or an int64 tensor [B] on sample's device) with its
-    noise (or None): the step's one solver_update call. The callers (the two steps below, the drop-in
-    schedulers of ddpm_fast.compat.diffusers_solvers) have checked the arguments."""
+    noise (or None; draw: solver_update's draw_noise / generator / seed, to draw it in the op): the step's one
+    solver_update call. The callers (the two steps below, the drop-in schedulers of
+    ddpm_fast.compat.diffusers_solvers) have checked the arguments."""
     device = sample.device
     if isinstance(step_index, torch.Tensor):
         rows, row_index = table.fused(device, out.dtype, churn), table.row_of(step_index)
     else:
         rows, row_index = table.host_rows(device, out.dtype, sample.shape[0], churn)[step_index]
     x0 = torch.empty_like(sample, dtype=out.dtype, memory_format=torch.contiguous_format)
-    return out.update(sample, rows, row_index, x0, noise=noise), x0
+    return out.update(sample, rows, row_index, x0, noise=noise, **draw), x0
 
 
 @_document
 def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=0.0, s_tmin=0.0,
-               s_tmax=float("inf"), s_noise=1.0, noise=None, generator=None, guidance_scale=None,
+               s_tmax=float("inf"), s_noise=1.0, noise=None, generator=None, seed=None, guidance_scale=None,
                guidance_rescale=0.0, validate=None):
     """One Euler step, with Karras et al.'s churn.
 
@@ -411,9 +425,10 @@ def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=
         <inputs>
         s_churn, s_tmin, s_tmax, s_noise: the churn: gamma = min(s_churn / N, sqrt(2) - 1) where
             s_tmin <= sigma <= s_tmax (N = table.num_sigmas - 1), noise scaled by s_noise.
-        noise: the churn's standard normal [B, ...], used only where gamma > 0; None: drawn from generator
-            (with a host step_index only when gamma > 0 there; with a tensor [B] whenever s_churn > 0).
-        generator: a torch.Generator on sample's device, or None.
+        noise: the churn's standard normal [B, ...], used only where gamma > 0, or None (default) to draw it
+            inside the step's fused op from seed or generator (with a host step_index only when gamma > 0
+            there; with a tensor [B] whenever s_churn > 0, each sample's draw times its churn coefficient).
+        <generator>
         <guidance>
         <validate>
 
@@ -431,25 +446,27 @@ def euler_step(model_output, sample, step_index, table: SolverTable, *, s_churn=
         torch.Size([2, 4, 8, 8])
     """
     _check_table(table, "euler")
+    check.seed(seed)
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
         _check_number(name, value)
     out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     idx = _Index(step_index, None, table, sample, out.dtype, validate)
     churns = euler_churns(table, idx.step_index if idx.host else None, s_churn, s_tmin, s_tmax)
-    z = _noise(noise, generator, sample, out.dtype) if churns else None
+    noise_args = _noise(noise, generator, seed, sample, out.dtype) if churns else {}
     churn = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)) if s_churn > 0 else None
-    return _euler_update(out, sample, idx.step_index, table, z, churn)
+    return _euler_update(out, sample, idx.step_index, table, churn=churn, **noise_args)
 
 
 @_document
 def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *, noise=None, generator=None,
-                         guidance_scale=None, guidance_rescale=0.0, validate=None):
+                         seed=None, guidance_scale=None, guidance_rescale=0.0, validate=None):
     """One Euler ancestral step: Euler to sigma_down, then sigma_up times a standard normal.
 
     Args:
         <inputs>
-        noise: standard normal [B, ...]; None: drawn from generator on sample's device.
-        generator: a torch.Generator on sample's device, or None.
+        noise: the standard normal [B, ...] (the step adds sigma_up times it), or None (default) to draw it
+            inside the step's fused op from seed or generator.
+        <generator>
         <guidance>
         <validate>
 
@@ -464,9 +481,10 @@ def euler_ancestral_step(model_output, sample, step_index, table: SolverTable, *
         (torch.float32, torch.Size([2, 3]))
     """
     _check_table(table, "euler_ancestral")
+    check.seed(seed)
     out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     idx = _Index(step_index, None, table, sample, out.dtype, validate)
-    return _euler_update(out, sample, idx.step_index, table, _noise(noise, generator, sample, out.dtype))
+    return _euler_update(out, sample, idx.step_index, table, **_noise(noise, generator, seed, sample, out.dtype))
 
 
 # -- UniPC --------------------------------------------------------------------------------------------
