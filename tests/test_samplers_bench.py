@@ -44,6 +44,8 @@ def test_both_sides_ran_every_row(quick_run):
             assert r[f"{side}_ops"]["full"] >= 1  # the step produced a full-size sample
         assert r["ours_ops"]["host_reads"] == 0, r["sampler"]  # the drop-ins step without a host read
         assert r["ratio"] == pytest.approx(r["parent_us"] / r["ours_us"])
+        assert r["shared_steps_timed"] == steps and r["shared_us"] > 0
+        assert r["bound"] == pytest.approx(r["parent_us"] / r["shared_us"])
         assert r["met"] in (True, False)
     for r in results["rows"]:  # the parent's guidance arithmetic adds full-size ops; ours is inside the fused step
         if r["cfg"]:
@@ -82,6 +84,24 @@ def test_guidance_in_the_step_matches_the_pipeline_arithmetic(which):
     for t in parent.scheduler.timesteps:
         xa, xb = ours.step(model_output, t, xa), parent.step(model_output, t, xb)
     torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-4 * xb.abs().max().item())
+
+
+@pytest.mark.parametrize("which", range(5))
+def test_the_shared_side_runs_scale_model_input_and_the_parents_noise_draw(which):
+    """SharedSide calls ours' scale_model_input every step and draws diffusers' noise from its generator exactly
+    for the samplers whose step draws noise on the parent's default path."""
+    import torch
+
+    name, _, fast_cls, config = samplers.samplers()[which]
+    side = samplers.SharedSide(fast_cls, config, None, 0, name in samplers.NOISE_DRAWING)
+    calls = []
+    real = side.scheduler.scale_model_input
+    side.scheduler.scale_model_input = lambda x, t: calls.append(t) or real(x, t)
+    x, model_output = samplers._inputs((1, 4, 8, 8), None, torch.device("cpu"), seed=0)
+    before = side.generator.get_state()
+    times = side.loop(x, model_output, 4)
+    assert len(times) == len(calls) == 4
+    assert (not torch.equal(before, side.generator.get_state())) == (name in ("DPM++ 3M SDE", "Euler a"))
 
 
 @pytest.mark.parametrize("args, flag", [(["--threads", "0"], "--threads"), (["--device", "mps"], "--device")])

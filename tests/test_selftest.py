@@ -2,7 +2,6 @@
 listed as skipped with its reason, one JSON and one summary are written; --dry-run lists the budget."""
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 

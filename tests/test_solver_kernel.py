@@ -83,7 +83,7 @@ def formula(a, absolute=False):
     """(x_prev, m, corrected) of the contract in float64 from the inputs of `a` (as they are before the call);
     absolute: the same sums over the absolute values of every term (the magnitude the roundings scale with)."""
     x = a["x"].double()
-    B, lead = x.shape[0], (x.shape[0],) + (1,) * (x.dim() - 1)
+    lead = (x.shape[0],) + (1,) * (x.dim() - 1)
     rows = a["rows"].double()[a["row_index"]]
     f = (lambda v: v.abs()) if absolute else (lambda v: v)
     col = {name: f(rows[:, k].reshape(lead)) for k, name in enumerate(COLUMNS)}

@@ -414,7 +414,7 @@ def test_fused_steps_equal_the_composed_formulas(kind, options, dtype):
     x = (torch.randn(SHAPE, generator=gen) * 3).to(dtype)
     noises = [torch.randn(SHAPE, generator=gen) for _ in range(n)]
     guidance, threshold = options.get("guidance", (None, 0.0)), options.get("threshold")
-    ours, theirs = x.clone(), x.clone()
+    theirs = x.clone()
     multistep = kind in ("dpm", "unipc")
     hist_ours, hist_theirs = (new_history(table, x), new_history(table, x)) if multistep else (None, None)
     compute = R.compute_dtype(dtype)

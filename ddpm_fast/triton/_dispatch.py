@@ -70,15 +70,16 @@ def stubbed_launches():
         direct = real
 
 
-def define(name: str, fake):
+def define(name: str, fake, mutates_args=()):
     """Decorator: register an annotated op body as ``ddpm_fast_triton::name`` (triton_op on GPUs; a custom_op
-    with ``fake`` as its fake implementation under the interpreter)."""
+    with ``fake`` as its fake implementation under the interpreter), declaring the arguments named in
+    ``mutates_args`` as written in place."""
     def register(body):
         if INTERPRET:
-            op = torch.library.custom_op(f"{NS}::{name}", body, mutates_args=())
+            op = torch.library.custom_op(f"{NS}::{name}", body, mutates_args=mutates_args)
             op.register_fake(fake)
             return op
-        return torch.library.triton_op(f"{NS}::{name}", body, mutates_args=())
+        return torch.library.triton_op(f"{NS}::{name}", body, mutates_args=mutates_args)
 
     return register
 

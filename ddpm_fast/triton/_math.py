@@ -99,9 +99,10 @@ def _load(ptr, b, n, m, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr, CDT: tl.cons
 
 @triton.jit
 def _load_t(t_ptr, b, T):
-    """t of sample b, clamped into [0, T) so that a bad t never reads out of bounds (asserted in debug)."""
+    """The table row index of sample b (its timestep t, or a solver's row index), clamped into [0, T) so that a bad
+    index never reads out of bounds (asserted in debug)."""
     t = tl.load(t_ptr + b)
-    tl.device_assert((t >= 0) & (t < T), "t out of range [0, T)")
+    tl.device_assert((t >= 0) & (t < T), "table row index (t or row_index) out of range [0, T)")
     return tl.minimum(tl.maximum(t, 0), T - 1)
 
 

@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from . import _math as M
-from ._dispatch import NS, call, wrap_triton
+from ._dispatch import call, define, wrap_triton
 from ._layout import CACHE_SIZE, run
-from ._runtime import INTERPRET, check_device, seed_tensor, tl_dtype
+from ._runtime import check_device, seed_tensor, tl_dtype
 
 # The columns of a row, in order (ddpm_fast/solvers/tables.py FUSED_COLUMNS; csrc/ops/solvers.h SolverCol).
 COLUMNS = ("churn", "conv_sample", "conv_model", "c_this", "c_last", "c_model", "c_h1", "c_h2", "c_h3",
@@ -163,21 +163,7 @@ def _solver_update_fake(x, *rest):
     return torch.empty_like(x)
 
 
-_MUTATED = ("last_sample", "m_out")
-
-
-def _define_mutating(body):
-    """Register ``body`` as ddpm_fast_triton::solver_update as _dispatch.define does, declaring the arguments
-    it writes in place (define declares none)."""
-    name = f"{NS}::solver_update"
-    if INTERPRET:
-        op = torch.library.custom_op(name, body, mutates_args=_MUTATED)
-        op.register_fake(_solver_update_fake)
-        return op
-    return torch.library.triton_op(name, body, mutates_args=_MUTATED)
-
-
-@_define_mutating
+@define("solver_update", _solver_update_fake, mutates_args=("last_sample", "m_out"))
 def solver_update_op(x: torch.Tensor, model_output: torch.Tensor, model_cond: Optional[torch.Tensor],
                      rows: torch.Tensor, row_index: torch.Tensor, guidance_scale: float,
                      cfg_factor: Optional[torch.Tensor], thresh: Optional[torch.Tensor], h1: Optional[torch.Tensor],

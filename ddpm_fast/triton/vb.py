@@ -183,7 +183,7 @@ def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, tabl
                         weighting, min_snr_gamma):
     """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
     _check_mode(mode, weighting)
-    B, T = x0.shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
+    T = int(table_.shape[0])  # T specialised: a schedule has one table
     f = _flags(mode, var_type, T)
     grad = torch.empty_like(model_output)
     if grad.numel() == 0:
