@@ -177,7 +177,8 @@ def _capture(fn, device):
 
 def check_graphs(device: torch.device, backends) -> dict:
     """Each case captured and replayed (equal to eager for explicit noise; fresh noise on every replay
-    for seed=None and generator=), and a 20-step DDPM and DDIM loop captured whole."""
+    for seed=None and generator=), a 20-step DDPM and DDIM loop captured whole, and the solver loops (the drop-in
+    schedulers' and the functional steps', _check_solver_graph)."""
     from . import ops
     from .bench import cases, loops
 
@@ -219,7 +220,7 @@ def check_graphs(device: torch.device, backends) -> dict:
                     failures.append(f"{loop} loop {backend}: graph replay differs from eager")
             except Exception as exc:  # noqa: BLE001
                 failures.append(f"{loop} loop {backend}: {type(exc).__name__}: {str(exc)[:200]}")
-    for name in SOLVER_LOOPS:
+    for name in (*SOLVER_LOOPS, *FUNCTIONAL_LOOPS):
         checked += 1
         failures += _check_solver_graph(name, device)
     return {"checked": checked, "failures": failures}
@@ -257,32 +258,88 @@ def solver_loop(name: str, device, steps: int = 10):
     return scheduler, run
 
 
+# the functional steps (ddpm_fast.solvers) that draw their noise inside the fused op (Philox, from the device's
+# default generator here): the graphs and sync_free stages run their loops too
+FUNCTIONAL_LOOPS = ("euler_ancestral_step", "dpm_solver_step sde-dpmsolver++ 2M")
+LOOP_SHAPE = (4, 4, 16, 16)
+
+
+def functional_loop(name: str, device, steps: int = 10):
+    """(reset, run) for FUNCTIONAL_LOOPS[name]: run(x, generator=None) takes x [4, 4, 16, 16] on ``device`` through
+    ``steps`` steps (sigmas log-spaced from 15.8 to 0.03, then 0) with a tanh stand-in model, the noise drawn in the
+    step's op; reset() readies a new loop (zeroes the DPM history, allocated once: a captured loop reuses it)."""
+    from . import solvers
+
+    sigmas = torch.cat([torch.logspace(1.2, -1.5, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    if name == "euler_ancestral_step":
+        table = solvers.euler_ancestral_table(sigmas)
+        column = solvers.tables.EULER_ANCESTRAL_COLUMNS.index("input_scale")
+        input_scales = [float(v) for v in table.coef[:, 0, column]]  # scale_model_input's factor per step
+
+        def run(x, generator=None):
+            for i in range(table.num_steps):
+                x, _ = solvers.euler_ancestral_step(torch.tanh(x * input_scales[i]), x, i, table, generator=generator)
+            return x
+
+        return (lambda: None), run
+    table = solvers.dpm_solver_table(sigmas, solver_order=2, algorithm_type="sde-dpmsolver++")
+    history = solvers.new_history(table, torch.empty(LOOP_SHAPE, device=device))
+
+    def run_dpm(x, generator=None):
+        for i in range(table.num_steps):
+            x = solvers.dpm_solver_step(torch.tanh(x), x, i, table, history, generator=generator)
+        return x
+
+    return history.zero_, run_dpm
+
+
+def _loop(name: str, device) -> tuple:
+    """(reset, run) of a drop-in loop (SOLVER_LOOPS) or a functional one (FUNCTIONAL_LOOPS)."""
+    if name in FUNCTIONAL_LOOPS:
+        return functional_loop(name, device)
+    scheduler, run = solver_loop(name, device)
+    return (lambda: scheduler.set_timesteps(10, device=device)), run
+
+
+# the loops that draw noise: a replay of their captured graph must draw fresh noise
+NOISY_LOOPS = ("sde-dpmsolver++ 2M", "euler ancestral", *FUNCTIONAL_LOOPS)
+
+
 def _check_solver_graph(name: str, device) -> list:
-    """One drop-in scheduler's 10-step loop captured whole and replayed: equal to the eager loop. The SDE /
-    ancestral noise comes from the device's default generator, seeded alike before the eager run and the replay
-    (a captured draw reads the generator's state at replay time)."""
+    """One 10-step loop (a drop-in scheduler's or a functional step's) captured whole and replayed: equal to the
+    eager loop. The SDE / ancestral noise comes from the device's default generator, seeded alike before the eager
+    run and the replay (a captured draw reads the generator's state at replay time); a second replay, unseeded,
+    must draw other noise."""
     try:
-        x_start = torch.randn((4, 4, 16, 16), device=device, generator=torch.Generator(device).manual_seed(1))
-        _, eager_run = solver_loop(name, device)
+        x_start = torch.randn(LOOP_SHAPE, device=device, generator=torch.Generator(device).manual_seed(1))
+        _, eager_run = _loop(name, device)
         torch.cuda.manual_seed(2)
         eager = eager_run(x_start.clone())
-        scheduler, run = solver_loop(name, device)
+        reset, run = _loop(name, device)
         static_x = x_start.clone()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             run(static_x.clone())  # warm-up: the step's tables reach the device
         torch.cuda.current_stream(device).wait_stream(side)
-        scheduler.set_timesteps(10, device=device)
+        reset()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = run(static_x)
+        reset()
         torch.cuda.manual_seed(2)
         graph.replay()
         torch.cuda.synchronize(device)
         gap = float((out - eager).abs().max())
         if not gap <= 1e-5 * (1.0 + float(eager.abs().max())):
             return [f"{name} loop: graph replay differs from the eager loop by {gap:.3g}"]
+        if name in NOISY_LOOPS:
+            first = out.clone()
+            reset()
+            graph.replay()
+            torch.cuda.synchronize(device)
+            if torch.equal(first, out):
+                return [f"{name} loop: two graph replays drew the same noise"]
     except Exception as exc:  # noqa: BLE001
         return [f"{name} loop: {type(exc).__name__}: {str(exc)[:200]}"]
     return []
@@ -320,11 +377,11 @@ def check_sync_free(device: torch.device, backends) -> dict:
             run = loops._ours(loop, backend=backend, device=device, batch=4, run_steps=20)
             failures += _sync_free(f"{loop} loop {backend}", device, run, net,
                                    torch.randn((4, 3, 16, 16), device=device))
-    for name in SOLVER_LOOPS:
-        run = solver_loop(name, device)[1]
+    for name in (*SOLVER_LOOPS, *FUNCTIONAL_LOOPS):
+        run = _loop(name, device)[1]
         generator = torch.Generator(device).manual_seed(0)  # a generator on the device: no host draw
-        failures += _sync_free(f"{name} loop", device, run, torch.randn((4, 4, 16, 16), device=device), generator)
-    return {"checked": 2 * len(backends) + len(SOLVER_LOOPS), "failures": failures}
+        failures += _sync_free(f"{name} loop", device, run, torch.randn(LOOP_SHAPE, device=device), generator)
+    return {"checked": 2 * len(backends) + len(SOLVER_LOOPS) + len(FUNCTIONAL_LOOPS), "failures": failures}
 
 
 def _sync_free(label: str, device, run, *args) -> list:

@@ -153,6 +153,23 @@ def test_solver_loops_of_the_gpu_stages_run_and_match_their_parent(name):
     torch.testing.assert_close(ours, y, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", selftest.FUNCTIONAL_LOOPS)
+def test_functional_loops_of_the_gpu_stages_draw_their_noise_from_the_generator(name):
+    """The functional-step loops the graphs / sync_free stages capture on a GPU run here eagerly: the noise is
+    the generator's (same seed, same loop; another seed, another) and each loop starts afresh after reset()."""
+    reset, run = selftest.functional_loop(name, "cpu")
+    x = torch.randn(selftest.LOOP_SHAPE, generator=torch.Generator().manual_seed(0)) * 15.8
+    first = run(x.clone(), torch.Generator().manual_seed(3))
+    reset()
+    again = run(x.clone(), torch.Generator().manual_seed(3))
+    reset()
+    other = run(x.clone(), torch.Generator().manual_seed(4))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert torch.isfinite(first).all()
+    assert name in selftest.NOISY_LOOPS
+
+
 @pytest.mark.parametrize("returncode", [0, 3])
 def test_bench_stages_run_the_cli_and_report_its_exit(monkeypatch, tmp_path, returncode):
     """The GPU stages bench / samplers run `ddpm-fast bench [--samplers] --device D --quick` in a child process,
