@@ -21,7 +21,6 @@ import functools
 import inspect
 import sys
 import types
-import weakref
 
 import torch
 
@@ -104,18 +103,12 @@ def _op(name):
     return op
 
 
-_CPU_TABLES = weakref.WeakKeyDictionary()  # schedule -> {dtype: its CPU table}: no device hashing per call
-
-
 def _table(schedule, x):
     if x.is_cpu:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        tables = _CPU_TABLES.get(schedule)
-        if tables is None:
-            tables = _CPU_TABLES[schedule] = {}
-        table = tables.get(dtype)
+        table = schedule._cpu_tables.get(dtype)
         if table is None:
-            table = tables[dtype] = schedule.table(torch.device("cpu"), dtype)
+            table = schedule._cpu_tables[dtype] = schedule.table(torch.device("cpu"), dtype)
         return table
     return schedule.table(x.device, compute_dtype(x.dtype))
 

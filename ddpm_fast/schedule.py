@@ -108,17 +108,20 @@ class NoiseSchedule:
         if self.timestep_map.shape != (T,):
             raise ValueError(f"timestep_map: expected shape ({T},), got {tuple(self.timestep_map.shape)}")
         self._device_tables: dict = {}
+        self._cpu_tables: dict = {}  # compute dtype -> the CPU table: the compiled CPU ops' per-call lookup, no device key
         self._lock = threading.Lock()
 
     def __getstate__(self):
         # Device tables and the lock are rebuilt on demand (e.g. after pickling to a DDP worker).
         state = dict(self.__dict__)
         state["_device_tables"] = {}
+        state["_cpu_tables"] = {}
         del state["_lock"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._cpu_tables = {}
         self._lock = threading.Lock()
 
     @classmethod

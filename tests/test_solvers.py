@@ -659,6 +659,23 @@ def test_solver_update_checked_equals_solver_update():
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_solver_update_checked_takes_the_compiled_op_where_solver_update_routes_to_it(monkeypatch):
+    """_compiled_kernel: the compiled op's Kernel exactly when backend "auto" routes solver_update to the compiled
+    adapter for that device type (CPU here; CUDA the same way, from its own plan), else None (the checked path)."""
+    from ddpm_fast import backends
+    from ddpm_fast.ops import solvers as solver_ops
+
+    fn = backends.plan("auto", "cpu", "solver_update", torch.float32)[0][0]
+    compiled = getattr(fn, "func", None) is solver_ops._solver_update_compiled
+    kernel = solver_ops._compiled_kernel("cpu", torch.float32)
+    assert (kernel is fn.args[0]) if compiled else kernel is None
+    assert solver_ops._compiled_kernel("meta", torch.float32) is None  # no compiled op there: no plan asked
+    asked = []
+    monkeypatch.setattr(backends, "plan", lambda *key: asked.append(key) or ((fn, ""), (), None))
+    assert solver_ops._compiled_kernel("cuda", torch.float16) is (fn.args[0] if compiled else None)
+    assert asked == [("auto", "cuda", "solver_update", torch.float16)]
+
+
 # -- the steps' own noise draw: solver_update's draw_noise (in-kernel Philox on the compiled backends) ---------
 NOISE_SHAPE = (2, 4, 64, 64)  # n = 32768 draws for the distribution checks
 

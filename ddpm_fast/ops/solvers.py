@@ -179,12 +179,13 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
                           generator=None, seed=None):
     """solver_update (backend "auto", validate False) for callers that have checked its arguments
     (ddpm_fast.solvers.steps: tensors on x's device, history a tuple of up to 3 entries, guidance_scale a float,
-    seed None or an int in [0, 2**63), generator None or a torch.Generator on x's device). CPU tensors that the
-    compiled extension runs go to its op straight away (its C++ checks them once more, as on solver_update's own
-    CPU path; with draw_noise and noise None it draws the noise in-kernel); the rest, and inputs that require
-    grad, go through solver_update: the same result with less Python per step."""
+    seed None or an int in [0, 2**63), generator None or a torch.Generator on x's device). Tensors that the
+    compiled extension runs (CPU, and CUDA where it was built with CUDA) go to its op straight away (its C++ checks
+    them once more, as on solver_update's own CPU path; with draw_noise and noise None it draws the noise
+    in-kernel): the call solver_update's route makes, without its Python checks; the rest (the Triton path, inputs
+    that require grad) go through solver_update."""
     h1, h2, h3 = history + (None,) * (3 - len(history))
-    kernel = _compiled_cpu_kernel(x.dtype) if x.is_cpu else None
+    kernel = _compiled_kernel(x.device.type, x.dtype)
     if kernel is None or kernel.grad_needed(x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2, h3,
                                             last_sample, noise, m_out):
         return solver_update(x, model_output, rows, row_index, m_out, model_cond=model_cond,
@@ -197,11 +198,13 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
                      last_sample, noise, drawn, philox, key, m_out)
 
 
-def _compiled_cpu_kernel(dtype):
+def _compiled_kernel(device_type, dtype):
     """The compiled Kernel (ddpm_fast.native.Kernel: its op, grad_needed) when backend "auto" runs solver_update
-    on CPU tensors of dtype with the compiled extension, else None: backends.plan's cached decision, this
-    module's compiled adapter bound to its Kernel."""
-    fn, reason = backends.plan("auto", "cpu", "solver_update", dtype)[0]
+    on tensors of device_type ("cpu" / "cuda") and dtype with the compiled extension, else None: backends.plan's
+    cached decision, this module's compiled adapter bound to its Kernel."""
+    if device_type != "cpu" and device_type != "cuda":
+        return None
+    fn, reason = backends.plan("auto", device_type, "solver_update", dtype)[0]
     if reason or getattr(fn, "func", None) is not _solver_update_compiled:
         return None
     return fn.args[0]
