@@ -187,16 +187,29 @@ class Kernel:
         return self.op
 
 
-def _kernels() -> types.SimpleNamespace:
-    """Every registered op that declares a compiled adapter, unrouted: what ddpm_fast.backends.route hands to
-    ddpm_fast.ops."""
+class EagerKernel(Kernel):
+    """A Kernel whose ``op`` is the overload's C++ callable itself (OpOverload.__call__ is one Python frame
+    around it, ~1 us a call): the same dispatch (autograd, dispatch modes, __torch_function__), but torch.compile
+    cannot trace it, so only plain-eager callers take it (ddpm_fast.ops._checks.cpu_native)."""
+
+    def __getattr__(self, attr):
+        if attr != "op":
+            raise AttributeError(attr)
+        self.op = _op(self.name)._op
+        return self.op
+
+
+def _kernels(kernel_type=Kernel) -> types.SimpleNamespace:
+    """Every registered op that declares a compiled adapter, unrouted (its adapter bound to a kernel_type): what
+    ddpm_fast.backends.route hands to ddpm_fast.ops."""
     from .ops import REGISTRY
 
-    return types.SimpleNamespace(**{name: functools.partial(spec.compiled, Kernel(name))
+    return types.SimpleNamespace(**{name: functools.partial(spec.compiled, kernel_type(name))
                                     for name, spec in REGISTRY.items() if spec.compiled is not None})
 
 
 kernels = _kernels()
+eager_kernels = _kernels(EagerKernel)  # the same adapters for plain-eager callers
 _ROUTED: dict = {}
 
 

@@ -537,3 +537,24 @@ def test_a_call_without_gradients_skips_the_autograd_node_with_the_same_results(
     x_t = F.q_sample(x0, t, noise, SCHEDULE, backend=backend)
     assert not x_t.requires_grad
     assert torch.equal(x_t, F.q_sample(x0.requires_grad_(), t, noise, SCHEDULE, backend=backend).detach())
+
+
+@pytest.mark.skipif(not backends.available("cpu"), reason="the compiled CPU backend is unavailable")
+def test_plain_eager_calls_skip_the_overload_frame_and_compile_still_traces(monkeypatch):
+    """cpu_native hands plain-eager calls the adapters bound to native.EagerKernel (the overload's C++ callable,
+    no OpOverload.__call__ frame) and torch.compile the traceable ones: the same results either way, and a
+    fullgraph compile of a public op on CPU tensors traces (the raw callable would break the graph)."""
+    from ddpm_fast.ops import _checks
+
+    x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([3, 900])
+    eager_fn = _checks.cpu_native("q_sample", "auto", x0, noise)
+    assert eager_fn is native.eager_kernels.q_sample
+    assert eager_fn.args[0].op is native._op("q_sample")._op
+    monkeypatch.setattr(_checks, "_is_compiling", lambda: True)
+    assert _checks.cpu_native("q_sample", "auto", x0, noise) is native.kernels.q_sample
+    monkeypatch.undo()
+    want = F.q_sample(x0, t, noise, SCHEDULE)
+    torch.testing.assert_close(want, R.q_sample(x0, t, noise, SCHEDULE), rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(lambda a, b: F.q_sample(a, t, b, SCHEDULE), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x0, noise), want)

@@ -663,17 +663,25 @@ def test_solver_update_checked_takes_the_compiled_op_where_solver_update_routes_
     """_compiled_kernel: the compiled op's Kernel exactly when backend "auto" routes solver_update to the compiled
     adapter for that device type (CPU here; CUDA the same way, from its own plan), else None (the checked path)."""
     from ddpm_fast import backends
+    from ddpm_fast.ops import _checks as check_module
     from ddpm_fast.ops import solvers as solver_ops
+
+    from ddpm_fast import native
 
     fn = backends.plan("auto", "cpu", "solver_update", torch.float32)[0][0]
     compiled = getattr(fn, "func", None) is solver_ops._solver_update_compiled
+    eager = native.eager_kernels.solver_update.args[0]  # outside torch.compile: the op without its Python frame
     kernel = solver_ops._compiled_kernel("cpu", torch.float32)
-    assert (kernel is fn.args[0]) if compiled else kernel is None
+    assert (kernel is eager) if compiled else kernel is None
+    if compiled:
+        assert kernel.op is native._op("solver_update")._op and kernel.name == fn.args[0].name
     assert solver_ops._compiled_kernel("meta", torch.float32) is None  # no compiled op there: no plan asked
     asked = []
     monkeypatch.setattr(backends, "plan", lambda *key: asked.append(key) or ((fn, ""), (), None))
-    assert solver_ops._compiled_kernel("cuda", torch.float16) is (fn.args[0] if compiled else None)
+    assert solver_ops._compiled_kernel("cuda", torch.float16) is (eager if compiled else None)
     assert asked == [("auto", "cuda", "solver_update", torch.float16)]
+    monkeypatch.setattr(check_module, "_is_compiling", lambda: True)  # under torch.compile: the traceable Kernel
+    assert solver_ops._compiled_kernel("cpu", torch.float32) is (fn.args[0] if compiled else None)
 
 
 # -- the steps' own noise draw: solver_update's draw_noise (in-kernel Philox on the compiled backends) ---------

@@ -247,25 +247,33 @@ def cpu_native(op, backend, *tensors):
     plan = _cpu_plans.get((op, tensors[0].dtype))
     if plan is None:
         plan = _cpu_plan(op, backend, tensors[0].dtype)
-    fn, positions = plan
+    fn, eager_fn, positions = plan
     if positions and torch.is_grad_enabled():  # backends.grad_blocked, inline
         for i in positions:
             x = tensors[i]
             if x is not None and x.requires_grad:
                 return None
-    return fn
+    return fn if _is_compiling() else eager_fn
 
 
-_cpu_plans: dict = {}  # (op, dtype) -> (the compiled op or None, the inputs whose requires_grad needs the reference)
+_is_compiling = torch.compiler.is_compiling
+# (op, dtype) -> (the compiled op or None, the same for plain-eager calls (native.eager_kernels: no
+# OpOverload.__call__ frame), the inputs whose requires_grad needs the reference)
+_cpu_plans: dict = {}
 
 
 def _cpu_plan(op, backend, dtype):
     if not backends.available("cpu"):  # no compiled extension: the checked path (which says why for "cpu")
         if backend == "cpu":
             backends.select(backend, "cpu")  # raises BackendUnavailableError with the reason
-        return None, ()
+        return None, None, ()
+    from .. import native
+
     (fn, reason), positions, _ = backends.plan("cpu", "cpu", op, dtype)
-    _cpu_plans[(op, dtype)] = plan = (None if reason else fn), positions
+    if reason:
+        fn = None
+    eager_fn = getattr(native.eager_kernels, op) if fn is getattr(native.kernels, op, None) else fn
+    _cpu_plans[(op, dtype)] = plan = fn, eager_fn, positions
     return plan
 
 

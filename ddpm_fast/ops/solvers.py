@@ -201,13 +201,18 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
 def _compiled_kernel(device_type, dtype):
     """The compiled Kernel (ddpm_fast.native.Kernel: its op, grad_needed) when backend "auto" runs solver_update
     on tensors of device_type ("cpu" / "cuda") and dtype with the compiled extension, else None: backends.plan's
-    cached decision, this module's compiled adapter bound to its Kernel."""
+    cached decision, this module's compiled adapter bound to its Kernel (native.EagerKernel outside torch.compile:
+    no OpOverload.__call__ frame)."""
     if device_type != "cpu" and device_type != "cuda":
         return None
     fn, reason = backends.plan("auto", device_type, "solver_update", dtype)[0]
     if reason or getattr(fn, "func", None) is not _solver_update_compiled:
         return None
-    return fn.args[0]
+    if check._is_compiling():
+        return fn.args[0]
+    from .. import native
+
+    return native.eager_kernels.solver_update.args[0]
 
 
 def _history(history) -> tuple:
