@@ -185,6 +185,17 @@ DPM_CONFIGS = [
     {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "algorithm_type": "sde-dpmsolver++"},
     {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5, "solver_order": 3},
     {"thresholding": True, "prediction_type": "v_prediction"},
+    # the noise-prediction DPM-Solver (epsilon in the history; diffusers refuses final_sigmas_type "zero")
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun"},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "prediction_type": "sample"},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "use_karras_sigmas": True, "solver_order": 3,
+     "euler_at_final": True},  # (Karras ends on sigma_min twice: h = 0, NaN above order 1, the parent's too)
+    {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"},
+    {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun"},
+    {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
 ]
 UNIPC_CONFIGS = [
     {},
@@ -255,9 +266,11 @@ def test_begin_index_loop(monkeypatch, kind):
     compare(kind, cfg, 20, torch.float32, monkeypatch, begin=6)
 
 
-def test_sde_noise_from_the_generator_and_variance_noise():
+@pytest.mark.parametrize("cfg", [{"algorithm_type": "sde-dpmsolver++"},
+                                 {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}])
+def test_sde_noise_from_the_generator_and_variance_noise(cfg):
     """Without randn_tensor replaced: the same generator seed draws the parent's noise."""
-    a = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+    a = DPMSolverMultistepScheduler(**cfg)
     b = FastDPMSolverMultistepScheduler.from_config(a.config)
     model = StandIn()
     for s in (a, b):
@@ -273,11 +286,13 @@ def test_sde_noise_from_the_generator_and_variance_noise():
 
 
 def test_parent_state_kept():
-    """step_index, lower_order_nums, model_outputs (newest = the parent's x0), UniPC's this_order."""
+    """step_index, lower_order_nums, model_outputs (newest = the parent's x0, or its epsilon for 'dpmsolver'),
+    UniPC's this_order."""
     model = StandIn()
-    for kind in ("dpm", "unipc"):
+    for kind, cfg in (("dpm", {}), ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+                      ("unipc", {})):
         parent_cls, fast_cls, _ = PAIRS[kind]
-        a, b = parent_cls(solver_order=3), fast_cls(solver_order=3)
+        a, b = parent_cls(solver_order=3, **cfg), fast_cls(solver_order=3, **cfg)
         for s in (a, b):
             s.set_timesteps(8)
         x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
@@ -286,6 +301,7 @@ def test_parent_state_kept():
             b.step(model(x, t), t, x)
             assert a.step_index == b.step_index and a.lower_order_nums == b.lower_order_nums, kind
             assert [m is None for m in a.model_outputs] == [m is None for m in b.model_outputs], (kind, step)
+            assert b.__dict__["_ddpm_fast"]["table"] is not None, (kind, cfg)  # (fused)
             torch.testing.assert_close(b.model_outputs[-1], a.model_outputs[-1], rtol=1e-4, atol=1e-4)
             if kind == "unipc":
                 assert a.this_order == b.this_order and a.timestep_list == b.timestep_list
@@ -300,7 +316,9 @@ def test_parent_state_kept():
 
 @pytest.mark.parametrize("kind, cfg", [
     ("dpm", {"thresholding": True, "sample_max_value": 0.8}),
-    ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "thresholding": True}),
+    ("dpm", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "thresholding": True,
+             "solver_type": "heun"}),
     ("unipc", {"thresholding": True, "sample_max_value": 0.8}),
     ("unipc", {"solver_p": DPMSolverMultistepScheduler()}),
 ])
@@ -308,6 +326,27 @@ def test_unfused_configs_run_the_parent(monkeypatch, kind, cfg):
     """Outside the fused steps the parent's own step runs: identical results."""
     ours, parent = compare_exact(kind, cfg, monkeypatch)
     torch.testing.assert_close(ours, parent, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"algorithm_type": "sde-dpmsolver", "solver_order": 3},  # no third-order sde-dpmsolver step: at step 2
+    {"algorithm_type": "dpmsolver", "prediction_type": "flow_prediction", "use_flow_sigmas": True},  # at step 0
+])
+def test_unfused_configs_the_parent_raises_on(monkeypatch, cfg):
+    """Where the parent's loop raises, the drop-in runs the parent's step: the same exception at the same step."""
+    cfg = {"final_sigmas_type": "sigma_min", **cfg}
+    seen = []
+    for cls in (DPMSolverMultistepScheduler, FastDPMSolverMultistepScheduler):
+        spy = CountParentSteps(monkeypatch, DPMSolverMultistepScheduler)
+        s = cls(**cfg)
+        s.set_timesteps(10)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(Exception) as raised:
+            for t in s.timesteps:
+                x = s.step(torch.tanh(x), t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+        seen.append((type(raised.value), spy.n))
+        monkeypatch.undo()
+    assert seen[0] == seen[1] and seen[0][1] < 10, seen
 
 
 def compare_exact(kind, cfg, monkeypatch):
@@ -323,13 +362,15 @@ def compare_exact(kind, cfg, monkeypatch):
     return ours, parent
 
 
-@pytest.mark.parametrize("kind", ["dpm", "unipc"])
-def test_hand_over_to_the_parent_mid_loop(kind):
+@pytest.mark.parametrize("kind, cfg", [("dpm", {}), ("unipc", {}),
+                                       ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"})])
+def test_hand_over_to_the_parent_mid_loop(kind, cfg):
     """A call the fused step does not take (DPM: model_output in float64 from step 5 on, which the parent
     runs; UniPC's parent cannot change dtype midway, so the hand-over is called directly) gives the parent
-    its state: the rest of the loop is the parent's and matches a parent run throughout."""
+    its state (x0, or epsilon for 'dpmsolver'): the rest of the loop is the parent's and matches a parent run
+    throughout."""
     parent_cls, fast_cls, _ = PAIRS[kind]
-    a, b = parent_cls(solver_order=3), fast_cls(solver_order=3)
+    a, b = parent_cls(solver_order=3, **cfg), fast_cls(solver_order=3, **cfg)
     model = StandIn()
     for s in (a, b):
         s.set_timesteps(10)
@@ -375,10 +416,13 @@ def test_no_host_sync_after_set_timesteps():
     from test_no_host_sync import NoHostSync
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    configs = {"dpm": ({}, {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"},
+                       {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
+               "unipc": ({}, {"solver_order": 3}), "euler": ({}, {"prediction_type": "v_prediction"}),
+               "euler_a": ({}, {"prediction_type": "v_prediction"})}
     for kind in PAIRS:
         fast_cls = PAIRS[kind][1]
-        for cfg in ({}, {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"} if kind == "dpm" else
-                    {"solver_order": 3} if kind == "unipc" else {"prediction_type": "v_prediction"}):
+        for cfg in configs[kind]:
             s = fast_cls(**cfg)
             s.set_timesteps(12, device=dev)
             x = torch.randn(SHAPE, device=dev)
@@ -473,6 +517,7 @@ def test_unipc_bh1_to_sigma_zero_is_finite():
 
 # -- classifier-free guidance in step (keyword-only arguments the parents do not have) ----------------------
 GUIDED = [("dpm", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}), ("dpm", {"thresholding": True}),
+          ("dpm", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun"}),
           ("unipc", {"solver_order": 3}), ("euler", {"prediction_type": "v_prediction"}), ("euler_a", {})]
 
 
@@ -509,10 +554,10 @@ def test_guidance_in_step_equals_the_pipeline_arithmetic(kind, cfg, rescale):
 
 
 def test_guidance_where_the_parent_runs():
-    """A configuration the fused steps do not take (DPM-Solver's 'dpmsolver'): the parent steps the combined
-    output; an odd batch with guidance_scale is our argument's error, named."""
-    ours = FastDPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
-    parent = DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    """A configuration the fused steps do not take (DPM-Solver's 'dpmsolver' with thresholding): the parent
+    steps the combined output; an odd batch with guidance_scale is our argument's error, named."""
+    cfg = {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "thresholding": True}
+    ours, parent = FastDPMSolverMultistepScheduler(**cfg), DPMSolverMultistepScheduler(**cfg)
     for s in (ours, parent):
         s.set_timesteps(5)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
@@ -530,7 +575,9 @@ def test_guidance_where_the_parent_runs():
 
 # -- per-sample timesteps in step (a [B] timestep tensor, where the parent raises) ----------------------------
 @pytest.mark.parametrize("kind, cfg", [("dpm", {"solver_order": 3}), ("unipc", {"solver_order": 3}),
-                                       ("euler", {}), ("euler_a", {})])
+                                       ("euler", {}), ("euler_a", {}),
+                                       ("dpm", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min",
+                                                "solver_order": 3})])
 def test_per_sample_timesteps_in_step(kind, cfg, monkeypatch):
     """A loop whose timestep is given per sample ([B], every sample at the loop's step) equals the loop with
     the scalar timestep (the parent raises on the [B] tensor); the Euler pair also takes samples at different

@@ -157,6 +157,15 @@ PARENT_CASES = [
     ("dpm", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min"}),
     ("dpm", {"solver_order": 2, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
     ("dpm", {"solver_order": 3, "use_karras_sigmas": True, "prediction_type": "sample"}),
+    ("dpm", {"solver_order": 3, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min",
+             "lower_order_final": False}),
+    ("dpm", {"solver_order": 2, "algorithm_type": "dpmsolver", "solver_type": "heun", "prediction_type": "v_prediction",
+             "final_sigmas_type": "sigma_min"}),
+    ("dpm", {"solver_order": 3, "algorithm_type": "dpmsolver", "use_karras_sigmas": True, "prediction_type": "sample",
+             "final_sigmas_type": "sigma_min"}),
+    ("dpm", {"solver_order": 2, "algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
+    ("dpm", {"solver_order": 2, "algorithm_type": "sde-dpmsolver", "solver_type": "heun", "prediction_type": "sample",
+             "final_sigmas_type": "sigma_min"}),
     ("unipc", {"solver_order": 3}),
     ("unipc", {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
     ("unipc", {"solver_order": 3, "predict_x0": False, "final_sigmas_type": "sigma_min", "prediction_type": "sample"}),
@@ -271,7 +280,21 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="solver_order"):
         dpm_solver_table(sigmas_of(10), solver_order=4)
     with pytest.raises(ValueError, match="algorithm_type"):
-        dpm_solver_table(sigmas_of(10), algorithm_type="dpmsolver")
+        dpm_solver_table(sigmas_of(10), algorithm_type="deis")
+    positive_end = sigmas_of(10, final_zero=False)
+    with pytest.raises(ValueError, match="algorithm_type"):  # diffusers has no third-order sde-dpmsolver step
+        dpm_solver_table(positive_end, algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match="final_sigmas_type"):  # diffusers refuses it for dpmsolver
+        dpm_solver_table(positive_end, algorithm_type="dpmsolver")
+    with pytest.raises(ValueError, match="sigmas"):
+        dpm_solver_table(sigmas_of(10), algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match="prediction_type"):
+        dpm_solver_table(positive_end, algorithm_type="dpmsolver", final_sigmas_type="sigma_min",
+                         prediction_type="flow_prediction")
+    eps_dpm = dpm_solver_table(positive_end, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    assert not eps_dpm.predict_x0 and not eps_dpm.sde
+    with pytest.raises(ValueError, match="dynamic_threshold"):
+        dpm_solver_step(x, x, 0, eps_dpm, new_history(eps_dpm, x), dynamic_threshold=0.9)
     with pytest.raises(ValueError, match="sigmas"):
         unipc_table([1.0, 0.0, 0.5])
     with pytest.raises(ValueError, match="prediction_type"):
@@ -398,7 +421,16 @@ def _composed(kind, table, mo, x, i, history, last, noise, steps_done, guidance=
     return x_prev.to(x.dtype), x0
 
 
+# "table": a DPM table of another algorithm_type than TABLES["dpm"]'s (noise prediction: epsilon in the history)
+EPS_DPM_TABLES = {
+    "dpmsolver": lambda n: dpm_solver_table(sigmas_of(n, final_zero=False), solver_order=3, algorithm_type="dpmsolver",
+                                            solver_type="heun", prediction_type="v_prediction",
+                                            final_sigmas_type="sigma_min"),
+    "sde-dpmsolver": lambda n: dpm_solver_table(sigmas_of(n, final_zero=False), solver_order=2,
+                                                algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+}
 FUSED_CASES = [("dpm", {}), ("dpm", {"guidance": (5.0, 0.7)}), ("dpm", {"threshold": 0.9}),
+               ("dpm", {"table": "dpmsolver", "guidance": (5.0, 0.7)}), ("dpm", {"table": "sde-dpmsolver"}),
                ("unipc", {}), ("unipc", {"guidance": (3.0, 0.0), "threshold": 0.8}),
                ("euler", {}), ("euler", {"guidance": (4.0, 0.5)}), ("euler_a", {})]
 
@@ -409,7 +441,7 @@ def test_fused_steps_equal_the_composed_formulas(kind, options, dtype):
     """A 10-step loop of each step (one fused op) against the formulas the steps composed before it
     (the same table coefficients, one op per term): float32 to rounding, float64 to 1e-12."""
     n = 10
-    table = TABLES[kind](n)
+    table = EPS_DPM_TABLES[options["table"]](n) if "table" in options else TABLES[kind](n)
     gen = torch.Generator().manual_seed(11)
     x = (torch.randn(SHAPE, generator=gen) * 3).to(dtype)
     noises = [torch.randn(SHAPE, generator=gen) for _ in range(n)]

@@ -17,9 +17,11 @@ The first step finds its step index without reading the device when the timestep
 sync, as the parent). Later steps follow ``step_index`` (the parent ignores the timestep there too).
 
 Drop-in rule: never raise where the parent does not. The parent's own code runs (same results,
-parent speed; logged once per reason at debug level) for: DPM-Solver algorithm_type "dpmsolver" /
-"sde-dpmsolver" (deprecated upstream), thresholding with sample_max_value < 1, UniPC's solver_p,
-UniPC flow_prediction with predict_x0=False (the parent raises), model_output and sample of
+parent speed; logged once per reason at debug level) for: DPM-Solver's noise-prediction algorithm_type
+"dpmsolver" / "sde-dpmsolver" (deprecated upstream; fused otherwise) with thresholding (the parent
+thresholds the x0 made from epsilon and converts back), "sde-dpmsolver" with solver_order 3 and
+flow_prediction with either (the parent raises), thresholding with sample_max_value < 1, UniPC's
+solver_p, UniPC flow_prediction with predict_x0=False (the parent raises), model_output and sample of
 different dtypes or shapes (after DPM's learned-variance slice), Euler called with an integer
 timestep (the parent raises), and every step after such a call until the next set_timesteps.
 Fused beyond the elementwise math: flow sigmas (use_flow_sigmas, flow_shift, dynamic shifting) and
@@ -27,13 +29,14 @@ flow_prediction (alpha_t = 1 - sigma, sigma_t = sigma in the table); thresholdin
 quantile of |x0|, ddpm_fast.reference's dynamic thresholding, on the device: still no sync).
 
 What differs:
-- ``model_outputs`` (DPM-Solver, UniPC) hold views of the history ring buffer in float32 (float64 for
+- ``model_outputs`` (DPM-Solver, UniPC) hold views of the history ring buffer (x0, or epsilon for
+  dpmsolver / sde-dpmsolver and UniPC predict_x0=False, as the parents') in float32 (float64 for
   float64 inputs), not the model's dtype; UniPC's ``last_sample`` likewise. When the parent's code takes
   over mid-loop they are handed over in the parent's dtypes.
 - math is float32 for 16-bit inputs (the parents' UniPC computes in the sample's 16-bit dtype), float64
   for float64 inputs (the parents upcast to float32 only); the coefficients come from float64.
 - scale_model_input (Euler) multiplies by 1 / sqrt(sigma^2 + 1) from the table (the parent divides).
-- noise (SDE DPM-Solver++, Euler's churn, Euler ancestral) is drawn by diffusers' randn_tensor exactly as
+- noise (DPM-Solver's SDE variants, Euler's churn, Euler ancestral) is drawn by diffusers' randn_tensor exactly as
   the parent draws it (same generator, same values); a CPU generator with CUDA samples therefore still
   draws on the CPU and copies, as the parent does: pass a generator on the samples' device to avoid it.
 - UniPC bh1 stepping to a final sigma of 0 (final_sigmas_type "zero", the default): the parent's last
@@ -338,12 +341,20 @@ class _MultistepMixin(_SolverMixin):
 
 
 class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepScheduler):
-    """DPMSolverMultistepScheduler whose step is ddpm_fast.solvers.dpm_solver_step (dpmsolver++ and
-    sde-dpmsolver++, orders 1-3, midpoint / heun, every sigma schedule); see the module docstring."""
+    """DPMSolverMultistepScheduler whose step is ddpm_fast.solvers.dpm_solver_step (every algorithm_type:
+    dpmsolver++ / sde-dpmsolver++ / dpmsolver / sde-dpmsolver, orders 1-3 (sde-dpmsolver: 1-2, as the
+    parent), midpoint / heun, every sigma schedule); see the module docstring."""
 
     def _unsupported(self):
         c = self.config
-        if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+        if c.algorithm_type in ("dpmsolver", "sde-dpmsolver"):  # epsilon in the history
+            if c.thresholding:
+                return f"thresholding with algorithm_type {c.algorithm_type!r} (of x0, converted back to epsilon)"
+            if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
+                return "algorithm_type 'sde-dpmsolver' with solver_order 3 (the parent has no third-order step)"
+            if c.prediction_type == "flow_prediction":
+                return f"prediction_type 'flow_prediction' with algorithm_type {c.algorithm_type!r}"
+        elif c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
             return f"algorithm_type {c.algorithm_type!r}"
         return self._multistep_unsupported(thresholds=True)
 
@@ -368,7 +379,7 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
                                 variance_noise=variance_noise, return_dict=return_dict)
         state, history, index = ready
         noise = None
-        if self.config.algorithm_type == "sde-dpmsolver++":
+        if state["table"].sde:  # sde-dpmsolver++ / sde-dpmsolver: the parent's draw
             if variance_noise is None:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
             else:

@@ -1,4 +1,4 @@
-"""Functional sampler steps -- DPM-Solver++, Euler, Euler ancestral and UniPC, each one fused op call.
+"""Functional sampler steps -- DPM-Solver(++), Euler, Euler ancestral and UniPC, each one fused op call.
 
 Every step is argument checks, the choice of one coefficient row of its SolverTable
 (ddpm_fast.solvers.tables: ``fused_rows``, built once per set of timesteps) and one call of
@@ -30,11 +30,11 @@ op call that only computes x0). Noise the step needs and is not given is drawn i
 (solver_update's draw_noise: in-kernel Philox on the fused backends, from seed or generator, the stream of
 p_sample_step; the reference backend draws from torch.Generator(seed) / generator): no separate pass.
 
-The rows (tables.py's FUSED_COLUMNS): DPM-Solver++ x0 = conv_sample x + conv_model out, x_prev =
-c_sample x + c_m0 x0 + c_h1 x0[i-1] + c_h2 x0[i-2] + c_noise noise; Euler with churn gamma: x <- x +
-s_noise sqrt(sigma_hat^2 - sigma^2) noise, x_prev = x + (x - x0) / sigma_hat (sigma_next - sigma_hat);
-Euler ancestral likewise to sigma_down plus sigma_up noise; UniPC the UniC corrector then the UniP
-predictor.
+The rows (tables.py's FUSED_COLUMNS): DPM-Solver m = conv_sample x + conv_model out (x0, or epsilon for
+dpmsolver / sde-dpmsolver), x_prev = c_sample x + c_m0 m + c_h1 m[i-1] + c_h2 m[i-2] + c_noise noise;
+Euler with churn gamma: x <- x + s_noise sqrt(sigma_hat^2 - sigma^2) noise, x_prev = x + (x - x0) /
+sigma_hat (sigma_next - sigma_hat); Euler ancestral likewise to sigma_down plus sigma_up noise; UniPC the
+UniC corrector then the UniP predictor.
 """
 from __future__ import annotations
 
@@ -81,6 +81,13 @@ def _check_thresholding(dynamic_threshold, sample_max_value):
         raise ValueError(f"dynamic_threshold: expected a value in (0, 1], got {dynamic_threshold}")
     if not sample_max_value >= 1.0:
         raise ValueError(f"sample_max_value: expected a value >= 1, got {sample_max_value}")
+
+
+def _check_thresholds_x0(dynamic_threshold, table):
+    """Dynamic thresholding acts on the converted output as an x0: a predict_x0=False table (epsilon) has none."""
+    if dynamic_threshold is not None and not table.predict_x0:
+        raise ValueError("dynamic_threshold: thresholds the x0 prediction; this table predicts epsilon "
+                         "(predict_x0=False)")
 
 
 _GUIDANCE_ROWS: dict = {}  # (device, dtype) -> the one row [1, 14] whose x_prev is the guided output
@@ -340,25 +347,29 @@ def _document(function):
     return function
 
 
-# -- DPM-Solver++ -------------------------------------------------------------------------------------
+# -- DPM-Solver ---------------------------------------------------------------------------------------
 @_document
 def dpm_solver_step(model_output, sample, step_index, table: SolverTable, history, *, steps_done=None,
                     noise=None, generator=None, seed=None, guidance_scale=None, guidance_rescale=0.0,
                     dynamic_threshold=None, sample_max_value=1.0, validate=None):
-    """One DPM-Solver++ multistep step (orders 1-3, midpoint / heun, ODE or SDE).
+    """One DPM-Solver multistep step (orders 1-3, midpoint / heun, ODE or SDE): the table's algorithm_type,
+    dpmsolver++ / sde-dpmsolver++ (data prediction) or dpmsolver / sde-dpmsolver (noise prediction, orders
+    1-2 for the SDE; table.predict_x0 False).
 
     Args:
         <inputs>
-        history: the ring buffer [solver_order, B, ...] (new_history); this step's x0 prediction is
-            written into slot step_index % solver_order, in place.
+        history: the ring buffer [solver_order, B, ...] (new_history); this step's converted output (the x0
+            prediction, epsilon for a predict_x0=False table) is written into slot step_index % solver_order,
+            in place.
         steps_done: steps since the loop began (int or int64 [B]; default step_index): the warm-up order.
-        noise: the SDE variant's standard normal [B, ...], or None (default) to draw it inside the step's
-            fused op from seed or generator. The ODE variant ignores noise, generator and seed.
+        noise: the SDE variants' standard normal [B, ...], or None (default) to draw it inside the step's
+            fused op from seed or generator. The ODE variants ignore noise, generator and seed.
         <generator>
         <guidance>
         dynamic_threshold: None, or the quantile p in (0, 1] of Imagen's dynamic thresholding of the x0
-            prediction (diffusers' thresholding / dynamic_thresholding_ratio): s = the per-sample p-quantile
-            of |x0| clamped to [1, sample_max_value], x0 = clamp(x0, -s, s) / s (a per-sample reduction).
+            prediction (predict_x0 tables only; diffusers' thresholding / dynamic_thresholding_ratio):
+            s = the per-sample p-quantile of |x0| clamped to [1, sample_max_value], x0 = clamp(x0, -s, s) / s
+            (a per-sample reduction).
         sample_max_value: the largest s (>= 1).
         <validate>
 
@@ -379,6 +390,7 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
     _check_table(table, "dpm_solver")
     check.seed(seed)
     _check_thresholding(dynamic_threshold, sample_max_value)
+    _check_thresholds_x0(dynamic_threshold, table)
     out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, out.dtype)
     idx = _Index(step_index, steps_done, table, sample, out.dtype, validate, history)
@@ -526,9 +538,7 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
     """
     _check_table(table, "unipc")
     _check_thresholding(dynamic_threshold, sample_max_value)
-    if dynamic_threshold is not None and not table.predict_x0:
-        raise ValueError("dynamic_threshold: thresholds the x0 prediction; this table predicts epsilon "
-                         "(predict_x0=False)")
+    _check_thresholds_x0(dynamic_threshold, table)
     out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, out.dtype)
     if (not isinstance(last_sample, torch.Tensor) or last_sample.shape != sample.shape

@@ -13,10 +13,11 @@ at sigmas[i - k].
 
 Tables (float64 numpy on the host; ``on(device, dtype)`` gives the device tensors, cached):
 
-- DPM-Solver++ (``dpm_solver_table``): ``coef`` [N, max_order, 7], columns DPM_COLUMNS. The converted
-  output (the x0 prediction) is x0 = conv_sample * sample + conv_model * model_output, then
-  x_prev = c_sample * sample + c_m0 * x0 + c_h1 * x0[i-1] + c_h2 * x0[i-2] + c_noise * noise
-  (order k uses column sets [:, k - 1]; data prediction, midpoint / heun; the SDE variant's noise term).
+- DPM-Solver (``dpm_solver_table``): ``coef`` [N, max_order, 7], columns DPM_COLUMNS. The converted
+  output m (the x0 prediction for dpmsolver++ / sde-dpmsolver++, epsilon for dpmsolver / sde-dpmsolver)
+  is m = conv_sample * sample + conv_model * model_output, then
+  x_prev = c_sample * sample + c_m0 * m + c_h1 * m[i-1] + c_h2 * m[i-2] + c_noise * noise
+  (order k uses column sets [:, k - 1]; midpoint / heun; the SDE variants' noise term).
 - Euler (``euler_table``): ``coef`` [N, 1, 3]: sigma, sigma_next, 1 / sqrt(sigma^2 + 1) (the
   scale_model_input factor); the churn (gamma) depends on step arguments and is applied in the step.
 - Euler ancestral (``euler_ancestral_table``): ``coef`` [N, 1, 5]: sigma, sigma_up, sigma_down,
@@ -76,8 +77,8 @@ class SolverTable:
         self.max_order = max_order
         self.solver_order = solver_order
         self.num_sigmas = num_sigmas
-        self.sde = sde  # the step adds c_noise * noise (DPM-Solver++'s SDE variant)
-        self.predict_x0 = predict_x0  # the history holds x0 predictions (else epsilon: UniPC's predict_x0=False)
+        self.sde = sde  # the step adds c_noise * noise (DPM-Solver's SDE variants)
+        self.predict_x0 = predict_x0  # the history holds x0 (else epsilon: UniPC predict_x0=False, dpmsolver)
         self._device_tables: dict = {}
 
     @property
@@ -202,24 +203,64 @@ def _conversion(prediction_type: str, alpha: float, sigma: float, raw_sigma: flo
             "v_prediction": (sigma, alpha)}[prediction_type]
 
 
+def _dpm_step_coefficients(algorithm_type: str, h: float, alpha_s0: float, sigma_s0: float, alpha_t: float,
+                           sigma_t: float):
+    """(decay, first, second, third, noise) of one DPM-Solver step s0 -> t (h = lambda_t - lambda_s0 > 0):
+    x_prev = decay x + first D0 + second D1 + third D2 + noise z, D0 = m0 and D1, D2 the history's
+    differences (dpm_solver_table), m the x0 (dpmsolver++ / sde-dpmsolver++) or epsilon prediction
+    (dpmsolver / sde-dpmsolver). ``second`` is heun's and order 3's (a midpoint order-2 step takes first / 2);
+    ``third`` is None where the variant has no third order (sde-dpmsolver)."""
+    if algorithm_type == "dpmsolver++":
+        em = math.expm1(-h)
+        return (sigma_t / sigma_s0, -alpha_t * em, alpha_t * (em / h + 1.0), -alpha_t * ((em + h) / h ** 2 - 0.5),
+                0.0)
+    if algorithm_type == "sde-dpmsolver++":  # the SDE's exp(-2h) terms, plus sigma_t sqrt(1 - e^{-2h}) noise
+        one_minus = -math.expm1(-2.0 * h)
+        return (sigma_t / sigma_s0 * math.exp(-h), alpha_t * one_minus, alpha_t * (one_minus / (-2.0 * h) + 1.0),
+                alpha_t * ((one_minus - 2.0 * h) / (2.0 * h) ** 2 - 0.5), sigma_t * math.sqrt(one_minus))
+    ep = math.expm1(h)
+    if algorithm_type == "dpmsolver":
+        return (alpha_t / alpha_s0, -sigma_t * ep, -sigma_t * (ep / h - 1.0), -sigma_t * ((ep - h) / h ** 2 - 0.5),
+                0.0)
+    # sde-dpmsolver: twice the ODE's drift terms, plus sigma_t sqrt(e^{2h} - 1) noise
+    return (alpha_t / alpha_s0, -2.0 * sigma_t * ep, -2.0 * sigma_t * (ep / h - 1.0), None,
+            sigma_t * math.sqrt(math.expm1(2.0 * h)))
+
+
 def dpm_solver_table(sigmas, *, solver_order: int = 2, algorithm_type: str = "dpmsolver++",
                      solver_type: str = "midpoint", prediction_type: str = "epsilon",
                      lower_order_final: bool = True, euler_at_final: bool = False,
                      final_sigmas_type: str = "zero", flow_sigmas: bool = False) -> SolverTable:
-    """DPM-Solver++ multistep (diffusers' DPMSolverMultistepScheduler) coefficients.
+    """DPM-Solver multistep (diffusers' DPMSolverMultistepScheduler) coefficients.
 
+    algorithm_type: "dpmsolver++" / "sde-dpmsolver++" (the history holds x0 predictions) or the noise-prediction
+    "dpmsolver" / "sde-dpmsolver" (the history holds epsilon: predict_x0=False; diffusers refuses them with
+    final_sigmas_type "zero", so does this; "sde-dpmsolver" has no order 3 there, nor here; prediction_type
+    "flow_prediction" needs an x0 algorithm). The "sde-" variants add noise (SolverTable.sde).
     sigmas: float [N + 1] (the scheduler's ``sigmas`` after set_timesteps); flow_sigmas: the scheduler's
     use_flow_sigmas (alpha = 1 - sigma, sigma_t = sigma). Returns a SolverTable of kind "dpm_solver",
-    coef float64 [N, solver_order, 7] (DPM_COLUMNS)."""
+    coef float64 [N, solver_order, 7] (DPM_COLUMNS). Raises ValueError for a combination diffusers refuses."""
     sig = _sigmas64(sigmas)
     _check_choice("solver_order", solver_order, (1, 2, 3))
-    _check_choice("algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
+    _check_choice("algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"))
     _check_choice("solver_type", solver_type, ("midpoint", "heun"))
     _check_choice("prediction_type", prediction_type, MULTISTEP_PREDICTION_TYPES)
     _check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+    predict_x0 = algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
+    if not predict_x0:
+        if final_sigmas_type == "zero":
+            raise ValueError(f"final_sigmas_type: algorithm_type {algorithm_type!r} needs 'sigma_min' (as diffusers), "
+                             f"got 'zero'")
+        if sig[-1] == 0:
+            raise ValueError(f"sigmas: algorithm_type {algorithm_type!r} needs a positive final sigma, got 0")
+        if prediction_type == "flow_prediction":
+            raise ValueError(f"prediction_type: 'flow_prediction' needs algorithm_type 'dpmsolver++' or "
+                             f"'sde-dpmsolver++', got {algorithm_type!r}")
+        if algorithm_type == "sde-dpmsolver" and solver_order == 3:
+            raise ValueError("algorithm_type: 'sde-dpmsolver' has no third order (diffusers' neither): expected "
+                             "solver_order 1 or 2")
     alpha, sigma_t, lam = _alpha_sigma_lambda(sig, flow_sigmas)
     n = sig.shape[0] - 1
-    sde = algorithm_type == "sde-dpmsolver++"
     coef = np.zeros((n, solver_order, len(DPM_COLUMNS)))
     max_order = np.empty(n, dtype=np.int64)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # h = inf at a final sigma of 0
@@ -227,46 +268,29 @@ def dpm_solver_table(sigmas, *, solver_order: int = 2, algorithm_type: str = "dp
             last = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero")
             second_last = i == n - 2 and lower_order_final and n < 15
             max_order[i] = 1 if (solver_order == 1 or last) else (2 if (solver_order == 2 or second_last) else 3)
-            conv = _conversion(prediction_type, alpha[i], sigma_t[i], sig[i], to_x0=True)
-            alpha_next, sigma_next = alpha[i + 1], sigma_t[i + 1]
+            conv = _conversion(prediction_type, alpha[i], sigma_t[i], sig[i], to_x0=predict_x0)
             h = lam[i + 1] - lam[i]
-            if sde:  # A D0 + E D1 + F D2 with the SDE's exp(-2h) terms, plus sigma_next sqrt(1 - e^{-2h}) noise
-                decay = sigma_next / sigma_t[i] * math.exp(-h)
-                first = -alpha_next * math.expm1(-2.0 * h)
-                noise = sigma_next * math.sqrt(-math.expm1(-2.0 * h))
-            else:
-                decay = sigma_next / sigma_t[i]
-                first = -alpha_next * math.expm1(-h)
-                noise = 0.0
+            decay, first, second, third, noise = _dpm_step_coefficients(algorithm_type, h, alpha[i], sigma_t[i],
+                                                                        alpha[i + 1], sigma_t[i + 1])
             for k in range(1, solver_order + 1):
                 order = min(k, i + 1)  # rows before the history exists fall back to the order they can take
                 c_m = [first, 0.0, 0.0]
                 if order == 2:
                     r0 = (lam[i] - lam[i - 1]) / h
-                    if solver_type == "midpoint":
-                        second = 0.5 * first
-                    elif sde:
-                        second = alpha_next * ((-math.expm1(-2.0 * h)) / (-2.0 * h) + 1.0)
-                    else:
-                        second = alpha_next * (math.expm1(-h) / h + 1.0)
+                    on_d1 = 0.5 * first if solver_type == "midpoint" else second
                     # D1 = (m0 - m1) / r0
-                    c_m = [first + second / r0, -second / r0, 0.0]
+                    c_m = [first + on_d1 / r0, -on_d1 / r0, 0.0]
                 elif order == 3:
                     r0 = (lam[i] - lam[i - 1]) / h
                     r1 = (lam[i - 1] - lam[i - 2]) / h
-                    if sde:
-                        second = alpha_next * ((-math.expm1(-2.0 * h)) / (-2.0 * h) + 1.0)
-                        third = alpha_next * ((-math.expm1(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
-                    else:
-                        second = alpha_next * (math.expm1(-h) / h + 1.0)
-                        third = -alpha_next * ((math.expm1(-h) + h) / h ** 2 - 0.5)
                     # D1 = u0 + r0/(r0+r1) (u0 - u1), D2 = (u0 - u1)/(r0+r1), u0 = (m0-m1)/r0, u1 = (m1-m2)/r1
                     q = r0 / (r0 + r1)
                     on_u0 = second * (1.0 + q) + third / (r0 + r1)
                     on_u1 = -second * q - third / (r0 + r1)
                     c_m = [first + on_u0 / r0, -on_u0 / r0 + on_u1 / r1, -on_u1 / r1]
                 coef[i, k - 1] = (conv[0], conv[1], decay, c_m[0], c_m[1], c_m[2], noise)
-    return SolverTable("dpm_solver", coef, max_order, solver_order, n + 1, prediction_type=prediction_type, sde=sde)
+    return SolverTable("dpm_solver", coef, max_order, solver_order, n + 1, prediction_type=prediction_type,
+                       sde=algorithm_type.startswith("sde-"), predict_x0=predict_x0)
 
 
 def euler_table(sigmas, *, prediction_type: str = "epsilon") -> SolverTable:
@@ -369,7 +393,7 @@ def unipc_table(sigmas, *, solver_order: int = 2, solver_type: str = "bh2", pred
 
 # -- the fused rows of each kind (SolverTable.fused_rows) ---------------------------------------------
 def _rows_dpm_solver(table: SolverTable, churn) -> np.ndarray:
-    """x0 = conv_sample x + conv_model out; x_prev = c_sample x + c_m0 x0 + c_h1 x0[i-1] + c_h2 x0[i-2]
+    """m = conv_sample x + conv_model out (x0 or epsilon); x_prev = c_sample x + c_m0 m + c_h1 m[i-1] + c_h2 m[i-2]
     + c_noise noise: corrected = x, p_corr = c_sample."""
     n, orders, _ = table.coef.shape
     rows = np.zeros((n, orders, len(FUSED_COLUMNS)))
