@@ -19,11 +19,12 @@ sync, as the parent). Later steps follow ``step_index`` (the parent ignores the 
 Drop-in rule: never raise where the parent does not. The parent's own code runs (same results,
 parent speed; logged once per reason at debug level) for: DPM-Solver's noise-prediction algorithm_type
 "dpmsolver" / "sde-dpmsolver" (deprecated upstream; fused otherwise) with thresholding (the parent
-thresholds the x0 made from epsilon and converts back), "sde-dpmsolver" with solver_order 3 and
-flow_prediction with either (the parent raises), thresholding with sample_max_value < 1, UniPC's
-solver_p, UniPC flow_prediction with predict_x0=False (the parent raises), model_output and sample of
-different dtypes or shapes (after DPM's learned-variance slice), Euler called with an integer
-timestep (the parent raises), and every step after such a call until the next set_timesteps.
+thresholds the x0 made from epsilon and converts back) or flow_prediction (the parent raises),
+"sde-dpmsolver" with solver_order 3 (the parent raises at its third-order step), thresholding with
+sample_max_value < 1, UniPC's solver_p, UniPC flow_prediction with predict_x0=False (the parent
+raises), model_output and sample of different dtypes or shapes (after DPM's learned-variance slice),
+Euler called with an integer timestep (the parent raises), and every step after such a call until the
+next set_timesteps.
 Fused beyond the elementwise math: flow sigmas (use_flow_sigmas, flow_shift, dynamic shifting) and
 flow_prediction (alpha_t = 1 - sigma, sigma_t = sigma in the table); thresholding (the per-sample
 quantile of |x0|, ddpm_fast.reference's dynamic thresholding, on the device: still no sync).
@@ -36,9 +37,10 @@ What differs:
 - math is float32 for 16-bit inputs (the parents' UniPC computes in the sample's 16-bit dtype), float64
   for float64 inputs (the parents upcast to float32 only); the coefficients come from float64.
 - scale_model_input (Euler) multiplies by 1 / sqrt(sigma^2 + 1) from the table (the parent divides).
-- noise (DPM-Solver's SDE variants, Euler's churn, Euler ancestral) is drawn by diffusers' randn_tensor exactly as
-  the parent draws it (same generator, same values); a CPU generator with CUDA samples therefore still
-  draws on the CPU and copies, as the parent does: pass a generator on the samples' device to avoid it.
+- noise (DPM-Solver's SDE variants, Euler's churn, Euler ancestral) is drawn by diffusers' randn_tensor
+  exactly as the parent draws it (same generator, same values); a CPU generator with CUDA samples
+  therefore still draws on the CPU and copies, as the parent does: pass a generator on the samples'
+  device to avoid it.
 - UniPC bh1 stepping to a final sigma of 0 (final_sigmas_type "zero", the default): the parent's last
   step returns NaN (its B(h) = -inf times a zero history term); ours returns the order-1 result, the x0
   prediction. Elsewhere where the parent produces NaN (predict_x0=False stepping to sigma 0; repeated
