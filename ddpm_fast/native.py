@@ -180,17 +180,21 @@ class Kernel:
     def __init__(self, name: str):
         self.name = name
 
-    def __getattr__(self, attr):
-        if attr != "op":
-            raise AttributeError(attr)
-        self.op = _op(self.name)
-        return self.op
+    def __getattr__(self, attr):  # looked up on first use, then attributes
+        if attr == "op":
+            self.op = _op(self.name)
+            return self.op
+        if attr == "eager":
+            self.eager = EagerKernel(self.name)
+            return self.eager
+        raise AttributeError(attr)
 
 
 class EagerKernel(Kernel):
     """A Kernel whose ``op`` is the overload's C++ callable itself (OpOverload.__call__ is one Python frame
     around it, ~1 us a call): the same dispatch (autograd, dispatch modes, __torch_function__), but torch.compile
-    cannot trace it, so only plain-eager callers take it (ddpm_fast.ops._checks.cpu_native)."""
+    cannot trace it, so only plain-eager callers take it (a Kernel's ``eager``: ddpm_fast.ops._checks.cpu_native,
+    ddpm_fast.ops.solvers.solver_update_checked)."""
 
     def __getattr__(self, attr):
         if attr != "op":
@@ -199,17 +203,19 @@ class EagerKernel(Kernel):
         return self.op
 
 
-def _kernels(kernel_type=Kernel) -> types.SimpleNamespace:
-    """Every registered op that declares a compiled adapter, unrouted (its adapter bound to a kernel_type): what
+def _kernels() -> types.SimpleNamespace:
+    """Every registered op that declares a compiled adapter, unrouted (its adapter bound to the op's Kernel): what
     ddpm_fast.backends.route hands to ddpm_fast.ops."""
     from .ops import REGISTRY
 
-    return types.SimpleNamespace(**{name: functools.partial(spec.compiled, kernel_type(name))
+    return types.SimpleNamespace(**{name: functools.partial(spec.compiled, Kernel(name))
                                     for name, spec in REGISTRY.items() if spec.compiled is not None})
 
 
 kernels = _kernels()
-eager_kernels = _kernels(EagerKernel)  # the same adapters for plain-eager callers
+# the same adapters for plain-eager callers, bound to each Kernel's EagerKernel
+eager_kernels = types.SimpleNamespace(**{name: functools.partial(fn.func, fn.args[0].eager)
+                                         for name, fn in vars(kernels).items()})
 _ROUTED: dict = {}
 
 

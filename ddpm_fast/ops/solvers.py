@@ -185,7 +185,7 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
     in-kernel): the call solver_update's route makes, without its Python checks; the rest (the Triton path, inputs
     that require grad) go through solver_update."""
     h1, h2, h3 = history + (None,) * (3 - len(history))
-    kernel = _compiled_kernel(x.device.type, x.dtype)
+    kernel = _compiled_kernel("cpu" if x.is_cpu else x.device.type, x.dtype)
     if kernel is None or kernel.grad_needed(x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2, h3,
                                             last_sample, noise, m_out):
         return solver_update(x, model_output, rows, row_index, m_out, model_cond=model_cond,
@@ -208,11 +208,7 @@ def _compiled_kernel(device_type, dtype):
     fn, reason = backends.plan("auto", device_type, "solver_update", dtype)[0]
     if reason or getattr(fn, "func", None) is not _solver_update_compiled:
         return None
-    if check._is_compiling():
-        return fn.args[0]
-    from .. import native
-
-    return native.eager_kernels.solver_update.args[0]
+    return fn.args[0] if check._is_compiling() else fn.args[0].eager
 
 
 def _history(history) -> tuple:
