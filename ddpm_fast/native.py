@@ -105,11 +105,7 @@ def _op(name):
 
 def _table(schedule, x):
     if x.is_cpu:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        table = schedule._cpu_tables.get(dtype)
-        if table is None:
-            table = schedule._cpu_tables[dtype] = schedule.table(torch.device("cpu"), dtype)
-        return table
+        return schedule.cpu_table(torch.float64 if x.dtype == torch.float64 else torch.float32)
     return schedule.table(x.device, compute_dtype(x.dtype))
 
 

@@ -108,7 +108,7 @@ class NoiseSchedule:
         if self.timestep_map.shape != (T,):
             raise ValueError(f"timestep_map: expected shape ({T},), got {tuple(self.timestep_map.shape)}")
         self._device_tables: dict = {}
-        self._cpu_tables: dict = {}  # compute dtype -> the CPU table: the compiled CPU ops' per-call lookup, no device key
+        self._cpu_tables: dict = {}  # compute dtype -> the CPU table (cpu_table)
         self._lock = threading.Lock()
 
     def __getstate__(self):
@@ -208,6 +208,14 @@ class NoiseSchedule:
                     cached = packed.to(dtype=dtype).contiguous().to(device)
                     self._device_tables[key] = cached
         return cached
+
+    def cpu_table(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """table("cpu", dtype) from a dict keyed by dtype alone: the compiled CPU ops' per-call lookup (no
+        torch.device to build and hash)."""
+        table = self._cpu_tables.get(dtype)
+        if table is None:
+            table = self._cpu_tables[dtype] = self.table(torch.device("cpu"), dtype)
+        return table
 
     # -- respacing ------------------------------------------------------------------------
     def respace(self, use_timesteps: Iterable[int]) -> "NoiseSchedule":

@@ -191,7 +191,7 @@ def _peer_rows(gen: torch.Generator) -> list:
     try:
         from ..compat.diffusers import FastDDIMScheduler, FastDDPMScheduler
 
-        classes.append(("ddpm_fast Fast", FastDDPMScheduler, FastDDIMScheduler, "backend"))
+        classes.append((FAST_LABEL, FastDDPMScheduler, FastDDIMScheduler, "backend"))
     except Exception as exc:  # a broken compat layer must not stop the benchmark
         print(f"host bench: ddpm_fast.compat.diffusers not timed: {type(exc).__name__}: {exc}", file=sys.stderr)
     rows = []
@@ -435,6 +435,8 @@ def run(*, quick: bool = False, threads: int = 1, seed: int = 0, with_floors: bo
     return {"meta": meta, "rows": out, "floors": fl, "targets": targets(rows, ref), "triton_stubbed": stubbed}
 
 
+# the implementation label of the Fast drop-ins' rows ("<label> <Class>.<method>", beside diffusers' own)
+FAST_LABEL = "ddpm_fast Fast"
 # the losses whose fwd+bwd issue 17 bounds against the reference's
 LOSS_TARGETS = ("training_losses hybrid", "training_losses mse")
 
@@ -462,13 +464,13 @@ def targets(rows: list, ref: dict) -> list:
         if ours is not None and base is not None:
             out.append({"target": f"{op} fwd+bwd, {compiled}", "of": "reference", "ratio": round_ratio(ours, base),
                         "bound": 0.25, "floor": round_ratio(floor, base)})
-    parents = {(r.op, r.impl.split(" ", 1)[1]): r for r in rows if r.kind == "peer" and r.us}
+    parents = {r.impl.split(" ", 1)[1]: r for r in rows if r.kind == "peer" and r.us}  # by "Class.method"
     for r in rows:
-        if r.kind == "backend" and r.impl.startswith("ddpm_fast Fast ") and r.us:
-            parent = parents.get((r.op, r.impl[len("ddpm_fast Fast "):]))
-            if parent is not None:
-                out.append({"target": f"Fast{r.impl[len('ddpm_fast Fast '):]}", "of": "diffusers",
-                            "ratio": round_ratio(r, parent), "bound": 0.5, "floor": None})
+        if r.kind == "backend" and r.impl.startswith(FAST_LABEL + " ") and r.us:
+            method = r.impl[len(FAST_LABEL) + 1:]
+            if method in parents:
+                out.append({"target": f"Fast{method}", "of": "diffusers", "ratio": round_ratio(r, parents[method]),
+                            "bound": 0.5, "floor": None})
     return out
 
 

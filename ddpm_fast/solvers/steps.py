@@ -73,7 +73,9 @@ def _check_number(name, value):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
 
 
-def _check_thresholding(dynamic_threshold, sample_max_value):
+def _check_thresholding(dynamic_threshold, sample_max_value, table):
+    """The dynamic-thresholding arguments; thresholding acts on the converted output as an x0, so a
+    predict_x0=False table (epsilon) takes none."""
     for name, value in (("dynamic_threshold", dynamic_threshold), ("sample_max_value", sample_max_value)):
         if value is not None:
             _check_number(name, value)
@@ -81,10 +83,6 @@ def _check_thresholding(dynamic_threshold, sample_max_value):
         raise ValueError(f"dynamic_threshold: expected a value in (0, 1], got {dynamic_threshold}")
     if not sample_max_value >= 1.0:
         raise ValueError(f"sample_max_value: expected a value >= 1, got {sample_max_value}")
-
-
-def _check_thresholds_x0(dynamic_threshold, table):
-    """Dynamic thresholding acts on the converted output as an x0: a predict_x0=False table (epsilon) has none."""
     if dynamic_threshold is not None and not table.predict_x0:
         raise ValueError("dynamic_threshold: thresholds the x0 prediction; this table predicts epsilon "
                          "(predict_x0=False)")
@@ -240,9 +238,11 @@ class _Index:
             else:
                 steps_done = torch.full((batch,), int(steps_done), dtype=torch.int64, device=device)
             if validate or (validate is None and device.type == "cpu"):  # a host read: free on the CPU only
-                if batch and (int(step_index.min()) < 0 or int(step_index.max()) >= n):
+                lo, hi = check.int_range(step_index)
+                if lo is not None and (lo < 0 or hi >= n):
                     raise ValueError(f"step_index: expected values in [0, {n})")
-                if batch and int(steps_done.min()) < 0:
+                lo, _ = check.int_range(steps_done)
+                if lo is not None and lo < 0:
                     raise ValueError("steps_done: expected values >= 0")
             self.batch_range = torch.arange(batch, device=device)
         self.step_index, self.steps_done, self.table = step_index, steps_done, table
@@ -389,8 +389,7 @@ def dpm_solver_step(model_output, sample, step_index, table: SolverTable, histor
     """
     _check_table(table, "dpm_solver")
     check.seed(seed)
-    _check_thresholding(dynamic_threshold, sample_max_value)
-    _check_thresholds_x0(dynamic_threshold, table)
+    _check_thresholding(dynamic_threshold, sample_max_value, table)
     out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, out.dtype)
     idx = _Index(step_index, steps_done, table, sample, out.dtype, validate, history)
@@ -537,8 +536,7 @@ def unipc_step(model_output, sample, step_index, table: SolverTable, history, la
         torch.Size([2, 4, 8, 8])
     """
     _check_table(table, "unipc")
-    _check_thresholding(dynamic_threshold, sample_max_value)
-    _check_thresholds_x0(dynamic_threshold, table)
+    _check_thresholding(dynamic_threshold, sample_max_value, table)
     out = _Guided.checked(model_output, sample, guidance_scale, guidance_rescale)
     _check_history(history, table, sample, out.dtype)
     if (not isinstance(last_sample, torch.Tensor) or last_sample.shape != sample.shape

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import _math as M
 from ._dispatch import call, define, wrap_triton
-from ._layout import CACHE_SIZE, run
+from ._layout import run
 from ._runtime import check_device, seed_tensor, tl_dtype
 
 # The columns of a row, in order (ddpm_fast/solvers/tables.py FUSED_COLUMNS; csrc/ops/solvers.h SolverCol).
@@ -138,25 +138,15 @@ def _solver_update(wrap, x, model_output, model_cond, rows, row_index, guidance_
 
 def _stride_args(p, has_last: bool, drawn: bool) -> tuple:
     """The kernel's stride arguments for plan p: the 8 inputs', x_prev's, m_out's, last_sample's written (x_prev's
-    when absent: never used), then the row-major set (x's when no noise is drawn: never used); flat. Cached per
-    concrete plan (a traced one holds symbolic sizes, which do not hash)."""
-    key = (p, has_last, drawn)
-    try:
-        return _STRIDE_ARGS[key]
-    except KeyError:
-        pass
-    except TypeError:  # symbolic strides under tracing
-        key = None
-    sets = (*p.strides[:10], p.strides[10] if has_last else p.strides[8], p.strides[-1] if drawn else p.strides[0])
-    args = tuple(s for st in sets for s in st)
-    if key is not None:
-        if len(_STRIDE_ARGS) >= CACHE_SIZE:
-            _STRIDE_ARGS.clear()
-        _STRIDE_ARGS[key] = args
+    when absent: never used), then the row-major set (x's when no noise is drawn: never used); flat. Kept on the
+    plan (cached by _layout per operand layout), one tuple per (has_last, drawn)."""
+    cached = p.__dict__.setdefault("_solver_stride_args", {})
+    args = cached.get((has_last, drawn))
+    if args is None:
+        sets = (*p.strides[:10], p.strides[10] if has_last else p.strides[8],
+                p.strides[-1] if drawn else p.strides[0])
+        args = cached[(has_last, drawn)] = tuple(s for st in sets for s in st)
     return args
-
-
-_STRIDE_ARGS: dict = {}
 
 
 def _solver_update_fake(x, *rest):
