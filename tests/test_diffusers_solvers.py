@@ -619,3 +619,95 @@ def test_per_sample_timesteps_in_step(kind, cfg, monkeypatch):
         out.append(s.step(model(s.scale_model_input(x, t_in), 500), t_in, x).prev_sample)
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out[0][1], out[2][1], rtol=1e-6, atol=1e-6)
+
+
+# -- the Euler pair's steady step (a running loop's step without the general path's per-step work) ------------
+def _steady_and_general(kind, cfg, dtype, guidance, return_dict=True):
+    """The same 6-step loop twice: the drop-in as it is, and with its steady path switched off; (steps taken
+    by the steady path, [step outputs of each run])."""
+    _, fast_cls, _ = PAIRS[kind]
+    model = StandIn(cfg.get("prediction_type", "epsilon"))
+    runs, steady_steps = [], 0
+    for steady in (True, False):
+        scheduler = fast_cls(**cfg)
+        if not steady:
+            scheduler._steady = lambda *args: None
+        else:
+            real = scheduler._steady
+
+            def counting(*args):
+                nonlocal steady_steps
+                got = real(*args)
+                steady_steps += got is not None
+                return got
+            scheduler._steady = counting
+        scheduler.set_timesteps(6)
+        x = (torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * 10).to(dtype)
+        gen = torch.Generator().manual_seed(4)
+        kw = {"generator": gen}
+        if guidance:
+            kw["guidance_scale"] = guidance
+        outs = []
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            out = model(x_in, t)
+            if guidance:
+                out = torch.cat([out, model(0.5 * x_in, t)])
+            got = scheduler.step(out, t, x, return_dict=return_dict, **kw)
+            prev, x0 = (got.prev_sample, got.pred_original_sample) if return_dict else got
+            outs.append((prev, x0 if x0 is not out else "the model output"))
+            x = prev
+        runs.append(outs)
+    return steady_steps, runs
+
+
+@pytest.mark.parametrize("guidance", [None, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind, cfg", [("euler", {}), ("euler", {"prediction_type": "sample"}),
+                                       ("euler", {"prediction_type": "v_prediction"}), ("euler_a", {})])
+def test_euler_steady_step_equals_the_general_path(kind, cfg, dtype, guidance):
+    """Every step of a pipeline-style loop takes the steady path (scale_model_input located the step index); its
+    prev_sample and
+    pred_original_sample (dtype, values; the model output itself where the parent returns it) are the general
+    path's, bit for bit: the same op call. return_dict=False gives the same tuple."""
+    taken, (steady, general) = _steady_and_general(kind, cfg, dtype, guidance)
+    assert taken == 6
+    for (prev_a, x0_a), (prev_b, x0_b) in zip(steady, general):
+        assert torch.isfinite(prev_a).all()
+        assert prev_a.dtype == prev_b.dtype == dtype and torch.equal(prev_a, prev_b)
+        if isinstance(x0_b, str):
+            assert x0_a == x0_b
+        else:
+            assert x0_a.dtype == x0_b.dtype and torch.equal(x0_a, x0_b)
+    _, (as_tuples, _) = _steady_and_general(kind, cfg, dtype, guidance, return_dict=False)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(as_tuples, steady))
+
+
+def test_euler_steady_step_leaves_the_rest_to_the_general_path():
+    """What the steady path does not take goes to the general path, which keeps the parent's behaviour: an
+    integer timestep (the parent raises), no scale_model_input call (the parent warns), inputs that require grad,
+    churn, guidance_rescale, a mismatched model output, reassigned sigmas."""
+    s = FastEulerDiscreteScheduler()
+    s.set_timesteps(8)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * 10
+    t0, t1 = s.timesteps[0], s.timesteps[1]
+    s.step(s.scale_model_input(x, t0) * 0, t0, x)  # the step index is set
+    assert s._steady(x, t1, x, None, 0.0) is not None
+    with pytest.raises(ValueError, match="integer"):
+        s.step(x, 5, x)
+    assert s._steady(x, torch.tensor(5), x, None, 0.0) is None
+    assert s._steady(x.requires_grad_(True), t1, x, None, 0.0) is None
+    x = x.detach()
+    assert s._steady(x, t1, x, 2.0, 0.5) is None  # guidance_rescale
+    assert s._steady(x, t1, x, 2.0, 0.0) is None  # not [2B, ...]
+    assert s._steady(torch.cat([x, x]), t1, x, 2.0, 0.0) is not None
+    assert s._steady(x.double(), t1, x, None, 0.0) is None
+    s.sigmas = s.sigmas.clone()
+    assert s._steady(x, t1, x, None, 0.0) is None  # the general path rebuilds the table first
+    fresh = FastEulerDiscreteScheduler()
+    fresh.set_timesteps(8)
+    fresh._step_index = 1
+    assert fresh._steady(x, t1, x, None, 0.0) is None  # scale_model_input not called: the general path warns
+    s.scale_model_input(x, t1)
+    churned = s.step(x * 0, t1, x, s_churn=5.0, generator=torch.Generator().manual_seed(1))
+    assert churned.prev_sample.shape == SHAPE

@@ -106,6 +106,15 @@ template <class F> inline __attribute__((always_inline)) bool reads(const F& f, 
     return true;
 }
 
+// Whether body f writes output k (F::writes where it says, e.g. a copy whose optional output is absent: the loop
+// then skips its stores to the scratch chunk), else true
+template <class F> inline __attribute__((always_inline)) bool writes(const F& f, int k) {
+  if constexpr (requires { f.writes(k); })
+    return f.writes(k);
+  else
+    return true;
+}
+
 // Run body f on n elements: in[k] / out[k] are contiguous compute-dtype arrays of n elements (an absent
 // input points at zeros, an absent output at scratch), so the loop loads and stores without tests.
 // Inlined into run_chunk, where f may be a copy with constant options (F::specialized).
@@ -128,7 +137,8 @@ inline __attribute__((always_inline)) void run_loop(const F f, const S* const* i
     for (int k = 0; k < NI; ++k)
       if (reads(f, k)) vin[k] = Vec::loadu(in[k] + i);
     f.template operator()<Vec>(vin, vout, vr);
-    for (int k = 0; k < F::NO; ++k) vout[k].store(out[k] + i);
+    for (int k = 0; k < F::NO; ++k)
+      if (writes(f, k)) vout[k].store(out[k] + i);
     for (int k = 0; k < F::NR; ++k) acc[k] = acc[k] + vr[k];
   }
   if (i < n) {

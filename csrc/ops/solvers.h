@@ -99,6 +99,8 @@ template <class S> struct SolverUpdateElem {
     constexpr unsigned kOptional[kNumIn] = {kHasNoise, 0, 0, kHasCond, kHasH1, kHasH2, kHasH3, kHasLast};
     return kOptional[k] == 0 || (inputs & kOptional[k]) != 0;
   }
+  // whether the body writes output k (the CPU loop stores only those): corrected only into a given last_sample
+  DDPM_HD bool writes(int k) const { return k != out_corrected || (inputs & kHasLast) != 0; }
   template <class V> DDPM_HD void operator()(const V* in, V* out, V*) const {
     V x_s = in[in_x];
     if (inputs & kHasNoise) x_s = x_s + V(coef[kChurn]) * in[in_noise];

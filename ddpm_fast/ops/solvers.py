@@ -198,6 +198,14 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
                      last_sample, noise, drawn, philox, key, m_out)
 
 
+def plain_update(op, x, model_output, rows, row_index, m_out, noise=None, model_cond=None, guidance_scale=1.0):
+    """op (a compiled Kernel's op, as _compiled_kernel gives it) on solver_update's arguments without
+    guidance_rescale, thresholding, history or last_sample, with noise given or none: solver_update_checked's call
+    for the steady steps of the Euler drop-ins (ddpm_fast.compat.diffusers_solvers), which have checked them."""
+    return op(x, model_output, model_cond, rows, row_index, guidance_scale, None, None, None, None, None, None, noise,
+              False, 0, None, m_out)
+
+
 def _compiled_kernel(device_type, dtype):
     """The compiled Kernel (ddpm_fast.native.Kernel: its op, grad_needed) when backend "auto" runs solver_update
     on tensors of device_type ("cpu" / "cuda") and dtype with the compiled extension, else None: backends.plan's
