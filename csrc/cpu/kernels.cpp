@@ -166,6 +166,19 @@ template <class S, class F> void run_chunk(const F& f, const S* const* in, S* co
     run_loop<S, F>(f, in, out, n, red);
 }
 
+// n int64 words of scratch for the calling thread, kept between launches (grown on demand, never shrunk: at most
+// the largest launch's chunk buffers, ~200 KB): a launch allocates and frees no buffer on the heap (at tiny sizes
+// that cost ~1 us a call, glibc consolidating its free chunks). A launch runs no other launch inside it.
+inline int64_t* thread_scratch(size_t n) {
+  thread_local std::unique_ptr<int64_t[]> data;
+  thread_local size_t size = 0;
+  if (size < n) {
+    data.reset(new int64_t[n]);
+    size = n;
+  }
+  return data.get();
+}
+
 template <class S, class F> void drive(const Launch& L, const typename F::Options& options) {
   const Plan& p = L.plan;
   const uint64_t seed = L.seed_key ? static_cast<uint64_t>(*L.seed_key) : L.seed;  // a CPU tensor here
@@ -192,13 +205,14 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
   bool input_absent = false;
   for (int k = 0; k < F::NI; ++k) input_absent |= k != L.noise_input && !L.in[k].base;
   at::parallel_for(0, p.B * nch, grain, [&](int64_t begin, int64_t end) {
-    // per input and output a chunk buffer (conversion, gather, scratch; each written before it is read),
-    // then, when an input is absent, a chunk of zeros
-    std::unique_ptr<S[]> bufs(new S[size_t((F::NI + F::NO + (input_absent ? 1 : 0)) * chunk_len)]);
-    auto chunk_buf = [&](int k) { return bufs.get() + k * chunk_len; };
+    // the gather offsets, then per input and output a chunk buffer (conversion, gather, scratch; each written
+    // before it is read), then, when an input is absent, a chunk of zeros: in this thread's scratch
+    const size_t nbuf = size_t((F::NI + F::NO + (input_absent ? 1 : 0)) * chunk_len);
+    int64_t* const offs = thread_scratch(size_t(chunk_len) + (nbuf * sizeof(S) + 7) / 8);
+    S* const bufs = reinterpret_cast<S*>(offs + chunk_len);
+    auto chunk_buf = [&](int k) { return bufs + k * chunk_len; };
     const S* zeros = chunk_buf(F::NI + F::NO);
     if (input_absent) std::fill_n(chunk_buf(F::NI + F::NO), chunk_len, S(0));
-    std::unique_ptr<int64_t[]> offs(new int64_t[size_t(chunk_len)]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nch, c = task % nch;
       const int64_t e0 = c * kChunk, n = std::min(kChunk, p.N - e0);
@@ -210,7 +224,7 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
         S* buf = chunk_buf(k);
         const Operand& o = L.in[k];
         if (k == L.noise_input) {
-          philox_normals(p, seed, b, e0, n, buf, offs.get());
+          philox_normals(p, seed, b, e0, n, buf, offs);
           in[k] = buf;
           continue;
         }
@@ -227,8 +241,8 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
             load_as(src + e0, nullptr, n, buf);
             in[k] = buf;
           } else {
-            strided_offsets(p, o.stride.data(), e0, n, offs.get());
-            load_as(src, offs.get(), n, buf);
+            strided_offsets(p, o.stride.data(), e0, n, offs);
+            load_as(src, offs, n, buf);
             in[k] = buf;
           }
         });
@@ -252,8 +266,8 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
           if (o.direct) {
             store_as(out[k], nullptr, n, dst + e0);
           } else {
-            strided_offsets(p, o.stride.data(), e0, n, offs.get());
-            store_as(out[k], offs.get(), n, dst);
+            strided_offsets(p, o.stride.data(), e0, n, offs);
+            store_as(out[k], offs, n, dst);
           }
         });
       }
