@@ -547,7 +547,7 @@ class _EulerMixin(_SolverMixin):
         """(the compiled op, host_rows of every step, x0's dtype, whether x0 is the model output itself) for
         sample's dtype, device and batch, or None where the compiled op does not run them (a non-float dtype, no
         extension, the Triton backend)."""
-        if not sample.is_floating_point() or sample.ndim < 1 or sample.is_complex():
+        if not sample.is_floating_point() or sample.ndim < 1:
             return None
         kernel = solvers_ops._compiled_kernel("cpu" if sample.is_cpu else sample.device.type, sample.dtype)
         if kernel is None:
