@@ -556,6 +556,14 @@ class _EulerMixin(_SolverMixin):
         return (kernel.op, table.host_rows(sample.device, dtype, sample.shape[0]), dtype,
                 table.prediction_type == "sample")
 
+    @staticmethod
+    def _steady_update(steady, sample, guidance_scale, noise=None):
+        """(x_prev, x0) of a steady step (_steady's result): the one compiled op call, x0 in the compute dtype."""
+        op, (rows, row_index), x0_dtype, _, (uncond, cond) = steady
+        x0 = torch.empty_like(sample, dtype=x0_dtype, memory_format=torch.contiguous_format)
+        scale = 1.0 if cond is None else float(guidance_scale)
+        return solvers_ops.plain_update(op, sample, uncond, rows, row_index, x0, noise, cond, scale), x0
+
     def _euler_output(self, output_cls, step_index, prev_sample, x0, return_dict):
         """The parent's bookkeeping (a host step index advances) and its output."""
         if not isinstance(step_index, torch.Tensor):
@@ -586,12 +594,9 @@ class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
                 and type(s_noise) is float):
             steady = self._steady(model_output, timestep, sample, guidance_scale, guidance_rescale)
             if steady is not None:  # no churn: no noise
-                op, (rows, row_index), x0_dtype, model_x0, (uncond, cond) = steady
-                x0 = torch.empty_like(sample, dtype=x0_dtype, memory_format=torch.contiguous_format)
-                prev_sample = solvers_ops.plain_update(op, sample, uncond, rows, row_index, x0, None, cond,
-                                                       1.0 if cond is None else float(guidance_scale))
-                if model_x0:  # the parent returns the (guided) model output itself
-                    x0 = model_output if cond is None else x0.to(sample.dtype)
+                prev_sample, x0 = self._steady_update(steady, sample, guidance_scale)
+                if steady[3]:  # prediction_type "sample": the parent returns the (guided) model output itself
+                    x0 = model_output if guidance_scale is None else x0.to(sample.dtype)
                 return self._euler_output(EulerDiscreteSchedulerOutput, None, prev_sample, x0, return_dict)
         ready = self._euler_ready(model_output, timestep, sample, guidance_scale, guidance_rescale)
         if ready is None or not _numbers(s_churn, s_tmin, s_tmax, s_noise):
@@ -629,11 +634,8 @@ class FastEulerAncestralDiscreteScheduler(_EulerMixin, EulerAncestralDiscreteSch
         """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
         steady = self._steady(model_output, timestep, sample, guidance_scale, guidance_rescale)
         if steady is not None:
-            op, (rows, row_index), x0_dtype, _, (uncond, cond) = steady
             noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
-            x0 = torch.empty_like(sample, dtype=x0_dtype, memory_format=torch.contiguous_format)
-            prev_sample = solvers_ops.plain_update(op, sample, uncond, rows, row_index, x0, noise, cond,
-                                                   1.0 if cond is None else float(guidance_scale))
+            prev_sample, x0 = self._steady_update(steady, sample, guidance_scale, noise)
             return self._euler_output(EulerAncestralDiscreteSchedulerOutput, None, prev_sample, x0, return_dict)
         ready = self._euler_ready(model_output, timestep, sample, guidance_scale, guidance_rescale)
         if ready is None:
