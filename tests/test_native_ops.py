@@ -539,6 +539,31 @@ def test_a_call_without_gradients_skips_the_autograd_node_with_the_same_results(
     assert torch.equal(x_t, F.q_sample(x0.requires_grad_(), t, noise, SCHEDULE, backend=backend).detach())
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "cuda_emu") if F.availability()[b][0]])
+def test_training_losses_node_behaves_as_an_autograd_function(backend):
+    """training_losses' hand-built node (csrc/ops/losses.cpp, not a torch::autograd::Function) keeps what the
+    Function did: a retained graph gives the same gradient twice, a second backward through a freed graph raises
+    torch's error, and a functorch transform or a forward-mode gradient raises instead of running unsupported."""
+    import torch.autograd.forward_ad as fwAD
+
+    mo, x0, noise, t = inputs(learned=True)
+    kw = dict(mean_type="epsilon", var_type="learned_range", loss_type="mse", backend=backend)
+    m = mo.clone().requires_grad_()
+    loss = F.training_losses(m, x0, t, noise, SCHEDULE, **kw)["loss"].sum()
+    assert loss.grad_fn.next_functions[0][0].name() == "ddpm_fast::TrainingLossesBackward"
+    (g1,) = torch.autograd.grad(loss, m, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, m)
+    assert torch.equal(g1, g2) and g1.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, m)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda a: F.training_losses(a, x0, t, noise, SCHEDULE, **kw)["loss"].sum())(mo)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(mo, torch.ones_like(mo))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            F.training_losses(dual, x0, t, noise, SCHEDULE, **kw)
+
+
 @pytest.mark.skipif(not backends.available("cpu"), reason="the compiled CPU backend is unavailable")
 def test_plain_eager_calls_skip_the_overload_frame_and_compile_still_traces(monkeypatch):
     """cpu_native hands plain-eager calls the adapters bound to native.EagerKernel (the overload's C++ callable,

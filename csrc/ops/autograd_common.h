@@ -4,14 +4,16 @@
 // Per-call overhead counts: the loss runs once per training step and q_sample on every sample batch,
 // and on a GPU the fused kernel takes microseconds. torch.library's Python autograd wrapper costs
 // 8 us a call at q_sample's 4 arguments and tens of microseconds at the losses' 9-11 (it rebuilds the
-// schema's argument list per argument), so every differentiable op's autograd kernel is C++: a
-// torch::autograd::Function whose forward calls the op below autograd (the CPU / CUDA / fake kernel)
-// and whose backward is one fused backward op of the same family. The sampler ops (p_mean_variance,
-// p_sample_step, ddim_step) have none: ddpm_fast/native.py runs the reference when their inputs
-// require grad.
+// schema's argument list per argument), so every differentiable op's autograd kernel is C++: its forward
+// calls the op below autograd (the CPU / CUDA / fake kernel) and its backward is one fused backward op of
+// the same family. training_losses, run with a gradient on every training step, builds its node by hand
+// (builds_node / new_node / attach below); the others are a torch::autograd::Function, whose bookkeeping
+// costs more per call but is simpler to write. The sampler ops (p_mean_variance, p_sample_step, ddim_step)
+// have none: ddpm_fast/native.py runs the reference when their inputs require grad.
 #pragma once
 
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -43,6 +45,35 @@ template <class... Tensors> bool needs_autograd_node(const Tensors&... tensors) 
     return meta && meta->fw_grad_ && !meta->fw_grad_->empty();
   };
   return (... || ((grad_mode && tensors.requires_grad()) || forward_grad(tensors)));
+}
+
+// A hand-built autograd node, the way torch's generated autograd kernels build theirs, for the ops called once per
+// training step, where torch::autograd::Function's bookkeeping (a VariableInfo per input and output, the
+// saved_data map, _wrap_outputs, the node's teardown) costs more than the rest of the call on tiny inputs.
+//
+// builds_node(inputs...): whether the call builds one (grad mode is on and an input requires grad). It raises where
+// Function::apply raises: under a functorch transform, and for an input with a forward-mode gradient (no jvp).
+// new_node<N>(inputs...): node N (a torch::autograd::Node whose apply returns one gradient per input, in order)
+// with its next edges to the inputs; attach(node, outputs) then makes it the grad_fn of each output (its apply's
+// grads[k] is output k's gradient, undefined where none flows).
+template <class... Tensors> bool builds_node(const Tensors&... tensors) {
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) functorch->checkSupportsCppAutogradFunction();
+  auto forward_grad = [](const at::Tensor& x) {
+    const auto* meta = torch::autograd::impl::get_autograd_meta(x);
+    return meta && meta->fw_grad_ && !meta->fw_grad_->empty();
+  };
+  TORCH_CHECK(!(... || forward_grad(tensors)), "ddpm_fast: forward-mode AD (jvp) is not implemented for this op");
+  return at::GradMode::is_enabled() && (... || tensors.requires_grad());
+}
+
+template <class N, class... Tensors> c10::intrusive_ptr<N> new_node(const Tensors&... inputs) {
+  auto node = c10::make_intrusive<N>();
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  return node;
+}
+
+inline void attach(const c10::intrusive_ptr<torch::autograd::Node>& node, std::initializer_list<at::Tensor> outputs) {
+  for (const auto& x : outputs) torch::autograd::set_history(x, node);
 }
 
 }  // namespace op
