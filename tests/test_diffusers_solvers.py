@@ -711,3 +711,78 @@ def test_euler_steady_step_leaves_the_rest_to_the_general_path():
     s.scale_model_input(x, t1)
     churned = s.step(x * 0, t1, x, s_churn=5.0, generator=torch.Generator().manual_seed(1))
     assert churned.prev_sample.shape == SHAPE
+
+
+# -- in_kernel_noise: the opt-in noise drawn inside the fused op -------------------------------------------------
+NOISY = [("euler_a", {}, {}), ("dpm", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}),
+         ("dpm", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, {}),
+         ("euler", {}, {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 50.0})]
+
+
+def _noisy_loop(kind, cfg, step_kw, *, in_kernel, generator, steady=True, n=8):
+    """An 8-step pipeline-style loop of the drop-in with in_kernel_noise as given; generator: a seed (one
+    torch.Generator) or a list of seeds (one generator per sample). Returns the per-step prev_samples."""
+    scheduler = PAIRS[kind][1](**cfg)
+    scheduler.in_kernel_noise = in_kernel
+    if not steady:
+        scheduler._steady = lambda *args: None
+    scheduler.set_timesteps(n)
+    gen = ([torch.Generator().manual_seed(s) for s in generator] if isinstance(generator, list)
+           else torch.Generator().manual_seed(generator))
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * float(scheduler.init_noise_sigma)
+    model, outs = StandIn(), []
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        x = scheduler.step(model(x_in, t), t, x, generator=gen, **step_kw).prev_sample
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("kind, cfg, step_kw", NOISY)
+def test_in_kernel_noise_is_opt_in_reproducible_and_not_the_parents_draw(kind, cfg, step_kw):
+    """Off by default and outside the config (saved configs stay the parent's). On: the same generator seed gives
+    the same loop bit for bit, another seed another loop, and neither is the parent's randn_tensor draw; the
+    Euler pair's steady step draws as the general path does. A list of generators keeps the parent's draw."""
+    cls = PAIRS[kind][1]
+    assert cls(**cfg).in_kernel_noise is False and "in_kernel_noise" not in cls(**cfg).config
+    first = _noisy_loop(kind, cfg, step_kw, in_kernel=True, generator=5)
+    assert all(torch.isfinite(x).all() for x in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, _noisy_loop(kind, cfg, step_kw, in_kernel=True, generator=5)))
+    assert not torch.equal(first[-1], _noisy_loop(kind, cfg, step_kw, in_kernel=True, generator=6)[-1])
+    assert not torch.equal(first[-1], _noisy_loop(kind, cfg, step_kw, in_kernel=False, generator=5)[-1])
+    if kind.startswith("euler"):
+        general = _noisy_loop(kind, cfg, step_kw, in_kernel=True, generator=5, steady=False)
+        assert all(torch.equal(a, b) for a, b in zip(first, general))
+    per_sample = _noisy_loop(kind, cfg, step_kw, in_kernel=True, generator=[7, 8])
+    parents = _noisy_loop(kind, cfg, step_kw, in_kernel=False, generator=[7, 8])
+    assert all(torch.equal(a, b) for a, b in zip(per_sample, parents))
+
+
+def test_in_kernel_noise_is_the_functional_steps_draw():
+    """With in_kernel_noise, a drop-in step draws what ddpm_fast.solvers' functional step draws from the same
+    generator state (whose noise tests/test_solvers.py checks is a standard normal): Euler ancestral through
+    the steady path and the general path, DPM-Solver++ SDE at its first step."""
+    from ddpm_fast.solvers import dpm_solver_step, euler_ancestral_step, new_history
+
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * 10
+    for steady in (True, False):
+        s = FastEulerAncestralDiscreteScheduler()
+        s.in_kernel_noise = True
+        if not steady:
+            s._steady = lambda *args: None
+        s.set_timesteps(8)
+        t = s.timesteps[0]
+        out = StandIn()(s.scale_model_input(x, t), t)
+        want, _ = euler_ancestral_step(out, x, 0, s._ddpm_fast["table"], generator=torch.Generator().manual_seed(9))
+        got = s.step(out, t, x, generator=torch.Generator().manual_seed(9)).prev_sample
+        assert torch.equal(got, want), steady
+    s = FastDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+    s.in_kernel_noise = True
+    s.set_timesteps(8)
+    t = s.timesteps[0]
+    out = StandIn()(x, t)
+    table = s._ddpm_fast["table"]
+    want = dpm_solver_step(out, x, 0, table, new_history(table, x), steps_done=0,
+                           generator=torch.Generator().manual_seed(9))
+    got = s.step(out, t, x, generator=torch.Generator().manual_seed(9)).prev_sample
+    assert torch.equal(got, want)

@@ -13,7 +13,8 @@ from ddpm_fast.bench import samplers  # noqa: E402
 
 from _helpers import run_bench_cli  # noqa: E402
 
-NAMES = ["DPM++ 2M", "DPM++ 3M SDE", "Euler", "Euler a", "UniPC bh2 o3"]
+NAMES = ["DPM++ 2M", "DPM++ 3M SDE", "DPM++ 3M SDE Philox", "Euler", "Euler a", "Euler a Philox",
+         "UniPC bh2 o3"]
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +61,26 @@ def test_table_has_a_line_per_row_and_the_targets(quick_run):
     results, stdout = quick_run
     lines = stdout.splitlines()
     for r in results["rows"]:
-        assert sum(1 for ln in lines if ln.startswith(f"{r['sampler']:14s} {r['size']:12s} "
+        assert sum(1 for ln in lines if ln.startswith(f"{r['sampler']:19s} {r['size']:12s} "
                                                       f"{'yes' if r['cfg'] else 'no':3s}")) == 1
     assert sum(">= 3x" in ln for ln in lines) == len(results["rows"])
     assert sum("<= 0.5x" in ln for ln in lines) == len(results["host"])
     assert "host time per step on 1x4x8x8" in stdout
 
 
-@pytest.mark.parametrize("which", range(5))
+def test_philox_rows_draw_the_noise_inside_the_fused_step(quick_run):
+    """The "Philox" rows run the drop-in with in_kernel_noise: one full-size op per step fewer than the same
+    sampler's default row (no randn_tensor draw), the parent's side the same."""
+    results, _ = quick_run
+    for r in results["rows"] + results["host"]:
+        if r["sampler"] in samplers.IN_KERNEL_NOISE:
+            default = next(d for d in results["rows"] + results["host"]
+                           if (d["sampler"], d["size"], d["cfg"]) == (r["sampler"][:-len(" Philox")], r["size"], r["cfg"]))
+            assert r["parent_ops"] == default["parent_ops"]
+            assert r["ours_ops"]["full"] == default["ours_ops"]["full"] - 1, (r["sampler"], r["size"], r["cfg"])
+
+
+@pytest.mark.parametrize("which", range(7))
 def test_guidance_in_the_step_matches_the_pipeline_arithmetic(which):
     """Both sides step the same guided model output: ours combines the [2B] output inside its step, the parent
     steps uncond + s (cond - uncond); a short loop gives the same samples."""
@@ -86,7 +99,7 @@ def test_guidance_in_the_step_matches_the_pipeline_arithmetic(which):
     torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-4 * xb.abs().max().item())
 
 
-@pytest.mark.parametrize("which", range(5))
+@pytest.mark.parametrize("which", range(7))
 def test_the_shared_side_runs_scale_model_input_and_the_parents_noise_draw(which):
     """SharedSide calls ours' scale_model_input every step and draws diffusers' noise from its generator exactly
     for the samplers whose step draws noise on the parent's default path."""

@@ -1,7 +1,8 @@
 """`ddpm-fast bench --samplers`: the drop-in solver schedulers' steps against their diffusers parents.
 
-For each sampler (DPM-Solver++ 2M, DPM-Solver++ 3M SDE, Euler, Euler ancestral, UniPC bh2 order 3),
-ours (ddpm_fast.compat.diffusers_solvers) and the parent (diffusers), float32 on the CPU (or --device):
+For each sampler (DPM-Solver++ 2M, DPM-Solver++ 3M SDE, Euler, Euler ancestral, UniPC bh2 order 3; the two that
+draw noise also with the drop-in's in_kernel_noise on, the "Philox" rows), ours (ddpm_fast.compat.diffusers_solvers)
+and the parent (diffusers), float32 on the CPU (or --device):
 
 - time per step at Stable Diffusion latent sizes (1x4x128x128, 4x4x64x64), without and with
   classifier-free guidance: the median over every step of ``loops`` full sampling loops (``steps``
@@ -46,7 +47,8 @@ OPS_AT_STEP = 5
 
 
 def samplers():
-    """[(name, parent class, drop-in class, config kwargs)] (imports diffusers)."""
+    """[(name, parent class, drop-in class, config kwargs)] (imports diffusers). The "Philox" rows are the drop-in
+    with in_kernel_noise on (IN_KERNEL_NOISE): its noise drawn inside the fused op, not the parent's values."""
     from ..compat.diffusers_solvers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                                             EulerDiscreteScheduler, FastDPMSolverMultistepScheduler,
                                             FastEulerAncestralDiscreteScheduler, FastEulerDiscreteScheduler,
@@ -56,8 +58,11 @@ def samplers():
         ("DPM++ 2M", DPMSolverMultistepScheduler, FastDPMSolverMultistepScheduler, {}),
         ("DPM++ 3M SDE", DPMSolverMultistepScheduler, FastDPMSolverMultistepScheduler,
          {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+        ("DPM++ 3M SDE Philox", DPMSolverMultistepScheduler, FastDPMSolverMultistepScheduler,
+         {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
         ("Euler", EulerDiscreteScheduler, FastEulerDiscreteScheduler, {}),
         ("Euler a", EulerAncestralDiscreteScheduler, FastEulerAncestralDiscreteScheduler, {}),
+        ("Euler a Philox", EulerAncestralDiscreteScheduler, FastEulerAncestralDiscreteScheduler, {}),
         ("UniPC bh2 o3", UniPCMultistepScheduler, FastUniPCMultistepScheduler, {"solver_order": 3}),
     )
 
@@ -85,8 +90,10 @@ class CountOps(TorchDispatchMode):
 class Side:
     """One scheduler (ours or the parent) stepping a fixed model output [B or 2B, ...] from sample [B, ...]."""
 
-    def __init__(self, cls, config: dict, ours: bool, guidance: float | None, seed: int):
+    def __init__(self, cls, config: dict, ours: bool, guidance: float | None, seed: int, in_kernel_noise=False):
         self.scheduler = cls(**config)
+        if in_kernel_noise:
+            self.scheduler.in_kernel_noise = True  # the drop-ins' opt-in (ddpm_fast.compat.diffusers_solvers)
         self.ours, self.guidance = ours, guidance
         self.generator = torch.Generator().manual_seed(seed)
         self.takes_generator = "generator" in cls.step.__code__.co_varnames
@@ -151,6 +158,9 @@ class SharedSide(Side):
 
 # the samplers whose step draws noise on the parent's default path (Euler draws only with s_churn > 0)
 NOISE_DRAWING = ("DPM++ 3M SDE", "Euler a")
+# the rows whose drop-in draws that noise inside its fused op (in_kernel_noise): what ours shares with the parent
+# is then scale_model_input alone
+IN_KERNEL_NOISE = ("DPM++ 3M SDE Philox", "Euler a Philox")
 
 
 def _inputs(shape, guidance, device, seed):
@@ -180,7 +190,7 @@ def time_step(name, parent_cls, fast_cls, config, shape, guidance, *, steps, loo
     speed-up (parent / ours) and its bound (parent / shared), and the ops of one step of parent and ours."""
     x, model_output = _inputs(shape, guidance, device, seed)
     sides = {"parent": Side(parent_cls, config, False, guidance, seed),
-             "ours": Side(fast_cls, config, True, guidance, seed),
+             "ours": Side(fast_cls, config, True, guidance, seed, in_kernel_noise=name in IN_KERNEL_NOISE),
              "shared": SharedSide(fast_cls, config, guidance, seed, name in NOISE_DRAWING)}
     times = _paired_loops(sides, x, model_output, steps, loops, clock)
     row = {"sampler": name, "size": "x".join(map(str, shape)), "cfg": guidance is not None,
@@ -258,18 +268,18 @@ def table(results: dict) -> str:
              "ops per step: full-size results + other (host reads)",
              "shared: what ours runs as the parent does (scale_model_input, and the parent's noise draw where the "
              "step draws noise); bound = parent / shared: the speed-up were the fused update free", "",
-             f"{'sampler':14s} {'size':12s} {'cfg':3s} {'parent us':>10s} {'ours us':>10s} {'speedup':>8s} "
+             f"{'sampler':19s} {'size':12s} {'cfg':3s} {'parent us':>10s} {'ours us':>10s} {'speedup':>8s} "
              f"{'target':>7s} {'met':>3s} {'shared us':>10s} {'bound':>8s}  {'ops parent':>14s} {'ops ours':>14s}"]
     for r in results["rows"]:
-        lines.append(f"{r['sampler']:14s} {r['size']:12s} {'yes' if r['cfg'] else 'no':3s} {r['parent_us']:10.1f} "
+        lines.append(f"{r['sampler']:19s} {r['size']:12s} {'yes' if r['cfg'] else 'no':3s} {r['parent_us']:10.1f} "
                      f"{r['ours_us']:10.1f} {r['ratio']:7.2f}x {r['target']:>7s} {'yes' if r['met'] else 'no':>3s} "
                      f"{r['shared_us']:10.1f} {r['bound']:7.1f}x  "
                      f"{_ops(r['parent_ops']):>14s} {_ops(r['ours_ops']):>14s}")
     lines += ["", f"host time per step on {m['host_size']} ({m['host_clock']}; median over {m['host_loops']} loops "
               f"of {m['host_steps']} steps)",
-              f"{'sampler':14s} {'parent us':>10s} {'ours us':>10s} {'ours/parent':>11s} {'target':>7s} {'met':>3s}"]
+              f"{'sampler':19s} {'parent us':>10s} {'ours us':>10s} {'ours/parent':>11s} {'target':>7s} {'met':>3s}"]
     for r in results["host"]:
-        lines.append(f"{r['sampler']:14s} {r['parent_us']:10.1f} {r['ours_us']:10.1f} {r['host_ratio']:10.2f}x "
+        lines.append(f"{r['sampler']:19s} {r['parent_us']:10.1f} {r['ours_us']:10.1f} {r['host_ratio']:10.2f}x "
                      f"{r['target']:>7s} {'yes' if r['met'] else 'no':>3s}")
     return "\n".join(lines)
 

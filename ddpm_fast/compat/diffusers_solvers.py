@@ -40,7 +40,7 @@ What differs:
 - noise (DPM-Solver's SDE variants, Euler's churn, Euler ancestral) is drawn by diffusers' randn_tensor
   exactly as the parent draws it (same generator, same values); a CPU generator with CUDA samples
   therefore still draws on the CPU and copies, as the parent does: pass a generator on the samples'
-  device to avoid it.
+  device to avoid it. ``in_kernel_noise`` (below) trades these values for speed.
 - UniPC bh1 stepping to a final sigma of 0 (final_sigmas_type "zero", the default): the parent's last
   step returns NaN (its B(h) = -inf times a zero history term); ours returns the order-1 result, the x0
   prediction. Elsewhere where the parent produces NaN (predict_x0=False stepping to sigma 0; repeated
@@ -51,6 +51,15 @@ before it):
 - ``step(..., guidance_scale=s, guidance_rescale=r)``: model_output is the model's [2B, ...] output
   (unconditional half first); uncond + s (cond - uncond), rescaled as diffusers' rescale_noise_cfg with r,
   is combined inside the step's one fused op (the rescale's per-sample std ratio is computed before it).
+- ``scheduler.in_kernel_noise = True`` (an attribute, not a config entry: saved configs stay the parent's): the
+  fused steps draw their noise inside the step's one op (counter-based Philox normals, the stream of
+  ddpm_fast.ops.p_sample_step and the functional steps' ``generator``), seeded by one torch.randint draw of
+  the step's generator per step (torch's default generator for the samples' device when it is None; a
+  generator on another device, such as a CPU generator for CUDA samples, gives that seed on the host with no
+  device sync). The same generator state gives the same samples, but not the parent's values: randn_tensor's
+  pass over the sample, which bounds the Euler ancestral and SDE steps' speed-up, is gone. A list of
+  generators (one per sample, as randn_tensor takes) and the configurations the parent's code runs keep the
+  parent's draw.
 - per-sample timesteps: a [B] timestep tensor where the parent raises (before the loop's first step,
   without set_begin_index, B neither 1 nor the number of timesteps) steps each sample at its own step
   index, located on the device by the parent's rule (no host read); the Euler pair's scale_model_input
@@ -61,6 +70,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from functools import partial
 
 import numpy as np
 import torch
@@ -78,6 +88,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
         "ddpm_fast.compat.diffusers_solvers needs the optional 'diffusers' package: pip install 'ddpm-fast[diffusers]'"
     ) from exc
 
+from ..native import Kernel
 from ..ops import solvers as solvers_ops
 from ..ops._checks import _is_compiling as check_compiling
 from ..reference import compute_dtype
@@ -122,6 +133,21 @@ def _output(cls, prev, pred):
 
 class _SolverMixin:
     """Shared state handling: the table per set_timesteps, the step index without a sync, the fallback."""
+
+    in_kernel_noise = False  # True: the fused steps draw their noise in the op (the module docstring)
+
+    def _noise(self, generator, sample, draw) -> dict:
+        """A fused step's noise keywords (solver_update's): {"noise": draw()}, the parent's randn_tensor draw; with
+        in_kernel_noise and generator None or one torch.Generator, a draw inside the op: {"draw_noise": True,
+        "generator": generator} (a generator on sample's device type, or None), else {"draw_noise": True,
+        "seed": one draw of the generator, read on the host} (a generator on another device: for a CPU generator
+        with CUDA samples, no device sync)."""
+        if not self.in_kernel_noise or not (generator is None or isinstance(generator, torch.Generator)):
+            return {"noise": draw()}
+        if generator is not None and generator.device.type != sample.device.type:
+            return {"draw_noise": True, "seed": int(torch.randint(0, 2**62, (1,), generator=generator,
+                                                                  device=generator.device).cpu())}
+        return {"draw_noise": True, "generator": generator}
 
     def _unsupported(self) -> str | None:
         """Why this configuration runs the parent's step (None: it is fused)."""
@@ -382,21 +408,23 @@ class FastDPMSolverMultistepScheduler(_MultistepMixin, DPMSolverMultistepSchedul
             return super().step(self._for_parent(model_output, guidance), timestep, sample, generator=generator,
                                 variance_noise=variance_noise, return_dict=return_dict)
         state, history, index = ready
-        noise = None
-        if state["table"].sde:  # sde-dpmsolver++ / sde-dpmsolver: the parent's draw
+        noise = {}
+        if state["table"].sde:  # sde-dpmsolver++ / sde-dpmsolver: the parent's draw (or in_kernel_noise's)
             if variance_noise is None:
-                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+                noise = self._noise(generator, sample, partial(randn_tensor, sample.shape, generator=generator,
+                                                               device=sample.device, dtype=torch.float32))
+                noise.pop("draw_noise", None)  # dpm_solver_step draws in its op when noise is None
             else:
-                noise = variance_noise.to(device=sample.device, dtype=torch.float32)
+                noise = {"noise": variance_noise.to(device=sample.device, dtype=torch.float32)}
         if index is not None:  # each sample at its own timestep: the parent's bookkeeping is left as it is
             done = self._steps_done(state, index)
             prev_sample = steps.dpm_solver_step(fused_output, sample, index, state["table"], history, steps_done=done,
-                                                noise=noise, validate=False, **self._thresholding(), **guidance)
+                                                validate=False, **noise, **self._thresholding(), **guidance)
             done.add_(1)
             return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
         step_index = self.step_index
         prev_sample = steps.dpm_solver_step(fused_output, sample, step_index, state["table"], history,
-                                            steps_done=self.lower_order_nums, noise=noise, validate=False,
+                                            steps_done=self.lower_order_nums, validate=False, **noise,
                                             **self._thresholding(), **guidance)
         return self._advance(state, step_index, prev_sample, return_dict)
 
@@ -557,12 +585,14 @@ class _EulerMixin(_SolverMixin):
                 table.prediction_type == "sample")
 
     @staticmethod
-    def _steady_update(steady, sample, guidance_scale, noise=None):
-        """(x_prev, x0) of a steady step (_steady's result): the one compiled op call, x0 in the compute dtype."""
+    def _steady_update(steady, sample, guidance_scale, noise=None, draw_noise=False, generator=None, seed=None):
+        """(x_prev, x0) of a steady step (_steady's result): the one compiled op call, x0 in the compute dtype; noise
+        given, or drawn in the op (draw_noise: _noise's keywords), or none."""
         op, (rows, row_index), x0_dtype, _, (uncond, cond) = steady
         x0 = torch.empty_like(sample, dtype=x0_dtype, memory_format=torch.contiguous_format)
         scale = 1.0 if cond is None else float(guidance_scale)
-        return solvers_ops.plain_update(op, sample, uncond, rows, row_index, x0, noise, cond, scale), x0
+        philox = Kernel.philox_seed(seed, generator, sample.device) if draw_noise else None
+        return solvers_ops.plain_update(op, sample, uncond, rows, row_index, x0, noise, cond, scale, philox), x0
 
     def _euler_output(self, output_cls, step_index, prev_sample, x0, return_dict):
         """The parent's bookkeeping (a host step index advances) and its output."""
@@ -605,13 +635,14 @@ class FastEulerDiscreteScheduler(_EulerMixin, EulerDiscreteScheduler):
                                 generator=generator, return_dict=return_dict)
         state, step_index, out = ready
         table = state["table"]
-        noise = churn = None
+        noise = churn = None  # noise: _noise's keywords where the step churns
         if s_churn > 0:
             churn = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
             host_index = None if isinstance(step_index, torch.Tensor) else step_index
             if steps.euler_churns(table, host_index, s_churn, s_tmin, s_tmax):
-                noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
-        prev_sample, x0 = steps._euler_update(out, sample, step_index, table, noise, churn)
+                noise = self._noise(generator, sample, partial(randn_tensor, sample.shape, dtype=sample.dtype,
+                                                               device=sample.device, generator=generator))
+        prev_sample, x0 = steps._euler_update(out, sample, step_index, table, churn=churn, **(noise or {}))
         if table.prediction_type == "sample":  # the parent returns the model output itself
             x0 = x0.to(sample.dtype) if out.cond is not None else model_output
         return self._euler_output(EulerDiscreteSchedulerOutput, step_index, prev_sample, x0, return_dict)
@@ -633,15 +664,15 @@ class FastEulerAncestralDiscreteScheduler(_EulerMixin, EulerAncestralDiscreteSch
              guidance_rescale=0.0):
         """The parent's step; guidance_scale / guidance_rescale as FastDPMSolverMultistepScheduler.step's."""
         steady = self._steady(model_output, timestep, sample, guidance_scale, guidance_rescale)
+        draw = partial(randn_tensor, sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
         if steady is not None:
-            noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
-            prev_sample, x0 = self._steady_update(steady, sample, guidance_scale, noise)
+            prev_sample, x0 = self._steady_update(steady, sample, guidance_scale, **self._noise(generator, sample, draw))
             return self._euler_output(EulerAncestralDiscreteSchedulerOutput, None, prev_sample, x0, return_dict)
         ready = self._euler_ready(model_output, timestep, sample, guidance_scale, guidance_rescale)
         if ready is None:
             return super().step(self._for_parent(model_output, self._guidance(guidance_scale, guidance_rescale)),
                                 timestep, sample, generator=generator, return_dict=return_dict)
         state, step_index, out = ready
-        noise = randn_tensor(sample.shape, dtype=sample.dtype, device=sample.device, generator=generator)
-        prev_sample, x0 = steps._euler_update(out, sample, step_index, state["table"], noise)
+        prev_sample, x0 = steps._euler_update(out, sample, step_index, state["table"],
+                                              **self._noise(generator, sample, draw))
         return self._euler_output(EulerAncestralDiscreteSchedulerOutput, step_index, prev_sample, x0, return_dict)

@@ -198,12 +198,15 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
                      last_sample, noise, drawn, philox, key, m_out)
 
 
-def plain_update(op, x, model_output, rows, row_index, m_out, noise=None, model_cond=None, guidance_scale=1.0):
+def plain_update(op, x, model_output, rows, row_index, m_out, noise=None, model_cond=None, guidance_scale=1.0,
+                 philox=None):
     """op (a compiled Kernel's op, as _compiled_kernel gives it) on solver_update's arguments without
-    guidance_rescale, thresholding, history or last_sample, with noise given or none: solver_update_checked's call
-    for the steady steps of the Euler drop-ins (ddpm_fast.compat.diffusers_solvers), which have checked them."""
+    guidance_rescale, thresholding, history or last_sample, with noise given, drawn in the op (philox: the Kernel's
+    philox_seed result, (seed, seed_key)) or none: solver_update_checked's call for the steady steps of the Euler
+    drop-ins (ddpm_fast.compat.diffusers_solvers), which have checked them."""
+    seed, key = philox if philox is not None else (0, None)
     return op(x, model_output, model_cond, rows, row_index, guidance_scale, None, None, None, None, None, None, noise,
-              False, 0, None, m_out)
+              philox is not None, seed, key, m_out)
 
 
 def _compiled_kernel(device_type, dtype):
