@@ -543,7 +543,8 @@ def test_a_call_without_gradients_skips_the_autograd_node_with_the_same_results(
 def test_training_losses_node_behaves_as_an_autograd_function(backend):
     """training_losses' hand-built node (csrc/ops/losses.cpp, not a torch::autograd::Function) keeps what the
     Function did: a retained graph gives the same gradient twice, a second backward through a freed graph raises
-    torch's error, and a functorch transform or a forward-mode gradient raises instead of running unsupported."""
+    torch's error, compiled autograd gives the same gradient, and a functorch transform or a forward-mode gradient
+    raises instead of running unsupported."""
     import torch.autograd.forward_ad as fwAD
 
     mo, x0, noise, t = inputs(learned=True)
@@ -556,6 +557,11 @@ def test_training_losses_node_behaves_as_an_autograd_function(backend):
     assert torch.equal(g1, g2) and g1.abs().sum() > 0
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(loss, m)
+    m2 = mo.clone().requires_grad_()  # compiled autograd traces the node (its compiled_args / apply_with_saved)
+    loss2 = F.training_losses(m2, x0, t, noise, SCHEDULE, **kw)["loss"].sum()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        loss2.backward()
+    assert torch.equal(m2.grad, g1)
     with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.grad(lambda a: F.training_losses(a, x0, t, noise, SCHEDULE, **kw)["loss"].sum())(mo)
     with fwAD.dual_level():

@@ -2,6 +2,8 @@
 // prior_bpd and prior_bpd_backward (schemas, host functions, autograd kernels; bodies in losses.h).
 #include "losses.h"
 
+#include <torch/csrc/dynamo/compiled_autograd.h>
+
 #include "autograd_common.h"
 #include "host.h"
 
@@ -98,14 +100,16 @@ DDPM_DEVICE_OP(training_losses, "(Tensor model_output, Tensor x0, Tensor t, Tens
                                 "int mean_type, int var_type, int loss_type, int weighting, float min_snr_gamma, "
                                 "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
-Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const Tensor& s_mean,
-                    const Tensor& s_var, const Tensor& mo) {
+// s_mean, s_var: [B] in d_out's dtype, any strides (a backward's ones are often an expanded scalar)
+Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const Tensor& s_mean_in,
+                    const Tensor& s_var_in, const Tensor& mo) {
   using Body = ScaleElem<float>;
   bool learned = d_v.has_value() && d_v->defined() && d_v->numel() > 0;
   auto ct = d_out.scalar_type();
-  TORCH_CHECK(s_mean.scalar_type() == ct && s_var.scalar_type() == ct && s_mean.is_contiguous() &&
-                  s_var.is_contiguous() && s_mean.numel() == d_out.size(0) && s_var.numel() == d_out.size(0),
-              "s_mean, s_var: expected contiguous [B] tensors of the saved gradient's dtype");
+  TORCH_CHECK(s_mean_in.scalar_type() == ct && s_var_in.scalar_type() == ct && s_mean_in.numel() == d_out.size(0) &&
+                  s_var_in.numel() == d_out.size(0),
+              "s_mean, s_var: expected [B] tensors of the saved gradient's dtype");
+  const Tensor s_mean = s_mean_in.contiguous(), s_var = s_var_in.contiguous();
   Tensor grad = alloc_grad_like(mo, mo.scalar_type());
   auto [grad_mean, grad_var] = halves(grad, learned);
   if (!learned && mo.dim() >= 2 && mo.size(1) == 2 * d_out.size(1) && d_out.size(1) > 0) {
@@ -175,9 +179,9 @@ Tensor scale_unit_grads(const Tensor& d_out, const Tensor& d_v, bool learned, co
     // a plain backward (no create_graph, no functorch transform): straight to the kernel, not through the boxed
     // autograd fallback of an op without an autograd kernel (~2 us a call)
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(d_out, dv, s_mean.contiguous(), s_var.contiguous(), mo);
+    return op.call(d_out, dv, s_mean, s_var, mo);
   }
-  return op.call(d_out, dv, s_mean.contiguous(), s_var.contiguous(), mo);
+  return op.call(d_out, dv, s_mean, s_var, mo);
 }
 
 struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
@@ -237,6 +241,19 @@ struct TrainingLossesBackward : public torch::autograd::Node {
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     w.reset_data(), d_out.reset_data(), d_v.reset_data(), mo.reset_data();
+  }
+  // compiled autograd (torch._dynamo's): the node's state, then apply traced on its proxies (scale_halves has a
+  // fake impl), as torch's generated nodes do
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(w, false), args.collect(d_out, false), args.collect(d_v, false), args.collect(mo, false);
+    args.collect(loss_type), args.collect(T), args.collect(learned), args.collect(unit_weight);
+  }
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(w), saved.before(d_out), saved.before(d_v), saved.before(mo);
+    variable_list result = apply(variable_list(grads));
+    saved.after(w), saved.after(d_out), saved.after(d_v), saved.after(mo);
+    return result;
   }
   // grads: d / d (loss, mse, vb), undefined where none flows; returns one gradient per input (mo, x0, t, noise,
   // table), d / d model_output only
