@@ -233,7 +233,11 @@ SOLVER_LOOPS = {
     "euler": ("FastEulerDiscreteScheduler", {}),
     "euler ancestral": ("FastEulerAncestralDiscreteScheduler", {}),
     "unipc 3": ("FastUniPCMultistepScheduler", {"solver_order": 3}),
+    "sde-dpmsolver++ 2M, in-kernel noise": ("FastDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "euler ancestral, in-kernel noise": ("FastEulerAncestralDiscreteScheduler", {}),
 }
+# the loops above whose drop-in draws its noise inside the fused op (scheduler.in_kernel_noise = True)
+IN_KERNEL_NOISE_LOOPS = ("sde-dpmsolver++ 2M, in-kernel noise", "euler ancestral, in-kernel noise")
 
 
 def solver_loop(name: str, device, steps: int = 10):
@@ -244,6 +248,7 @@ def solver_loop(name: str, device, steps: int = 10):
 
     cls_name, config = SOLVER_LOOPS[name]
     scheduler = getattr(compat, cls_name)(**config)
+    scheduler.in_kernel_noise = name in IN_KERNEL_NOISE_LOOPS
     scheduler.set_timesteps(steps, device=device)
 
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # (UniPC draws no noise)
@@ -302,7 +307,7 @@ def _loop(name: str, device) -> tuple:
 
 
 # the loops that draw noise: a replay of their captured graph must draw fresh noise
-NOISY_LOOPS = ("sde-dpmsolver++ 2M", "euler ancestral", *FUNCTIONAL_LOOPS)
+NOISY_LOOPS = ("sde-dpmsolver++ 2M", "euler ancestral", *IN_KERNEL_NOISE_LOOPS, *FUNCTIONAL_LOOPS)
 
 
 def _check_solver_graph(name: str, device) -> list:
@@ -381,7 +386,12 @@ def check_sync_free(device: torch.device, backends) -> dict:
         run = _loop(name, device)[1]
         generator = torch.Generator(device).manual_seed(0)  # a generator on the device: no host draw
         failures += _sync_free(f"{name} loop", device, run, torch.randn(LOOP_SHAPE, device=device), generator)
-    return {"checked": 2 * len(backends) + len(SOLVER_LOOPS) + len(FUNCTIONAL_LOOPS), "failures": failures}
+    for name in IN_KERNEL_NOISE_LOOPS:  # a CPU generator for CUDA samples: the seed is drawn and read on the host
+        run = _loop(name, device)[1]
+        failures += _sync_free(f"{name} loop, CPU generator", device, run, torch.randn(LOOP_SHAPE, device=device),
+                               torch.Generator().manual_seed(0))
+    return {"checked": 2 * len(backends) + len(SOLVER_LOOPS) + len(FUNCTIONAL_LOOPS) + len(IN_KERNEL_NOISE_LOOPS),
+            "failures": failures}
 
 
 def _sync_free(label: str, device, run, *args) -> list:

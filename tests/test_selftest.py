@@ -134,7 +134,7 @@ def test_parse_ptxas_report():
                                  "spill_loads": 4, "registers": 40}]
 
 
-@pytest.mark.parametrize("name", list(selftest.SOLVER_LOOPS))
+@pytest.mark.parametrize("name", [n for n in selftest.SOLVER_LOOPS if n not in selftest.IN_KERNEL_NOISE_LOOPS])
 def test_solver_loops_of_the_gpu_stages_run_and_match_their_parent(name):
     """The drop-in loops the graphs / sync_free stages capture on a GPU run here eagerly, and end where the
     diffusers parent's loop ends (same noise: the same generator seed)."""
@@ -151,6 +151,21 @@ def test_solver_loops_of_the_gpu_stages_run_and_match_their_parent(name):
     for t in parent.timesteps:
         y = parent.step(torch.tanh(parent.scale_model_input(y, t)), t, y, **kwargs).prev_sample
     torch.testing.assert_close(ours, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", selftest.IN_KERNEL_NOISE_LOOPS)
+def test_in_kernel_noise_loops_of_the_gpu_stages_draw_in_the_op(name):
+    """The drop-in loops with in_kernel_noise run here eagerly: the same generator seed gives the same loop, another
+    seed another, and neither is the loop of the parent's draw (the same drop-in without the opt-in)."""
+    scheduler, run = selftest.solver_loop(name, "cpu")
+    assert scheduler.in_kernel_noise is True and name in selftest.NOISY_LOOPS
+    x = torch.randn(selftest.LOOP_SHAPE, generator=torch.Generator().manual_seed(0)) * 15.8
+    first = run(x.clone(), torch.Generator().manual_seed(3))
+    again = selftest.solver_loop(name, "cpu")[1](x.clone(), torch.Generator().manual_seed(3))
+    other = selftest.solver_loop(name, "cpu")[1](x.clone(), torch.Generator().manual_seed(4))
+    parents_draw = selftest.solver_loop(name.split(",")[0], "cpu")[1](x.clone(), torch.Generator().manual_seed(3))
+    assert torch.isfinite(first).all() and torch.equal(first, again)
+    assert not torch.equal(first, other) and not torch.equal(first, parents_draw)
 
 
 @pytest.mark.parametrize("name", selftest.FUNCTIONAL_LOOPS)
