@@ -37,14 +37,16 @@ template <class Sig> c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 // that the C++ Function has no jvp), or a functorch transform is active (apply asks the transform whether it
 // supports C++ Functions, and it may raise). Otherwise the autograd kernel calls the Function's below_autograd directly, what its forward
 // calls: the same outputs (none requires grad), without building and wrapping an autograd node.
+// Whether x carries a forward-mode (jvp) gradient.
+inline bool has_forward_grad(const at::Tensor& x) {
+  const auto* meta = torch::autograd::impl::get_autograd_meta(x);
+  return meta && meta->fw_grad_ && !meta->fw_grad_->empty();
+}
+
 template <class... Tensors> bool needs_autograd_node(const Tensors&... tensors) {
   if (at::functorch::functorchTLSAccessor()) return true;
   const bool grad_mode = at::GradMode::is_enabled();
-  auto forward_grad = [](const at::Tensor& x) {
-    const auto* meta = torch::autograd::impl::get_autograd_meta(x);
-    return meta && meta->fw_grad_ && !meta->fw_grad_->empty();
-  };
-  return (... || ((grad_mode && tensors.requires_grad()) || forward_grad(tensors)));
+  return (... || ((grad_mode && tensors.requires_grad()) || has_forward_grad(tensors)));
 }
 
 // A hand-built autograd node, the way torch's generated autograd kernels build theirs, for the ops called once per
@@ -58,11 +60,7 @@ template <class... Tensors> bool needs_autograd_node(const Tensors&... tensors) 
 // grads[k] is output k's gradient, undefined where none flows).
 template <class... Tensors> bool builds_node(const Tensors&... tensors) {
   if (const auto& functorch = at::functorch::functorchTLSAccessor()) functorch->checkSupportsCppAutogradFunction();
-  auto forward_grad = [](const at::Tensor& x) {
-    const auto* meta = torch::autograd::impl::get_autograd_meta(x);
-    return meta && meta->fw_grad_ && !meta->fw_grad_->empty();
-  };
-  TORCH_CHECK(!(... || forward_grad(tensors)), "ddpm_fast: forward-mode AD (jvp) is not implemented for this op");
+  TORCH_CHECK(!(... || has_forward_grad(tensors)), "ddpm_fast: forward-mode AD (jvp) is not implemented for this op");
   return at::GradMode::is_enabled() && (... || tensors.requires_grad());
 }
 
