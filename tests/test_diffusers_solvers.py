@@ -786,3 +786,13 @@ def test_in_kernel_noise_is_the_functional_steps_draw():
                            generator=torch.Generator().manual_seed(9))
     got = s.step(out, t, x, generator=torch.Generator().manual_seed(9)).prev_sample
     assert torch.equal(got, want)
+
+
+def test_in_kernel_noise_seeds_from_a_generator_on_another_device():
+    """A generator on another device than the samples (a CPU generator for CUDA latents; "meta" samples stand in
+    here) gives the op one seed drawn from it on the host: the draw philox_seed makes."""
+    s = FastEulerAncestralDiscreteScheduler()
+    s.in_kernel_noise = True
+    got = s._noise(torch.Generator().manual_seed(4), torch.empty(2, 3, device="meta"), draw=None)
+    want = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(4)))
+    assert got == {"draw_noise": True, "seed": want}

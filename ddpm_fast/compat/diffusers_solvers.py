@@ -145,8 +145,8 @@ class _SolverMixin:
         if not self.in_kernel_noise or not (generator is None or isinstance(generator, torch.Generator)):
             return {"noise": draw()}
         if generator is not None and generator.device.type != sample.device.type:
-            return {"draw_noise": True, "seed": int(torch.randint(0, 2**62, (1,), generator=generator,
-                                                                  device=generator.device).cpu())}
+            # the steps take only a generator on sample's device: the op's seed drawn here, as philox_seed draws it
+            return {"draw_noise": True, "seed": Kernel.philox_seed(None, generator, sample.device)[0]}
         return {"draw_noise": True, "generator": generator}
 
     def _unsupported(self) -> str | None:
