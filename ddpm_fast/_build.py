@@ -23,6 +23,7 @@ report aborts) into separate cache directories; the process must then run with l
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -279,8 +280,8 @@ def _check_tools() -> None:
         raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH; set CXX)")
 
 
-def _build(with_cuda: bool, archs: list[str], directory: Path) -> None:
-    """Compile and load ddpm_fast._C into ``directory`` (progress on stderr)."""
+def _build(with_cuda: bool, archs: list[str], directory: Path) -> types.ModuleType:
+    """Compile ddpm_fast._C into ``directory`` (progress on stderr) and import it."""
     ext = cpp_extension()
     _check_tools()
     directory.mkdir(parents=True, exist_ok=True)
@@ -292,7 +293,7 @@ def _build(with_cuda: bool, archs: list[str], directory: Path) -> None:
     if with_cuda:
         ext.CUDA_HOME = cuda_home()  # the toolkit want_cuda() found (cpp_extension reads this global)
     with Progress(what, directory, len(srcs)):
-        ext.load(
+        return ext.load(
             name=NAME,
             sources=[str(s) for s in srcs],
             extra_cflags=cpu_flags() + (["-DDDPM_WITH_CUDA"] if with_cuda else []),
@@ -301,13 +302,13 @@ def _build(with_cuda: bool, archs: list[str], directory: Path) -> None:
             extra_include_paths=[str(CSRC)],
             build_directory=str(directory),
             with_cuda=with_cuda,
-            is_python_module=False,
+            is_python_module=True,  # the ops' direct bindings (csrc/ops/direct.h)
             verbose=False,
         )
 
 
-def _build_emu(directory: Path) -> None:
-    """Compile and load the emulated-CUDA library into ``directory`` (progress on stderr)."""
+def _build_emu(directory: Path) -> types.ModuleType:
+    """Compile the emulated-CUDA library into ``directory`` (progress on stderr) and import it."""
     ext = cpp_extension()
     _check_tools()
     directory.mkdir(parents=True, exist_ok=True)
@@ -315,7 +316,7 @@ def _build_emu(directory: Path) -> None:
     print(f"ddpm_fast: building the emulated CUDA backend{' (sanitizers)' if sanitize() else ''} (one time, about "
           f"two minutes on 2 cores) in {directory}", file=sys.stderr, flush=True)
     with Progress("cuda_emu", directory, len(srcs)):
-        ext.load(
+        return ext.load(
             name=EMU_NAME,
             sources=[str(s) for s in srcs],
             extra_cflags=emu_flags(),
@@ -323,18 +324,25 @@ def _build_emu(directory: Path) -> None:
             extra_include_paths=[str(CSRC)],
             build_directory=str(directory),
             with_cuda=False,
-            is_python_module=False,
+            is_python_module=True,  # the ops' direct bindings (csrc/ops/direct.h)
             verbose=False,
         )
 
 
-def _load_or_build(directory: Path, lib: Path, build) -> None:
+def _load_or_build(directory: Path, lib: Path, build) -> types.ModuleType:
+    """The library at ``lib`` imported as a Python module (its ops registered in torch.ops on load; the module
+    holds their direct bindings, csrc/ops/direct.h), built first when no complete build is there."""
     done = directory / "built.ok"  # written after a complete build (a build may be in progress)
-    if lib.exists() and done.exists():
-        torch.ops.load_library(str(lib))
-    else:
-        build()
+    module = sys.modules.get(lib.stem)  # loaded earlier in this process
+    if module is None and not (lib.exists() and done.exists()):
+        module = build()  # cpp_extension.load's import of what it built
         done.write_text(torch.__version__)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(lib.stem, lib)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    sys.modules[lib.stem] = module
+    return module
 
 
 def _failure_text(exc: BaseException) -> str:
@@ -370,7 +378,7 @@ def _load_locked():
         else:
             directory = build_dir(True, archs)
             try:
-                _load_or_build(directory, directory / f"{NAME}.so", lambda: _build(True, archs, directory))
+                direct = _load_or_build(directory, directory / f"{NAME}.so", lambda: _build(True, archs, directory))
             except Exception as exc:  # noqa: BLE001 -- recorded; the CPU build below still gives the cpu backend
                 why_not_cuda = f"the CUDA extension {_failure_text(exc)}"
                 record.parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +390,7 @@ def _load_locked():
         archs = []
         directory = build_dir(False, archs)
         try:
-            _load_or_build(directory, directory / f"{NAME}.so", lambda: _build(False, archs, directory))
+            direct = _load_or_build(directory, directory / f"{NAME}.so", lambda: _build(False, archs, directory))
         except Exception as exc:  # noqa: BLE001 -- the reason is reported, ddpm_fast keeps working
             return None, f"compiled extension {_failure_text(exc)}"
     lib = build_dir(with_cuda, archs) / f"{NAME}.so"
@@ -390,12 +398,19 @@ def _load_locked():
         return None, f"compiled extension {lib} loaded but registered no ddpm_fast ops"
     module = types.ModuleType("ddpm_fast._C", "ddpm_fast's compiled ops (torch.ops.ddpm_fast)")
     module.ops = torch.ops.ddpm_fast
+    module.direct = direct  # each op's direct binding (csrc/ops/direct.h): ddpm_fast.native's EagerKernel
     module.library_path = str(lib)
     module.with_cuda = with_cuda
     module.no_cuda_reason = why_not_cuda
     module.cuda_archs = archs
     sys.modules["ddpm_fast._C"] = module
     return module, ""
+
+
+def direct_bindings(emulated: bool) -> types.ModuleType:
+    """The loaded library's extension module (load() / load_emu() first): each op's direct binding, a function
+    of the op's name (csrc/ops/direct.h)."""
+    return _state["emu_direct"] if emulated else _state["result"][0].direct
 
 
 def emu_requested() -> bool:
@@ -415,7 +430,7 @@ def load_emu(force: bool = False) -> tuple[str | None, str]:
         directory = emu_build_dir()
         lib = directory / f"{EMU_NAME}.so"
         try:
-            _load_or_build(directory, lib, lambda: _build_emu(directory))
+            _state["emu_direct"] = _load_or_build(directory, lib, lambda: _build_emu(directory))
         except Exception as exc:  # noqa: BLE001 -- the reason is reported, ddpm_fast keeps working
             _state["emu"] = (None, f"emulated CUDA library {_failure_text(exc)}")
             return _state["emu"]

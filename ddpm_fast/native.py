@@ -187,15 +187,16 @@ class Kernel:
 
 
 class EagerKernel(Kernel):
-    """A Kernel whose ``op`` is the overload's C++ callable itself (OpOverload.__call__ is one Python frame
-    around it, ~1 us a call): the same dispatch (autograd, dispatch modes, __torch_function__), but torch.compile
-    cannot trace it, so only plain-eager callers take it (a Kernel's ``eager``: ddpm_fast.ops._checks.cpu_native,
-    ddpm_fast.ops.solvers.solver_update_checked)."""
+    """A Kernel whose ``op`` is the op's direct binding (csrc/ops/direct.h: the dispatcher called unboxed, ~1-3 us
+    less a call than the OpOverload): the same dispatch (autograd, dispatch modes; __torch_function__ through
+    the OpOverload), but torch.compile cannot trace it, so only plain-eager callers take it (a Kernel's
+    ``eager``: ddpm_fast.ops._checks.cpu_native, ddpm_fast.ops.solvers.solver_update_checked)."""
 
     def __getattr__(self, attr):
         if attr != "op":
             raise AttributeError(attr)
-        self.op = _op(self.name)._op
+        _ops()  # the library loaded
+        self.op = getattr(_build.direct_bindings(EMULATED), self.name)
         return self.op
 
 

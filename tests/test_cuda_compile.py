@@ -123,18 +123,19 @@ def test_short_kernel_names():
 @pytest.mark.skipif(find_nvcc() is None or torch.version.cuda is None, reason="needs nvcc and a CUDA build of torch")
 def test_cuda_extension_builds_links_and_loads(tmp_path):
     """The whole CPU + CUDA extension (ops, autograd, CPU and CUDA kernels) builds as on a GPU machine,
-    links against the toolkit ddpm_fast._build.cuda_home() finds, and loads; its CPU ops run (a few
-    minutes: the CUDA kernels for both architectures)."""
+    links against the toolkit ddpm_fast._build.cuda_home() finds, and imports as the extension module; its CPU
+    ops run, through torch.ops and through the module's direct bindings (a few minutes: the CUDA kernels for
+    both architectures)."""
     from ddpm_fast import _build
 
     env = dict(os.environ)
     env.pop("CUDA_HOME", None)  # as a GPU machine may be: the toolkit found from nvcc on PATH
     code = (
         "import torch; from pathlib import Path; import ddpm_fast as F; from ddpm_fast import _build, reference\n"
-        f"d = Path({str(tmp_path)!r}); _build._build(True, ['80', '90'], d)\n"
-        "torch.ops.load_library(str(d / (_build.NAME + '.so')))\n"
+        f"d = Path({str(tmp_path)!r}); module = _build._build(True, ['80', '90'], d)\n"
         "s = F.NoiseSchedule.named('linear', 1000); x0, n, t = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 999])\n"
         "torch.testing.assert_close(torch.ops.ddpm_fast.q_sample(x0, t, n, s.table()), reference.q_sample(x0, t, n, s))\n"
+        "assert torch.equal(module.q_sample(x0, t, n, s.table()), torch.ops.ddpm_fast.q_sample(x0, t, n, s.table()))\n"
         "print('ran')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1500)

@@ -572,16 +572,17 @@ def test_training_losses_node_behaves_as_an_autograd_function(backend):
 
 @pytest.mark.skipif(not backends.available("cpu"), reason="the compiled CPU backend is unavailable")
 def test_plain_eager_calls_skip_the_overload_frame_and_compile_still_traces(monkeypatch):
-    """cpu_native hands plain-eager calls the adapters bound to native.EagerKernel (the overload's C++ callable,
-    no OpOverload.__call__ frame) and torch.compile the traceable ones: the same results either way, and a
-    fullgraph compile of a public op on CPU tensors traces (the raw callable would break the graph)."""
+    """cpu_native hands plain-eager calls the adapters bound to native.EagerKernel (the op's direct binding,
+    csrc/ops/direct.h) and torch.compile the traceable ones: the same results either way, and a fullgraph
+    compile of a public op on CPU tensors traces (the direct binding would break the graph)."""
+    from ddpm_fast import _build
     from ddpm_fast.ops import _checks
 
     x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     t = torch.tensor([3, 900])
     eager_fn = _checks.cpu_native("q_sample", "auto", x0, noise)
     assert eager_fn is native.eager_kernels.q_sample
-    assert eager_fn.args[0].op is native._op("q_sample")._op
+    assert eager_fn.args[0].op is _build.direct_bindings(False).q_sample
     monkeypatch.setattr(_checks, "_is_compiling", lambda: True)
     assert _checks.cpu_native("q_sample", "auto", x0, noise) is native.kernels.q_sample
     monkeypatch.undo()
@@ -589,3 +590,76 @@ def test_plain_eager_calls_skip_the_overload_frame_and_compile_still_traces(monk
     torch.testing.assert_close(want, R.q_sample(x0, t, noise, SCHEDULE), rtol=1e-6, atol=1e-6)
     compiled = torch.compile(lambda a, b: F.q_sample(a, t, b, SCHEDULE), fullgraph=True, backend="eager")
     assert torch.equal(compiled(x0, noise), want)
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_direct_bindings_dispatch_as_the_overloads(namespace):
+    """Each op's direct binding (csrc/ops/direct.h, what native.EagerKernel calls) gives the OpOverload's
+    results bit for bit, builds the same autograd graph, is seen by dispatch modes, raises the op's own
+    errors, and sends what it does not take (a __torch_function__ subclass, a torch function mode, an argument
+    of another type, a wrong count) to the OpOverload, which handles or rejects it as before."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ddpm_fast import _build
+
+    direct = _build.direct_bindings(namespace == "ddpm_fast_emu")
+    ops = getattr(torch.ops, namespace)
+    declared = {m for p in _build.op_sources() for m in re.findall(r"^DDPM_DEVICE_OP\((\w+),", p.read_text(), re.M)}
+    assert {name for name in dir(direct) if not name.startswith("_")} == declared and len(declared) >= 17
+    assert all(hasattr(ops, name) for name in declared)
+    table = SCHEDULE.cpu_table(torch.float32)
+    x0, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([3, 900])
+    assert torch.equal(direct.q_sample(x0, t, noise, table), ops.q_sample.default(x0, t, noise, table))
+    mo = torch.randn(2, 3, 4, 4, requires_grad=True)
+    args = (mo, x0, t, noise, table, 0, 0, 0, 0, 5.0, True)
+    ours, theirs = direct.training_losses(*args), ops.training_losses.default(*args)
+    assert len(ours) == len(theirs) == 6 and all(type(x) is torch.Tensor for x in ours)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert type(ours[0].grad_fn) is type(theirs[0].grad_fn)
+    assert torch.equal(torch.autograd.grad(ours[0].sum(), mo)[0], torch.autograd.grad(theirs[0].sum(), mo)[0])
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        direct.q_sample(x0, t, noise, table)
+    assert seen.ops == [ops.q_sample.default]
+    # the op's own errors (emulated CUDA: t out of range is the kernel's device-side assert, as on a GPU)
+    for bad, error in (((x0, torch.tensor([3, 5000]), noise, table), r"t: expected timesteps in \[0, 1000\)|assert"),
+                       ((x0.int(), t, noise, table), "x0: expected a float16")):
+        with pytest.raises(Exception, match=error) as ours:
+            direct.q_sample(*bad)
+        with pytest.raises(Exception, match=error) as theirs:
+            ops.q_sample.default(*bad)
+        assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+
+    calls = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    out = direct.q_sample(x0.as_subclass(Logged), t, noise, table)
+    assert calls == [ops.q_sample.default] and type(out) is Logged
+    assert torch.equal(out.as_subclass(torch.Tensor), ops.q_sample.default(x0, t, noise, table))
+    with Mode():
+        direct.q_sample(x0, t, noise, table)
+    assert calls == [ops.q_sample.default] * 2
+    with pytest.raises(RuntimeError, match="expected at most 4 argument"):  # the OpOverload's own error
+        direct.q_sample(x0, t, noise, table, table)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor'"):
+        direct.q_sample(x0, [3, 900], noise, table)

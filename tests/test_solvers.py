@@ -698,15 +698,15 @@ def test_solver_update_checked_takes_the_compiled_op_where_solver_update_routes_
     from ddpm_fast.ops import _checks as check_module
     from ddpm_fast.ops import solvers as solver_ops
 
-    from ddpm_fast import native
+    from ddpm_fast import _build, native
 
     fn = backends.plan("auto", "cpu", "solver_update", torch.float32)[0][0]
     compiled = getattr(fn, "func", None) is solver_ops._solver_update_compiled
-    eager = native.eager_kernels.solver_update.args[0]  # outside torch.compile: the op without its Python frame
+    eager = native.eager_kernels.solver_update.args[0]  # outside torch.compile: the op's direct binding
     kernel = solver_ops._compiled_kernel("cpu", torch.float32)
     assert (kernel is eager) if compiled else kernel is None
     if compiled:
-        assert kernel.op is native._op("solver_update")._op and kernel.name == fn.args[0].name
+        assert kernel.op is _build.direct_bindings(False).solver_update and kernel.name == fn.args[0].name
     assert solver_ops._compiled_kernel("meta", torch.float32) is None  # no compiled op there: no plan asked
     asked = []
     monkeypatch.setattr(backends, "plan", lambda *key: asked.append(key) or ((fn, ""), (), None))

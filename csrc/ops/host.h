@@ -17,6 +17,7 @@
 
 #include "../launch.h"
 #include "../op_namespace.h"
+#include "direct.h"
 
 namespace ddpm {
 namespace op {
@@ -206,7 +207,7 @@ template <template <class> class Body> struct Runner {
     for (int k = 0; k < Slots::NF; ++k) {
       auto opts = x.options().dtype(compute_type(x.scalar_type()));
       // a mean over zero elements is NaN (the kernels do not run when a sample has no elements)
-      f.push_back(x.numel() == 0 ? at::full({x.size(0)}, std::nan(""), opts) : at::empty({x.size(0)}, opts));
+      f.push_back(x.numel() == 0 ? at::full({x.size(0)}, std::nan(""), opts) : new_tensor({x.size(0)}, {1}, opts));
       L.finals[k] = f.back().data_ptr();
     }
     return f;
@@ -238,7 +239,7 @@ inline Tensor gather_col(const Tensor& table, const Tensor& t, int64_t col) {
   return table.select(1, col).index_select(0, t);
 }
 
-inline Tensor empty0(const Tensor& like, at::ScalarType dtype) { return at::empty({0}, like.options().dtype(dtype)); }
+inline Tensor empty0(const Tensor& like, at::ScalarType dtype) { return new_tensor({0}, {1}, like.options().dtype(dtype)); }
 
 // model_output's mean and variance halves (the variance half undefined without a learned variance)
 inline std::pair<Tensor, Tensor> halves(const Tensor& mo, bool learned) {
@@ -278,14 +279,15 @@ template <class Options> void set_mean_options(Options& o, const Plan& p) {
 
 // DDPM_DEVICE_OP(name, "(arguments) -> results"): defines the op `name` of this library (DDPM_NS) with that
 // schema, and registers the host function `name` as its CPU kernel and, in a build with CUDA kernels, as its
-// CUDA kernel (the same function: Runner runs the driver of the tensors' device). One line after the host
-// function, at namespace scope.
-#define DDPM_DEVICE_OP(name, signature)          \
-  DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {      \
-    m.def(#name signature);                      \
-    m.impl(#name, c10::DispatchKey::CPU, &name); \
-    DDPM_CUDA_IMPL_(name)                        \
-  }
+// CUDA kernel (the same function: Runner runs the driver of the tensors' device), and the op's direct Python
+// binding (direct.h). One line after the host function, at namespace scope.
+#define DDPM_DEVICE_OP(name, signature)                                  \
+  DDPM_TORCH_LIBRARY_FRAGMENT(DDPM_NS, m) {                              \
+    m.def(#name signature);                                              \
+    m.impl(#name, c10::DispatchKey::CPU, &name);                         \
+    DDPM_CUDA_IMPL_(name)                                                \
+  }                                                                      \
+  static const ::ddpm::op::DirectBinding direct_binding_##name(#name, &name);
 #ifdef DDPM_WITH_CUDA
 #define DDPM_CUDA_IMPL_(name) m.impl(#name, c10::DispatchKey::CUDA, &name);
 #else

@@ -240,15 +240,16 @@ def cpu_native(op, backend, *tensors):
     if backend != "auto" and backend != "cpu":
         return None
     for x in tensors:
-        if x is not None and not (isinstance(x, torch.Tensor) and x.is_cpu):
+        if x is not None and not (isinstance(x, _Tensor) and x.is_cpu):
             return None
-    if tensors[0].ndim == 0:
+    first = tensors[0]
+    if first.ndim == 0:
         return None
-    plan = _cpu_plans.get((op, tensors[0].dtype))
+    plan = _cpu_plans.get((op, first.dtype))
     if plan is None:
-        plan = _cpu_plan(op, backend, tensors[0].dtype)
+        plan = _cpu_plan(op, backend, first.dtype)
     fn, eager_fn, positions = plan
-    if positions and torch.is_grad_enabled():  # backends.grad_blocked, inline
+    if positions and _grad_enabled():  # backends.grad_blocked, inline
         for i in positions:
             x = tensors[i]
             if x is not None and x.requires_grad:
@@ -257,8 +258,10 @@ def cpu_native(op, backend, *tensors):
 
 
 _is_compiling = torch.compiler.is_compiling
-# (op, dtype) -> (the compiled op or None, the same for plain-eager calls (native.eager_kernels: no
-# OpOverload.__call__ frame), the inputs whose requires_grad needs the reference)
+_grad_enabled = torch.is_grad_enabled
+_Tensor = torch.Tensor
+# (op, dtype) -> (the compiled op or None, the same for plain-eager calls (native.eager_kernels: the op's
+# direct binding, csrc/ops/direct.h), the inputs whose requires_grad needs the reference)
 _cpu_plans: dict = {}
 
 

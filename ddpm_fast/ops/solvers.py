@@ -213,7 +213,7 @@ def _compiled_kernel(device_type, dtype):
     """The compiled Kernel (ddpm_fast.native.Kernel: its op, grad_needed) when backend "auto" runs solver_update
     on tensors of device_type ("cpu" / "cuda") and dtype with the compiled extension, else None: backends.plan's
     cached decision, this module's compiled adapter bound to its Kernel (native.EagerKernel outside torch.compile:
-    no OpOverload.__call__ frame)."""
+    the op's direct binding)."""
     if device_type != "cpu" and device_type != "cuda":
         return None
     fn, reason = backends.plan("auto", device_type, "solver_update", dtype)[0]

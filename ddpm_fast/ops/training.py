@@ -43,6 +43,26 @@ def _fake(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, ga
             saved_grad(need_grad and learned, x0, ct))
 
 
+# (mean_type, var_type, loss_type, weighting) -> whether the loss reads x_0, for the combinations checked once
+_CHECKED_OPTIONS: dict = {}
+
+
+def _checked_options(mean_type, var_type, loss_type, weighting) -> bool:
+    """Whether the loss reads x_0 (the vb term, or snr weights) with these options; ValueError naming the first
+    unknown option or a combination that is not defined. A combination is checked once (one lookup after)."""
+    key = (mean_type, var_type, loss_type, weighting)
+    try:
+        return _CHECKED_OPTIONS[key]
+    except (KeyError, TypeError):  # not yet checked, or an unhashable value (options.check rejects it)
+        pass
+    for kind, value in zip(("mean_type", "var_type", "loss_type", "weighting"), key):
+        options.check(kind, value)
+    if weighting == "min_snr" and mean_type == "x_prev":
+        raise ValueError("weighting: 'min_snr' is defined for mean_type 'epsilon', 'x0' or 'v', not 'x_prev'")
+    reads_x0 = _CHECKED_OPTIONS[key] = loss_type in KL_LOSS_TYPES or var_type in LEARNED_VAR_TYPES or weighting != "simple"
+    return reads_x0
+
+
 def _bench(name, label, var_type, backward):
     """A timed training_losses case (loss_type mse)."""
     return dict(name=name, label=label, kind="loss", var_type=var_type, backward=backward,
@@ -118,18 +138,16 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type="epsilon"
         >>> sorted(hybrid)
         ['loss', 'mse', 'vb']
     """
-    options.check("loss_type", loss_type), options.check("weighting", weighting)
+    reads_x0 = _checked_options(mean_type, var_type, loss_type, weighting)
     if weighting == "min_snr":
         check.number("min_snr_gamma", min_snr_gamma, 0.0, float("inf"), lo_open=True)
-        if mean_type == "x_prev":
-            raise ValueError("weighting: 'min_snr' is defined for mean_type 'epsilon', 'x0' or 'v', not 'x_prev'")
     fn = check.cpu_native("training_losses", backend, x0, model_output, noise)
     if fn is not None:
-        t = check.cpu_model_args(t, x0, schedule, mean_type, var_type, xstart=False)
+        t = check.cpu_timesteps(t, x0, check.schedule(schedule))
     else:
         t, device = check.model_args(model_output, x0, t, schedule, mean_type, var_type, validate, x_name="x0",
                                      noise=noise)
-    if loss_type in KL_LOSS_TYPES or var_type in LEARNED_VAR_TYPES or weighting != "simple":
+    if reads_x0:
         check.xstart_defined(mean_type, schedule)  # the vb term and the snr weights need x_0 / finite coefficients
     if fn is None:
         fn = backends.route(backend, device.type, "training_losses", x0.dtype, x0, model_output, noise)[0]

@@ -119,7 +119,9 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
 
 # -- launch configuration --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def _flags(mode: str, var_type: int, num_timesteps: int) -> dict:
+    """The launch flags and scales of a loss mode (made once per combination: the launchers only read them)."""
     learned = var_type in LEARNED
     do_mse = mode in ("mse", "rescaled_mse")
     return dict(
