@@ -232,10 +232,12 @@ TrainingLossesResult training_losses_below_autograd(const Tensor& mo, const Tens
 // it replaced (~283,000 a call in all; callgrind). It is the grad_fn of the three differentiable outputs (loss, mse,
 // vb); the op's w, d_out and d_v are plain tensors it saves.
 struct TrainingLossesBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable w, d_out, d_v, mo;
+  torch::autograd::SavedVariable w, d_out, d_v, mo;  // w unless unit_weight, d_v when learned
   int64_t loss_type = 0;
   double T = 0;
   bool learned = false, unit_weight = false;  // unit_weight: w = 1 exactly (g_loss * w = g_loss, no multiply)
+  at::TensorOptions per_sample;               // w's: the [B] terms' compute dtype and device
+  int64_t B = 0;
 
   std::string name() const override { return "ddpm_fast::TrainingLossesBackward"; }
   void release_variables() override {
@@ -247,6 +249,7 @@ struct TrainingLossesBackward : public torch::autograd::Node {
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
     args.collect(w, false), args.collect(d_out, false), args.collect(d_v, false), args.collect(mo, false);
     args.collect(loss_type), args.collect(T), args.collect(learned), args.collect(unit_weight);
+    args.collect(per_sample), args.collect(B);
   }
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
@@ -260,13 +263,13 @@ struct TrainingLossesBackward : public torch::autograd::Node {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list out(5);
-    const Tensor &g_loss = grads[0], &g_mse = grads[1], &g_vb = grads[2];
+    const Tensor no_grad;  // vb's gradient when vb is no output of the node (an MSE loss with a fixed variance)
+    const Tensor &g_loss = grads[0], &g_mse = grads[1], &g_vb = grads.size() > 2 ? grads[2] : no_grad;
     if (!should_compute_output(0) || (!g_loss.defined() && !g_mse.defined() && !g_vb.defined())) return out;
-    const Tensor w_ = w.unpack();
+    const Tensor w_ = unit_weight ? Tensor() : w.unpack();
+    const auto ct = c10::typeMetaToScalarType(per_sample.dtype());
     // absent gradients are left out of the sums, not zero-filled (each term is an op on a [B] tensor)
-    auto as_w = [&](const Tensor& g) {
-      return !g.defined() || g.scalar_type() == w_.scalar_type() ? g : g.to(w_.scalar_type());
-    };
+    auto as_w = [&](const Tensor& g) { return !g.defined() || g.scalar_type() == ct ? g : g.to(ct); };
     auto plus = [](const Tensor& a, const Tensor& b) { return !a.defined() ? b : !b.defined() ? a : a + b; };
     auto times = [](const Tensor& a, double k) { return a.defined() && k != 1.0 ? a * k : a; };
     Tensor gl = as_w(g_loss), gm = as_w(g_mse), gv = as_w(g_vb), s_mean, s_var;
@@ -277,9 +280,9 @@ struct TrainingLossesBackward : public torch::autograd::Node {
       s_mean = plus(!gl.defined() ? Tensor() : unit_weight ? gl : gl * w_, gm);
       s_var = times(plus(gl, gv), loss_type == kRescaledMse ? T / 1000.0 : 1.0);
     }
-    if (!s_mean.defined()) s_mean = at::zeros_like(w_);
-    if (!s_var.defined()) s_var = at::zeros_like(w_);
-    out[0] = scale_unit_grads(d_out.unpack(), d_v.unpack(), learned, s_mean, s_var, mo.unpack());
+    if (!s_mean.defined()) s_mean = at::zeros({B}, per_sample);
+    if (!s_var.defined()) s_var = at::zeros({B}, per_sample);
+    out[0] = scale_unit_grads(d_out.unpack(), learned ? d_v.unpack() : Tensor(), learned, s_mean, s_var, mo.unpack());
     return out;
   }
 };
@@ -294,15 +297,19 @@ TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0
   if (!with_node) return result;
   auto& [loss, mse, vb, w, d_out, d_v] = result;
   auto node = new_node<TrainingLossesBackward>(mo, x0, t, noise, table);
-  node->w = torch::autograd::SavedVariable(w, false);
-  node->d_out = torch::autograd::SavedVariable(d_out, false);
-  node->d_v = torch::autograd::SavedVariable(d_v, false);
-  node->mo = torch::autograd::SavedVariable(mo, false);
   node->loss_type = loss_type;
   node->T = static_cast<double>(table.size(0));
   node->learned = is_learned(var_type);
   node->unit_weight = weighting == kSimple;
-  attach(node, {loss, mse, vb});
+  node->per_sample = w.options();
+  node->B = w.size(0);
+  if (!node->unit_weight) node->w = torch::autograd::SavedVariable(w, false);
+  node->d_out = torch::autograd::SavedVariable(d_out, false);
+  if (node->learned) node->d_v = torch::autograd::SavedVariable(d_v, false);
+  node->mo = torch::autograd::SavedVariable(mo, false);
+  // an MSE loss with a fixed variance has no vb term (vb is zeros): no gradient flows from it
+  if (node->learned || loss_type == kKl || loss_type == kRescaledKl) attach(node, {loss, mse, vb});
+  else attach(node, {loss, mse});
   return result;
 }
 DDPM_AUTOGRAD_OP(training_losses, training_losses_autograd)
