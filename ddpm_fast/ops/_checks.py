@@ -292,12 +292,11 @@ def cpu_timesteps(t, x, sched):
     return timesteps(t, x.shape[0], sched, x.device, False)
 
 
-def cpu_model_args(t, x, sched, mean_type, var_type, xstart=True):
+def cpu_model_args(t, x, sched, mean_type, var_type):
     """model_args on the compiled CPU path: the options and t here, the tensors in C++."""
     options.check("mean_type", mean_type), options.check("var_type", var_type)
     t = cpu_timesteps(t, x, schedule(sched))
-    if xstart:
-        xstart_defined(mean_type, sched)
+    xstart_defined(mean_type, sched)
     return t
 
 

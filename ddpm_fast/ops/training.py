@@ -55,11 +55,12 @@ def _checked_options(mean_type, var_type, loss_type, weighting) -> bool:
         return _CHECKED_OPTIONS[key]
     except (KeyError, TypeError):  # not yet checked, or an unhashable value (options.check rejects it)
         pass
-    for kind, value in zip(("mean_type", "var_type", "loss_type", "weighting"), key):
+    for kind, value in zip(options.OPTIONS, key):  # OPTIONS' kinds are in the key's order
         options.check(kind, value)
     if weighting == "min_snr" and mean_type == "x_prev":
         raise ValueError("weighting: 'min_snr' is defined for mean_type 'epsilon', 'x0' or 'v', not 'x_prev'")
-    reads_x0 = _CHECKED_OPTIONS[key] = loss_type in KL_LOSS_TYPES or var_type in LEARNED_VAR_TYPES or weighting != "simple"
+    reads_x0 = loss_type in KL_LOSS_TYPES or var_type in LEARNED_VAR_TYPES or weighting != "simple"
+    _CHECKED_OPTIONS[key] = reads_x0
     return reads_x0
 
 
