@@ -416,7 +416,9 @@ def _opcheck_cases():
         ("vb_terms_bpd", (m, x0, noise, t, tab, 0, 3, False, True)),
         ("training_losses", (m, x0, t, noise, tab, 0, 3, 1, 1, 5.0, True)),
         ("training_losses", (mo1.clone().requires_grad_(), x0, t, noise, tab, 1, 0, 2, 0, 5.0, True)),
-        ("scale_halves", (torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4), g, g, mo)),
+        ("scale_halves", (torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4), mo, g, g, g, g, 1.0, 1.0, 0.0, 0.5, 0.5)),
+        ("scale_halves", (torch.randn(3, 2, 3, 4), None, mo1, g.expand(3), None, g[:1].expand(3), None, 2.0, 0.0,
+                          1.0, 2.0, 1.0)),
         ("prior_bpd", (x0.clone().requires_grad_(), tab)),
         ("prior_bpd_backward", (g, x0, tab)),
         ("normal_kl", (x0.clone().requires_grad_(), noise[:, :1], x0[:1], noise.clone().requires_grad_())),
@@ -539,9 +541,14 @@ def test_a_call_without_gradients_skips_the_autograd_node_with_the_same_results(
     assert torch.equal(x_t, F.q_sample(x0.requires_grad_(), t, noise, SCHEDULE, backend=backend).detach())
 
 
-# the node's cases: a learned variance (vb term, d_v saved), a fixed one (no vb output), min-SNR weights (w saved)
+TERMS = ("loss", "mse", "vb")  # training_losses' differentiable outputs
+
+# the node's cases: a learned variance (vb term, d_v saved), a fixed one (no vb output), min-SNR weights (w saved),
+# ELBO weights with a rescaled MSE, a rescaled KL
 NODE_CASES = [dict(var_type="learned_range"), dict(var_type="fixed_small"),
-              dict(var_type="fixed_large", weighting="min_snr", mean_type="v")]
+              dict(var_type="fixed_large", weighting="min_snr", mean_type="v"),
+              dict(var_type="learned", loss_type="rescaled_mse", weighting="elbo"),
+              dict(var_type="learned_range", loss_type="rescaled_kl")]
 
 
 @pytest.mark.parametrize("case", NODE_CASES, ids=lambda c: "-".join(c.values()))
@@ -553,8 +560,7 @@ def test_training_losses_node_behaves_as_an_autograd_function(backend, case):
     raises instead of running unsupported. The gradient is the reference's, from the loss and from the mse term."""
     import torch.autograd.forward_ad as fwAD
 
-    learned = case["var_type"] == "learned_range"
-    mo, x0, noise, t = inputs(learned=learned)
+    mo, x0, noise, t = inputs(learned=case["var_type"] in R.LEARNED_VAR_TYPES)
     kw = dict(dict(mean_type="epsilon", loss_type="mse"), **case, backend=backend)
     m = mo.clone().requires_grad_()
     terms = F.training_losses(m, x0, t, noise, SCHEDULE, **kw)
@@ -564,24 +570,29 @@ def test_training_losses_node_behaves_as_an_autograd_function(backend, case):
     (g2,) = torch.autograd.grad(loss, m, retain_graph=True)
     assert torch.equal(g1, g2) and g1.abs().sum() > 0
     options = {k: v for k, v in kw.items() if k != "backend"}
-    for term in ("loss", "mse"):  # against the reference by the flash-attention rule (assert_close)
-        (ours,) = torch.autograd.grad(terms[term].sum(), m, retain_graph=True)
-        refs = []
-        for dtype in (torch.float32, torch.float64):
-            m_ref = mo.to(dtype, copy=True).requires_grad_()
-            ref = R.training_losses(m_ref, x0.to(dtype), t, noise.to(dtype), SCHEDULE, **options)[term]
-            refs.append(torch.autograd.grad(ref.sum(), m_ref)[0])
-        assert_close(ours, *refs, what=f"{case} d {term}")
+    refs = {}  # the reference's terms, in float32 and float64, with their model outputs
+    for dtype in (torch.float32, torch.float64):
+        m_ref = mo.to(dtype, copy=True).requires_grad_()
+        refs[dtype] = m_ref, R.training_losses(m_ref, x0.to(dtype), t, noise.to(dtype), SCHEDULE, **options)
+    for term in (k for k in TERMS if k in refs[torch.float64][1]):  # by the flash-attention rule (assert_close)
+        (ours,) = torch.autograd.grad(terms[term].sum(), m, retain_graph=True, allow_unused=True)
+        ours = torch.zeros_like(m) if ours is None else ours
+        refs_of_term = [torch.autograd.grad(r[term].sum(), m_ref, retain_graph=True, allow_unused=True)[0]
+                        for m_ref, r in refs.values()]
+        refs_of_term = [torch.zeros_like(m) if g is None else g for g in refs_of_term]
+        assert_close(ours, *refs_of_term, what=f"{case} d {term}")
     (g2,) = torch.autograd.grad(loss, m)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(loss, m)
-    if "weighting" not in case:  # compiled autograd traces the node (its compiled_args / apply_with_saved); with
-        # per-sample weights its trace hands the node a placeholder gradient and fails (noted, not yet fixed)
+    # compiled autograd traces the node (compiled_args / apply_with_saved) with placeholder gradients: from the loss
+    # alone, and from all of its terms at once (the per-sample weights and term sums are scale_halves' own work)
+    for terms_of in (lambda r: r["loss"].sum(), lambda r: sum(v.sum() for k, v in r.items() if k in TERMS)):
+        (want,) = torch.autograd.grad(terms_of(F.training_losses(m, x0, t, noise, SCHEDULE, **kw)), m)
         m2 = mo.clone().requires_grad_()
-        loss2 = F.training_losses(m2, x0, t, noise, SCHEDULE, **kw)["loss"].sum()
+        total = terms_of(F.training_losses(m2, x0, t, noise, SCHEDULE, **kw))
         with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
-            loss2.backward()
-        assert torch.equal(m2.grad, g1)
+            total.backward()
+        assert torch.equal(m2.grad, want)
     with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.grad(lambda a: F.training_losses(a, x0, t, noise, SCHEDULE, **kw)["loss"].sum())(mo)
     with fwAD.dual_level():
@@ -593,8 +604,9 @@ def test_training_losses_node_behaves_as_an_autograd_function(backend, case):
 @pytest.mark.skipif(not backends.available("cpu"), reason="the compiled CPU backend is unavailable")
 def test_plain_eager_calls_skip_the_overload_frame_and_compile_still_traces(monkeypatch):
     """cpu_native hands plain-eager calls the adapters bound to native.EagerKernel (the op's direct binding,
-    csrc/ops/direct.h) and torch.compile the traceable ones: the same results either way, and a fullgraph
-    compile of a public op on CPU tensors traces (the direct binding would break the graph)."""
+    csrc/ops/direct.h) and torch.compile the traceable ones; the routed adapters (the checked path: CUDA tensors)
+    call the direct binding in eager and the OpOverload under compile. The same results either way, and a
+    fullgraph compile of a public op, and of a routed one, traces (the direct binding would break the graph)."""
     from ddpm_fast import _build
     from ddpm_fast.ops import _checks
 
@@ -603,13 +615,19 @@ def test_plain_eager_calls_skip_the_overload_frame_and_compile_still_traces(monk
     eager_fn = _checks.cpu_native("q_sample", "auto", x0, noise)
     assert eager_fn is native.eager_kernels.q_sample
     assert eager_fn.args[0].op is _build.direct_bindings(False).q_sample
+    routed_kernel = native.kernels.q_sample.args[0]
+    assert routed_kernel.op is _build.direct_bindings(False).q_sample
     monkeypatch.setattr(_checks, "_is_compiling", lambda: True)
+    monkeypatch.setattr(native, "_is_compiling", lambda: True)
     assert _checks.cpu_native("q_sample", "auto", x0, noise) is native.kernels.q_sample
+    assert routed_kernel.op is torch.ops.ddpm_fast.q_sample.default
     monkeypatch.undo()
     want = F.q_sample(x0, t, noise, SCHEDULE)
     torch.testing.assert_close(want, R.q_sample(x0, t, noise, SCHEDULE), rtol=1e-6, atol=1e-6)
-    compiled = torch.compile(lambda a, b: F.q_sample(a, t, b, SCHEDULE), fullgraph=True, backend="eager")
-    assert torch.equal(compiled(x0, noise), want)
+    assert torch.equal(native.q_sample(x0, t, noise, SCHEDULE), want)
+    for fn in (F.q_sample, native.q_sample):
+        compiled = torch.compile(lambda a, b: fn(a, t, b, SCHEDULE), fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x0, noise), want)
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)

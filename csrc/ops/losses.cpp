@@ -100,16 +100,28 @@ DDPM_DEVICE_OP(training_losses, "(Tensor model_output, Tensor x0, Tensor t, Tens
                                 "int mean_type, int var_type, int loss_type, int weighting, float min_snr_gamma, "
                                 "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
-// s_mean, s_var: [B] in d_out's dtype, any strides (a backward's ones are often an expanded scalar)
-Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const Tensor& s_mean_in,
-                    const Tensor& s_var_in, const Tensor& mo) {
+// d loss / d model_output from the saved unit gradients d_out, d_v (d_v: a learned variance's, else absent or
+// empty) and the per-sample gradients of the loss terms g_loss, g_mse, g_vb and the MSE weight w ([B] each, any
+// dtype and strides, absent where none flows); the five coefficients say how the terms mix (ScaleElem).
+Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const Tensor& mo,
+                    const c10::optional<Tensor>& g_loss, const c10::optional<Tensor>& g_mse,
+                    const c10::optional<Tensor>& g_vb, const c10::optional<Tensor>& w, double loss_mean,
+                    double mse_mean, double vb_mean, double loss_var, double vb_var) {
   using Body = ScaleElem<float>;
   bool learned = d_v.has_value() && d_v->defined() && d_v->numel() > 0;
-  auto ct = d_out.scalar_type();
-  TORCH_CHECK(s_mean_in.scalar_type() == ct && s_var_in.scalar_type() == ct && s_mean_in.numel() == d_out.size(0) &&
-                  s_var_in.numel() == d_out.size(0),
-              "s_mean, s_var: expected [B] tensors of the saved gradient's dtype");
-  const Tensor s_mean = s_mean_in.contiguous(), s_var = s_var_in.contiguous();
+  const auto ct = d_out.scalar_type();
+  TORCH_CHECK(d_out.dim() >= 1, "d_out: expected the saved unit gradient [B, ...]");
+  const int64_t B = d_out.size(0);
+  // a term's per-sample gradient when it has a nonzero coefficient, contiguous in d_out's dtype
+  auto per_sample = [&](const c10::optional<Tensor>& g, const char* name, bool used) -> Tensor {
+    if (!used || !g.has_value() || !g->defined()) return Tensor();
+    TORCH_CHECK(g->numel() == B, name, ": expected ", B, " per-sample values, got shape ", g->sizes());
+    return g->to(ct).contiguous();
+  };
+  const Tensor gl = per_sample(g_loss, "g_loss", loss_mean != 0 || loss_var != 0);
+  const Tensor gm = per_sample(g_mse, "g_mse", mse_mean != 0);
+  const Tensor gv = per_sample(g_vb, "g_vb", vb_mean != 0 || vb_var != 0);
+  const Tensor weight = per_sample(w, "w", gl.defined() && loss_mean != 0);
   Tensor grad = alloc_grad_like(mo, mo.scalar_type());
   auto [grad_mean, grad_var] = halves(grad, learned);
   if (!learned && mo.dim() >= 2 && mo.size(1) == 2 * d_out.size(1) && d_out.size(1) > 0) {
@@ -121,13 +133,17 @@ Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const
   r.in(Body::in_unit_grad_mean, d_out), r.out(Body::out_grad_mean_out, grad_mean);
   if (learned) r.in(Body::in_unit_grad_var, *d_v), r.out(Body::out_grad_var_out, grad_var);
   r.set_options([&](auto& o) {
-    point_to(o.scale_mean, s_mean);
-    point_to(o.scale_var, s_var);
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(o.w)>>;
+    point_to(o.g_loss, gl), point_to(o.g_mse, gm), point_to(o.g_vb, gv), point_to(o.w, weight);
+    o.loss_mean = static_cast<S>(loss_mean), o.mse_mean = static_cast<S>(mse_mean);
+    o.vb_mean = static_cast<S>(vb_mean), o.loss_var = static_cast<S>(loss_var), o.vb_var = static_cast<S>(vb_var);
   });
   r.run();
   return grad;
 }
-DDPM_DEVICE_OP(scale_halves, "(Tensor d_out, Tensor? d_v, Tensor s_mean, Tensor s_var, Tensor model_output) -> Tensor")
+DDPM_DEVICE_OP(scale_halves, "(Tensor d_out, Tensor? d_v, Tensor model_output, Tensor? g_loss, Tensor? g_mse, "
+                             "Tensor? g_vb, Tensor? w, float loss_mean, float mse_mean, float vb_mean, "
+                             "float loss_var, float vb_var) -> Tensor")
 
 Tensor prior_bpd(const Tensor& x0, const Tensor& table) {
   using Body = PriorElem<float>;
@@ -161,27 +177,49 @@ DDPM_DEVICE_OP(prior_bpd_backward, "(Tensor grad, Tensor x0, Tensor table) -> Te
 // -- autograd ---------------------------------------------------------------------------------------------
 //   prior_bpd: prior_bpd_backward
 //   vb_terms_bpd, training_losses: their forward saves the per-element unit gradients d_out / d_v (and the
-//   loss the per-sample MSE weight w); the backward scales them per sample in one scale_halves pass:
-//     vb_terms_bpd: s_mean = s_var = g_vb
-//     KL losses:    s_mean = s_var = g_loss * (T for rescaled_kl, else 1) + g_vb
-//     MSE losses:   s_mean = g_loss * w + g_mse,  s_var = (g_loss + g_vb) * (T / 1000 for rescaled_mse, else 1)
+//   loss the per-sample MSE weight w); the backward scales them per sample in one scale_halves pass, which
+//   takes the terms' gradients as they come (LossScales: how they mix).
 
-using ScaleHalvesSig = Tensor(const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&);
+// The coefficients of scale_halves (ScaleElem): scale_mean = loss_mean g_loss w + mse_mean g_mse + vb_mean g_vb,
+// scale_var = loss_var g_loss + vb_var g_vb.
+struct LossScales {
+  double loss_mean, mse_mean, vb_mean, loss_var, vb_var;
+};
+constexpr LossScales kVbScales{0, 0, 1, 0, 1};  // vb_terms_bpd: both halves scaled by g_vb
+// training_losses:  KL losses:  s_mean = s_var = g_loss * (T for rescaled_kl, else 1) + g_vb
+//                   MSE losses: s_mean = g_loss * w + g_mse,  s_var = (g_loss + g_vb) * (T / 1000 for rescaled_mse)
+LossScales loss_scales(int64_t loss_type, double T) {
+  if (loss_type == kKl || loss_type == kRescaledKl) {
+    const double k = loss_type == kRescaledKl ? T : 1.0;
+    return {k, 0, 1, k, 1};
+  }
+  const double k = loss_type == kRescaledMse ? T / 1000.0 : 1.0;
+  return {1, 1, 0, k, k};
+}
 
-// d loss / d model_output from the saved unit gradients (the scale_halves op); d_v holds one only for a
-// learned variance (otherwise it is an empty tensor; a flag, not its numel, says so: sizes may be symbolic
-// under compile)
-Tensor scale_unit_grads(const Tensor& d_out, const Tensor& d_v, bool learned, const Tensor& s_mean,
-                        const Tensor& s_var, const Tensor& mo) {
+using ScaleHalvesSig = Tensor(const Tensor&, const std::optional<Tensor>&, const Tensor&, const std::optional<Tensor>&,
+                              const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                              double, double, double, double, double);
+
+// d loss / d model_output (the scale_halves op). d_v holds a unit gradient only for a learned variance (otherwise
+// it is an empty tensor; a flag, not its numel, says so: sizes may be symbolic under compile); an undefined
+// gradient or weight is passed as absent.
+Tensor scale_unit_grads(const Tensor& d_out, const Tensor& d_v, bool learned, const Tensor& mo, const Tensor& g_loss,
+                        const Tensor& g_mse, const Tensor& g_vb, const Tensor& w, const LossScales& k) {
   static auto op = op_handle<ScaleHalvesSig>(DDPM_OP("scale_halves"));
+  auto opt = [](const Tensor& x) { return x.defined() ? std::optional<Tensor>(x) : std::nullopt; };
   std::optional<Tensor> dv = learned ? std::optional<Tensor>(d_v) : std::nullopt;
+  auto call = [&] {
+    return op.call(d_out, dv, mo, opt(g_loss), opt(g_mse), opt(g_vb), opt(w), k.loss_mean, k.mse_mean, k.vb_mean,
+                   k.loss_var, k.vb_var);
+  };
   if (!at::GradMode::is_enabled() && !at::functorch::functorchTLSAccessor()) {
     // a plain backward (no create_graph, no functorch transform): straight to the kernel, not through the boxed
     // autograd fallback of an op without an autograd kernel (~2 us a call)
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(d_out, dv, s_mean, s_var, mo);
+    return call();
   }
-  return op.call(d_out, dv, s_mean, s_var, mo);
+  return call();
 }
 
 struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
@@ -208,8 +246,8 @@ struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
     variable_list none(9);
     if (!grads[0].defined()) return none;
     auto saved = ctx->get_saved_variables();
-    Tensor s = grads[0].to(saved[0].scalar_type());
-    none[0] = scale_unit_grads(saved[0], saved[1], ctx->saved_data["learned"].toBool(), s, s, saved[2]);
+    none[0] = scale_unit_grads(saved[0], saved[1], ctx->saved_data["learned"].toBool(), saved[2], Tensor(), Tensor(),
+                               grads[0], Tensor(), kVbScales);
     return none;
   }
 };
@@ -235,21 +273,19 @@ struct TrainingLossesBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable w, d_out, d_v, mo;  // w unless unit_weight, d_v when learned
   int64_t loss_type = 0;
   double T = 0;
-  bool learned = false, unit_weight = false;  // unit_weight: w = 1 exactly (g_loss * w = g_loss, no multiply)
-  at::TensorOptions per_sample;               // w's: the [B] terms' compute dtype and device
-  int64_t B = 0;
+  bool learned = false, unit_weight = false;  // unit_weight: w = 1 exactly, or a KL loss (no MSE weight): w unsaved
 
   std::string name() const override { return "ddpm_fast::TrainingLossesBackward"; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     w.reset_data(), d_out.reset_data(), d_v.reset_data(), mo.reset_data();
   }
-  // compiled autograd (torch._dynamo's): the node's state, then apply traced on its proxies (scale_halves has a
-  // fake impl), as torch's generated nodes do
+  // compiled autograd (torch._dynamo's): the node's state, then apply traced on its proxies, as torch's generated
+  // nodes do. The traced gradients are placeholders of no real shape: apply passes them to scale_halves (whose
+  // fake impl reads only d_out's and model_output's metadata) and does no arithmetic of its own on them.
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
     args.collect(w, false), args.collect(d_out, false), args.collect(d_v, false), args.collect(mo, false);
     args.collect(loss_type), args.collect(T), args.collect(learned), args.collect(unit_weight);
-    args.collect(per_sample), args.collect(B);
   }
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
@@ -266,23 +302,8 @@ struct TrainingLossesBackward : public torch::autograd::Node {
     const Tensor no_grad;  // vb's gradient when vb is no output of the node (an MSE loss with a fixed variance)
     const Tensor &g_loss = grads[0], &g_mse = grads[1], &g_vb = grads.size() > 2 ? grads[2] : no_grad;
     if (!should_compute_output(0) || (!g_loss.defined() && !g_mse.defined() && !g_vb.defined())) return out;
-    const Tensor w_ = unit_weight ? Tensor() : w.unpack();
-    const auto ct = c10::typeMetaToScalarType(per_sample.dtype());
-    // absent gradients are left out of the sums, not zero-filled (each term is an op on a [B] tensor)
-    auto as_w = [&](const Tensor& g) { return !g.defined() || g.scalar_type() == ct ? g : g.to(ct); };
-    auto plus = [](const Tensor& a, const Tensor& b) { return !a.defined() ? b : !b.defined() ? a : a + b; };
-    auto times = [](const Tensor& a, double k) { return a.defined() && k != 1.0 ? a * k : a; };
-    Tensor gl = as_w(g_loss), gm = as_w(g_mse), gv = as_w(g_vb), s_mean, s_var;
-    if (loss_type == kKl || loss_type == kRescaledKl) {
-      s_mean = plus(times(gl, loss_type == kRescaledKl ? T : 1.0), gv);
-      s_var = s_mean;
-    } else {
-      s_mean = plus(!gl.defined() ? Tensor() : unit_weight ? gl : gl * w_, gm);
-      s_var = times(plus(gl, gv), loss_type == kRescaledMse ? T / 1000.0 : 1.0);
-    }
-    if (!s_mean.defined()) s_mean = at::zeros({B}, per_sample);
-    if (!s_var.defined()) s_var = at::zeros({B}, per_sample);
-    out[0] = scale_unit_grads(d_out.unpack(), learned ? d_v.unpack() : Tensor(), learned, s_mean, s_var, mo.unpack());
+    out[0] = scale_unit_grads(d_out.unpack(), learned ? d_v.unpack() : Tensor(), learned, mo.unpack(), g_loss, g_mse,
+                              g_vb, unit_weight ? Tensor() : w.unpack(), loss_scales(loss_type, T));
     return out;
   }
 };
@@ -300,15 +321,14 @@ TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0
   node->loss_type = loss_type;
   node->T = static_cast<double>(table.size(0));
   node->learned = is_learned(var_type);
-  node->unit_weight = weighting == kSimple;
-  node->per_sample = w.options();
-  node->B = w.size(0);
+  const bool kl = loss_type == kKl || loss_type == kRescaledKl;
+  node->unit_weight = weighting == kSimple || kl;
   if (!node->unit_weight) node->w = torch::autograd::SavedVariable(w, false);
   node->d_out = torch::autograd::SavedVariable(d_out, false);
   if (node->learned) node->d_v = torch::autograd::SavedVariable(d_v, false);
   node->mo = torch::autograd::SavedVariable(mo, false);
   // an MSE loss with a fixed variance has no vb term (vb is zeros): no gradient flows from it
-  if (node->learned || loss_type == kKl || loss_type == kRescaledKl) attach(node, {loss, mse, vb});
+  if (node->learned || kl) attach(node, {loss, mse, vb});
   else attach(node, {loss, mse});
   return result;
 }

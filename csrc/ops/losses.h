@@ -258,18 +258,25 @@ template <class S> struct TrainMseElem : TrainElem<S> {
 };
 DDPM_BODY(TrainMseElem)
 
-// Backward of training_losses / vb_terms_bpd: the saved unit gradients scaled per sample.
+// Backward of training_losses / vb_terms_bpd: the saved unit gradients scaled per sample, the scales built
+// from the per-sample gradients of the three terms (each [B]; an absent one is nullptr and reads 0):
+//   scale_mean = loss_mean * g_loss * w + mse_mean * g_mse + vb_mean * g_vb    (w: the MSE weight, 1 if absent)
+//   scale_var  = loss_var * g_loss + vb_var * g_vb
+// (the coefficients per loss type: losses.cpp's loss_scales). All of it in the kernel, none as separate [B] ops:
+// compiled autograd traces the backward with placeholder gradients only an op's fake impl accepts.
 template <class S> struct ScaleElem {
   struct Options {
-    const S* scale_mean = nullptr;  // [B] scale of the mean half's gradient
-    const S* scale_var = nullptr;   // [B] scale of the variance half's gradient
+    const S *g_loss = nullptr, *g_mse = nullptr, *g_vb = nullptr, *w = nullptr;  // [B] each
+    S loss_mean = S(0), mse_mean = S(0), vb_mean = S(0), loss_var = S(0), vb_var = S(0);
   };
   enum In : int { in_unit_grad_mean, in_unit_grad_var, kNumIn };
   enum Out : int { out_grad_mean_out, out_grad_var_out, kNumOut };
   static constexpr int NI = kNumIn, NO = kNumOut, NR = 0;
   S scale_mean, scale_var;
-  static DDPM_HD ScaleElem make(const S*, const Options& options, int64_t b, int64_t) {
-    return {options.scale_mean[b], options.scale_var[b]};
+  static DDPM_HD ScaleElem make(const S*, const Options& o, int64_t b, int64_t) {
+    const S g_loss = o.g_loss ? o.g_loss[b] : S(0), g_mse = o.g_mse ? o.g_mse[b] : S(0);
+    const S g_vb = o.g_vb ? o.g_vb[b] : S(0), w = o.w ? o.w[b] : S(1);
+    return {o.loss_mean * g_loss * w + o.mse_mean * g_mse + o.vb_mean * g_vb, o.loss_var * g_loss + o.vb_var * g_vb};
   }
   template <class V> DDPM_HD void operator()(const V* in, V* out, V*) const {
     out[out_grad_mean_out] = V(scale_mean) * in[in_unit_grad_mean];

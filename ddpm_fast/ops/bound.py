@@ -150,8 +150,9 @@ def _vb_fake(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad):
     return per_sample(x0, ct), saved_grad(need_grad, x0, ct), saved_grad(need_grad and learned, x0, ct)
 
 
-def _scale_halves_fake(d_out, d_v, s_mean, s_var, mo):
-    """layout.h alloc_grad_like: model_output's suggested memory format."""
+def _scale_halves_fake(d_out, d_v, mo, g_loss, g_mse, g_vb, w, *coefficients):
+    """layout.h alloc_grad_like: model_output's suggested memory format. Reads no metadata of the [B] gradients:
+    under compiled autograd they are placeholders of no real shape."""
     from torch._prims_common import suggest_memory_format
 
     return torch.empty(mo.shape, dtype=mo.dtype, device=mo.device, memory_format=suggest_memory_format(mo))
