@@ -93,6 +93,7 @@ def _ops():
 
 
 _OVERLOADS: dict = {}
+_is_compiling = torch.compiler.is_compiling
 
 
 def _op(name):
@@ -164,22 +165,48 @@ def _philox_seed(seed, generator, device) -> tuple:
     return int(key.cpu().numpy()[0]), None
 
 
+class _OpByMode:
+    """``Kernel.op``: the op's direct binding (csrc/ops/direct.h: the dispatcher called unboxed, ~0.5-2 us a
+    call less than the OpOverload's boxing; the same dispatch, __torch_function__ through the OpOverload) in
+    plain eager, its OpOverload while torch.compile traces (the binding is opaque to it)."""
+
+    def __get__(self, kernel, owner=None):
+        if kernel is None:
+            return self
+        return kernel.overload if _is_compiling() else kernel.direct
+
+
+class _Direct:
+    """``EagerKernel.op``: the direct binding, looked up on first use, then an instance attribute."""
+
+    def __get__(self, kernel, owner=None):
+        if kernel is None:
+            return self
+        kernel.op = kernel.direct
+        return kernel.op
+
+
 class Kernel:
     """What an op's compiled adapter (``register(compiled=...)`` in ddpm_fast.ops.<family>) is handed first:
-    ``op``, the op's torch.ops overload (looked up on first use, then an attribute), and this module's helpers."""
+    ``op``, the op to call (_OpByMode), and this module's helpers."""
 
     table = staticmethod(_table)  # (schedule, x) -> the packed schedule table for x's device and compute dtype
     grad_needed = staticmethod(_grad_needed)  # (*tensors) -> whether autograd will need a saved gradient
     thresh = staticmethod(_thresh)  # the per-sample dynamic-threshold scale [B], or None
     philox_seed = staticmethod(_philox_seed)  # (seed, generator, device) -> (seed, seed_key)
+    op = _OpByMode()
 
     def __init__(self, name: str):
         self.name = name
 
     def __getattr__(self, attr):  # looked up on first use, then attributes
-        if attr == "op":
-            self.op = _op(self.name)
-            return self.op
+        if attr == "overload":  # torch.ops.<namespace>.<name>.default
+            self.overload = _op(self.name)
+            return self.overload
+        if attr == "direct":  # the op's direct binding
+            _ops()  # the library loaded
+            self.direct = getattr(_build.direct_bindings(EMULATED), self.name)
+            return self.direct
         if attr == "eager":
             self.eager = EagerKernel(self.name)
             return self.eager
@@ -187,17 +214,11 @@ class Kernel:
 
 
 class EagerKernel(Kernel):
-    """A Kernel whose ``op`` is the op's direct binding (csrc/ops/direct.h: the dispatcher called unboxed, ~1-3 us
-    less a call than the OpOverload): the same dispatch (autograd, dispatch modes; __torch_function__ through
-    the OpOverload), but torch.compile cannot trace it, so only plain-eager callers take it (a Kernel's
-    ``eager``: ddpm_fast.ops._checks.cpu_native, ddpm_fast.ops.solvers.solver_update_checked)."""
+    """A Kernel whose ``op`` is always the op's direct binding, with no mode test a call: for callers that only
+    run in plain eager (a Kernel's ``eager``: ddpm_fast.ops._checks.cpu_native,
+    ddpm_fast.ops.solvers.solver_update_checked)."""
 
-    def __getattr__(self, attr):
-        if attr != "op":
-            raise AttributeError(attr)
-        _ops()  # the library loaded
-        self.op = getattr(_build.direct_bindings(EMULATED), self.name)
-        return self.op
+    op = _Direct()
 
 
 def _kernels() -> types.SimpleNamespace:
