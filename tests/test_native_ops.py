@@ -601,6 +601,51 @@ def test_training_losses_node_behaves_as_an_autograd_function(backend, case):
             F.training_losses(dual, x0, t, noise, SCHEDULE, **kw)
 
 
+def _differentiable_calls(backend):
+    """(name, fn of one differentiable input, that input) for every op with a fused backward but
+    training_losses (its node has a test of its own)."""
+    mo, x0, noise, t = inputs(learned=True)
+    x_t = R.q_sample(x0, t, noise, SCHEDULE)
+    lv = torch.linspace(-2.0, 0.5, 5).reshape(5, 1, 1, 1)
+    kw = dict(backend=backend)
+    return [
+        ("q_sample", lambda a: F.q_sample(a, t, noise, SCHEDULE, **kw), x0),
+        ("q_posterior", lambda a: F.q_posterior(a, x_t, t, SCHEDULE, **kw)[0], x0),
+        ("predict_xstart", lambda a: F.predict_xstart(a, x_t, t, SCHEDULE, **kw), x0),
+        ("vb_terms_bpd", lambda a: F.vb_terms_bpd(a, x0, x_t, t, SCHEDULE, mean_type="epsilon",
+                                                  var_type="learned_range", **kw), mo),
+        ("prior_bpd", lambda a: F.prior_bpd(a, SCHEDULE, **kw), x0),
+        ("normal_kl", lambda a: F.normal_kl(a, lv, x_t, lv, **kw), x0),
+        ("discretized_gaussian_log_likelihood",
+         lambda a: F.discretized_gaussian_log_likelihood(x0.clamp(-1, 1), a, lv, **kw), x0),
+    ]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "cuda_emu") if F.availability()[b][0]])
+def test_compiled_autograd_traces_every_fused_backward(backend):
+    """Under compiled autograd (torch._dynamo's) each op's backward gives eager's gradient bit for bit. Its C++
+    autograd Functions mark no output non-differentiable (compiled autograd asserts none is); q_posterior's
+    variances and vb_terms_bpd's saved unit gradients still need no gradient."""
+    for name, fn, x in _differentiable_calls(backend):
+        out = fn(x)
+        weights = torch.linspace(0.5, 2.0, out.numel()).reshape(out.shape)  # a gradient that is not all ones
+        a = x.clone().requires_grad_()
+        (want,) = torch.autograd.grad((fn(a) * weights).sum(), a)
+        a2 = x.clone().requires_grad_()
+        total = (fn(a2) * weights).sum()
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+            total.backward()
+        assert torch.equal(a2.grad, want), name
+    a = x.clone().requires_grad_()
+    mean, var, logvar = F.q_posterior(a, a.detach() + 1, torch.tensor([1, 2, 3, 4, 5]), SCHEDULE, backend=backend)
+    assert mean.requires_grad and not var.requires_grad and not logvar.requires_grad
+    mo = torch.randn(5, 6, 5, 7, requires_grad=True)
+    x0 = torch.randn(5, 3, 5, 7)
+    vb, d_out, d_v = getattr(torch.ops, "ddpm_fast_emu" if backend == "cuda_emu" else "ddpm_fast").vb_terms_bpd(
+        mo, x0, x0, torch.tensor([0, 1, 2, 3, 4]), SCHEDULE.table("cpu"), 0, 3, False, True)
+    assert vb.requires_grad and not d_out.requires_grad and not d_v.requires_grad
+
+
 @pytest.mark.skipif(not backends.available("cpu"), reason="the compiled CPU backend is unavailable")
 def test_plain_eager_calls_skip_the_overload_frame_and_compile_still_traces(monkeypatch):
     """cpu_native hands plain-eager calls the adapters bound to native.EagerKernel (the op's direct binding,

@@ -112,19 +112,19 @@ struct QPosterior : public torch::autograd::Function<QPosterior> {
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(x0, x_t, t, table);
   }
-  static variable_list forward(AutogradContext* ctx, const Tensor& x0, const Tensor& x_t, const Tensor& t,
-                               const Tensor& table) {
+  // var and logvar, functions of t alone, are no outputs of the Function: they come back through `constant`,
+  // plain tensors (not marked non-differentiable: compiled autograd asserts a C++ Function marks none)
+  static Tensor forward(AutogradContext* ctx, const Tensor& x0, const Tensor& x_t, const Tensor& t, const Tensor& table,
+                        std::pair<Tensor, Tensor>* constant) {
     auto [mean, var, logvar] = below_autograd(x0, x_t, t, table);
     ctx->save_for_backward({t, table});
-    ctx->mark_non_differentiable({var, logvar});  // functions of t alone
-    ctx->set_materialize_grads(false);
-    return {mean, var, logvar};
+    *constant = {var, logvar};
+    return mean;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(4);
     auto saved = ctx->get_saved_variables();
     auto [ga, gb] = linear_grads(grads[0], saved[0], saved[1], kLinearPosteriorMean, kEpsilon);
-    return {ga, gb, Tensor(), Tensor()};
+    return {ga, gb, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -159,8 +159,9 @@ DDPM_AUTOGRAD_OP(q_sample, q_sample_autograd)
 std::tuple<Tensor, Tensor, Tensor> q_posterior_autograd(const Tensor& x0, const Tensor& x_t, const Tensor& t,
                                                         const Tensor& table) {
   if (!needs_autograd_node(x0, x_t, t, table)) return QPosterior::below_autograd(x0, x_t, t, table);
-  auto r = QPosterior::apply(x0, x_t, t, table);
-  return {r[0], r[1], r[2]};
+  std::pair<Tensor, Tensor> constant;
+  Tensor mean = QPosterior::apply(x0, x_t, t, table, &constant);
+  return {mean, constant.first, constant.second};
 }
 DDPM_AUTOGRAD_OP(q_posterior, q_posterior_autograd)
 

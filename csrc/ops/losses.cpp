@@ -232,19 +232,19 @@ struct VbTermsBpd : public torch::autograd::Function<VbTermsBpd> {
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
   }
-  static variable_list forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& x_t,
-                               const Tensor& t, const Tensor& table, int64_t mean_type, int64_t var_type, bool clip,
-                               bool need_grad) {
+  // the unit gradients d_out, d_v are no outputs of the Function: saved, and handed back through `unit_grads` as
+  // plain tensors (not marked non-differentiable: compiled autograd asserts a C++ Function marks none)
+  static Tensor forward(AutogradContext* ctx, const Tensor& mo, const Tensor& x0, const Tensor& x_t, const Tensor& t,
+                        const Tensor& table, int64_t mean_type, int64_t var_type, bool clip, bool need_grad,
+                        std::pair<Tensor, Tensor>* unit_grads) {
     auto [vb, d_out, d_v] = below_autograd(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
     ctx->save_for_backward({d_out, d_v, mo});
     ctx->saved_data["learned"] = is_learned(var_type);
-    ctx->mark_non_differentiable({d_out, d_v});
-    ctx->set_materialize_grads(false);
-    return {vb, d_out, d_v};
+    *unit_grads = {d_out, d_v};
+    return vb;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list none(9);
-    if (!grads[0].defined()) return none;
+    variable_list none(10);
     auto saved = ctx->get_saved_variables();
     none[0] = scale_unit_grads(saved[0], saved[1], ctx->saved_data["learned"].toBool(), saved[2], Tensor(), Tensor(),
                                grads[0], Tensor(), kVbScales);
@@ -357,8 +357,9 @@ std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd_autograd(const Tensor& mo, const
                                                          int64_t var_type, bool clip, bool need_grad) {
   if (!needs_autograd_node(mo, x0, x_t, t, table))
     return VbTermsBpd::below_autograd(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
-  auto r = VbTermsBpd::apply(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
-  return {r[0], r[1], r[2]};
+  std::pair<Tensor, Tensor> unit_grads;
+  Tensor vb = VbTermsBpd::apply(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad, &unit_grads);
+  return {vb, unit_grads.first, unit_grads.second};
 }
 DDPM_AUTOGRAD_OP(vb_terms_bpd, vb_terms_bpd_autograd)
 
