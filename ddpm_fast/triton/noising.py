@@ -159,6 +159,8 @@ def linear2_autograd(name, op, impl, a_at, b_at, t_at, column_a=0, column_b=0):
     b = inputs[b_at] (t = inputs[t_at], the table inputs[3], predict_xstart's mean type inputs[4] if given; the
     coefficients as in _linear2_backward), and return the autograd.Function running ``impl`` with it."""
     def setup(ctx, inputs, output):
+        if isinstance(output, tuple):  # q_posterior's variances: functions of t alone
+            ctx.mark_non_differentiable(*output[1:])
         ctx.n_inputs = len(inputs)
         ctx.mean_type = inputs[4] if len(inputs) > 4 else -1
         ctx.save_for_backward(inputs[t_at], inputs[3], inputs[a_at], inputs[b_at])
