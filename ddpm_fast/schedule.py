@@ -100,6 +100,7 @@ class NoiseSchedule:
         self.rescale_zero_terminal_snr = bool(rescale_zero_terminal_snr)
         self._tables = self._compute_tables(b)
         T = b.shape[0]
+        self._num_timesteps = int(T)  # read by every op's t check: an int, not the table's shape
         # abar_{T-1} = 0: x_0 cannot be recovered from an epsilon prediction at the last step.
         self.zero_terminal_snr = bool(self._tables["alphas_cumprod"][-1] == 0.0)
         if timestep_map is None:
@@ -121,6 +122,7 @@ class NoiseSchedule:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._num_timesteps = int(self._tables["betas"].shape[0])
         self._cpu_tables = {}
         self._lock = threading.Lock()
 
@@ -172,7 +174,7 @@ class NoiseSchedule:
     # -- tables ---------------------------------------------------------------------------
     @property
     def num_timesteps(self) -> int:
-        return int(self._tables["betas"].shape[0])
+        return self._num_timesteps
 
     def __len__(self) -> int:
         return self.num_timesteps

@@ -156,11 +156,9 @@ template <template <class> class Body> struct Runner {
     }
     L.out[slot] = operand(L.plan, x, keep);
   }
-  // output `slot`: a new tensor of the reference's shape laid out in the plan (dtype: the reference's)
-  Tensor new_out(int slot, c10::optional<at::ScalarType> dtype = c10::nullopt) {
-    auto options = device_ref.options();
-    if (dtype.has_value()) options = options.dtype(*dtype);
-    Tensor x = alloc_like_plan(L.plan, device_ref.sizes(), options);
+  // output `slot`: a new tensor of the reference's shape, dtype and device, laid out in the plan
+  Tensor new_out(int slot) {
+    Tensor x = alloc_like_plan(L.plan, device_ref.sizes(), device_ref.options());
     out(slot, x);
     return x;
   }

@@ -89,7 +89,12 @@ def timesteps(t, batch: int, sched: NoiseSchedule, device: torch.device, validat
     if type(t) is torch.Tensor and t.dtype == torch.int64 and t.shape == (batch,) and t.device == device:
         # the common case in one test; then only the range (values read on the host) and the layout
         if validate or (validate is None and not t.is_cuda):
-            _check_range(t, sched.num_timesteps)
+            if batch > _LIST_RANGE_MAX:
+                _check_range(t, sched.num_timesteps)
+            elif batch:  # int_range's list read, inline
+                items = t.tolist()
+                if min(items) < 0 or max(items) >= sched.num_timesteps:
+                    _check_range(t, sched.num_timesteps)  # raises
         return t if t.is_contiguous() else t.contiguous()
     T = sched.num_timesteps
     if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
