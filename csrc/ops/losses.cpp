@@ -112,11 +112,12 @@ Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const
   const auto ct = d_out.scalar_type();
   TORCH_CHECK(d_out.dim() >= 1, "d_out: expected the saved unit gradient [B, ...]");
   const int64_t B = d_out.size(0);
-  // a term's per-sample gradient when it has a nonzero coefficient, contiguous in d_out's dtype
+  // a term's per-sample gradient when it has a nonzero coefficient, in d_out's dtype (read with its stride)
   auto per_sample = [&](const c10::optional<Tensor>& g, const char* name, bool used) -> Tensor {
     if (!used || !g.has_value() || !g->defined()) return Tensor();
-    TORCH_CHECK(g->numel() == B, name, ": expected ", B, " per-sample values, got shape ", g->sizes());
-    return g->to(ct).contiguous();
+    TORCH_CHECK(g->dim() == 1 && g->size(0) == B && g->device() == d_out.device(), name, ": expected ", B,
+                " per-sample values on ", d_out.device(), ", got shape ", g->sizes(), " on ", g->device());
+    return g->to(ct);
   };
   const Tensor gl = per_sample(g_loss, "g_loss", loss_mean != 0 || loss_var != 0);
   const Tensor gm = per_sample(g_mse, "g_mse", mse_mean != 0);
@@ -133,8 +134,12 @@ Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const
   r.in(Body::in_unit_grad_mean, d_out), r.out(Body::out_grad_mean_out, grad_mean);
   if (learned) r.in(Body::in_unit_grad_var, *d_v), r.out(Body::out_grad_var_out, grad_var);
   r.set_options([&](auto& o) {
-    using S = std::remove_const_t<std::remove_pointer_t<decltype(o.w)>>;
-    point_to(o.g_loss, gl), point_to(o.g_mse, gm), point_to(o.g_vb, gv), point_to(o.w, weight);
+    using S = std::remove_reference_t<decltype(o.loss_mean)>;
+    auto strided = [](auto& field, const Tensor& x) {
+      point_to(field.data, x);
+      field.stride = x.defined() ? x.stride(0) : 0;
+    };
+    strided(o.g_loss, gl), strided(o.g_mse, gm), strided(o.g_vb, gv), strided(o.w, weight);
     o.loss_mean = static_cast<S>(loss_mean), o.mse_mean = static_cast<S>(mse_mean);
     o.vb_mean = static_cast<S>(vb_mean), o.loss_var = static_cast<S>(loss_var), o.vb_var = static_cast<S>(vb_var);
   });

@@ -265,8 +265,14 @@ DDPM_BODY(TrainMseElem)
 // (the coefficients per loss type: losses.cpp's loss_scales). All of it in the kernel, none as separate [B] ops:
 // compiled autograd traces the backward with placeholder gradients only an op's fake impl accepts.
 template <class S> struct ScaleElem {
+  // a [B] per-sample value read with its stride (a gradient from sum() or mean() is an expanded scalar: stride 0)
+  struct PerSample {
+    const S* data = nullptr;
+    int64_t stride = 1;
+    DDPM_HD S at(int64_t b, S absent) const { return data ? data[b * stride] : absent; }
+  };
   struct Options {
-    const S *g_loss = nullptr, *g_mse = nullptr, *g_vb = nullptr, *w = nullptr;  // [B] each
+    PerSample g_loss, g_mse, g_vb, w;
     S loss_mean = S(0), mse_mean = S(0), vb_mean = S(0), loss_var = S(0), vb_var = S(0);
   };
   enum In : int { in_unit_grad_mean, in_unit_grad_var, kNumIn };
@@ -274,8 +280,7 @@ template <class S> struct ScaleElem {
   static constexpr int NI = kNumIn, NO = kNumOut, NR = 0;
   S scale_mean, scale_var;
   static DDPM_HD ScaleElem make(const S*, const Options& o, int64_t b, int64_t) {
-    const S g_loss = o.g_loss ? o.g_loss[b] : S(0), g_mse = o.g_mse ? o.g_mse[b] : S(0);
-    const S g_vb = o.g_vb ? o.g_vb[b] : S(0), w = o.w ? o.w[b] : S(1);
+    const S g_loss = o.g_loss.at(b, S(0)), g_mse = o.g_mse.at(b, S(0)), g_vb = o.g_vb.at(b, S(0)), w = o.w.at(b, S(1));
     return {o.loss_mean * g_loss * w + o.mse_mean * g_mse + o.vb_mean * g_vb, o.loss_var * g_loss + o.vb_var * g_vb};
   }
   template <class V> DDPM_HD void operator()(const V* in, V* out, V*) const {
