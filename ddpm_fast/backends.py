@@ -20,7 +20,6 @@ import importlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 
@@ -85,9 +84,19 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this machine or for these inputs; the message says why."""
 
 
-@lru_cache(maxsize=None)
+_LOADED: dict = {}  # backend name -> _load's result
+
+
 def _load(name: str):
-    """(module or None, reason it is unavailable or '')."""
+    """(module or None, reason it is unavailable or ''), found once per backend and kept in _LOADED: a plain dict,
+    which torch.compile reads while tracing (it would trace an lru_cache'd function's body, imports included)."""
+    found = _LOADED.get(name)
+    if found is None:
+        found = _LOADED[name] = _find(name)
+    return found
+
+
+def _find(name: str):
     if name == "reference":
         return importlib.import_module(_MODULES[name]), ""
     try:
@@ -99,12 +108,12 @@ def _load(name: str):
 
 
 def _clear_caches() -> None:
-    """_load.cache_clear, which also forgets route's plans (made from what _load found)."""
-    _load_cache_clear()
+    """Forget what _load found, and route's plans (made from it)."""
+    _LOADED.clear()
     _PLANS.clear()
 
 
-_load_cache_clear, _load.cache_clear = _load.cache_clear, _clear_caches
+_load.cache_clear = _clear_caches
 
 
 def availability() -> dict:

@@ -5,7 +5,6 @@ Timesteps are 0-based as in improved-diffusion: t = 0 is the first noising step.
 from __future__ import annotations
 
 import math
-import threading
 from typing import Iterable
 
 import numpy as np
@@ -110,21 +109,18 @@ class NoiseSchedule:
             raise ValueError(f"timestep_map: expected shape ({T},), got {tuple(self.timestep_map.shape)}")
         self._device_tables: dict = {}
         self._cpu_tables: dict = {}  # compute dtype -> the CPU table (cpu_table)
-        self._lock = threading.Lock()
 
     def __getstate__(self):
-        # Device tables and the lock are rebuilt on demand (e.g. after pickling to a DDP worker).
+        # Device tables are rebuilt on demand (e.g. after pickling to a DDP worker).
         state = dict(self.__dict__)
         state["_device_tables"] = {}
         state["_cpu_tables"] = {}
-        del state["_lock"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._num_timesteps = int(self._tables["betas"].shape[0])
         self._cpu_tables = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def named(cls, name: str, num_timesteps: int = 1000, *, rescale_zero_terminal_snr: bool = False):
@@ -203,12 +199,9 @@ class NoiseSchedule:
         key = (device, dtype)
         cached = self._device_tables.get(key)
         if cached is None:
-            with self._lock:
-                cached = self._device_tables.get(key)
-                if cached is None:
-                    packed = torch.stack([self._tables[c] for c in COLUMNS], dim=1)
-                    cached = packed.to(dtype=dtype).contiguous().to(device)
-                    self._device_tables[key] = cached
+            # no lock (torch.compile cannot trace one): two threads may both build it, and setdefault keeps one
+            packed = torch.stack([self._tables[c] for c in COLUMNS], dim=1)
+            cached = self._device_tables.setdefault(key, packed.to(dtype=dtype).contiguous().to(device))
         return cached
 
     def cpu_table(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -677,6 +677,33 @@ def test_plain_eager_calls_skip_the_overload_frame_and_compile_still_traces(monk
         assert torch.equal(compiled(x0, noise), want)
 
 
+_COLD_COMPILE = """
+import sys, torch, ddpm_fast as F
+F.availability()  # loads the backends: no op has run, no route plan or schedule table exists yet
+S = F.NoiseSchedule.named("cosine", 100)
+g = torch.Generator().manual_seed(0)
+x0, noise, out = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+t = torch.tensor([0, 50, 99])
+for backend in ("auto", "reference"):
+    def step(a, b, m):
+        x_t = F.q_sample(a, t, b, S, backend=backend, validate=False)
+        return x_t, F.training_losses(m, a, t, b, S, backend=backend, validate=False)["loss"]
+    got = torch.compile(step, fullgraph=True, backend="eager")(x0, noise, out)
+    want = step(x0, noise, out)
+    assert all(torch.equal(x, y) for x, y in zip(got, want)), backend
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not backends.available("cpu"), reason="the compiled CPU backend is unavailable")
+def test_fullgraph_compile_as_the_first_call_of_the_ops():
+    """A fullgraph torch.compile may be the first call of an op once the backends are loaded
+    (ddpm_fast.availability()): the route plans and the schedule's tables are made while tracing (a fresh
+    process, so no cache is warm)."""
+    proc = subprocess.run([sys.executable, "-c", _COLD_COMPILE], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_direct_bindings_dispatch_as_the_overloads(namespace):
     """Each op's direct binding (csrc/ops/direct.h, what native.EagerKernel calls) gives the OpOverload's
