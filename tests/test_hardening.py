@@ -89,6 +89,28 @@ def test_unknown_option_strings(backend):
         F.training_losses(mo[:, :3], x0, t, x0, SCHEDULE, **base)
 
 
+def test_broadcastable_agrees_with_torch():
+    """The checks' broadcastable (normal_kl's and the decoder likelihood's shape check) answers as
+    torch.broadcast_shapes does, zero-size and 0-dim shapes included, and the Triton launchers' broadcast shape
+    is torch's wherever the shapes broadcast."""
+    pytest.importorskip("triton")
+    from ddpm_fast.ops._checks import broadcastable
+    from ddpm_fast.triton.posterior import _broadcast_shape
+
+    shapes = [(), (1,), (3,), (2, 3), (2, 1), (1, 3), (4, 2, 3), (4, 1, 1), (0,), (2, 0), (1, 0), (0, 3), (5,)]
+    for a in shapes:
+        for b in shapes:
+            for c in shapes:
+                sizes = torch.Size(a), torch.Size(b), torch.Size(c)
+                try:
+                    want = torch.broadcast_shapes(a, b, c)
+                except RuntimeError:
+                    want = None
+                assert broadcastable(*sizes) == (want is not None), (a, b, c)
+                if want is not None:
+                    assert _broadcast_shape(*sizes) == want, (a, b, c)
+
+
 def test_bad_backend_schedule_and_respacing():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="backend"):

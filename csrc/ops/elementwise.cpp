@@ -30,24 +30,60 @@ Bcast bcast(at::TensorList xs, at::TensorList for_result) {
 
 Tensor as_batch1(const Tensor& x, const std::vector<int64_t>& shape) { return x.expand(shape).unsqueeze(0); }
 
+// x broadcast to `shape` and viewed as [1, ...shape], as an operand of plan p: its strides computed (0 along the
+// broadcast dims), no view made (each expand / unsqueeze is a dispatcher call, ~1 us a tensor)
+Operand broadcast_operand(const Plan& p, const Tensor& x, const std::vector<int64_t>& shape) {
+  std::array<int64_t, kMaxDims> strides{};  // of the broadcast view's dims 1.. (tensor dim d + 1)
+  const int64_t lead = static_cast<int64_t>(shape.size()) - x.dim();
+  for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) {
+    const int64_t xd = d - lead;
+    strides[d] = xd >= 0 && x.size(xd) != 1 ? x.stride(xd) : 0;
+  }
+  Operand o;
+  o.dtype = x.scalar_type();
+  o.base = static_cast<char*>(x.data_ptr());
+  o.batch_stride = p.N;
+  o.direct = true;
+  for (int k = 0; k < p.nd; ++k) {
+    o.stride[k] = strides[p.dim[k] - 1];
+    o.direct = o.direct && (p.size[k] <= 1 || o.stride[k] == p.dense[k]);
+  }
+  return o;
+}
+
 // Body over the broadcast inputs (in its input slot order); its NO outputs in out_dtype, the first allocated
 // as the plan's reference
 template <template <class> class Body>
 std::vector<Tensor> run_bcast(const std::vector<Tensor>& ins, const Bcast& b, at::ScalarType out_dtype) {
   using Slots = Body<float>;
-  std::vector<int64_t> shape = b.shape;
-  Tensor ref = at::empty(shape, ins[0].options().dtype(out_dtype)).unsqueeze(0);
+  const auto& shape = b.shape;
+  std::vector<int64_t> batch1(shape.size() + 1, 1);  // [1, ...shape], contiguous
+  for (size_t d = shape.size(); d-- > 0;) batch1[d] = batch1[d + 1] * shape[d];
+  std::vector<int64_t> sizes1 = shape;
+  sizes1.insert(sizes1.begin(), 1);
+  Tensor ref = new_tensor(sizes1, batch1, ins[0].options().dtype(out_dtype));
   Plan p = make_plan(ref);
   Runner<Body> r(p, ref, b.compute == at::kDouble);
-  for (int slot = 0; slot < Slots::NI; ++slot)
-    r.in(slot, as_batch1(cuda_path(ref) ? ins[slot].to(b.compute) : ins[slot], shape));
+  const bool cuda = cuda_path(ref);
+  for (int slot = 0; slot < Slots::NI; ++slot) {
+    if (cuda) {  // operands the plan cannot address directly are copied into its layout (host.h operand)
+      r.in(slot, as_batch1(ins[slot].to(b.compute), shape));
+    } else {
+      r.L.in[slot] = broadcast_operand(p, ins[slot], shape);
+      r.keep.push_back(ins[slot]);
+    }
+  }
   std::vector<Tensor> outs;
   for (int slot = 0; slot < Slots::NO; ++slot) {
     outs.push_back(slot == 0 ? ref : alloc_like_plan(p, ref.sizes(), ref.options()));
     r.out(slot, outs.back());
   }
   r.run();
-  for (auto& o : outs) o.squeeze_(0);
+  // drop the leading 1: outputs are new tensors with no views yet, so their metadata is set in place
+  for (auto& o : outs) {
+    std::vector<int64_t> strides(o.strides().begin() + 1, o.strides().end());
+    o.unsafeGetTensorImpl()->set_sizes_and_strides(shape, strides);
+  }
   return outs;
 }
 
