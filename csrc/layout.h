@@ -97,12 +97,13 @@ inline at::Tensor alloc_like_plan(const Plan& p, at::IntArrayRef sizes, const at
   return new_tensor(sizes, p.out_strides(static_cast<int64_t>(sizes.size())), opts);
 }
 
-// Whether a tensor of the plan's shape can be walked as base + b * batch_stride + e.
-inline bool is_direct(const Plan& p, const at::Tensor& x) {
+// Whether a tensor of the plan's shape with these strides can be walked as base + b * batch_stride + e.
+inline bool is_direct(const Plan& p, at::IntArrayRef strides) {
   for (int k = 0; k < p.nd; ++k)
-    if (p.size[k] > 1 && x.stride(p.dim[k]) != p.dense[k]) return false;
+    if (p.size[k] > 1 && strides[p.dim[k]] != p.dense[k]) return false;
   return true;
 }
+inline bool is_direct(const Plan& p, const at::Tensor& x) { return is_direct(p, x.strides()); }
 
 // The gradient of model_output [B, C or 2C, ...]: allocated in model_output's suggested memory format.
 inline at::Tensor alloc_grad_like(const at::Tensor& mo, at::ScalarType dtype) {

@@ -90,11 +90,11 @@ def test_unknown_option_strings(backend):
 
 
 def test_broadcastable_agrees_with_torch():
-    """The checks' broadcastable (normal_kl's and the decoder likelihood's shape check) answers as
-    torch.broadcast_shapes does, zero-size and 0-dim shapes included, and the Triton launchers' broadcast shape
-    is torch's wherever the shapes broadcast."""
+    """The checks' broadcast_shape / broadcastable (normal_kl's and the decoder likelihood's shape check) answer
+    as torch.broadcast_shapes does, zero-size and 0-dim shapes included, and so does the Triton launchers'
+    broadcast shape wherever the shapes broadcast."""
     pytest.importorskip("triton")
-    from ddpm_fast.ops._checks import broadcastable
+    from ddpm_fast.ops._checks import broadcast_shape, broadcastable
     from ddpm_fast.triton.posterior import _broadcast_shape
 
     shapes = [(), (1,), (3,), (2, 3), (2, 1), (1, 3), (4, 2, 3), (4, 1, 1), (0,), (2, 0), (1, 0), (0, 3), (5,)]
@@ -108,6 +108,7 @@ def test_broadcastable_agrees_with_torch():
                     want = None
                 assert broadcastable(*sizes) == (want is not None), (a, b, c)
                 if want is not None:
+                    assert broadcast_shape(*sizes) == tuple(want), (a, b, c)
                     assert _broadcast_shape(*sizes) == want, (a, b, c)
 
 

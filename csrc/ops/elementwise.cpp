@@ -1,7 +1,10 @@
 // ops/elementwise.cpp -- the broadcasting elementwise family: normal_kl, discretized_gaussian_log_likelihood
 // and their backwards (schemas, host functions, autograd kernels; bodies in elementwise.h). Inputs are
-// broadcast (expand: stride-0 views, gathered by the driver) to one shape viewed as [1, ...].
+// broadcast to one shape viewed as [1, ...], stride 0 along broadcast dims (strides computed on the CPU path,
+// expand views on the CUDA path), gathered by the driver.
 #include "elementwise.h"
+
+#include <c10/util/strides.h>
 
 #include "autograd_common.h"
 #include "host.h"
@@ -33,22 +36,13 @@ Tensor as_batch1(const Tensor& x, const std::vector<int64_t>& shape) { return x.
 // x broadcast to `shape` and viewed as [1, ...shape], as an operand of plan p: its strides computed (0 along the
 // broadcast dims), no view made (each expand / unsqueeze is a dispatcher call, ~1 us a tensor)
 Operand broadcast_operand(const Plan& p, const Tensor& x, const std::vector<int64_t>& shape) {
-  std::array<int64_t, kMaxDims> strides{};  // of the broadcast view's dims 1.. (tensor dim d + 1)
+  std::array<int64_t, kMaxDims + 1> strides{};  // of the view [1, ...shape] (dim 0: the one sample)
   const int64_t lead = static_cast<int64_t>(shape.size()) - x.dim();
   for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) {
     const int64_t xd = d - lead;
-    strides[d] = xd >= 0 && x.size(xd) != 1 ? x.stride(xd) : 0;
+    strides[d + 1] = xd >= 0 && x.size(xd) != 1 ? x.stride(xd) : 0;
   }
-  Operand o;
-  o.dtype = x.scalar_type();
-  o.base = static_cast<char*>(x.data_ptr());
-  o.batch_stride = p.N;
-  o.direct = true;
-  for (int k = 0; k < p.nd; ++k) {
-    o.stride[k] = strides[p.dim[k] - 1];
-    o.direct = o.direct && (p.size[k] <= 1 || o.stride[k] == p.dense[k]);
-  }
-  return o;
+  return strided_operand(p, x, at::IntArrayRef(strides.data(), shape.size() + 1), true);
 }
 
 // Body over the broadcast inputs (in its input slot order); its NO outputs in out_dtype, the first allocated
@@ -57,11 +51,9 @@ template <template <class> class Body>
 std::vector<Tensor> run_bcast(const std::vector<Tensor>& ins, const Bcast& b, at::ScalarType out_dtype) {
   using Slots = Body<float>;
   const auto& shape = b.shape;
-  std::vector<int64_t> batch1(shape.size() + 1, 1);  // [1, ...shape], contiguous
-  for (size_t d = shape.size(); d-- > 0;) batch1[d] = batch1[d + 1] * shape[d];
-  std::vector<int64_t> sizes1 = shape;
+  std::vector<int64_t> sizes1 = shape;  // [1, ...shape]
   sizes1.insert(sizes1.begin(), 1);
-  Tensor ref = new_tensor(sizes1, batch1, ins[0].options().dtype(out_dtype));
+  Tensor ref = new_tensor(sizes1, c10::contiguous_strides(sizes1), ins[0].options().dtype(out_dtype));
   Plan p = make_plan(ref);
   Runner<Body> r(p, ref, b.compute == at::kDouble);
   const bool cuda = cuda_path(ref);

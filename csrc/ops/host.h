@@ -108,24 +108,30 @@ inline void check_model_inputs(const Tensor& mo, const char* x_name, const Tenso
   check_t(t, x.size(0), table);
 }
 
+// The driver's view of x's data read with `strides`, those of a tensor of the plan's shape [B, ...] (dim 0 the
+// batch; one_sample: B = 1, whose batch stride is taken as N).
+inline Operand strided_operand(const Plan& p, const Tensor& x, at::IntArrayRef strides, bool one_sample) {
+  Operand o;
+  o.dtype = x.scalar_type();
+  o.direct = is_direct(p, strides);
+  o.batch_stride = one_sample ? p.N : strides[0];
+  for (int k = 0; k < p.nd; ++k) o.stride[k] = strides[p.dim[k]];
+  o.base = static_cast<char*>(x.data_ptr());
+  return o;
+}
+
 // The driver's view of x; on CUDA a non-direct input is first copied into the plan's layout. The Operand
 // holds a raw pointer, so the tensor it points into is kept alive in `keep` until the launch has run: x
 // may be a temporary (run_bcast's cast of a broadcast fp16 / bf16 input to the compute dtype).
 inline Operand operand(const Plan& p, const Tensor& x, std::vector<Tensor>& keep) {
-  Operand o;
-  if (!x.defined()) return o;
+  if (!x.defined()) return Operand();
   Tensor y = x;
   if (cuda_path(x) && !is_direct(p, x)) {
     y = alloc_like_plan(p, x.sizes(), x.options());
     y.copy_(x);
   }
   keep.push_back(y);
-  o.dtype = y.scalar_type();
-  o.direct = is_direct(p, y);
-  o.batch_stride = y.size(0) == 1 ? p.N : y.stride(0);
-  for (int k = 0; k < p.nd; ++k) o.stride[k] = y.stride(p.dim[k]);
-  o.base = static_cast<char*>(y.data_ptr());
-  return o;
+  return strided_operand(p, y, y.strides(), y.size(0) == 1);
 }
 
 // One launch of Body: operands set by slot (Body<S>::in_... / out_...; an unset or undefined one is absent),

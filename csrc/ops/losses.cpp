@@ -185,8 +185,7 @@ DDPM_DEVICE_OP(prior_bpd_backward, "(Tensor grad, Tensor x0, Tensor table) -> Te
 //   loss the per-sample MSE weight w); the backward scales them per sample in one scale_halves pass, which
 //   takes the terms' gradients as they come (LossScales: how they mix).
 
-// The coefficients of scale_halves (ScaleElem): scale_mean = loss_mean g_loss w + mse_mean g_mse + vb_mean g_vb,
-// scale_var = loss_var g_loss + vb_var g_vb.
+// The five coefficients of scale_halves (their formula: losses.h's ScaleElem).
 struct LossScales {
   double loss_mean, mse_mean, vb_mean, loss_var, vb_var;
 };

@@ -19,6 +19,7 @@ from . import _math as M
 from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
 from ._runtime import MEAN_IDS, check_device, compute_dtype, table, tl_dtype
+from ..ops._checks import broadcast_shape
 from ..schedule import COLUMN
 from .noising import linear2_autograd
 
@@ -120,19 +121,14 @@ def _out_dtype(*args):
 
 
 def _broadcast_shape(*shapes):
-    """torch.broadcast_shapes of shapes that broadcast (expand raises where they do not), ~20x cheaper for plain
-    int sizes (~25 us a call there); symbolic sizes (tracing) take torch's."""
+    """torch.broadcast_shapes: ddpm_fast.ops._checks' broadcast_shape for plain int sizes that broadcast (~20x
+    cheaper), torch's for symbolic ones (tracing) and to raise its error for shapes that do not."""
     for shape in shapes:
         for size in shape:
             if type(size) is not int:
                 return torch.broadcast_shapes(*shapes)
-    ndim = max(len(shape) for shape in shapes)
-    out = [1] * ndim
-    for shape in shapes:
-        for i, size in enumerate(shape, ndim - len(shape)):
-            if size != 1:
-                out[i] = size
-    return torch.Size(out)
+    out = broadcast_shape(*shapes)
+    return torch.Size(out) if out is not None else torch.broadcast_shapes(*shapes)
 
 
 def _expanded(a, shape, bs):
