@@ -183,6 +183,67 @@ def test_training_losses(mean_type, var_type, loss_type, weighting):
           grad_idx=(0,))
 
 
+@pytest.mark.parametrize("var_type,loss_type", [("learned_range", "mse"), ("learned", "kl"), ("fixed_large", "mse")])
+def test_loss_gradients_from_some_terms_and_strided(var_type, loss_type):
+    """The loss backward takes each term's per-sample gradient as given: absent (the term not differentiated: no
+    zeros made), a strided [B] view, or an expanded scalar. Each against the reference's gradient in float64."""
+    d = data(learned=var_type.startswith("learned"), seed=5)
+    B = d["x0"].shape[0]
+    weights = torch.arange(1.0, 2 * B + 1, dtype=torch.float64)[::2]  # a [B] view of stride 2
+
+    def grads(backend, dtype):
+        mo = d["mo"].to(dtype).to(DEV).requires_grad_()
+        terms = F.training_losses(mo, d["x0"].to(dtype).to(DEV), d["t"].to(DEV), d["noise"].to(dtype).to(DEV), SCHED,
+                                  mean_type="epsilon", var_type=var_type, loss_type=loss_type, backend=backend)
+        out = []
+        for name in terms:  # one term at a time: the other terms' gradients are absent
+            for g in (weights.to(terms[name].dtype).to(DEV), torch.tensor(0.5, dtype=terms[name].dtype,
+                                                                           device=DEV).expand(B)):
+                out.append(torch.autograd.grad(terms[name], mo, g, retain_graph=True)[0])
+        return out
+
+    got, same, want = grads("triton", torch.float32), grads("reference", torch.float32), grads("reference",
+                                                                                                torch.float64)
+    assert len(got) == len(want) > 0
+    for i, (k, r, r64) in enumerate(zip(got, same, want)):
+        assert_flash(k.cpu(), r.cpu(), r64.cpu(), torch.float32, f"{var_type} {loss_type} gradient {i}")
+
+
+def test_layouts_beyond_three_dims_run_on_contiguous_copies():
+    """Four per-sample dims that no two merge (every one strided): the launch runs on contiguous copies and
+    copies its outputs back; the loss (model output planned at x0's shape) and q_sample agree with the reference."""
+    d = data(B=2, spatial=(3, 4, 2), learned=True, seed=6)
+
+    def strided(x):  # every dim but the batch dim of stride 2 in a buffer twice as large per dim
+        big = torch.zeros(x.shape[0], *(2 * n for n in x.shape[1:]), dtype=x.dtype, device=DEV)
+        view = big[(slice(None),) + (slice(None, None, 2),) * (x.ndim - 1)]
+        view.copy_(x)
+        return view
+
+    from ddpm_fast.triton import _layout
+    with pytest.raises(_layout.LayoutError):
+        _layout.plan([strided(d["x0"].float())])
+
+    def loss(backend, dtype, layout):
+        mo = layout(d["mo"].to(dtype)).requires_grad_()
+        terms = F.training_losses(mo, layout(d["x0"].to(dtype)), d["t"].to(DEV), layout(d["noise"].to(dtype)), SCHED,
+                                  mean_type="epsilon", var_type="learned_range", loss_type="rescaled_mse",
+                                  backend=backend)
+        sum(o.sum() * (i + 1) for i, o in enumerate(terms.values())).backward()
+        return [*terms.values(), mo.grad]
+
+    plain = lambda x: x.to(DEV).clone()  # noqa: E731
+    got = loss("triton", torch.float32, strided)
+    same, want = loss("reference", torch.float32, plain), loss("reference", torch.float64, plain)
+    for i, (k, r, r64) in enumerate(zip(got, same, want)):
+        assert_flash(k.cpu(), r.cpu(), r64.cpu(), torch.float32, f"hybrid, 4 strided dims, output {i}")
+    x0, t, noise = d["x0"].float(), d["t"].to(DEV), d["noise"].float()
+    got = F.q_sample(strided(x0), t, strided(noise), SCHED, backend="triton")
+    same = F.q_sample(plain(x0), t, plain(noise), SCHED, backend="reference")
+    assert_flash(got.cpu(), same.cpu(), R.q_sample(d["x0"], d["t"], d["noise"], SCHED), torch.float32,
+                 "q_sample, 4 strided dims")
+
+
 @pytest.mark.parametrize("B,spatial,kind", [(3, (5, 7), "channels_last"), (3, (5, 7), "sliced"), (1, (5, 7), "contiguous"),
                                             (2, (), "contiguous"), (2, (3, 4, 2), "contiguous")])
 @pytest.mark.parametrize("dtype", DTYPES)

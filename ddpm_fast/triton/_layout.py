@@ -79,13 +79,22 @@ def _row_major(sizes) -> tuple:
     return tuple(reversed(strides))
 
 
-def plan(operands, logical: bool = False) -> Plan:
+def plan(operands, logical: bool = False, shape=None) -> Plan:
     """Plan for tensors of one shape [B, ...] (views are fine). Raises ValueError if > 3 dims remain.
 
-    logical: add the row-major strides of the shape as a last stride set (see the module docstring)."""
-    shape = tuple(operands[0].shape)
-    if any(tuple(x.shape) != shape for x in operands):
-        raise ValueError(f"operands: expected one shape {shape}, got {[tuple(x.shape) for x in operands]}")
+    logical: add the row-major strides of the shape as a last stride set (see the module docstring).
+    shape: plan this shape instead, each operand addressed by its own strides from index 0 (its leading box
+    of that shape: a model output [B, 2C, ...] planned at [B, C, ...] is its mean half); every operand must
+    hold it (same ndim, each size at least the shape's)."""
+    if shape is None:
+        shape = tuple(operands[0].shape)
+        if any(tuple(x.shape) != shape for x in operands):
+            raise ValueError(f"operands: expected one shape {shape}, got {[tuple(x.shape) for x in operands]}")
+    else:
+        shape = tuple(shape)
+        for x in operands:
+            if x.ndim != len(shape) or any(have < want for have, want in zip(x.shape, shape)):
+                raise ValueError(f"operands: expected shapes holding {shape}, got {[tuple(x.shape) for x in operands]}")
     rest = shape[1:]
     stride_sets = [x.stride()[1:] for x in operands] + ([_row_major(rest)] if logical else [])
     sizes, strides = _merge(rest, stride_sets)
@@ -117,9 +126,9 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _lookup(operands, logical: bool) -> tuple:
+def _lookup(operands, logical: bool, shape=None) -> tuple:
     """(the cache key of these operands, their cached (Plan, LaunchConfig) or None); key None while tracing."""
-    key, previous = [logical], None
+    key, previous = [logical, shape], None
     for x in operands:  # an operand repeated (a model output read as both halves, ...) keys as None
         if x is previous:
             key.append(None)
@@ -134,14 +143,14 @@ def _lookup(operands, logical: bool) -> tuple:
         return None, None
 
 
-def planned(operands, logical: bool = False) -> tuple:
-    """(Plan, _runtime.LaunchConfig) for operands of one shape [B, ...], cached by their shapes and strides:
-    a repeated call costs one dict lookup. Raises LayoutError (> 3 unmergeable dims), or ValueError from
-    launch_config."""
-    key, hit = _lookup(operands, logical)
+def planned(operands, logical: bool = False, shape=None) -> tuple:
+    """(Plan, _runtime.LaunchConfig) for operands of one shape [B, ...] (or planned at ``shape``, see plan),
+    cached by their shapes and strides: a repeated call costs one dict lookup. Raises LayoutError (> 3
+    unmergeable dims), or ValueError from launch_config."""
+    key, hit = _lookup(operands, logical, shape)
     if hit is None:
-        p = plan(operands, logical)
-        hit = (p, launch_config(p.n, operands[0].shape[0]))
+        p = plan(operands, logical, shape)
+        hit = (p, launch_config(p.n, (shape or operands[0].shape)[0]))
         if key is not None:
             if len(_CACHE) >= CACHE_SIZE:
                 _CACHE.clear()
@@ -149,32 +158,32 @@ def planned(operands, logical: bool = False) -> tuple:
     return hit
 
 
-def run(inputs, outputs, launch, logical: bool = False) -> None:
+def run(inputs, outputs, launch, logical: bool = False, shape=None) -> None:
     """launch(inputs, outputs, plan, config) on a common plan of the operands (inputs [B, ...] then outputs,
-    one shape; the row-major stride set last if logical), on the inputs' CUDA device; if the layouts do not
-    fit one plan, on contiguous copies (outputs copied back afterwards: an extra pass, only for > 3
-    unmergeable dims)."""
+    one shape, or planned at ``shape`` (see plan); the row-major stride set last if logical), on the inputs'
+    CUDA device; if the layouts do not fit one plan, on contiguous copies (outputs copied back afterwards: an
+    extra pass, only for > 3 unmergeable dims)."""
     first = inputs[0]
     # Triton launches on the current CUDA device: switch only when the inputs are on another one (the context
     # manager costs a few microseconds); CPU tensors (the interpreter) have no current device
     if first.is_cuda and first.get_device() != torch.cuda.current_device():
         with device_guard(first.device):
-            _run(inputs, outputs, launch, logical)
+            _run(inputs, outputs, launch, logical, shape)
         return
-    _, hit = _lookup((*inputs, *outputs), logical)
+    _, hit = _lookup((*inputs, *outputs), logical, shape)
     if hit is None:  # planned on first use (or each time while tracing)
-        _run(inputs, outputs, launch, logical)
+        _run(inputs, outputs, launch, logical, shape)
     else:
         launch(inputs, outputs, *hit)
 
 
-def _run(inputs, outputs, launch, logical):
+def _run(inputs, outputs, launch, logical, shape):
     try:
-        p, c = planned([*inputs, *outputs], logical)
+        p, c = planned([*inputs, *outputs], logical, shape)
     except LayoutError:
         ci = [x.contiguous() for x in inputs]
         co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
-        p, c = planned(ci + co, logical)
+        p, c = planned(ci + co, logical, shape)
         launch(ci, co, p, c)
         for o, copy in zip(outputs, co):
             o.copy_(copy)

@@ -70,6 +70,13 @@ def tl_dtype(dtype: torch.dtype):
 table = NoiseSchedule.table
 
 
+def var_offset(x: torch.Tensor, var_type: int) -> int:
+    """Elements from the mean half of a model output (or its gradient) [B, 2C, ...] to its variance half: C times
+    the channel stride (0 without a learned variance). Kernels address the mean half by x's own strides, planned
+    at x_t's shape (_layout.run's shape), and the variance half at this offset: no half is made as a view."""
+    return (x.shape[1] // 2) * x.stride(1) if var_type in LEARNED else 0
+
+
 def block_for(n: int) -> tuple:
     """(BLOCK, num_warps) for n elements per sample. The interpreter prefers few large programs."""
     p = 1 << max(int(n) - 1, 0).bit_length()

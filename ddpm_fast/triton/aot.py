@@ -24,6 +24,7 @@ def _variants():
     big = dict(fp, IDX64=True)  # more than 2^31 elements per sample: int64 element indices
     solver = dict(fp, **{flag: False for flag in ("HAS_COND", "HAS_CFG", "HAS_THRESH", "HAS_H1", "HAS_H2", "HAS_H3",
                                                   "HAS_LAST")}, NOISE=0)
+    g_loss_only = dict(G_LOSS=True, G_MSE=False, G_VB=False)  # vb_bwd from loss.mean().backward()
     return [
         ("q_sample", noising._q_sample_kernel, fp, True),
         ("q_sample int64 index", noising._q_sample_kernel, big, True),
@@ -50,13 +51,13 @@ def _variants():
          dict(MEAN=0, VAR=3, WEIGHTING=1, DO_VB=True, DO_MSE=True, CBLOCK=64), False),
         ("vb_bwd hybrid eps/learned_range", vb._vb_bwd_kernel,
          dict(fp, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True, VB_MEAN_GRAD=False,
-              WEIGHTING=2), True),
+              WEIGHTING=2, **g_loss_only), True),
         ("vb_bwd kl eps/learned_range clip", vb._vb_bwd_kernel,
          dict(fp, MEAN=0, VAR=3, CLIP=True, FROM_NOISE=False, DO_VB=True, DO_MSE=False, VB_MEAN_GRAD=True,
-              WEIGHTING=0), True),
+              WEIGHTING=0, **g_loss_only), True),
         ("vb_bwd mse v/fixed_small", vb._vb_bwd_kernel,
          dict(fp, MEAN=3, VAR=0, CLIP=False, FROM_NOISE=True, DO_VB=False, DO_MSE=True, VB_MEAN_GRAD=False,
-              WEIGHTING=1), True),
+              WEIGHTING=1, **g_loss_only), True),
         ("abs_xstart (dyn. threshold)", sampler._abs_xstart_kernel, dict(fp, MEAN=0), True),
         ("p_mean_variance learned_range", sampler._sampler_kernel,
          dict(fp, MODE=0, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=0), True),
@@ -70,7 +71,7 @@ def _variants():
          dict(big, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2), True),
         ("vb_bwd hybrid int64 index", vb._vb_bwd_kernel,
          dict(big, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True, VB_MEAN_GRAD=False,
-              WEIGHTING=2), True),
+              WEIGHTING=2, **g_loss_only), True),
         ("p_sample_step noise tensor", sampler._sampler_kernel,
          dict(fp, MODE=1, MEAN=0, VAR=0, CLIP=True, DT=False, NOISE=1), True),
         ("ddim_step noise + dyn. threshold", sampler._sampler_kernel,
@@ -90,7 +91,8 @@ def _variants():
 
 def _signature(kernel, constexprs):
     """Argument types as the JIT would see them for fp32 tensors: pointers *fp32 (t and seed *i64); an int seed
-    i64; sizes and strides i32, except N and the batch strides, i64 for the IDX64 variants (>= 2^31 elements per sample)."""
+    i64; sizes and strides i32, except N, the batch strides and the variance-half offsets, i64 for the IDX64
+    variants (>= 2^31 elements per sample)."""
     sig, attrs = {}, {}
     idx64 = bool(constexprs.get("IDX64", False))
     for i, name in enumerate(kernel.arg_names):
@@ -105,7 +107,7 @@ def _signature(kernel, constexprs):
         elif name == "seed":  # an int Philox seed in [0, 2^63)
             sig[name] = "i64"
         else:
-            sig[name] = "i64" if idx64 and (name.endswith("_sb") or name == "N") else "i32"
+            sig[name] = "i64" if idx64 and (name.endswith(("_sb", "var_offset")) or name == "N") else "i32"
             if name.endswith("_sb") or name == "N":  # batch strides and sizes of 16-aligned samples
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs

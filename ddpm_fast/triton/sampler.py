@@ -27,7 +27,8 @@ import triton.language as tl
 from . import _math as M
 from ._dispatch import call, define, wrap_triton
 from ._layout import run
-from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, seed_tensor, table, tl_dtype
+from ._runtime import (LEARNED, MEAN_IDS, VAR_IDS, check_device, seed_tensor, table, tl_dtype,
+                       var_offset)
 
 
 @triton.jit
@@ -43,14 +44,15 @@ def _abs_xstart_kernel(mo_ptr, xt_ptr, out_ptr, t_ptr, table_ptr,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed_ptr, thr_ptr, t_ptr, table_ptr,
-                    m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, x_sb, x_s1, x_s2, x_s3, z_sb, z_s1, z_s2, z_s3,
+def _sampler_kernel(mo_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed_ptr, thr_ptr, t_ptr, table_ptr,
+                    m_sb, m_s1, m_s2, m_s3, x_sb, x_s1, x_s2, x_s3, z_sb, z_s1, z_s2, z_s3,
                     a_sb, a_s1, a_s2, a_s3, b_sb, b_s1, b_s2, b_s3, c_sb, c_s1, c_s2, c_s3, d_sb, d_s1, d_s2, d_s3,
-                    l_sb, l_s1, l_s2, l_s3, N, T, D2, D3, n_chunks, sample_max, eta, seed,
+                    l_sb, l_s1, l_s2, l_s3, N, T, D2, D3, n_chunks, var_offset, sample_max, eta, seed,
                     MODE: tl.constexpr, MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, DT: tl.constexpr,
                     NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
                     CDT: tl.constexpr, SEED_FROM_PTR: tl.constexpr = True):
-    """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart).
+    """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart). A learned
+    variance is read var_offset elements from the model output's mean half, with its strides.
     l_*: the row-major strides (l_sb = N) giving in-kernel noise its counter b * N + row-major index; the
     Philox seed is seed_ptr[0] (SEED_FROM_PTR: a device tensor, graph-safe) or the int seed."""
     b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
@@ -75,8 +77,8 @@ def _sampler_kernel(mo_ptr, mv_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_p
             if t != 0:
                 res = res + sigma * z
     else:
-        lv = M._load_model_log_variance(out, mv_ptr, b, n, m, t, table_ptr, v_sb, v_s1, v_s2, v_s3, D2, D3, VAR,
-                                        FLAT, CDT)
+        lv = M._load_model_log_variance(out, mo_ptr + var_offset, b, n, m, t, table_ptr, m_sb, m_s1, m_s2, m_s3, D2,
+                                        D3, VAR, FLAT, CDT)
         if MEAN == 2:
             res = out
         else:
@@ -112,13 +114,13 @@ def _quantile(a: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def _stride_sets(p, n_out: int, full: bool, noise_mode: int) -> tuple:
-    """_sampler_kernel's stride arguments for plan p: the 4 inputs' stride sets, the outputs' (n_out: 2, or 4
+    """_sampler_kernel's stride arguments for plan p: the 3 inputs' stride sets, the outputs' (n_out: 2, or 4
     when full), x_t's twice more for the per-sample / absent outputs when not full (never used), then the
     row-major set for in-kernel noise (noise_mode 2; else x_t's, unused)."""
-    sets = list(p.strides[:4 + n_out])
+    sets = list(p.strides[:3 + n_out])
     if not full:
-        sets += [p.strides[2]] * 2
-    sets.append(p.strides[-1] if noise_mode == 2 else p.strides[2])
+        sets += [p.strides[1]] * 2
+    sets.append(p.strides[-1] if noise_mode == 2 else p.strides[1])
     return tuple(s for st in sets for s in st)
 
 
@@ -140,11 +142,6 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
     B = x_t.shape[0]
     cdt = table_.dtype
     learned = var_type in LEARNED
-    if learned:
-        half = model_output.shape[1] // 2
-        mo, mv = model_output.narrow(1, 0, half), model_output.narrow(1, half, half)
-    else:
-        mo, mv = model_output, model_output
     thr = []
     if dynamic_threshold is not None:
         def launch_abs(ins, _, p, c):
@@ -154,7 +151,7 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
                                              IDX64=c.idx64, CDT=tl_dtype(cdt), num_warps=c.warps)
             thr.append(_quantile(buf, dynamic_threshold))
 
-        run((mo, x_t), (), launch_abs)
+        run((model_output, x_t), (), launch_abs, shape=x_t.shape)  # the mean half (see var_offset)
     noise_mode = 1 if noise is not None else (0 if seed is None and seed_value is None else 2)
     full = mode == 0 and learned  # variance outputs full size (else one value per sample, or none)
 
@@ -163,12 +160,12 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
         wrap(_sampler_kernel)[c.grid](
             *ins, o[0], o[1], *o34, seed if seed is not None else t, thr[0] if thr else t, t, table_,
             *_stride_args(p, len(o), full, noise_mode), p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
-            float(sample_max_value), float(eta), 0 if seed_value is None else seed_value, MODE=mode, MEAN=mean_type,
-            VAR=var_type, CLIP=clip, DT=dynamic_threshold is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block,
+            var_offset(ins[0], var_type), float(sample_max_value), float(eta), 0 if seed_value is None else seed_value,
+            MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip, DT=dynamic_threshold is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block,
             IDX64=c.idx64, CDT=tl_dtype(cdt), SEED_FROM_PTR=seed_value is None, num_warps=c.warps)
 
-    ins = (mo, mv, x_t, noise if noise is not None else x_t)
-    run(ins, outs[:4] if full else outs[:2], launch, logical=noise_mode == 2)
+    ins = (model_output, x_t, noise if noise is not None else x_t)  # planned at x_t's shape: the mean half
+    run(ins, outs[:4] if full else outs[:2], launch, logical=noise_mode == 2, shape=x_t.shape)
 
 
 def _dt(dynamic_threshold: float):

@@ -22,14 +22,14 @@ from . import _math as M
 from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
 from ..options import LOSS_TYPES, WEIGHTING_IDS, loss_terms
-from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, table, tl_dtype
+from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, table, tl_dtype, var_offset
 MODES = ("vb",) + LOSS_TYPES  # "vb": vb_terms_bpd (x_t given); a loss type: training_losses
 
 
 @triton.jit
-def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
-                   m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
-                   N, T, D2, D3, n_chunks,
+def _vb_fwd_kernel(mo_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
+                   m_sb, m_s1, m_s2, m_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
+                   N, T, D2, D3, n_chunks, var_offset,
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
                    DO_VB: tl.constexpr, DO_MSE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
                    IDX64: tl.constexpr, CDT: tl.constexpr):
@@ -43,8 +43,8 @@ def _vb_fwd_kernel(mo_ptr, mv_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
         d = M.mean_target(x0, xt, xn, table_ptr, t, MEAN) - out
         mse_part = tl.sum(tl.where(m, d * d, 0.0), axis=0)
     if DO_VB:
-        lv = M._load_model_log_variance(out, mv_ptr, b, n, m, t, table_ptr, v_sb, v_s1, v_s2, v_s3, D2, D3, VAR,
-                                        FLAT, CDT)
+        lv = M._load_model_log_variance(out, mo_ptr + var_offset, b, n, m, t, table_ptr, m_sb, m_s1, m_s2, m_s3, D2,
+                                        D3, VAR, FLAT, CDT)
         mean, raw = M._model_mean(out, xt, table_ptr, t, MEAN, CLIP)
         if t > 0:
             term = M.normal_kl(M.posterior_mean(x0, xt, table_ptr, t), M._col(table_ptr, t, M.POST_LOGVAR), mean, lv)
@@ -75,27 +75,39 @@ def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_c
 
 
 @triton.jit
-def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_ptr, gmv_ptr, t_ptr, table_ptr,
-                   m_sb, m_s1, m_s2, m_s3, v_sb, v_s1, v_s2, v_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
-                   gm_sb, gm_s1, gm_s2, gm_s3, gv_sb, gv_s1, gv_s2, gv_s3,
-                   N, T, D2, D3, n_chunks, gamma, vb_scale, loss_scale,
-                   MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
-                   DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr, WEIGHTING: tl.constexpr,
+def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, x0_ptr, xn_ptr, gmo_ptr, t_ptr, table_ptr,
+                   m_sb, m_s1, m_s2, m_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, g_sb, g_s1, g_s2, g_s3,
+                   N, T, D2, D3, n_chunks, var_offset, grad_var_offset, g_loss_stride, g_mse_stride, g_vb_stride,
+                   gamma, vb_scale, loss_scale, MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr,
+                   FROM_NOISE: tl.constexpr, DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr, WEIGHTING: tl.constexpr,
+                   G_LOSS: tl.constexpr, G_MSE: tl.constexpr, G_VB: tl.constexpr,
                    FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
+    """The gradient of sum_b(g_loss[b] loss[b] + g_mse[b] mse[b] + g_vb[b] vb[b]) w.r.t. the model output, both
+    halves for a learned variance (the variance half at var_offset / grad_var_offset elements from the mean half,
+    with its strides). A per-sample gradient absent (G_LOSS / G_MSE / G_VB false) is zero and not read; g_*_stride:
+    their strides (0 for a gradient expanded from a scalar)."""
     b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
-    g_loss = tl.load(gl_ptr + b).to(CDT)
+    g_loss = 0.0
+    if G_LOSS:
+        g_loss = tl.load(gl_ptr + b * g_loss_stride).to(CDT)
     out, x0, xn, xt = M._load_training_operands(mo_ptr, x0_ptr, xn_ptr, table_ptr, b, n, m, t, m_sb, m_s1, m_s2,
                                                 m_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, D2, D3,
                                                 FROM_NOISE, FLAT, CDT)
     g_out = tl.zeros([BLOCK], CDT)
     if DO_MSE:
         w = M.loss_weight(table_ptr, t, gamma, MEAN, VAR, WEIGHTING)
-        coef = (g_loss * w + tl.load(gm_ptr + b).to(CDT)) * 2.0 / N
+        coef = g_loss * w
+        if G_MSE:
+            coef += tl.load(gm_ptr + b * g_mse_stride).to(CDT)
+        coef = coef * 2.0 / N
         g_out = coef * (out - M.mean_target(x0, xt, xn, table_ptr, t, MEAN))
     if DO_VB:
-        G = (tl.load(gv_ptr + b).to(CDT) + g_loss * loss_scale) * vb_scale / N / 0.6931471805599453
-        lv = M._load_model_log_variance(out, mv_ptr, b, n, m, t, table_ptr, v_sb, v_s1, v_s2, v_s3, D2, D3, VAR,
-                                        FLAT, CDT)
+        G = g_loss * loss_scale
+        if G_VB:
+            G += tl.load(gv_ptr + b * g_vb_stride).to(CDT)
+        G = G * vb_scale / N / 0.6931471805599453
+        lv = M._load_model_log_variance(out, mo_ptr + var_offset, b, n, m, t, table_ptr, m_sb, m_s1, m_s2, m_s3, D2,
+                                        D3, VAR, FLAT, CDT)
         mean, raw = M._model_mean(out, xt, table_ptr, t, MEAN, CLIP)
         if t > 0:
             post_logvar = M._col(table_ptr, t, M.POST_LOGVAR)
@@ -112,16 +124,20 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, mv_ptr, x0_ptr, xn_ptr, gmo_p
                     g_mean = tl.where((raw >= -1.0) & (raw <= 1.0), g_mean, 0.0)
             g_out += g_mean
         if VAR >= 2:
-            tl.store(gmv_ptr + M._offsets(b, n, gv_sb, gv_s1, gv_s2, gv_s3, D2, D3, FLAT),
+            tl.store(gmo_ptr + grad_var_offset + M._offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT),
                      G * dlv * M._dlogvar_dv(table_ptr, t, VAR), mask=m)
-    tl.store(gmo_ptr + M._offsets(b, n, gm_sb, gm_s1, gm_s2, gm_s3, D2, D3, FLAT), g_out, mask=m)
+    tl.store(gmo_ptr + M._offsets(b, n, g_sb, g_s1, g_s2, g_s3, D2, D3, FLAT), g_out, mask=m)
 
 
 # -- launch configuration --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=256)
-def _flags(mode: str, var_type: int, num_timesteps: int) -> dict:
-    """The launch flags and scales of a loss mode (made once per combination: the launchers only read them)."""
+def _flags(mode: str, var_type: int, num_timesteps: int, weighting: int) -> dict:
+    """The launch flags and scales of a loss mode, checked and made once per combination (the launchers only read
+    them); ValueError for an unknown mode or weighting id (not cached: raised on every such call)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown {mode!r}; expected one of {MODES}")
+    if weighting not in (0, 1, 2):
+        raise ValueError(f"weighting: unknown id {weighting!r}")
     learned = var_type in LEARNED
     do_mse = mode in ("mse", "rescaled_mse")
     return dict(
@@ -135,34 +151,19 @@ def _flags(mode: str, var_type: int, num_timesteps: int) -> dict:
     )
 
 
-def _halves(mo: torch.Tensor, var_type: int):
-    if var_type in LEARNED:
-        return mo.chunk(2, 1)  # the two halves in one view call (2C channels: C each, as two narrows)
-    return mo, mo
-
-
-def _check_mode(mode, weighting):
-    if mode not in MODES:
-        raise ValueError(f"mode: unknown {mode!r}; expected one of {MODES}")
-    if weighting not in (0, 1, 2):
-        raise ValueError(f"weighting: unknown id {weighting!r}")
-
-
 # -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
 def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
     """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
-    _check_mode(mode, weighting)
     B, T = x0.shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
-    f = _flags(mode, var_type, T)
+    f = _flags(mode, var_type, T, weighting)
     outs = [table_.new_empty(B) for _ in range(3)]  # the table's dtype, on x0's device (no kwargs to parse)
     if B == 0 or x0.numel() == 0:
         return tuple(o.fill_(float("nan")) for o in outs)
-    mo, mv = _halves(model_output, var_type)
 
     def launch(ins, _, p, c):
-        part = table_.new_empty((B, 2, c.n_chunks))
+        part = table_.new_empty(2 * B * c.n_chunks)  # [B, 2, n_chunks] partial sums, flat
         wrap(_vb_fwd_kernel)[c.grid](
-            *ins, part, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
+            *ins, part, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(ins[0], var_type),
             MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"],
             DO_MSE=f["DO_MSE"], FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
             num_warps=c.warps)
@@ -170,7 +171,7 @@ def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode,
             part, *outs, t, table_, c.n_chunks, p.n, T, min_snr_gamma, f["vb_scale"], f["loss_scale"],
             MEAN=mean_type, VAR=var_type, WEIGHTING=weighting, DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], CBLOCK=64)
 
-    run((mo, mv, x0, xn), (), launch)
+    run((model_output, x0, xn), (), launch, shape=x0.shape)
     return tuple(outs)
 
 
@@ -184,25 +185,29 @@ def bwd_warps(warps: int, do_vb: bool) -> int:
 def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip,
                         weighting, min_snr_gamma):
     """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
-    _check_mode(mode, weighting)
     T = int(table_.shape[0])  # T specialised: a schedule has one table
-    f = _flags(mode, var_type, T)
+    f = _flags(mode, var_type, T, weighting)
     grad = torch.empty_like(model_output)
     if grad.numel() == 0:
         return grad
-    mo, mv = _halves(model_output, var_type)
-    gmo, gmv = _halves(grad, var_type)
 
     def launch(ins, outs, p, c):
         wrap(_vb_bwd_kernel)[c.grid](
-            g_loss, g_mse, g_vb, *ins, *outs, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2],
-            c.n_chunks, min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip,
+            g_loss, g_mse, g_vb, *ins, *outs, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
+            var_offset(ins[0], var_type), var_offset(outs[0], var_type), _stride0(g_loss), _stride0(g_mse),
+            _stride0(g_vb), min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip,
             FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"],
-            WEIGHTING=weighting, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
+            WEIGHTING=weighting, G_LOSS=g_loss is not None, G_MSE=g_mse is not None, G_VB=g_vb is not None,
+            FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
             num_warps=bwd_warps(c.warps, f["DO_VB"]))
 
-    run((mo, mv, x0, xn), (gmo, gmv), launch)
+    run((model_output, x0, xn), (grad,), launch, shape=x0.shape)
     return grad
+
+
+def _stride0(g) -> int:
+    """The stride of a per-sample gradient [B] (0 when expanded from a scalar; 0 when absent: never read)."""
+    return 0 if g is None else g.stride(0)
 
 
 # -- library ops and autograd -------------------------------------------------------------------
@@ -217,11 +222,13 @@ def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor,
 
 
 @define("vb_losses_backward", lambda g_loss, g_mse, g_vb, model_output, *rest: torch.empty_like(model_output))
-def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch.Tensor, model_output: torch.Tensor,
+def vb_losses_backward_op(g_loss: torch.Tensor | None, g_mse: torch.Tensor | None, g_vb: torch.Tensor | None,
+                          model_output: torch.Tensor,
                           x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor, table_: torch.Tensor, mean_type: int,
                           var_type: int, mode: str, clip: bool, weighting: int,
                           min_snr_gamma: float) -> torch.Tensor:
-    """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
+    """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output (an absent
+    per-sample gradient: zero)."""
     return _vb_losses_backward(wrap_triton, g_loss, g_mse, g_vb, model_output, x0, xn, t, table_, mean_type,
                                var_type, mode, clip, weighting, min_snr_gamma)
 
@@ -229,6 +236,7 @@ def vb_losses_backward_op(g_loss: torch.Tensor, g_mse: torch.Tensor, g_vb: torch
 def _setup(ctx, inputs, output):
     mo, x0, xn, t, table_, *flags = inputs
     ctx.flags = flags
+    ctx.set_materialize_grads(False)  # a term not differentiated comes as None: the kernel skips it (no zeros made)
     ctx.save_for_backward(mo, x0, xn, t, table_)
 
 
@@ -236,10 +244,7 @@ def _backward(ctx, g_loss, g_mse, g_vb):
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # never silently drop a gradient
         raise NotImplementedError("ddpm_fast.triton's loss kernels differentiate w.r.t. model_output only; "
                                   "ddpm_fast.vb_terms_bpd / training_losses route such calls to the reference")
-    mo, x0, xn, t, table_ = ctx.saved_tensors
-    B = x0.shape[0]
-    zero = lambda g: g.contiguous() if g is not None else x0.new_zeros((B,), dtype=table_.dtype)  # noqa: E731
-    tensors = (zero(g_loss), zero(g_mse), zero(g_vb), mo, x0, xn, t, table_)
+    tensors = (g_loss, g_mse, g_vb, *ctx.saved_tensors)  # the gradients as given: strided, or None (zero)
     grad = call(vb_losses_backward_op, _vb_losses_backward, None, (*tensors, *ctx.flags), tensors)
     return (grad,) + (None,) * 10
 
