@@ -209,6 +209,32 @@ def test_loss_gradients_from_some_terms_and_strided(var_type, loss_type):
         assert_flash(k.cpu(), r.cpu(), r64.cpu(), torch.float32, f"{var_type} {loss_type} gradient {i}")
 
 
+def test_outputs_left_out_of_the_plan_key_have_the_planned_layout(monkeypatch):
+    """Launchers whose outputs are torch.empty_like of an input key their plan by the inputs alone (_layout.run's
+    like); with CHECK_LIKE every cached plan is checked against the outputs' own layouts, over layouts that give
+    different output strides, in both orders."""
+    from ddpm_fast.triton import _layout
+    monkeypatch.setattr(_layout, "CHECK_LIKE", True)
+    d = data(B=3, spatial=(5, 7), learned=True, seed=9)
+    for kinds in (("contiguous", "channels_last", "sliced"), ("sliced", "channels_last", "contiguous")):
+        for kind in kinds:
+            x0, xt, noise = (to(d[k], torch.float32, kind) for k in ("x0", "x_t", "noise"))
+            mo = to(d["mo"], torch.float32, kind, grad=True)
+            t = d["t"].to(DEV)
+            for _ in range(2):  # the second call finds the plan cached
+                F.q_sample(x0, t, noise, SCHED, backend="triton")
+                F.q_posterior(x0, xt, t, SCHED, backend="triton")
+                F.predict_xstart(mo.detach()[:, :3], xt, t, SCHED, backend="triton")
+                F.p_mean_variance(mo.detach(), xt, t, SCHED, var_type="learned_range", backend="triton")
+                F.p_sample_step(mo.detach(), xt, t, SCHED, var_type="learned_range", seed=1, backend="triton")
+                F.training_losses(mo, x0, t, noise, SCHED, var_type="learned_range", backend="triton")["loss"].sum(
+                    ).backward()
+    x0 = to(d["x0"], torch.float32)  # an output not made like its input: the check must catch it
+    contiguous_plan = _layout.planned([x0, torch.empty_like(x0)])
+    with pytest.raises(AssertionError, match="like"):
+        _layout._check_like(contiguous_plan, [x0], [to(d["x0"], torch.float32, "channels_last")], False, None)
+
+
 def test_layouts_beyond_three_dims_run_on_contiguous_copies():
     """Four per-sample dims that no two merge (every one strided): the launch runs on contiguous copies and
     copies its outputs back; the loss (model output planned at x0's shape) and q_sample agree with the reference."""

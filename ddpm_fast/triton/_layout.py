@@ -126,9 +126,10 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _lookup(operands, logical: bool, shape=None) -> tuple:
-    """(the cache key of these operands, their cached (Plan, LaunchConfig) or None); key None while tracing."""
-    key, previous = [logical, shape], None
+def _lookup(operands, logical: bool, shape=None, like=None) -> tuple:
+    """(the cache key of these operands, their cached (Plan, LaunchConfig) or None); key None while tracing.
+    like: (input index, number of outputs) when the outputs are left out of the key (see run)."""
+    key, previous = [logical, shape, like], None
     for x in operands:  # an operand repeated (a model output read as both halves, ...) keys as None
         if x is previous:
             key.append(None)
@@ -143,43 +144,72 @@ def _lookup(operands, logical: bool, shape=None) -> tuple:
         return None, None
 
 
+def _plan_and_keep(key, operands, logical: bool, shape) -> tuple:
+    """(Plan, LaunchConfig) of the operands, kept in the cache under key (None: not kept)."""
+    p = plan(operands, logical, shape)
+    hit = (p, launch_config(p.n, (shape or operands[0].shape)[0]))
+    if key is not None:
+        if len(_CACHE) >= CACHE_SIZE:
+            _CACHE.clear()
+        _CACHE[key] = hit
+    return hit
+
+
 def planned(operands, logical: bool = False, shape=None) -> tuple:
     """(Plan, _runtime.LaunchConfig) for operands of one shape [B, ...] (or planned at ``shape``, see plan),
     cached by their shapes and strides: a repeated call costs one dict lookup. Raises LayoutError (> 3
     unmergeable dims), or ValueError from launch_config."""
     key, hit = _lookup(operands, logical, shape)
-    if hit is None:
-        p = plan(operands, logical, shape)
-        hit = (p, launch_config(p.n, (shape or operands[0].shape)[0]))
-        if key is not None:
-            if len(_CACHE) >= CACHE_SIZE:
-                _CACHE.clear()
-            _CACHE[key] = hit
-    return hit
+    return hit if hit is not None else _plan_and_keep(key, operands, logical, shape)
 
 
-def run(inputs, outputs, launch, logical: bool = False, shape=None) -> None:
+def run(inputs, outputs, launch, logical: bool = False, shape=None, like=None) -> None:
     """launch(inputs, outputs, plan, config) on a common plan of the operands (inputs [B, ...] then outputs,
     one shape, or planned at ``shape`` (see plan); the row-major stride set last if logical), on the inputs'
     CUDA device; if the layouts do not fit one plan, on contiguous copies (outputs copied back afterwards: an
-    extra pass, only for > 3 unmergeable dims)."""
+    extra pass, only for > 3 unmergeable dims).
+
+    like: the index of the input every output was allocated from by ``torch.empty_like`` (then the outputs'
+    layout is a function of that input's shape and strides, and the cache key leaves them out: a cheaper
+    lookup). Only for outputs made that way."""
     first = inputs[0]
     # Triton launches on the current CUDA device: switch only when the inputs are on another one (the context
     # manager costs a few microseconds); CPU tensors (the interpreter) have no current device
     if first.is_cuda and first.get_device() != torch.cuda.current_device():
         with device_guard(first.device):
-            _run(inputs, outputs, launch, logical, shape)
+            _run(inputs, outputs, launch, logical, shape, like)
         return
-    _, hit = _lookup((*inputs, *outputs), logical, shape)
-    if hit is None:  # planned on first use (or each time while tracing)
-        _run(inputs, outputs, launch, logical, shape)
+    if like is None:
+        key, hit = _lookup((*inputs, *outputs), logical, shape)
     else:
+        key, hit = _lookup(inputs, logical, shape, (like, len(outputs)))
+    if hit is None:  # planned on first use (or each time while tracing)
+        _run(inputs, outputs, launch, logical, shape, like, key)
+    else:
+        if CHECK_LIKE and like is not None:
+            _check_like(hit, inputs, outputs, logical, shape)
         launch(inputs, outputs, *hit)
 
 
-def _run(inputs, outputs, launch, logical, shape):
+CHECK_LIKE = False  # tests: check each cached plan run() finds by ``like`` against the outputs' own layouts
+
+
+def _check_like(hit, inputs, outputs, logical, shape):
+    """Raise AssertionError if the plan cached for these inputs (outputs left out of its key) is not the plan of
+    every operand, the outputs included: a caller passed ``like`` for outputs not made by empty_like."""
+    want = planned([*inputs, *outputs], logical, shape)
+    if want != hit:
+        raise AssertionError(f"run(like=...): cached plan {hit} != the operands' {want}")
+
+
+def _run(inputs, outputs, launch, logical, shape, like, key=None):
+    if key is None and like is not None:  # (the device-guard path) the key run() would have used
+        key, _ = _lookup(inputs, logical, shape, (like, len(outputs)))
     try:
-        p, c = planned([*inputs, *outputs], logical, shape)
+        if like is None:
+            p, c = planned([*inputs, *outputs], logical, shape)
+        else:
+            p, c = _plan_and_keep(key, [*inputs, *outputs], logical, shape)
     except LayoutError:
         ci = [x.contiguous() for x in inputs]
         co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]

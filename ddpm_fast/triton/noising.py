@@ -99,7 +99,7 @@ def _q_sample(wrap, x0, t, noise, table_, velocity=False):
                 FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype), VELOCITY=velocity,
                 num_warps=c.warps)
 
-        run((x0, noise), (out,), launch)
+        run((x0, noise), (out,), launch, like=0)
     return out
 
 

@@ -147,7 +147,7 @@ def _q_posterior(wrap, x0, x_t, t, table_):
             wrap(_q_posterior_kernel)[c.grid](*ins, outs[0], var, logvar, t, table_, *p.args, p.n, table_.shape[0],
                                               p.sizes[1], p.sizes[2], CDT=tl_dtype(table_.dtype), **_kw(p, c))
 
-        run((x0, x_t), (mean,), launch)
+        run((x0, x_t), (mean,), launch, like=0)
     return mean, var, logvar
 
 
@@ -159,7 +159,7 @@ def _predict_xstart(wrap, model_output, x_t, t, table_, mean_type):
             wrap(_predict_kernel)[c.grid](*ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1],
                                           p.sizes[2], MEAN=mean_type, CDT=tl_dtype(table_.dtype), **_kw(p, c))
 
-        run((model_output, x_t), (out,), launch)
+        run((model_output, x_t), (out,), launch, like=1)
     return out
 
 

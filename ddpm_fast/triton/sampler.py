@@ -165,7 +165,7 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
             IDX64=c.idx64, CDT=tl_dtype(cdt), SEED_FROM_PTR=seed_value is None, num_warps=c.warps)
 
     ins = (model_output, x_t, noise if noise is not None else x_t)  # planned at x_t's shape: the mean half
-    run(ins, outs[:4] if full else outs[:2], launch, logical=noise_mode == 2, shape=x_t.shape)
+    run(ins, outs[:4] if full else outs[:2], launch, logical=noise_mode == 2, shape=x_t.shape, like=1)
 
 
 def _dt(dynamic_threshold: float):

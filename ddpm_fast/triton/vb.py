@@ -201,7 +201,7 @@ def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, tabl
             FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
             num_warps=bwd_warps(c.warps, f["DO_VB"]))
 
-    run((model_output, x0, xn), (grad,), launch, shape=x0.shape)
+    run((model_output, x0, xn), (grad,), launch, shape=x0.shape, like=0)
     return grad
 
 
