@@ -23,18 +23,23 @@ LEARNED = options.LEARNED_VAR_IDS
 _RUNNABLE_DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
 
 
+_BF16 = torch.bfloat16
+
+
 def check_device(*tensors) -> None:
     """Raise BackendUnavailableError (with every reason) if these tensors cannot run on Triton here."""
-    for x in tensors:  # x.device.type in _RUNNABLE_DEVICES, and not bfloat16 under the interpreter
-        if x is None:
-            continue
-        if INTERPRET:
-            if x.dtype == torch.bfloat16 or not (x.is_cpu or x.is_cuda):
+    if INTERPRET:  # x.device.type in _RUNNABLE_DEVICES, and not bfloat16 under the interpreter
+        for x in tensors:
+            if x is not None and (x.dtype is _BF16 or not (x.is_cpu or x.is_cuda)):
                 break
-        elif not x.is_cuda:
-            break
+        else:
+            return
     else:
-        return
+        for x in tensors:
+            if x is not None and not x.is_cuda:
+                break
+        else:
+            return
     reasons = []
     for x in tensors:
         if x is None:
