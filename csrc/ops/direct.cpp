@@ -32,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   for (const auto& f : ddpm::op::direct_functions()) {
     auto* def = new PyMethodDef{f.name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f.call)),
                                 METH_FASTCALL, "the op through the dispatcher, positional arguments (direct.h)"};
-    pybind11::capsule data(f.make_data(f.name));
+    pybind11::capsule data(f.make_data(f.name, f.python_results));
     pybind11::object function = pybind11::reinterpret_steal<pybind11::object>(PyCFunction_New(def, data.ptr()));
     if (!function) throw pybind11::error_already_set();
     m.add_object(f.name, function);

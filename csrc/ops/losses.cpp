@@ -46,6 +46,7 @@ std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd(const Tensor& mo, const Tensor& 
 }
 DDPM_DEVICE_OP(vb_terms_bpd, "(Tensor model_output, Tensor x0, Tensor x_t, Tensor t, Tensor table, int mean_type, "
                              "int var_type, bool clip, bool need_grad) -> (Tensor, Tensor, Tensor)")
+DDPM_DIRECT_RESULTS(vb_terms_bpd, 1)  // (vb,); d_out and d_v are its node's
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
     const Tensor& mo, const Tensor& x0, const Tensor& t, const Tensor& noise, const Tensor& table, int64_t mean_type,
@@ -99,6 +100,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
 DDPM_DEVICE_OP(training_losses, "(Tensor model_output, Tensor x0, Tensor t, Tensor noise, Tensor table, "
                                 "int mean_type, int var_type, int loss_type, int weighting, float min_snr_gamma, "
                                 "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+DDPM_DIRECT_RESULTS(training_losses, 3)  // (loss, mse, vb); w, d_out and d_v are its node's
 
 // d loss / d model_output from the saved unit gradients d_out, d_v (d_v: a learned variance's, else absent or
 // empty) and the per-sample gradients of the loss terms g_loss, g_mse, g_vb and the MSE weight w ([B] each, any

@@ -75,10 +75,11 @@ def _bench(name, label, var_type, backward):
 
 def _training_losses_compiled(kernel, model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type,
                               weighting="simple", min_snr_gamma=5.0):
-    """The compiled op: dict of [B] terms ("loss", "mse" and / or "vb") in the compute dtype."""
-    loss, mse, vb, _, _, _ = kernel.op(
+    """The compiled op: dict of [B] terms ("loss", "mse" and / or "vb") in the compute dtype (the op's first three
+    results: its direct binding gives only those, its OpOverload its node's saved tensors too)."""
+    loss, mse, vb = kernel.op(
         model_output, x0, t, noise, kernel.table(schedule, x0), MEAN_IDS[mean_type], VAR_IDS[var_type],
-        LOSS_IDS[loss_type], WEIGHTING_IDS[weighting], float(min_snr_gamma), kernel.grad_needed(model_output))
+        LOSS_IDS[loss_type], WEIGHTING_IDS[weighting], float(min_snr_gamma), kernel.grad_needed(model_output))[:3]
     return options.loss_terms(loss_type, var_type, loss, mse, vb)
 
 
