@@ -2,6 +2,8 @@
 // or ddpm_fast_emu for the emulated-CUDA build (-DDDPM_CUDA_EMU), so both libraries load side by side.
 #pragma once
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #ifdef DDPM_CUDA_EMU
 #define DDPM_NS ddpm_fast_emu
 #else
@@ -15,3 +17,12 @@
 // TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL with the namespace macro expanded first
 #define DDPM_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 #define DDPM_TORCH_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+
+namespace ddpm {
+namespace op {
+// The typed dispatcher handle of the op `name` ("ns::name", DDPM_OP), looked up once per call site.
+template <class Sig> c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+}  // namespace op
+}  // namespace ddpm

@@ -27,11 +27,6 @@ namespace op {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The typed dispatcher handle of the op `name` ("ns::name", DDPM_OP), looked up once per call site.
-template <class Sig> c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
 // Whether an op call goes through its autograd Function (Function::apply), as every call did: grad mode is on
 // and a tensor argument requires grad, or a tensor argument carries a forward-mode gradient (apply raises
 // that the C++ Function has no jvp), or a functorch transform is active (apply asks the transform whether it

@@ -12,7 +12,6 @@
 #pragma once
 
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -73,8 +72,7 @@ template <class R, class... A> struct Direct {
   int python_results;
 
   static void* make(const char* name, int python_results) {
-    auto handle = c10::Dispatcher::singleton().findSchemaOrThrow((std::string(DDPM_NS_STR) + "::" + name).c_str(), "");
-    return new Direct{handle.typed<R(A...)>(), name, python_results};
+    return new Direct{op_handle<R(A...)>((std::string(DDPM_NS_STR) + "::" + name).c_str()), name, python_results};
   }
   static PyObject* call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
     HANDLE_TH_ERRORS
