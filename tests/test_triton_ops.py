@@ -237,7 +237,8 @@ def test_outputs_left_out_of_the_plan_key_have_the_planned_layout(monkeypatch):
 
 def test_layouts_beyond_three_dims_run_on_contiguous_copies():
     """Four per-sample dims that no two merge (every one strided): the launch runs on contiguous copies and
-    copies its outputs back; the loss (model output planned at x0's shape) and q_sample agree with the reference."""
+    copies its outputs back; the loss (model output planned at x0's shape), q_sample and normal_kl (broadcast
+    operands) agree with the reference; normal_kl of 0-dim operands too."""
     d = data(B=2, spatial=(3, 4, 2), learned=True, seed=6)
 
     def strided(x):  # every dim but the batch dim of stride 2 in a buffer twice as large per dim
@@ -268,6 +269,17 @@ def test_layouts_beyond_three_dims_run_on_contiguous_copies():
     same = F.q_sample(plain(x0), t, plain(noise), SCHED, backend="reference")
     assert_flash(got.cpu(), same.cpu(), R.q_sample(d["x0"], d["t"], d["noise"], SCHED), torch.float32,
                  "q_sample, 4 strided dims")
+    # broadcast operands (zero strides, planned without expand views) materialised at the shape for the copies
+    m1, m2 = d["x0"], d["noise"]
+    l1 = torch.linspace(-1, 1, 2 * 3 * 2, dtype=torch.float64).reshape(2, 1, 3, 1, 2)  # x0: [2, 3, 3, 4, 2]
+    l2 = torch.tensor(0.3, dtype=torch.float64)
+    got = F.normal_kl(strided(m1.float()), l1.float().to(DEV), strided(m2.float()), l2.float().to(DEV),
+                      backend="triton")
+    same = F.normal_kl(*(plain(a.float()) for a in (m1, l1, m2, l2)), backend="reference")
+    assert_flash(got.cpu(), same.cpu(), R.normal_kl(m1, l1, m2, l2), torch.float32, "normal_kl, 4 strided dims")
+    scalars = [torch.tensor(v, dtype=torch.float64) for v in (0.5, -1.0, 0.25, 0.1)]  # every operand 0-dim
+    got = F.normal_kl(*(plain(a.float()) for a in scalars), backend="triton")
+    assert got.shape == () and torch.allclose(got.cpu().double(), R.normal_kl(*scalars), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("B,spatial,kind", [(3, (5, 7), "channels_last"), (3, (5, 7), "sliced"), (1, (5, 7), "contiguous"),

@@ -79,24 +79,41 @@ def _row_major(sizes) -> tuple:
     return tuple(reversed(strides))
 
 
+def _strides_at(x, shape: tuple) -> tuple:
+    """x's strides for addressing ``shape`` (see plan): a missing leading dim, or a size-1 dim where the shape's
+    is larger, broadcasts (stride 0); a dim at least the shape's size is addressed by x's own stride (its leading
+    box). ValueError for any other size."""
+    offset = len(shape) - x.ndim
+    if offset < 0:
+        raise ValueError(f"operand: shape {tuple(x.shape)} has more dims than {shape}")
+    strides = [0] * len(shape)
+    for d, (have, step) in enumerate(zip(x.shape, x.stride())):
+        want = shape[offset + d]
+        if have >= want:
+            strides[offset + d] = step
+        elif have != 1:
+            raise ValueError(f"operand: shape {tuple(x.shape)} neither holds nor broadcasts to {shape}")
+    return tuple(strides)
+
+
 def plan(operands, logical: bool = False, shape=None) -> Plan:
     """Plan for tensors of one shape [B, ...] (views are fine). Raises ValueError if > 3 dims remain.
 
     logical: add the row-major strides of the shape as a last stride set (see the module docstring).
-    shape: plan this shape instead, each operand addressed by its own strides from index 0 (its leading box
-    of that shape: a model output [B, 2C, ...] planned at [B, C, ...] is its mean half); every operand must
-    hold it (same ndim, each size at least the shape's)."""
+    shape: plan this shape instead, each operand addressed by its own strides from index 0: an operand larger
+    than the shape in a dim is read in its leading box (a model output [B, 2C, ...] planned at [B, C, ...] is its
+    mean half), one of size 1 there or lacking leading dims broadcasts (stride 0, no expand view); ValueError for
+    any other operand shape."""
     if shape is None:
         shape = tuple(operands[0].shape)
         if any(tuple(x.shape) != shape for x in operands):
             raise ValueError(f"operands: expected one shape {shape}, got {[tuple(x.shape) for x in operands]}")
+        all_strides = [x.stride() for x in operands]
     else:
         shape = tuple(shape)
-        for x in operands:
-            if x.ndim != len(shape) or any(have < want for have, want in zip(x.shape, shape)):
-                raise ValueError(f"operands: expected shapes holding {shape}, got {[tuple(x.shape) for x in operands]}")
+        all_strides = [_strides_at(x, shape) for x in operands]
     rest = shape[1:]
-    stride_sets = [x.stride()[1:] for x in operands] + ([_row_major(rest)] if logical else [])
+    stride_sets = [st[1:] for st in all_strides] + ([_row_major(rest)] if logical else [])
     sizes, strides = _merge(rest, stride_sets)
     if len(sizes) > MAX_DIMS:
         raise LayoutError("layout: more than 3 unmergeable dims")
@@ -107,13 +124,18 @@ def plan(operands, logical: bool = False, shape=None) -> Plan:
     n = 1
     for size in rest:
         n *= size
-    batch_strides = [x.stride()[0] if shape and shape[0] != 1 else 0 for x in operands]
+    batch_strides = [st[0] if shape and shape[0] != 1 else 0 for st in all_strides]
     if logical:
         batch_strides.append(n if shape and shape[0] != 1 else 0)
     if not shape:
         batch_strides = [0] * len(stride_sets)
     sets = tuple((sb, *st) for sb, st in zip(batch_strides, strides))
     return Plan(tuple(sizes), sets, flat, tuple(s for st in sets for s in st), sizes[0] * sizes[1] * sizes[2])
+
+
+def _holds(x, shape) -> bool:
+    """Whether x has shape's dims, each at least as large (plan reads its leading box: no broadcasting)."""
+    return x.ndim == len(shape) and all(have >= want for have, want in zip(x.shape, shape))
 
 
 def flat_strides(p: Plan) -> tuple:
@@ -210,8 +232,8 @@ def _run(inputs, outputs, launch, logical, shape, like, key=None):
             p, c = planned([*inputs, *outputs], logical, shape)
         else:
             p, c = _plan_and_keep(key, [*inputs, *outputs], logical, shape)
-    except LayoutError:
-        ci = [x.contiguous() for x in inputs]
+    except LayoutError:  # (an input broadcast to ``shape`` is materialised at it)
+        ci = [x.contiguous() if shape is None or _holds(x, shape) else x.expand(shape).contiguous() for x in inputs]
         co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
         p, c = planned(ci + co, logical, shape)
         launch(ci, co, p, c)

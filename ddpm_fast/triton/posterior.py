@@ -131,11 +131,6 @@ def _broadcast_shape(*shapes):
     return torch.Size(out) if out is not None else torch.broadcast_shapes(*shapes)
 
 
-def _expanded(a, shape, bs):
-    """Operand a broadcast to shape, viewed as the batched shape bs (zero strides, nothing copied)."""
-    return a.expand(shape).reshape(bs) if a.ndim else a.reshape(1).expand(bs)
-
-
 # -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
 def _q_posterior(wrap, x0, x_t, t, table_):
     """(mean like x0, variance [B, 1, ...], clipped log variance [B, 1, ...])."""
@@ -175,7 +170,7 @@ def _normal_kl(wrap, mean1, logvar1, mean2, logvar2):
             wrap(_normal_kl_kernel)[c.grid](*ins, *outs * 5, *p.args[:16], 0, 0, 0, 0, *p.args[16:], p.n, p.sizes[1],
                                             p.sizes[2], GRAD=False, CDT=tl_dtype(compute_dtype(*args)), **_kw(p, c))
 
-        run([_expanded(a, shape, bs) for a in args], (out.reshape(bs),), launch)
+        run(args, (out,), launch, shape=bs)  # broadcast operands addressed with zero strides (_layout.plan)
     return out
 
 
@@ -193,7 +188,7 @@ def _normal_kl_backward(wrap, grad, mean1, logvar1, mean2, logvar2):
             wrap(_normal_kl_kernel)[c.grid](*ins, *o, *p.args[:24], p.n, p.sizes[1], p.sizes[2], GRAD=True,
                                             CDT=tl_dtype(cdt), **_kw(p, c))
 
-        run([_expanded(a, shape, bs) for a in args] + [grad.reshape(bs)], [o.reshape(bs) for o in outs], launch)
+        run((*args, grad), outs, launch, shape=bs)
     return outs
 
 
@@ -208,7 +203,7 @@ def _dgll(wrap, x, means, log_scales):
                                        p.sizes[2], GRAD=False, CDT=tl_dtype(compute_dtype(x, means, log_scales)),
                                        **_kw(p, c))
 
-        run((x.reshape(bs), means.reshape(bs), _expanded(log_scales, x.shape, bs)), (out.reshape(bs),), launch)
+        run((x, means, log_scales), (out,), launch, shape=bs)
     return out
 
 
@@ -224,8 +219,7 @@ def _dgll_backward(wrap, grad, x, means, log_scales):
             wrap(_dgll_kernel)[c.grid](*ins, *o, *p.args[:20], p.n, p.sizes[1], p.sizes[2], GRAD=True,
                                        CDT=tl_dtype(cdt), **_kw(p, c))
 
-        run((x.reshape(bs), means.reshape(bs), _expanded(log_scales, x.shape, bs), grad.reshape(bs)),
-            (gmu.reshape(bs), gls.reshape(bs)), launch)
+        run((x, means, log_scales, grad), (gmu, gls), launch, shape=bs)
     return gmu, gls
 
 
