@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import triton
@@ -210,11 +211,18 @@ prior_bpd_op.register_autograd(_prior_bwd, setup_context=_prior_setup)
 _PriorBpd = autograd_function("PriorBpd", _prior_bpd, _prior_setup, _prior_bwd)
 
 
+_PRIOR_CONSTANTS = weakref.WeakKeyDictionary()  # schedule -> prior_constants(schedule) (a schedule is immutable)
+
+
 def prior_constants(schedule) -> tuple:
-    """(abar_{T-1}, -1 - log(1 - abar) + (1 - abar)) from the schedule's float64 CPU tables (no device read)."""
-    abar = float(schedule.alphas_cumprod.numpy()[-1])  # CPU float64 tables, read through numpy
-    lv = float(schedule.log_one_minus_alphas_cumprod.numpy()[-1])
-    return abar, math.expm1(lv) - lv
+    """(abar_{T-1}, -1 - log(1 - abar) + (1 - abar)) from the schedule's float64 CPU tables (no device read),
+    computed once per schedule."""
+    constants = _PRIOR_CONSTANTS.get(schedule)
+    if constants is None:
+        abar = float(schedule.alphas_cumprod.numpy()[-1])  # CPU float64 tables, read through numpy
+        lv = float(schedule.log_one_minus_alphas_cumprod.numpy()[-1])
+        constants = _PRIOR_CONSTANTS[schedule] = (abar, math.expm1(lv) - lv)
+    return constants
 
 
 # -- backend functions -------------------------------------------------------------------------
