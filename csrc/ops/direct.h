@@ -6,9 +6,9 @@
 // 6 results); DDPM_DIRECT_RESULTS trims the results an op gives Python. A torch.Tensor subclass argument (it may
 // have a __torch_function__), an active torch function mode, or an argument the host function's types do not
 // take sends the call to torch.ops' instead, which handles or rejects it as it always did (and returns every
-// result: a caller of a trimmed op takes its first results by index). DDPM_DEVICE_OP (host.h) registers every op's binding; the module
-// makes them when it is imported, and ddpm_fast/native.py's EagerKernel calls them (plain-eager callers:
-// torch.compile traces the OpOverload).
+// result: a caller of a trimmed op takes its first results by index). DDPM_DEVICE_OP (host.h) registers every
+// op's binding; the module makes them when it is imported, and ddpm_fast/native.py's EagerKernel calls them
+// (plain-eager callers: torch.compile traces the OpOverload).
 #pragma once
 
 #include <ATen/PythonTorchFunctionTLS.h>

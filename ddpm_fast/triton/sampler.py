@@ -161,8 +161,9 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
             *ins, o[0], o[1], *o34, seed if seed is not None else t, thr[0] if thr else t, t, table_,
             *_stride_args(p, len(o), full, noise_mode), p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
             var_offset(ins[0], var_type), float(sample_max_value), float(eta), 0 if seed_value is None else seed_value,
-            MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip, DT=dynamic_threshold is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block,
-            IDX64=c.idx64, CDT=tl_dtype(cdt), SEED_FROM_PTR=seed_value is None, num_warps=c.warps)
+            MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip, DT=dynamic_threshold is not None, NOISE=noise_mode,
+            FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(cdt), SEED_FROM_PTR=seed_value is None,
+            num_warps=c.warps)
 
     ins = (model_output, x_t, noise if noise is not None else x_t)  # planned at x_t's shape: the mean half
     run(ins, outs[:4] if full else outs[:2], launch, logical=noise_mode == 2, shape=x_t.shape, like=1)

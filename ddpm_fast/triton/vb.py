@@ -79,8 +79,8 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, x0_ptr, xn_ptr, gmo_ptr, t_pt
                    m_sb, m_s1, m_s2, m_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, g_sb, g_s1, g_s2, g_s3,
                    N, T, D2, D3, n_chunks, var_offset, grad_var_offset, g_loss_stride, g_mse_stride, g_vb_stride,
                    gamma, vb_scale, loss_scale, MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr,
-                   FROM_NOISE: tl.constexpr, DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr, WEIGHTING: tl.constexpr,
-                   G_LOSS: tl.constexpr, G_MSE: tl.constexpr, G_VB: tl.constexpr,
+                   FROM_NOISE: tl.constexpr, DO_VB: tl.constexpr, DO_MSE: tl.constexpr, VB_MEAN_GRAD: tl.constexpr,
+                   WEIGHTING: tl.constexpr, G_LOSS: tl.constexpr, G_MSE: tl.constexpr, G_VB: tl.constexpr,
                    FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr):
     """The gradient of sum_b(g_loss[b] loss[b] + g_mse[b] mse[b] + g_vb[b] vb[b]) w.r.t. the model output, both
     halves for a learned variance (the variance half at var_offset / grad_var_offset elements from the mean half,
@@ -192,10 +192,12 @@ def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, tabl
         return grad
 
     def launch(ins, outs, p, c):
+        mo = ins[0]  # stands in for an absent gradient's pointer (never read: G_* false), not a None argument
         wrap(_vb_bwd_kernel)[c.grid](
-            g_loss, g_mse, g_vb, *ins, *outs, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
-            var_offset(ins[0], var_type), var_offset(outs[0], var_type), _stride0(g_loss), _stride0(g_mse),
-            _stride0(g_vb), min_snr_gamma, f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip,
+            mo if g_loss is None else g_loss, mo if g_mse is None else g_mse, mo if g_vb is None else g_vb, *ins, *outs,
+            t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(mo, var_type),
+            var_offset(outs[0], var_type), _stride0(g_loss), _stride0(g_mse), _stride0(g_vb), min_snr_gamma,
+            f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip,
             FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"],
             WEIGHTING=weighting, G_LOSS=g_loss is not None, G_MSE=g_mse is not None, G_VB=g_vb is not None,
             FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
