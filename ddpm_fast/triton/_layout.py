@@ -152,7 +152,7 @@ def _lookup(operands, logical: bool, shape=None, like=None) -> tuple:
     """(the cache key of these operands, their cached (Plan, LaunchConfig) or None); key None while tracing.
     like: (input index, number of outputs) when the outputs are left out of the key (see run)."""
     key, previous = [logical, shape, like], None
-    for x in operands:  # an operand repeated (a model output read as both halves, ...) keys as None
+    for x in operands:  # an operand repeated (x_t standing in for an absent noise, ...) keys as None
         if x is previous:
             key.append(None)
         else:
