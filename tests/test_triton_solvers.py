@@ -9,6 +9,7 @@ Comparisons follow the flash-attention rule of tests/test_triton_ops.py: |kernel
 + floor, ref64 the formula in float64 and ``same`` the formula in float32 (the compute dtype), both from the
 inputs the kernel reads. Without a GPU the kernel runs under the Triton interpreter (tests/conftest.py).
 """
+import functools
 import itertools
 import json
 import os
@@ -512,3 +513,58 @@ def test_matches_reference_solver_update():
         runs[dt] = (x_prev, m_out, last)
     for got, same, ref64, what in zip(kernel, runs[torch.float32], runs[torch.float64], ("x_prev", "m", "last")):
         assert_flash(got.cpu(), same, ref64, torch.float32, what)
+
+
+@pytest.fixture
+def auto_runs_triton(monkeypatch):
+    """backend "auto" runs the Triton backend for this device's tensors (as for CUDA tensors where the extension
+    has no CUDA kernels); every cached route decision is dropped before and after."""
+    from ddpm_fast import backends
+    from ddpm_fast.ops import _checks
+
+    def forget():
+        backends._PLANS.clear()
+        _checks._cpu_plans.clear()
+
+    forget()
+    monkeypatch.setitem(backends._AUTO_ORDER, DEV, ("triton", "reference"))
+    yield
+    monkeypatch.undo()
+    forget()
+
+
+def test_checked_steps_call_the_triton_function_without_the_public_checks(auto_runs_triton, monkeypatch):
+    """solver_update_checked (the functional steps' and drop-ins' call) on tensors that "auto" runs on Triton goes
+    to the Triton backend's function itself, not through the public solver_update's Python checks; with an input
+    that requires grad it goes through solver_update (the reference: the kernels have no gradient). Results: the
+    public op's on the same backend, bit for bit."""
+    from ddpm_fast import triton as TB
+    from ddpm_fast.ops import solvers as S
+
+    d = make(5)
+    x, u, c, h1 = (d[k].float().to(DEV) for k in ("x", "u", "c", "h1"))
+    rows, row_index = d["rows"].float().to(DEV), d["row_index"].to(DEV)
+    calls = {"public": 0, "triton": 0}
+    public, triton_fn = S.solver_update, TB.solver_update
+
+    def count(name, fn):
+        @functools.wraps(fn)  # (its __module__ too: how the route's function is known as Triton's)
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(S, "solver_update", count("public", public))
+    monkeypatch.setattr(TB, "solver_update", count("triton", triton_fn))  # the function the backend plan finds
+    from ddpm_fast import backends
+    backends._PLANS.clear()  # the plan holds the function it found: find the counting one
+    m_checked, m_public = torch.empty_like(x), torch.empty_like(x)
+    got = S.solver_update_checked(x, u, rows, row_index, m_checked, model_cond=c, guidance_scale=3.0, history=(h1,),
+                                  draw_noise=True, seed=11)
+    assert calls == {"public": 0, "triton": 1}
+    want = public(x, u, rows, row_index, m_public, model_cond=c, guidance_scale=3.0, history=(h1, None, None),
+                  draw_noise=True, seed=11, backend="triton")
+    assert torch.equal(got, want) and torch.equal(m_checked, m_public)
+    calls.update(public=0, triton=0)
+    S.solver_update_checked(x, u.clone().requires_grad_(), rows, row_index, torch.empty_like(x), history=(h1,))
+    assert calls["public"] == 1 and calls["triton"] == 0

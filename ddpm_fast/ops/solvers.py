@@ -2,6 +2,8 @@
 (DPM-Solver++, Euler, Euler ancestral, UniPC: a per-sample linear combination over one coefficient row)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backends
@@ -182,20 +184,25 @@ def solver_update_checked(x, model_output, rows, row_index, m_out, *, model_cond
     seed None or an int in [0, 2**63), generator None or a torch.Generator on x's device). Tensors that the
     compiled extension runs (CPU, and CUDA where it was built with CUDA) go to its op straight away (its C++ checks
     them once more, as on solver_update's own CPU path; with draw_noise and noise None it draws the noise
-    in-kernel): the call solver_update's route makes, without its Python checks; the rest (the Triton path, inputs
-    that require grad) go through solver_update."""
+    in-kernel): the call solver_update's route makes, without its Python checks. Tensors that route sends to the
+    Triton backend (CUDA tensors where the extension has no CUDA kernels) go to its function straight away, its
+    Python checks skipped as well; the rest (inputs that require grad, the reference) go through solver_update."""
     h1, h2, h3 = history + (None,) * (3 - len(history))
-    kernel = _compiled_kernel("cpu" if x.is_cpu else x.device.type, x.dtype)
-    if kernel is None or kernel.grad_needed(x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2, h3,
-                                            last_sample, noise, m_out):
-        return solver_update(x, model_output, rows, row_index, m_out, model_cond=model_cond,
-                             guidance_scale=guidance_scale, cfg_factor=cfg_factor, thresh=thresh,
-                             history=(h1, h2, h3), last_sample=last_sample, noise=noise, draw_noise=draw_noise,
-                             generator=generator, seed=seed, validate=False)
-    drawn = draw_noise and noise is None
-    philox, key = kernel.philox_seed(seed, generator, x.device) if drawn else (0, None)
-    return kernel.op(x, model_output, model_cond, rows, row_index, guidance_scale, cfg_factor, thresh, h1, h2, h3,
-                     last_sample, noise, drawn, philox, key, m_out)
+    device_type = "cpu" if x.is_cpu else x.device.type
+    kernel = _compiled_kernel(device_type, x.dtype)
+    if kernel is not None and not kernel.grad_needed(x, model_output, model_cond, rows, cfg_factor, thresh, h1, h2,
+                                                     h3, last_sample, noise, m_out):
+        drawn = draw_noise and noise is None
+        philox, key = kernel.philox_seed(seed, generator, x.device) if drawn else (0, None)
+        return kernel.op(x, model_output, model_cond, rows, row_index, guidance_scale, cfg_factor, thresh, h1, h2, h3,
+                         last_sample, noise, drawn, philox, key, m_out)
+    fn = _triton_update(device_type, x.dtype) if kernel is None else None
+    if fn is None or backends.grad_blocked(_ALL_POSITIONS, (x, model_output, model_cond, rows, cfg_factor, thresh, h1,
+                                                            h2, h3, last_sample, noise, m_out)):
+        fn = functools.partial(solver_update, validate=False)
+    return fn(x, model_output, rows, row_index, m_out, model_cond=model_cond, guidance_scale=guidance_scale,
+              cfg_factor=cfg_factor, thresh=thresh, history=(h1, h2, h3), last_sample=last_sample, noise=noise,
+              draw_noise=draw_noise, generator=generator, seed=seed)
 
 
 def plain_update(op, x, model_output, rows, row_index, m_out, noise=None, model_cond=None, guidance_scale=1.0,
@@ -220,6 +227,19 @@ def _compiled_kernel(device_type, dtype):
     if reason or getattr(fn, "func", None) is not _solver_update_compiled:
         return None
     return fn.args[0] if check._is_compiling() else fn.args[0].eager
+
+
+_ALL_POSITIONS = tuple(range(12))  # every tensor argument of solver_update_checked's grad test
+
+
+def _triton_update(device_type, dtype):
+    """The Triton backend's solver_update when backend "auto" runs solver_update on tensors of device_type and
+    dtype with it (a CUDA device and an extension without CUDA kernels), else None: backends.plan's cached
+    decision (as _compiled_kernel's)."""
+    fn, reason = backends.plan("auto", device_type, "solver_update", dtype)[0]
+    if reason or getattr(fn, "__module__", None) != "ddpm_fast.triton.solvers":
+        return None
+    return fn
 
 
 def _history(history) -> tuple:
