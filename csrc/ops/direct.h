@@ -47,7 +47,6 @@ inline bool maybe_torch_function(PyObject* object) {
   return Py_TYPE(object) != reinterpret_cast<PyTypeObject*>(THPVariableClass) && THPVariable_Check(object);
 }
 
-// The binding of an op whose host function is R(A...)
 // The Python value of an op's results: all of them (python_results < 0), or a tuple of the first python_results
 // of a tuple of results (the others, kept by the op's autograd node, are never wrapped as Python objects).
 template <class R> PyObject* python_value(R&& result, int python_results) {
@@ -66,6 +65,7 @@ template <class R> PyObject* python_value(R&& result, int python_results) {
   return pybind11::cast(std::move(result)).release().ptr();
 }
 
+// The binding of an op whose host function is R(A...)
 template <class R, class... A> struct Direct {
   c10::TypedOperatorHandle<R(A...)> op;
   const char* name;

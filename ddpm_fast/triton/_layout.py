@@ -194,19 +194,22 @@ def run(inputs, outputs, launch, logical: bool = False, shape=None, like=None) -
     like: the index of the input every output was allocated from by ``torch.empty_like`` (then the outputs'
     layout is a function of that input's shape and strides, and the cache key leaves them out: a cheaper
     lookup). Only for outputs made that way."""
+    if like is None:
+        key, hit = _lookup((*inputs, *outputs), logical, shape)
+    else:
+        key, hit = _lookup(inputs, logical, shape, (like, len(outputs)))
     first = inputs[0]
     # Triton launches on the current CUDA device: switch only when the inputs are on another one (the context
     # manager costs a few microseconds); CPU tensors (the interpreter) have no current device
     if first.is_cuda and first.get_device() != torch.cuda.current_device():
         with device_guard(first.device):
-            _run(inputs, outputs, launch, logical, shape, like)
+            if hit is None:
+                _run(inputs, outputs, launch, logical, shape, key)
+            else:
+                launch(inputs, outputs, *hit)
         return
-    if like is None:
-        key, hit = _lookup((*inputs, *outputs), logical, shape)
-    else:
-        key, hit = _lookup(inputs, logical, shape, (like, len(outputs)))
     if hit is None:  # planned on first use (or each time while tracing)
-        _run(inputs, outputs, launch, logical, shape, like, key)
+        _run(inputs, outputs, launch, logical, shape, key)
     else:
         if CHECK_LIKE and like is not None:
             _check_like(hit, inputs, outputs, logical, shape)
@@ -224,14 +227,10 @@ def _check_like(hit, inputs, outputs, logical, shape):
         raise AssertionError(f"run(like=...): cached plan {hit} != the operands' {want}")
 
 
-def _run(inputs, outputs, launch, logical, shape, like, key=None):
-    if key is None and like is not None:  # (the device-guard path) the key run() would have used
-        key, _ = _lookup(inputs, logical, shape, (like, len(outputs)))
+def _run(inputs, outputs, launch, logical, shape, key):
+    """run's launch on a plan made now and kept under run's key (None while tracing: not kept)."""
     try:
-        if like is None:
-            p, c = planned([*inputs, *outputs], logical, shape)
-        else:
-            p, c = _plan_and_keep(key, [*inputs, *outputs], logical, shape)
+        p, c = _plan_and_keep(key, [*inputs, *outputs], logical, shape)
     except LayoutError:  # (an input broadcast to ``shape`` is materialised at it)
         ci = [x.contiguous() if shape is None or _holds(x, shape) else x.expand(shape).contiguous() for x in inputs]
         co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]

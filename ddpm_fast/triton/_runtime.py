@@ -20,15 +20,12 @@ MEAN_IDS, VAR_IDS, WEIGHTING_IDS = options.MEAN_IDS, options.VAR_IDS, options.WE
 LEARNED = options.LEARNED_VAR_IDS
 
 
-_RUNNABLE_DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
-
-
 _BF16 = torch.bfloat16
 
 
 def check_device(*tensors) -> None:
     """Raise BackendUnavailableError (with every reason) if these tensors cannot run on Triton here."""
-    if INTERPRET:  # x.device.type in _RUNNABLE_DEVICES, and not bfloat16 under the interpreter
+    if INTERPRET:  # CPU or CUDA tensors, not bfloat16 (the interpreter has no bf16 arithmetic); else CUDA ones
         for x in tensors:
             if x is not None and (x.dtype is _BF16 or not (x.is_cpu or x.is_cuda)):
                 break
