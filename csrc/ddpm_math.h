@@ -49,8 +49,9 @@ template <> struct Prim<float> : ScalarPrim<float> {
   static DDPM_HD float exp(float x) { return ::expf(x); }
   static DDPM_HD float log(float x) { return ::logf(x); }
   static DDPM_HD float sqrt(float x) { return ::sqrtf(x); }
-  // cosine of an angle of u turns, as triton.language computes it: cos(fl(2 pi u))
+  // cosine / sine of an angle of u turns, as triton.language computes them: cos(fl(2 pi u)), sin(fl(2 pi u))
   static DDPM_HD float cos_turns(float u) { return ::cosf(6.283185307179586f * u); }
+  static DDPM_HD float sin_turns(float u) { return ::sinf(6.283185307179586f * u); }
 };
 
 template <> struct Prim<double> : ScalarPrim<double> {
@@ -58,6 +59,7 @@ template <> struct Prim<double> : ScalarPrim<double> {
   static DDPM_HD double log(double x) { return ::log(x); }
   static DDPM_HD double sqrt(double x) { return ::sqrt(x); }
   static DDPM_HD double cos_turns(double u) { return ::cos(6.283185307179586 * u); }
+  static DDPM_HD double sin_turns(double u) { return ::sin(6.283185307179586 * u); }
 };
 
 // ---- forward process, posterior, x0 prediction ----------------------------------------------------
@@ -255,7 +257,10 @@ DDPM_HD V ddim_sample(V x0, V x_t, V sqrt_abar, V sqrt_1m_abar, V sqrt_abar_prev
 // (scale 1: the conditional output; 0: the unconditional one)
 template <class V> DDPM_HD V guided_output(V uncond, V cond, V scale) { return uncond + scale * (cond - uncond); }
 
-// ---- Philox 4x32-10 normal draws (same stream as triton.language.randn(seed, offset)) ------------------
+// ---- Philox 4x32-10 normal draws: the stream of triton.language.randn4x --------------------------------
+// The N(0, 1) draw of counter g (a seeded step draws g = b * N + the element's row-major index) is lane
+// g % 4 of tl.randn4x(seed, g / 4): one Philox-4x32-10 block per four draws, whose words (0, 1) and (2, 3)
+// each give Box-Muller's two outputs, cosine (even g) then sine (odd g).
 DDPM_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
@@ -279,24 +284,40 @@ DDPM_HD float philox_to_uniform(uint32_t x) {
   return static_cast<float>(a) * 4.6566127342e-10f;
 }
 
-// two uniform [0, 1) floats for counter `offset` under key `seed`
-DDPM_HD void philox_uniform2(uint64_t seed, uint64_t offset, float* u1, float* u2) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+// the four output words (c0, c1, c2, c3) of Philox block `block` (counter (block, 0)) under key `seed`
+DDPM_HD void philox_block(uint64_t seed, uint64_t block, uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3) {
+  c0 = static_cast<uint32_t>(block), c1 = static_cast<uint32_t>(block >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int i = 0; i < 10; ++i) {
     philox_round(c0, c1, c2, c3, k0, k1);
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  *u1 = philox_to_uniform(c0);
-  *u2 = philox_to_uniform(c1);
 }
 
-// Box-Muller (first output) on the two uniforms
-template <class V> DDPM_HD V box_muller(V u1, V u2) {
+// draw g's two uniforms: (u_radius, u_turns) = words (0, 1) of its block for g % 4 in {0, 1}, else (2, 3);
+// returns whether draw g is its pair's sine output (odd g)
+DDPM_HD bool philox_pair_uniforms(uint64_t seed, uint64_t counter, float* u_radius, float* u_turns) {
+  uint32_t c0, c1, c2, c3;
+  philox_block(seed, counter >> 2, c0, c1, c2, c3);
+  const bool second_pair = (counter & 2) != 0;
+  *u_radius = philox_to_uniform(second_pair ? c2 : c0);
+  *u_turns = philox_to_uniform(second_pair ? c3 : c1);
+  return (counter & 1) != 0;
+}
+
+// Box-Muller's radius sqrt(-2 log u) (u clamped to >= 1e-7, as triton.language's pair_uniform_to_normal)
+template <class V> DDPM_HD V box_muller_radius(V u_radius) {
   using P = Prim<V>;
-  V radius = P::sqrt(V(-2) * P::log(P::max(u1, V(1.0e-7f))));
-  return radius * P::cos_turns(u2);
+  return P::sqrt(V(-2) * P::log(P::max(u_radius, V(1.0e-7f))));
+}
+
+// the N(0, 1) draw of counter g: box_muller_radius(u_radius) times cos or sin(2 pi u_turns)
+DDPM_HD float philox_normal(uint64_t seed, uint64_t counter) {
+  float u_radius, u_turns;
+  const bool sine = philox_pair_uniforms(seed, counter, &u_radius, &u_turns);
+  using P = Prim<float>;
+  return box_muller_radius(u_radius) * (sine ? P::sin_turns(u_turns) : P::cos_turns(u_turns));
 }
 
 }  // namespace ddpm

@@ -292,31 +292,32 @@ def test_philox_noise_seeded_and_normal():
     torch.testing.assert_close(s["sample"], r["sample"])
 
 
-def test_philox_noise_matches_triton_randn():
+def test_philox_noise_matches_triton_randn4x():
+    """The seeded draw of counter g is lane g % 4 of tl.randn4x(seed, g // 4): the CPU kernels' draws, and
+    the Triton kernels' helper (_math.philox_normal, bit for bit: the same float32 operations)."""
     triton = pytest.importorskip("triton")
-    import triton.language as tl
-
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
-
-    @triton.jit
-    def randn_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + offs, tl.randn(seed, offs), mask=offs < n)
+    from triton_draw_kernels import philox_normal_kernel, randn4x_kernel
 
     x_t = torch.randn(2, 3, 8, 8)
     ref = torch.empty(x_t.numel())
-    randn_kernel[(triton.cdiv(ref.numel(), 128),)](ref, 1234, ref.numel(), BLOCK=128)
+    randn4x_kernel[(triton.cdiv(ref.numel() // 4, 128),)](ref, 1234, ref.numel() // 4, BLOCK=128)
+    helper = torch.empty_like(ref)
+    philox_normal_kernel[(triton.cdiv(ref.numel(), 128),)](helper, 1234, ref.numel(), BLOCK=128)
+    assert torch.equal(helper, ref)
     got = _drawn_noise(x_t, torch.full((2,), 300), seed=1234).reshape(-1)
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
 
 
 def _philox_normal_float64(seed: int, counters: np.ndarray):
-    """tl.randn(seed, counter) in float64 from an independent Philox-4x32-10 in numpy: the two first
-    output words as triton's uniform floats (float32, exact), then Box-Muller's first output.
-    Returns (z, r) with r = sqrt(-2 log max(u1, 1e-7)), the Box-Muller radius. counters: uint64."""
+    """The draw of counter g, lane g % 4 of tl.randn4x(seed, g // 4), in float64 from an independent
+    Philox-4x32-10 in numpy: block g // 4's output words as triton's uniform floats (float32, exact), then
+    Box-Muller on words (0, 1) for lanes 0 (cosine) and 1 (sine), on words (2, 3) for lanes 2 and 3.
+    Returns (z, r) with r = sqrt(-2 log max(u, 1e-7)), the Box-Muller radius. counters: uint64."""
     m32 = np.uint64(0xFFFFFFFF)
-    c0, c1 = counters & m32, counters >> np.uint64(32)
+    blocks = counters >> np.uint64(2)
+    c0, c1 = blocks & m32, blocks >> np.uint64(32)
     c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     for _ in range(10):
@@ -329,18 +330,22 @@ def _philox_normal_float64(seed: int, counters: np.ndarray):
         a = word.astype(np.uint32).view(np.int32)
         return np.where(a < 0, ~a, a).astype(np.float32) * np.float32(4.6566127342e-10)
 
-    u1, u2 = np.maximum(uniform(c0), np.float32(1e-7)).astype(np.float64), uniform(c1).astype(np.float64)
-    r = np.sqrt(-2.0 * np.log(u1))
-    return r * np.cos(2.0 * np.pi * u2), r
+    lane = counters & np.uint64(3)
+    second_pair = lane >= 2
+    u_radius = np.maximum(uniform(np.where(second_pair, c2, c0)), np.float32(1e-7)).astype(np.float64)
+    angle = 2.0 * np.pi * uniform(np.where(second_pair, c3, c1)).astype(np.float64)
+    r = np.sqrt(-2.0 * np.log(u_radius))
+    return r * np.where(lane & np.uint64(1), np.sin(angle), np.cos(angle)), r
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_philox_noise_matches_float64_philox_box_muller(layout):
     """Every drawn value against an independent float64 Philox + Box-Muller, over 2^17 + odd-sized draws
-    (SIMD and scalar-tail paths; channels_last takes the strided path, offsets stay row-major).
+    (SIMD, unaligned-head and scalar-tail paths: 43,885 per sample is 1 mod 4, so samples 1 and 2 start
+    inside a Philox block; channels_last takes the strided path, offsets stay row-major).
 
-    Bound per element, from the float32 steps of the kernel: cos(2 pi u2) within 2e-7 absolute (its
-    polynomial's float32 error); the radius r within 2 ulp relative (log 1 ulp, sqrt and products half an
+    Bound per element, from the float32 steps of the kernel: cos and sin(2 pi u) within 2e-7 absolute (their
+    polynomial's float32 error, after an exact reduction); the radius r within 2 ulp relative (log 1 ulp, sqrt and products half an
     ulp each); the step's std * z and our division by the step's own std another ulp of |z| <= r. So
     |z - z64| <= r (2e-7 + 3 * 2^-24) < 4e-7 r."""
     seed = (7 << 32) + 12345  # both key words nonzero

@@ -70,12 +70,10 @@ inline at::vec::Vectorized<float> inline_log(const at::vec::Vectorized<float>& x
   return at::vec::fmadd(e, VF(0.693359375f), m + y);
 }
 
-// cos(2 pi u) for u in turns: u - round(u) is exact, and cos(2 pi y) = sin(2 pi w), w = 1/4 - |y| in
-// [-1/4, 1/4], where an odd degree-9 polynomial (least squares on Chebyshev nodes) is within 2e-7 of
-// sine in float32. Non-finite u gives NaN.
-inline at::vec::Vectorized<float> inline_cos_turns(const at::vec::Vectorized<float>& u) {
+// sin(2 pi w) for w in [-1/4, 1/4] turns: an odd degree-9 polynomial (least squares on Chebyshev nodes),
+// within 2e-7 of sine in float32
+inline at::vec::Vectorized<float> sin_quarter_turns(const at::vec::Vectorized<float>& w) {
   using VF = at::vec::Vectorized<float>;
-  VF w = VF(0.25f) - (u - u.round()).abs();
   VF w2 = w * w;
   VF p(39.57223129f);
   p = at::vec::fmadd(p, w2, VF(-76.55503082f));
@@ -83,6 +81,22 @@ inline at::vec::Vectorized<float> inline_cos_turns(const at::vec::Vectorized<flo
   p = at::vec::fmadd(p, w2, VF(-41.34165955f));
   p = at::vec::fmadd(p, w2, VF(6.283185005f));
   return p * w;
+}
+
+// cos(2 pi u) for u in turns: y = u - round(u) is exact, and cos(2 pi y) = sin(2 pi w), w = 1/4 - |y|
+// (exact too). Non-finite u gives NaN.
+inline at::vec::Vectorized<float> inline_cos_turns(const at::vec::Vectorized<float>& u) {
+  using VF = at::vec::Vectorized<float>;
+  return sin_quarter_turns(VF(0.25f) - (u - u.round()).abs());
+}
+
+// sin(2 pi u) for u in turns: with y = u - round(u) and a = |y| (exact), sin(2 pi u) = sign(y) sin(2 pi w),
+// w = min(a, 1/2 - a) (exact, in [0, 1/4]). Non-finite u gives NaN.
+inline at::vec::Vectorized<float> inline_sin_turns(const at::vec::Vectorized<float>& u) {
+  using VF = at::vec::Vectorized<float>;
+  const VF y = u - u.round(), a = y.abs();
+  const VF s = sin_quarter_turns(at::vec::minimum(a, VF(0.5f) - a));
+  return VF::blendv(s, -s, y < VF(0.0f));
 }
 
 template <class T> inline at::vec::Vectorized<T> vec_exp(const at::vec::Vectorized<T>& x) {
@@ -100,6 +114,11 @@ template <class T> inline at::vec::Vectorized<T> vec_cos_turns(const at::vec::Ve
   return (u * at::vec::Vectorized<T>(T(6.283185307179586))).cos();
 }
 
+template <class T> inline at::vec::Vectorized<T> vec_sin_turns(const at::vec::Vectorized<T>& u) {
+  if constexpr (std::is_same_v<T, float>) return inline_sin_turns(u);
+  return (u * at::vec::Vectorized<T>(T(6.283185307179586))).sin();
+}
+
 template <class T> struct Prim<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using Mask = V;
@@ -107,6 +126,7 @@ template <class T> struct Prim<at::vec::Vectorized<T>> {
   static V log(const V& x) { return vec_log<T>(x); }
   static V sqrt(const V& x) { return x.sqrt(); }
   static V cos_turns(const V& u) { return vec_cos_turns<T>(u); }
+  static V sin_turns(const V& u) { return vec_sin_turns<T>(u); }
   static Mask lt(const V& a, const V& b) { return a < b; }
   static Mask gt(const V& a, const V& b) { return a > b; }
   static Mask ge(const V& a, const V& b) { return a >= b; }

@@ -9,9 +9,9 @@
 // (sample, chunk); a second kernel adds a sample's partials in chunk order, in double, and finishes
 // the [B] results. No float atomics, no host syncs, launches on the current stream. Compute is
 // float32 (storage fp16 / bf16 / fp32). Noise for the sampler steps is drawn in-kernel with Philox
-// 4x32-10 (ddpm_math.h: the stream of triton.language.randn(seed, b * N + i)), compiled only into the
-// kNoise instances of the bodies that can draw it. The op families (csrc/ops/) hand this driver only operands
-// in the plan's direct layout.
+// 4x32-10 (ddpm_math.h's philox_normal(seed, b * N + i): the stream of triton.language.randn4x),
+// compiled only into the kNoise instances of the bodies that can draw it. The op families (csrc/ops/)
+// hand this driver only operands in the plan's direct layout.
 //
 // The same file builds as host C++ against the CUDA emulation (backend "cuda_emu", -DDDPM_CUDA_EMU):
 // every runtime call goes through cuda/runtime.h.
@@ -233,11 +233,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) body_kernel(
       if constexpr (kNoise) {
         if (k == a.noise_input) {
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            float u1, u2;
-            philox_uniform2(seed, uint64_t(b * a.N + logical_index(a, e + j)), &u1, &u2);
-            vin[k][j] = static_cast<S>(box_muller(u1, u2));
-          }
+          for (int j = 0; j < kVec; ++j)
+            vin[k][j] = static_cast<S>(philox_normal(seed, uint64_t(b * a.N + logical_index(a, e + j))));
           continue;
         }
       }

@@ -96,8 +96,9 @@ def p_sample_step(model_output, x_t, t, schedule, *, mean_type="epsilon", var_ty
         generator: used when noise and seed are None: a torch.Generator on x_t's device (default:
             torch's global generator).
         seed: an int in [0, 2**63): draw the noise from this seed; fused backends generate it
-            in-kernel (Philox-4x32-10, the stream of triton.language.randn), so a seed gives the
-            same noise on every backend to float32 rounding. Takes precedence over generator.
+            in-kernel (Philox-4x32-10: element i of sample b gets lane g % 4 of
+            triton.language.randn4x(seed, g // 4), g = b * N + i, i the row-major index), so a seed gives
+            the same noise on every backend and layout, to float32 rounding. Takes precedence over generator.
         <backend>
         <validate>
 

@@ -19,11 +19,11 @@ from ..schedule import COLUMN, COLUMNS
 
 # csrc/ddpm_math.h functions without a helper here, and why (each must still exist in the header).
 NOT_MIRRORED = {
-    "mulhi32": "Philox: the kernels draw with tl.randn(seed, offset), triton.language.random's Philox stream",
-    "philox_round": "Philox: inside tl.randn",
-    "philox_to_uniform": "Philox: inside tl.randn (triton.language.random.uint_to_uniform_float)",
-    "philox_uniform2": "Philox: inside tl.randn",
-    "box_muller": "Philox: inside tl.randn (triton.language.random.pair_uniform_to_normal)",
+    "mulhi32": "Philox: philox_normal draws its block with tl.randint4x, triton.language.random's Philox",
+    "philox_round": "Philox: inside tl.randint4x",
+    "philox_to_uniform": "Philox: tl.uint_to_uniform_float",
+    "philox_block": "Philox: tl.randint4x",
+    "philox_pair_uniforms": "Philox: written into philox_normal (a tl.where on the block's words)",
 }
 
 NCOL = tl.constexpr(len(COLUMNS))
@@ -447,3 +447,21 @@ def guided_output(uncond, cond, scale):
     """Classifier-free guidance: the unconditional output moved towards the conditional one by ``scale``
     (1: the conditional output; 0: the unconditional one)."""
     return uncond + scale * (cond - uncond)
+
+
+@triton.jit
+def box_muller_radius(u_radius):
+    """Box-Muller's radius sqrt(-2 log u), u clamped to >= 1e-7 (as tl.randn4x's pair_uniform_to_normal)."""
+    return tl.sqrt(-2.0 * tl.log(tl.maximum(u_radius, 1.0e-7)))
+
+
+@triton.jit
+def philox_normal(seed, counter):
+    """float32 N(0, 1) draws for int64 counters g: lane g % 4 of tl.randn4x(seed, g // 4), the draws of the
+    C++ kernels for a seed. Words (0, 1) of the Philox block give draws 0 (cosine) and 1 (sine), words (2, 3)
+    draws 2 and 3."""
+    c0, c1, c2, c3 = tl.randint4x(seed, counter >> 2)
+    second_pair = (counter & 2) != 0
+    radius = box_muller_radius(tl.uint_to_uniform_float(tl.where(second_pair, c2, c0)))
+    angle = 6.283185307179586 * tl.uint_to_uniform_float(tl.where(second_pair, c3, c1))
+    return radius * tl.where((counter & 1) != 0, tl.sin(angle), tl.cos(angle))

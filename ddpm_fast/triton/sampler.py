@@ -3,7 +3,7 @@
 MODE 0 p_mean_variance: writes mean, pred_xstart, and the variance / log variance (full size for a
 learned variance, else one value per sample). MODE 1 p_sample_step: writes sample, pred_xstart.
 MODE 2 ddim_step: writes sample, pred_xstart. Noise: read from a tensor (NOISE=1), or generated
-in-kernel with Philox (NOISE=2: tl.randn(seed, b * N + i), i the element's row-major index within its
+in-kernel with Philox (NOISE=2: _math.philox_normal(seed, b * N + i), i the element's row-major index within its
 sample, the seed read from a device tensor), or none (NOISE=0: t = 0 only / eta = 0). The counter is
 the logical index, not the walk order (_layout's logical stride set), so a seed draws the same noise for
 contiguous, channels_last and sliced inputs, and the same as the CPU and CUDA backends.
@@ -66,9 +66,9 @@ def _sampler_kernel(mo_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed
         z = M._load(nz_ptr, b, n, m, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
         if SEED_FROM_PTR:
-            z = tl.randn(tl.load(seed_ptr), M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
+            z = M.philox_normal(tl.load(seed_ptr), M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
         else:
-            z = tl.randn(seed, M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
+            z = M.philox_normal(seed, M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
     if MODE == 2:
         sigma, sqrt_abar_prev, eps_coef = M.ddim_coefs(eta, table_ptr, t)
         res = M.ddim_sample(px, xt, M._col(table_ptr, t, M.SQRT_ABAR), M._col(table_ptr, t, M.SQRT_1M_ABAR),

@@ -16,7 +16,7 @@ An absent input reads as 0 (its terms are not computed). Outputs: x_prev (return
 m_out and corrected into last_sample (when given), both in place. Every input of an element is read
 before any output of it is written, by the same thread: m_out may be h3's memory (UniPC at full order),
 last_sample is read then overwritten. Noise: a tensor (NOISE=1), Philox in-kernel (NOISE=2:
-tl.randn(seed, b * N + row-major index), the stream of p_sample_step and of the C++ kernels for a seed,
+_math.philox_normal(seed, b * N + row-major index), the stream of p_sample_step and of the C++ kernels for a seed,
 whatever the layout), or none (NOISE=0). One pass: reads up to 8 tensors, writes up to 3.
 The result is ddpm_fast.reference.solver_update's (the one definition); the C++ twin: csrc/ops/solvers.h.
 """
@@ -78,7 +78,7 @@ def _solver_update_kernel(x_ptr, u_ptr, c_ptr, h1_ptr, h2_ptr, h3_ptr, last_ptr,
     if NOISE == 1:
         noise = M._load(nz_ptr, b, n, mask, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
-        noise = tl.randn(tl.load(seed_ptr), M._offsets(b, n, r_sb, r_s1, r_s2, r_s3, D2, D3, FLAT)).to(CDT)
+        noise = M.philox_normal(tl.load(seed_ptr), M._offsets(b, n, r_sb, r_s1, r_s2, r_s3, D2, D3, FLAT)).to(CDT)
     # -- the step --
     x_s = x
     if NOISE != 0:
