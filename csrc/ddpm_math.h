@@ -320,4 +320,17 @@ DDPM_HD float philox_normal(uint64_t seed, uint64_t counter) {
   return box_muller_radius(u_radius) * (sine ? P::sin_turns(u_turns) : P::cos_turns(u_turns));
 }
 
+// the four draws of Philox block `block`: z[j] = philox_normal(seed, 4 block + j), one block for all four
+DDPM_HD void philox_normals4(uint64_t seed, uint64_t block, float* z) {
+  uint32_t c0, c1, c2, c3;
+  philox_block(seed, block, c0, c1, c2, c3);
+  using P = Prim<float>;
+  const float radius01 = box_muller_radius(philox_to_uniform(c0)), turns01 = philox_to_uniform(c1);
+  const float radius23 = box_muller_radius(philox_to_uniform(c2)), turns23 = philox_to_uniform(c3);
+  z[0] = radius01 * P::cos_turns(turns01);
+  z[1] = radius01 * P::sin_turns(turns01);
+  z[2] = radius23 * P::cos_turns(turns23);
+  z[3] = radius23 * P::sin_turns(turns23);
+}
+
 }  // namespace ddpm

@@ -294,11 +294,12 @@ def test_philox_noise_seeded_and_normal():
 
 def test_philox_noise_matches_triton_randn4x():
     """The seeded draw of counter g is lane g % 4 of tl.randn4x(seed, g // 4): the CPU kernels' draws, and
-    the Triton kernels' helper (_math.philox_normal, bit for bit: the same float32 operations)."""
+    the Triton kernels' helpers (_math.philox_normal per counter, _math._philox_normal_rows by whole blocks; bit
+    for bit: the same float32 operations)."""
     triton = pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
-    from triton_draw_kernels import philox_normal_kernel, randn4x_kernel
+    from triton_draw_kernels import philox_normal_kernel, philox_normal_rows_kernel, randn4x_kernel
 
     x_t = torch.randn(2, 3, 8, 8)
     ref = torch.empty(x_t.numel())
@@ -306,6 +307,9 @@ def test_philox_noise_matches_triton_randn4x():
     helper = torch.empty_like(ref)
     philox_normal_kernel[(triton.cdiv(ref.numel(), 128),)](helper, 1234, ref.numel(), BLOCK=128)
     assert torch.equal(helper, ref)
+    rows = torch.empty_like(ref)
+    philox_normal_rows_kernel[(triton.cdiv(ref.numel(), 64),)](rows, 1234, ref.numel(), BLOCK=64)
+    assert torch.equal(rows, ref)
     got = _drawn_noise(x_t, torch.full((2,), 300), seed=1234).reshape(-1)
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
 

@@ -36,16 +36,22 @@ def _layout(x, kind):
     return x.contiguous()
 
 
-def _inputs(device):
-    """x_t [2, 3, 4, 5], a learned-range model output [2, 6, 4, 5], t (0: no noise; 60)."""
+# sample shapes: N = 60 per sample, a multiple of 4 (the fused backends then draw contiguous layouts by whole
+# Philox blocks, four draws each, the others element by element: compared exactly below), and N = 105 (sample 2
+# starts inside a block, at counter 210: element by element, except the CUDA kernels' vectors that start on one)
+SHAPES = {"N60": (3, 4, 5), "N105": (3, 5, 7)}
+
+
+def _inputs(device, shape):
+    """x_t [3, *shape], a learned-range model output [3, 2 * shape[0], *shape[1:]], t (60; 0: no noise; 40)."""
     g = torch.Generator().manual_seed(21)
-    x_t = torch.randn(2, 3, 4, 5, generator=g).to(device)
-    mo = torch.randn(2, 6, 4, 5, generator=g).to(device)
-    return mo, x_t, torch.tensor([60, 0], device=device)
+    x_t = torch.randn(3, *shape, generator=g).to(device)
+    mo = torch.randn(3, 2 * shape[0], *shape[1:], generator=g).to(device)
+    return mo, x_t, torch.tensor([60, 0, 40], device=device)
 
 
-def _samples(backend, step):
-    mo, x_t, t = _inputs(device_for(backend))
+def _samples(backend, step, shape=SHAPES["N60"]):
+    mo, x_t, t = _inputs(device_for(backend), shape)
     return {kind: STEPS[step](_layout(mo, kind), _layout(x_t, kind), t, seed=1234, backend=backend)["sample"].cpu()
             for kind in LAYOUTS}
 
@@ -63,13 +69,14 @@ def test_same_seed_same_noise_for_every_layout(backend, step):
         assert torch.equal(other["contiguous"], got["contiguous"])
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("step", sorted(STEPS))
-def test_philox_backends_draw_the_same_noise(step):
+def test_philox_backends_draw_the_same_noise(step, shape):
     philox = [b for b in backends_here() if b != "reference"]
     if len(philox) < 2:
         pytest.skip(f"fewer than two Philox backends here: {philox}")
-    first = _samples(philox[0], step)
+    first = _samples(philox[0], step, SHAPES[shape])
     for backend in philox[1:]:
-        got = _samples(backend, step)
+        got = _samples(backend, step, SHAPES[shape])
         for kind in LAYOUTS:
             torch.testing.assert_close(got[kind], first[kind], msg=lambda m: f"{backend} vs {philox[0]} ({kind}): {m}")

@@ -24,3 +24,11 @@ def philox_normal_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
     """out[g] = _math.philox_normal(seed, g) for counters g < n."""
     counters = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     tl.store(out_ptr + counters, _math.philox_normal(seed, counters), mask=counters < n)
+
+
+@triton.jit
+def philox_normal_rows_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
+    """out[g] = _math._philox_normal_rows(seed, ...) for counters g < n, BLOCK per program (a multiple of 4)."""
+    first = (tl.program_id(0) * BLOCK).to(tl.int64)
+    counters = first + tl.arange(0, BLOCK)
+    tl.store(out_ptr + counters, _math._philox_normal_rows(seed, first, BLOCK), mask=counters < n)

@@ -232,9 +232,19 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) body_kernel(
     for (int k = 0; k < F::NI; ++k) {
       if constexpr (kNoise) {
         if (k == a.noise_input) {
+          const uint64_t first = uint64_t(b * a.N + e);  // the counter of element e when row-major
+          if (a.row_major && cnt == kVec && (first & 3) == 0) {
+            // whole Philox blocks: one per four draws
+            float z[kVec];
 #pragma unroll
-          for (int j = 0; j < kVec; ++j)
-            vin[k][j] = static_cast<S>(philox_normal(seed, uint64_t(b * a.N + logical_index(a, e + j))));
+            for (int j = 0; j < kVec; j += 4) philox_normals4(seed, (first + j) >> 2, z + j);
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) vin[k][j] = static_cast<S>(z[j]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < kVec; ++j)
+              vin[k][j] = static_cast<S>(philox_normal(seed, uint64_t(b * a.N + logical_index(a, e + j))));
+          }
           continue;
         }
       }

@@ -133,6 +133,13 @@ def plan(operands, logical: bool = False, shape=None) -> Plan:
     return Plan(tuple(sizes), sets, flat, tuple(s for st in sets for s in st), sizes[0] * sizes[1] * sizes[2])
 
 
+def philox_blocks_whole(p: Plan) -> bool:
+    """Whether in-kernel noise may draw four per Philox block over plan p (planned with logical=True): a flat
+    plan walks each sample in row-major order, and with N % 4 == 0 every chunk (a BLOCK of a multiple of 4
+    elements) starts at a counter b * N + chunk * BLOCK that is a multiple of 4."""
+    return p.flat and p.n % 4 == 0
+
+
 def _holds(x, shape) -> bool:
     """Whether x has shape's dims, each at least as large (plan reads its leading box: no broadcasting)."""
     return x.ndim == len(shape) and all(have >= want for have, want in zip(x.shape, shape))

@@ -24,6 +24,7 @@ NOT_MIRRORED = {
     "philox_to_uniform": "Philox: tl.uint_to_uniform_float",
     "philox_block": "Philox: tl.randint4x",
     "philox_pair_uniforms": "Philox: written into philox_normal (a tl.where on the block's words)",
+    "philox_normals4": "Philox: tl.randn4x (in _philox_normal_rows)",
 }
 
 NCOL = tl.constexpr(len(COLUMNS))
@@ -465,3 +466,21 @@ def philox_normal(seed, counter):
     radius = box_muller_radius(tl.uint_to_uniform_float(tl.where(second_pair, c2, c0)))
     angle = 6.283185307179586 * tl.uint_to_uniform_float(tl.where(second_pair, c3, c1))
     return radius * tl.where((counter & 1) != 0, tl.sin(angle), tl.cos(angle))
+
+
+@triton.jit
+def _seed(seed_ptr, seed, FROM_PTR: tl.constexpr):
+    """A kernel's Philox seed: seed_ptr[0] (FROM_PTR: a device tensor, graph-safe), else the int seed."""
+    if FROM_PTR:
+        return tl.load(seed_ptr)
+    else:
+        return seed
+
+
+@triton.jit
+def _philox_normal_rows(seed, first_counter, BLOCK: tl.constexpr):
+    """philox_normal(seed, first_counter + arange(BLOCK)) for first_counter a multiple of 4 (BLOCK one too):
+    one tl.randn4x block per four draws, interleaved (bit for bit philox_normal's values)."""
+    n0, n1, n2, n3 = tl.randn4x(seed, (first_counter >> 2) + tl.arange(0, BLOCK // 4))
+    # join(join(n0, n2), join(n1, n3))[k, i, s] is n_(2 i + s)[k], at 4 k + 2 i + s in row-major order
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])

@@ -23,7 +23,7 @@ def _variants():
     fp = dict(f, CDT="fp32")
     big = dict(fp, IDX64=True)  # more than 2^31 elements per sample: int64 element indices
     solver = dict(fp, **{flag: False for flag in ("HAS_COND", "HAS_CFG", "HAS_THRESH", "HAS_H1", "HAS_H2", "HAS_H3",
-                                                  "HAS_LAST")}, NOISE=0)
+                                                  "HAS_LAST")}, NOISE=0, NOISE_BLOCKS=False)
     g_loss_only = dict(G_LOSS=True, G_MSE=False, G_VB=False)  # vb_bwd from loss.mean().backward()
     return [
         ("q_sample", noising._q_sample_kernel, fp, True),
@@ -62,13 +62,15 @@ def _variants():
         ("p_mean_variance learned_range", sampler._sampler_kernel,
          dict(fp, MODE=0, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=0), True),
         ("p_sample_step philox", sampler._sampler_kernel,
+         dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2, NOISE_BLOCKS=True), True),
+        ("p_sample_step philox per element", sampler._sampler_kernel,
          dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2), True),
         ("p_sample_step philox int seed", sampler._sampler_kernel,
          dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2, SEED_FROM_PTR=False), True),
         ("p_sample_step philox strided", sampler._sampler_kernel,
          dict(fp, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2, FLAT=False), False),
         ("p_sample_step philox int64 index", sampler._sampler_kernel,
-         dict(big, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2), True),
+         dict(big, MODE=1, MEAN=0, VAR=3, CLIP=True, DT=False, NOISE=2, NOISE_BLOCKS=True), True),
         ("vb_bwd hybrid int64 index", vb._vb_bwd_kernel,
          dict(big, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True, VB_MEAN_GRAD=False,
               WEIGHTING=2, **g_loss_only), True),
@@ -78,7 +80,7 @@ def _variants():
          dict(fp, MODE=2, MEAN=0, VAR=0, CLIP=True, DT=True, NOISE=1), True),
         ("solver_update dpm++ 2 (h1)", solvers._solver_update_kernel, dict(solver, HAS_H1=True), True),
         ("solver_update dpm++ 3 sde cfg philox", solvers._solver_update_kernel,
-         dict(solver, HAS_COND=True, HAS_H1=True, HAS_H2=True, NOISE=2), True),
+         dict(solver, HAS_COND=True, HAS_H1=True, HAS_H2=True, NOISE=2, NOISE_BLOCKS=True), True),
         ("solver_update euler churn noise", solvers._solver_update_kernel, dict(solver, NOISE=1), True),
         ("solver_update unipc all inputs", solvers._solver_update_kernel,
          dict(solver, HAS_COND=True, HAS_CFG=True, HAS_THRESH=True, HAS_H1=True, HAS_H2=True, HAS_H3=True,
@@ -132,7 +134,9 @@ def compile_all(archs=(80, 90), num_warps=4, only=None):
     for label, kernel, constexprs, streaming in _variants():
         if only is not None and not label.startswith(only):
             continue
-        consts = {k: (tl.float32 if v == "fp32" else v) for k, v in constexprs.items()}
+        # constexpr parameters left out take their defaults (else _signature would make them runtime arguments)
+        defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+        consts = {k: (tl.float32 if v == "fp32" else v) for k, v in {**defaults, **constexprs}.items()}
         sig, attrs = _signature(kernel, consts)
         warps = vb.bwd_warps(num_warps, constexprs["DO_VB"]) if kernel is vb._vb_bwd_kernel else num_warps
         for arch in archs:

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import _math as M
 from ._dispatch import call, define, wrap_triton
-from ._layout import run
+from ._layout import philox_blocks_whole, run
 from ._runtime import (LEARNED, MEAN_IDS, VAR_IDS, check_device, seed_tensor, table, tl_dtype,
                        var_offset)
 
@@ -50,11 +50,12 @@ def _sampler_kernel(mo_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed
                     l_sb, l_s1, l_s2, l_s3, N, T, D2, D3, n_chunks, var_offset, sample_max, eta, seed,
                     MODE: tl.constexpr, MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, DT: tl.constexpr,
                     NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
-                    CDT: tl.constexpr, SEED_FROM_PTR: tl.constexpr = True):
+                    CDT: tl.constexpr, SEED_FROM_PTR: tl.constexpr = True, NOISE_BLOCKS: tl.constexpr = False):
     """Outputs: MODE 0 (mean, pred_xstart, variance, log_variance); MODE 1 / 2 (sample, pred_xstart). A learned
     variance is read var_offset elements from the model output's mean half, with its strides.
     l_*: the row-major strides (l_sb = N) giving in-kernel noise its counter b * N + row-major index; the
-    Philox seed is seed_ptr[0] (SEED_FROM_PTR: a device tensor, graph-safe) or the int seed."""
+    Philox seed is seed_ptr[0] (SEED_FROM_PTR: a device tensor, graph-safe) or the int seed. NOISE_BLOCKS (a
+    flat layout and N % 4 == 0): the chunk's counters are whole Philox blocks, drawn four per block."""
     b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     out = M._load(mo_ptr, b, n, m, m_sb, m_s1, m_s2, m_s3, D2, D3, FLAT, CDT)
     xt = M._load(xt_ptr, b, n, m, x_sb, x_s1, x_s2, x_s3, D2, D3, FLAT, CDT)
@@ -65,10 +66,12 @@ def _sampler_kernel(mo_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed
     if NOISE == 1:
         z = M._load(nz_ptr, b, n, m, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
-        if SEED_FROM_PTR:
-            z = M.philox_normal(tl.load(seed_ptr), M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
+        if NOISE_BLOCKS:
+            z = M._philox_normal_rows(M._seed(seed_ptr, seed, SEED_FROM_PTR), b * l_sb + chunk * BLOCK, BLOCK)
         else:
-            z = M.philox_normal(seed, M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT)).to(CDT)
+            z = M.philox_normal(M._seed(seed_ptr, seed, SEED_FROM_PTR),
+                                M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT))
+        z = z.to(CDT)
     if MODE == 2:
         sigma, sqrt_abar_prev, eps_coef = M.ddim_coefs(eta, table_ptr, t)
         res = M.ddim_sample(px, xt, M._col(table_ptr, t, M.SQRT_ABAR), M._col(table_ptr, t, M.SQRT_1M_ABAR),
@@ -163,7 +166,7 @@ def _launch(wrap, mode, model_output, x_t, t, table_, noise, seed, mean_type, va
             var_offset(ins[0], var_type), float(sample_max_value), float(eta), 0 if seed_value is None else seed_value,
             MODE=mode, MEAN=mean_type, VAR=var_type, CLIP=clip, DT=dynamic_threshold is not None, NOISE=noise_mode,
             FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(cdt), SEED_FROM_PTR=seed_value is None,
-            num_warps=c.warps)
+            NOISE_BLOCKS=noise_mode == 2 and philox_blocks_whole(p), num_warps=c.warps)
 
     ins = (model_output, x_t, noise if noise is not None else x_t)  # planned at x_t's shape: the mean half
     run(ins, outs[:4] if full else outs[:2], launch, logical=noise_mode == 2, shape=x_t.shape, like=1)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import _math as M
 from ._dispatch import call, define, wrap_triton
-from ._layout import run
+from ._layout import philox_blocks_whole, run
 from ._runtime import check_device, seed_tensor, tl_dtype
 
 # The columns of a row, in order (ddpm_fast/solvers/tables.py FUSED_COLUMNS; csrc/ops/solvers.h SolverCol).
@@ -52,10 +52,11 @@ def _solver_update_kernel(x_ptr, u_ptr, c_ptr, h1_ptr, h2_ptr, h3_ptr, last_ptr,
                           HAS_COND: tl.constexpr, HAS_CFG: tl.constexpr, HAS_THRESH: tl.constexpr,
                           HAS_H1: tl.constexpr, HAS_H2: tl.constexpr, HAS_H3: tl.constexpr,
                           HAS_LAST: tl.constexpr, NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
-                          IDX64: tl.constexpr, CDT: tl.constexpr):
+                          IDX64: tl.constexpr, CDT: tl.constexpr, NOISE_BLOCKS: tl.constexpr):
     """x_prev -> xp_ptr, m -> m_ptr, corrected -> lo_ptr (HAS_LAST) for the chunk of one sample.
     Strides: x, u (model_output), c (model_cond), h1..h3, l (last_sample read), z (noise), p (x_prev),
-    m (m_out), lo (last_sample written), r (row-major: the in-kernel noise counter b * N + index)."""
+    m (m_out), lo (last_sample written), r (row-major: the in-kernel noise counter b * N + index).
+    NOISE_BLOCKS (a flat layout and N % 4 == 0): the chunk's counters are whole Philox blocks, four draws each."""
     b, chunk, n = M._program_chunk(n_chunks, BLOCK, IDX64)
     mask = n < N
     row = rows_ptr + M._load_t(row_index_ptr, b, R) * NUM_COLUMNS  # this sample's row (index clamped to [0, R))
@@ -78,7 +79,10 @@ def _solver_update_kernel(x_ptr, u_ptr, c_ptr, h1_ptr, h2_ptr, h3_ptr, last_ptr,
     if NOISE == 1:
         noise = M._load(nz_ptr, b, n, mask, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
-        noise = M.philox_normal(tl.load(seed_ptr), M._offsets(b, n, r_sb, r_s1, r_s2, r_s3, D2, D3, FLAT)).to(CDT)
+        if NOISE_BLOCKS:
+            noise = M._philox_normal_rows(tl.load(seed_ptr), b * r_sb + chunk * BLOCK, BLOCK).to(CDT)
+        else:
+            noise = M.philox_normal(tl.load(seed_ptr), M._offsets(b, n, r_sb, r_s1, r_s2, r_s3, D2, D3, FLAT)).to(CDT)
     # -- the step --
     x_s = x
     if NOISE != 0:
@@ -130,7 +134,7 @@ def _solver_update(wrap, x, model_output, model_cond, rows, row_index, guidance_
             float(guidance_scale), HAS_COND=model_cond is not None, HAS_CFG=cfg_factor is not None,
             HAS_THRESH=thresh is not None, HAS_H1=h1 is not None, HAS_H2=h2 is not None, HAS_H3=h3 is not None,
             HAS_LAST=last_sample is not None, NOISE=noise_mode, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
-            CDT=tl_dtype(rows.dtype), num_warps=c.warps)
+            CDT=tl_dtype(rows.dtype), NOISE_BLOCKS=noise_mode == 2 and philox_blocks_whole(p), num_warps=c.warps)
 
     run(inputs, outputs, launch, logical=noise_mode == 2)
     return x_prev
