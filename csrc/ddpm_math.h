@@ -49,9 +49,23 @@ template <> struct Prim<float> : ScalarPrim<float> {
   static DDPM_HD float exp(float x) { return ::expf(x); }
   static DDPM_HD float log(float x) { return ::logf(x); }
   static DDPM_HD float sqrt(float x) { return ::sqrtf(x); }
-  // cosine / sine of an angle of u turns, as triton.language computes them: cos(fl(2 pi u)), sin(fl(2 pi u))
-  static DDPM_HD float cos_turns(float u) { return ::cosf(6.283185307179586f * u); }
-  static DDPM_HD float sin_turns(float u) { return ::sinf(6.283185307179586f * u); }
+  // cosine / sine of an angle of u turns: on the host as triton.language computes them, cos(fl(2 pi u)) and
+  // sin(fl(2 pi u)); in CUDA device code cospif / sinpif of 2 u (exact), which need no argument reduction
+  // (cosf / sinf's reduction of a large argument gave every kernel that draws noise a 32-byte stack frame)
+  static DDPM_HD float cos_turns(float u) {
+#ifdef __CUDA_ARCH__
+    return ::cospif(2.0f * u);
+#else
+    return ::cosf(6.283185307179586f * u);
+#endif
+  }
+  static DDPM_HD float sin_turns(float u) {
+#ifdef __CUDA_ARCH__
+    return ::sinpif(2.0f * u);
+#else
+    return ::sinf(6.283185307179586f * u);
+#endif
+  }
 };
 
 template <> struct Prim<double> : ScalarPrim<double> {
@@ -320,17 +334,18 @@ DDPM_HD float philox_normal(uint64_t seed, uint64_t counter) {
   return box_muller_radius(u_radius) * (sine ? P::sin_turns(u_turns) : P::cos_turns(u_turns));
 }
 
-// the four draws of Philox block `block`: z[j] = philox_normal(seed, 4 block + j), one block for all four
-DDPM_HD void philox_normals4(uint64_t seed, uint64_t block, float* z) {
+// the four draws of Philox block `block`: z_j = philox_normal(seed, 4 block + j), one block for all four
+// (references, not an array: a CUDA caller's values stay in registers)
+DDPM_HD void philox_normals4(uint64_t seed, uint64_t block, float& z0, float& z1, float& z2, float& z3) {
   uint32_t c0, c1, c2, c3;
   philox_block(seed, block, c0, c1, c2, c3);
   using P = Prim<float>;
   const float radius01 = box_muller_radius(philox_to_uniform(c0)), turns01 = philox_to_uniform(c1);
   const float radius23 = box_muller_radius(philox_to_uniform(c2)), turns23 = philox_to_uniform(c3);
-  z[0] = radius01 * P::cos_turns(turns01);
-  z[1] = radius01 * P::sin_turns(turns01);
-  z[2] = radius23 * P::cos_turns(turns23);
-  z[3] = radius23 * P::sin_turns(turns23);
+  z0 = radius01 * P::cos_turns(turns01);
+  z1 = radius01 * P::sin_turns(turns01);
+  z2 = radius23 * P::cos_turns(turns23);
+  z3 = radius23 * P::sin_turns(turns23);
 }
 
 }  // namespace ddpm

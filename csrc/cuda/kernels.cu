@@ -235,11 +235,13 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) body_kernel(
           const uint64_t first = uint64_t(b * a.N + e);  // the counter of element e when row-major
           if (a.row_major && cnt == kVec && (first & 3) == 0) {
             // whole Philox blocks: one per four draws
-            float z[kVec];
 #pragma unroll
-            for (int j = 0; j < kVec; j += 4) philox_normals4(seed, (first + j) >> 2, z + j);
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) vin[k][j] = static_cast<S>(z[j]);
+            for (int j = 0; j < kVec; j += 4) {
+              float z0, z1, z2, z3;
+              philox_normals4(seed, (first + j) >> 2, z0, z1, z2, z3);
+              vin[k][j] = static_cast<S>(z0), vin[k][j + 1] = static_cast<S>(z1);
+              vin[k][j + 2] = static_cast<S>(z2), vin[k][j + 3] = static_cast<S>(z3);
+            }
           } else {
 #pragma unroll
             for (int j = 0; j < kVec; ++j)
