@@ -48,7 +48,8 @@ class Stage:
 STAGES = (
     Stage("build", 210, False, "build the compiled extension (the local GPU arch only) and list the backends"),
     Stage("ops", 60, False, "every op on every fused backend vs the reference: fp32/fp16/bf16, contiguous, "
-                            "channels_last and sliced inputs, plus a capped fuzz of shapes"),
+                            "channels_last and sliced inputs, plus a capped fuzz of shapes; the seeded draws "
+                            "vs the noise stream's float64 definition"),
     Stage("graphs", 30, True, "capture every op, both sampling loops and the drop-in multistep schedulers' "
                               "loops in a CUDA graph (seed, seed=None, generator=) and replay them"),
     Stage("sync_free", 15, True, "both sampling loops and the drop-in multistep schedulers' loops under "
@@ -153,6 +154,52 @@ def check_ops(device: torch.device, backends, *, dtypes=DTYPES, layouts=LAYOUTS,
                             failures.append(f"{case.name} {backend} {str(dtype)[6:]}: seeded sample in {layout} "
                                             f"differs from contiguous by {gap:.3g} (same seed, same noise expected)")
     return {"checked": checked, "failures": failures}
+
+
+def check_noise_stream(device: torch.device, backends, seed: int = (7 << 32) + 12345) -> dict:
+    """Each backend's seeded draws against the stream's float64 definition (ddpm_fast.noise_stream), for
+    contiguous inputs of N % 4 == 0 (the kernels' whole-block paths) and N odd (samples starting inside a Philox
+    block), and channels_last (element by element). The draw is recovered as sample / std of a float32
+    p_sample_step whose mean is 0 (zero model output and x_t), std from the same step with noise = 1.
+
+    Bound per element: |z - z64| <= 1e-6 r + 1e-6, r the draw's Box-Muller radius. float32 with libm or
+    libdevice functions: the angle fl(2 pi u) half an ulp of 2 pi (2.4e-7 relative to r), sine / cosine within
+    2 ulp (2.4e-7), the radius's log, square root and products a few ulp relative (< 4e-7), the recovery's
+    division half an ulp; the absolute floor covers a log near u = 1 whose error is absolute (tiny r).
+    {checked, failures, max_error}."""
+    import numpy as np
+
+    from . import ops
+    from .noise_stream import normals
+    from .schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.named("linear", 1000)
+    failures, checked, worst = [], 0, 0.0
+    kw = dict(mean_type="epsilon", var_type="fixed_small", clip_denoised=False)
+    for shape in ((3, 4, 32, 32), (3, 5, 67, 131)):
+        t = torch.tensor([1, 500, 999], device=device)
+        want, radius = normals(seed, np.arange(math.prod(shape), dtype=np.uint64))
+        for layout in ("contiguous", "channels_last"):
+            x_t = relayout(torch.zeros(shape, device=device), layout)
+            for backend in backends:
+                checked += 1
+                where = f"{backend} {layout} {'x'.join(map(str, shape))}"
+                try:
+                    step = functools.partial(ops.p_sample_step, torch.zeros_like(x_t), x_t, t, schedule,
+                                             backend=backend, **kw)
+                    std = step(noise=torch.ones_like(x_t))["sample"].double()
+                    z = (step(seed=seed)["sample"].double() / std).contiguous().reshape(-1).cpu().numpy()
+                except Exception as exc:  # noqa: BLE001 -- reported as a failure of this case
+                    failures.append(f"noise stream {where}: raised {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                err = abs(z - want)
+                excess = err - (1e-6 * radius + 1e-6)
+                worst = max(worst, float(err.max()))
+                if not (excess <= 0).all():
+                    k = int(excess.argmax())
+                    failures.append(f"noise stream {where}: draw {k} is {z[k]:.9g}, the stream's {want[k]:.9g} "
+                                    f"(error {err[k]:.3g} at radius {radius[k]:.3g})")
+    return {"checked": checked, "failures": failures, "max_error": worst}
 
 
 def _noise_atol(dtype) -> float:
@@ -496,7 +543,9 @@ def _run_stage(stage: Stage, device: torch.device, out_dir: Path) -> dict:
         if not backends:
             return {"status": "failed", "reason": f"no fused backend runs on {device}: {why}"}
         res = check_ops(device, backends)
-        return dict(res, backends=backends, not_run=why)
+        stream = check_noise_stream(device, backends)
+        return dict(res, checked=res["checked"] + stream["checked"], failures=res["failures"] + stream["failures"],
+                    noise_stream_max_error=stream["max_error"], backends=backends, not_run=why)
     if stage.name == "graphs":
         return check_graphs(device, _fused_backends(device)[0])
     if stage.name == "sync_free":

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ddpm_fast as F
-from ddpm_fast import backends, native
+from ddpm_fast import backends, native, noise_stream
 from ddpm_fast import reference as R
 
 ok, why = native.availability("cpu")
@@ -314,37 +314,10 @@ def test_philox_noise_matches_triton_randn4x():
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
 
 
-def _philox_normal_float64(seed: int, counters: np.ndarray):
-    """The draw of counter g, lane g % 4 of tl.randn4x(seed, g // 4), in float64 from an independent
-    Philox-4x32-10 in numpy: block g // 4's output words as triton's uniform floats (float32, exact), then
-    Box-Muller on words (0, 1) for lanes 0 (cosine) and 1 (sine), on words (2, 3) for lanes 2 and 3.
-    Returns (z, r) with r = sqrt(-2 log max(u, 1e-7)), the Box-Muller radius. counters: uint64."""
-    m32 = np.uint64(0xFFFFFFFF)
-    blocks = counters >> np.uint64(2)
-    c0, c1 = blocks & m32, blocks >> np.uint64(32)
-    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-    for _ in range(10):
-        p0, p2 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)  # < 2^64: exact in uint64
-        c0, c1, c2, c3 = ((p2 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p2 & m32,
-                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & m32)
-        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
-
-    def uniform(word):
-        a = word.astype(np.uint32).view(np.int32)
-        return np.where(a < 0, ~a, a).astype(np.float32) * np.float32(4.6566127342e-10)
-
-    lane = counters & np.uint64(3)
-    second_pair = lane >= 2
-    u_radius = np.maximum(uniform(np.where(second_pair, c2, c0)), np.float32(1e-7)).astype(np.float64)
-    angle = 2.0 * np.pi * uniform(np.where(second_pair, c3, c1)).astype(np.float64)
-    r = np.sqrt(-2.0 * np.log(u_radius))
-    return r * np.where(lane & np.uint64(1), np.sin(angle), np.cos(angle)), r
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_philox_noise_matches_float64_philox_box_muller(layout):
-    """Every drawn value against an independent float64 Philox + Box-Muller, over 2^17 + odd-sized draws
+    """Every drawn value against the stream's float64 definition (ddpm_fast.noise_stream: an independent numpy
+    Philox + Box-Muller), over 2^17 + odd-sized draws
     (SIMD, unaligned-head and scalar-tail paths: 43,885 per sample is 1 mod 4, so samples 1 and 2 start
     inside a Philox block; channels_last takes the strided path, offsets stay row-major).
 
@@ -362,7 +335,7 @@ def test_philox_noise_matches_float64_philox_box_muller(layout):
     std = native.p_sample_step(mo, x_t, t, SCHEDULE, noise=torch.ones_like(x_t), **kw)["sample"]  # mean is 0
     got = (native.p_sample_step(mo, x_t, t, SCHEDULE, seed=seed, **kw)["sample"].double() / std.double())
     counters = np.arange(x_t.numel(), dtype=np.uint64)  # b * N + row-major index
-    want, r = _philox_normal_float64(seed, counters)
+    want, r = noise_stream.normals(seed, counters)
     err = np.abs(got.contiguous().reshape(-1).numpy() - want)
     assert np.isfinite(err).all()
     assert (err <= 4e-7 * r).all(), f"max error {err.max():.3g} at r = {r[err.argmax()]:.3g}"

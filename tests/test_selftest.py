@@ -77,6 +77,23 @@ def test_ops_stage_reports_a_wrong_result_and_layout_dependent_noise(monkeypatch
     assert noise_fail and not any("seeded sample in contiguous" in f for f in res["failures"])
 
 
+def test_noise_stream_check_passes_the_cpu_kernels_and_reports_another_stream(monkeypatch):
+    """The CPU kernels draw the stream (every layout and shape of the check); a backend that draws its noise
+    under another key (the seed's lowest bit flipped) fails it in each, naming a draw."""
+    res = selftest.check_noise_stream(torch.device("cpu"), ["cpu"])
+    assert res["checked"] == 4 and res["failures"] == [] and 0 < res["max_error"] < 1e-5
+    real_step = ops.p_sample_step
+
+    def other_key_step(*args, **kwargs):
+        if kwargs.get("seed") is not None:
+            kwargs["seed"] ^= 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "p_sample_step", other_key_step)
+    res = selftest.check_noise_stream(torch.device("cpu"), ["cpu"])
+    assert len(res["failures"]) == 4 and all("the stream's" in f for f in res["failures"])
+
+
 def test_check_ops_runs_every_case_on_the_backend(monkeypatch):
     calls = []
     real = ops.q_sample
