@@ -112,6 +112,58 @@ def test_broadcastable_agrees_with_torch():
                     assert _broadcast_shape(*sizes) == want, (a, b, c)
 
 
+def test_x_args_agrees_with_like_then_timesteps():
+    """x_args (the checks of q_sample, velocity and q_posterior: one pass over plain tensors when they pass)
+    returns what like() then timesteps() return, and raises their exception with their message otherwise."""
+    from ddpm_fast.ops import _checks as check
+
+    def separate(x, t, sched, validate, **others):
+        device = check.like("x0", x, **others)
+        return check.timesteps(t, x.shape[0], check.schedule(sched), device, validate), device
+
+    def combined(x, t, sched, validate, **others):
+        return check.x_args("x0", x, t, sched, validate, **others)
+
+    def outcome(fn, x, t, sched, validate, others):
+        try:
+            t_out, device = fn(x, t, sched, validate, **others)
+        except Exception as exc:  # noqa: BLE001 - the exception itself is compared
+            return type(exc), str(exc)
+        return t_out.dtype, t_out.tolist(), t_out.is_contiguous(), device
+
+    x = torch.randn(3, 2, 4)
+    t = torch.tensor([0, 5, SCHEDULE.num_timesteps - 1])
+    good = dict(x=x, t=t, sched=SCHEDULE, validate=None, others={"noise": torch.randn(3, 2, 4)})
+    cases = [
+        {}, {"others": {}}, {"others": {"noise": None}}, {"x": torch.nn.Parameter(x)}, {"t": 7},
+        {"t": torch.tensor(4)}, {"t": t.int()}, {"validate": True},
+        {"t": torch.tensor([0, 9, 3, 1, 2, 8])[::2]}, {"t": t + 1, "validate": False}, {"t": t + 1},
+        {"t": t - 1}, {"t": t.float()}, {"t": t > 0}, {"t": t[:2]}, {"t": t.to("meta")}, {"t": [0, 1, 2]},
+        {"x": x.long()}, {"x": x[0, 0, 0]}, {"x": x.to("meta")}, {"others": {"noise": x[:2]}},
+        {"others": {"noise": x.double()}}, {"others": {"noise": x.to("meta")}}, {"others": {"noise": 1.0}},
+        {"sched": "linear"}, {"sched": "linear", "x": x.long()}, {"sched": "linear", "t": t + 1},
+        {"x": x.as_subclass(_Subclass)}, {"others": {"noise": x.as_subclass(_Subclass)}},
+    ]
+    for case in cases:
+        args = {**good, **case}
+        want = outcome(separate, **args)
+        assert outcome(combined, **args) == want, case
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_int_range_is_the_min_and_max():
+    from ddpm_fast.ops._checks import int_range
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 64, 65, 300):
+        values = torch.randint(-50, 50, (n,), generator=g)
+        assert int_range(values) == (int(values.min()), int(values.max())), n
+    assert int_range(torch.zeros(0, dtype=torch.int64)) == (None, None)
+
+
 def test_bad_backend_schedule_and_respacing():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="backend"):

@@ -17,6 +17,7 @@ import torch
 import ddpm_fast as F
 from ddpm_fast import reference as R
 from ddpm_fast.backends import BackendUnavailableError
+from ddpm_fast.options import VAR_IDS
 
 triton = pytest.importorskip("triton")
 # Not availability(): a backend that fails to load must fail these tests, not skip them.
@@ -576,6 +577,43 @@ def test_eager_routes_and_library_ops_agree():
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
+
+
+def test_loss_terms_agree_across_routes_and_only_returned_terms_are_made():
+    """Each loss mode's terms are the same through the direct launcher (no grad), the autograd.Function (grad)
+    and the library op (under a dispatch mode). The launcher allocates (and its finishing kernel writes) only the
+    terms the mode returns, None for the others; the library op returns zeros there (its schema's three [B])."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ddpm_fast.triton import _dispatch, vb
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    tab = SCHED.table(DEV)
+    for loss_type, var_type in itertools.product(("mse", "rescaled_mse", "kl", "rescaled_kl"),
+                                                 ("fixed_small", "learned_range")):
+        d = data(learned=var_type == "learned_range", seed=11)
+        f = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV)) for k, v in d.items()}
+        kw = dict(mean_type="epsilon", var_type=var_type, loss_type=loss_type, weighting="elbo", backend="triton")
+        direct = F.training_losses(f["mo"], f["x0"], f["t"], f["noise"], SCHED, **kw)
+        mo = f["mo"].clone().requires_grad_()
+        function = F.training_losses(mo, f["x0"], f["t"], f["noise"], SCHED, **kw)
+        with Passthrough():
+            library = F.training_losses(f["mo"], f["x0"], f["t"], f["noise"], SCHED, **kw)
+        assert sorted(direct) == sorted(function) == sorted(library) == sorted(
+            R.training_losses(d["mo"], d["x0"], d["t"], d["noise"], SCHED, **{k: v for k, v in kw.items()
+                                                                             if k != "backend"}))
+        for key in direct:
+            assert torch.equal(direct[key], function[key].detach()) and torch.equal(direct[key], library[key]), key
+
+        args = (f["mo"], f["x0"], f["noise"], f["t"], tab, 0, VAR_IDS[var_type], loss_type, False, 1, 5.0)
+        made = vb._vb_losses(_dispatch.direct, *args)
+        for name, term, op_term in zip(("loss", "mse", "vb"), made, vb.vb_losses_op(*args)):
+            assert (term is not None) == (name in direct), name
+            assert torch.equal(op_term, torch.zeros_like(op_term) if term is None else term), name
+    made = vb._vb_losses(_dispatch.direct, f["mo"], f["x0"], f["x_t"], f["t"], tab, 0, 3, "vb", False, 0, 5.0)
+    assert made[1] is None and made[2] is not None  # vb_terms_bpd's mode: the vb term, no mse
 
 
 def test_stubbed_launches_count_and_skip_every_eager_launch():

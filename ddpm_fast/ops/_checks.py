@@ -19,6 +19,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 # up to this many timesteps are range-checked in Python (t.tolist(): ~0.3 us for a few on the CPU, against ~2.5 us
 # for torch.aminmax and two scalar reads; one device-to-host copy for CUDA tensors, not two); more through aminmax
 _LIST_RANGE_MAX = 64
+_Tensor, _INT64 = torch.Tensor, torch.int64
 _MEAN_TYPES, _VAR_TYPES = options.OPTIONS["mean_type"], options.OPTIONS["var_type"]
 
 
@@ -79,6 +80,17 @@ def like(ref_name, ref, **others):
     return same_device(**{ref_name: ref}, **others)
 
 
+def x_args(x_name, x, t, sched, validate, **others):
+    """Shared checks of (x, t, ...) ops: like(x_name, x, **others), then t by timesteps (sched checked first).
+    Returns (t, device). One pass over plain tensors when every check passes (x's attributes read once)."""
+    if type(x) in _PLAIN_TYPES and isinstance(sched, NoiseSchedule):
+        dtype, shape, device = x.dtype, x.shape, x.device
+        if dtype in _FLOAT_SET and shape and _all_like(others, dtype, shape, device):
+            return timesteps(t, shape[0], sched, device, validate), device
+    device = like(x_name, x, **others)
+    return timesteps(t, x.shape[0], schedule(sched), device, validate), device
+
+
 def schedule(value):
     if not isinstance(value, NoiseSchedule):
         raise TypeError(f"schedule: expected a ddpm_fast.NoiseSchedule, got {type(value).__name__}")
@@ -87,14 +99,15 @@ def schedule(value):
 
 def timesteps(t, batch: int, sched: NoiseSchedule, device: torch.device, validate):
     """t as an int64 tensor [B] on ``device``; range-checked when validate (default: not on CUDA)."""
-    if type(t) is torch.Tensor and t.dtype == torch.int64 and t.shape == (batch,) and t.device == device:
+    if type(t) is _Tensor and t.dtype is _INT64 and t.shape == (batch,) and t.device == device:
         # the common case in one test; then only the range (values read on the host) and the layout
         if validate or (validate is None and not t.is_cuda):
             if batch > _LIST_RANGE_MAX:
                 _check_range(t, sched.num_timesteps)
             elif batch:  # int_range's list read, inline
                 items = t.tolist()
-                if min(items) < 0 or max(items) >= sched.num_timesteps:
+                items.sort()
+                if items[0] < 0 or items[-1] >= sched.num_timesteps:
                     _check_range(t, sched.num_timesteps)  # raises
         return t if t.is_contiguous() else t.contiguous()
     T = sched.num_timesteps
@@ -132,32 +145,35 @@ def _check_range(t, T):
 
 def int_range(values):
     """(min, max) of the integer tensor values [N] as ints, read on the host ((None, None) when empty): a list
-    for short ones (one copy, no reduction ops), aminmax otherwise."""
+    for short ones (one copy, no reduction ops; sorted in place, one call cheaper than min and max up to
+    _LIST_RANGE_MAX values), aminmax otherwise."""
     n = values.shape[0]
     if n <= _LIST_RANGE_MAX:
         if not n:
             return None, None
         items = values.tolist()
-        return min(items), max(items)
+        items.sort()
+        return items[0], items[-1]
     lo, hi = torch.aminmax(values)
     return int(lo), int(hi)
 
 
 def model_output_shape(model_output, x_t, var_type, x_name):
     """model_output is x_t's shape, or doubled in channels (dim 1) for a learned variance."""
+    shape, out_shape = x_t.shape, model_output.shape  # each read once (a torch.Size made per read)
     if var_type in LEARNED_VAR_TYPES:
-        if x_t.ndim < 2:
-            raise ValueError(f"{x_name}: a learned variance needs a channel dim 1, got shape {tuple(x_t.shape)}")
-        want = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:])
-        if tuple(model_output.shape) != want:
+        if len(shape) < 2:
+            raise ValueError(f"{x_name}: a learned variance needs a channel dim 1, got shape {tuple(shape)}")
+        want = (shape[0], 2 * shape[1], *shape[2:])
+        if out_shape != want:
             raise ValueError(
-                f"model_output: var_type={var_type!r} needs {x_name}'s shape {tuple(x_t.shape)} with doubled "
-                f"channels, {want} (mean and variance halves), got {tuple(model_output.shape)}"
+                f"model_output: var_type={var_type!r} needs {x_name}'s shape {tuple(shape)} with doubled "
+                f"channels, {want} (mean and variance halves), got {tuple(out_shape)}"
             )
-    elif model_output.shape != x_t.shape:
+    elif out_shape != shape:
         raise ValueError(
-            f"model_output: expected shape {tuple(x_t.shape)} (that of {x_name}) for var_type={var_type!r}, "
-            f"got {tuple(model_output.shape)}"
+            f"model_output: expected shape {tuple(shape)} (that of {x_name}) for var_type={var_type!r}, "
+            f"got {tuple(out_shape)}"
         )
 
 
@@ -283,7 +299,6 @@ def cpu_native(op, backend, *tensors):
 
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
-_Tensor = torch.Tensor
 # (op, dtype) -> (the compiled op or None, the same for plain-eager calls (native.eager_kernels: the op's
 # direct binding, csrc/ops/direct.h), the inputs whose requires_grad needs the reference)
 _cpu_plans: dict = {}

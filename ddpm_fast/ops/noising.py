@@ -63,8 +63,7 @@ def _linear_in_x0_and_noise(op, x0, t, noise, schedule, backend, validate):
     native = check.cpu_native(op, backend, x0, noise)
     if native is not None:
         return native(x0, check.cpu_timesteps(t, x0, check.schedule(schedule)), noise, schedule)
-    device = check.like("x0", x0, noise=noise)
-    t = check.timesteps(t, x0.shape[0], check.schedule(schedule), device, validate)
+    t, device = check.x_args("x0", x0, t, schedule, validate, noise=noise)
     return backends.route(backend, device.type, op, x0.dtype, x0, noise)[0](x0, t, noise, schedule)
 
 
@@ -161,6 +160,5 @@ def q_posterior(x0, x_t, t, schedule, *, backend="auto", validate=None):
     native = check.cpu_native("q_posterior", backend, x0, x_t)
     if native is not None:
         return native(x0, x_t, check.cpu_timesteps(t, x0, check.schedule(schedule)), schedule)
-    device = check.like("x0", x0, x_t=x_t)
-    t = check.timesteps(t, x0.shape[0], check.schedule(schedule), device, validate)
+    t, device = check.x_args("x0", x0, t, schedule, validate, x_t=x_t)
     return backends.route(backend, device.type, "q_posterior", x0.dtype, x0, x_t)[0](x0, x_t, t, schedule)

@@ -192,11 +192,12 @@ def planned(operands, logical: bool = False, shape=None) -> tuple:
     return hit if hit is not None else _plan_and_keep(key, operands, logical, shape)
 
 
-def run(inputs, outputs, launch, logical: bool = False, shape=None, like=None) -> None:
-    """launch(inputs, outputs, plan, config) on a common plan of the operands (inputs [B, ...] then outputs,
-    one shape, or planned at ``shape`` (see plan); the row-major stride set last if logical), on the inputs'
-    CUDA device; if the layouts do not fit one plan, on contiguous copies (outputs copied back afterwards: an
-    extra pass, only for > 3 unmergeable dims).
+def run(inputs, outputs, launch, logical: bool = False, shape=None, like=None, args=()) -> None:
+    """launch(inputs, outputs, plan, config, *args) on a common plan of the operands (inputs [B, ...] then
+    outputs, one shape, or planned at ``shape`` (see plan); the row-major stride set last if logical), on the
+    inputs' CUDA device; if the layouts do not fit one plan, on contiguous copies (outputs copied back afterwards:
+    an extra pass, only for > 3 unmergeable dims). args: what else launch takes (a module-level launch with its
+    arguments costs less per call than a closure made per call).
 
     like: the index of the input every output was allocated from by ``torch.empty_like`` (then the outputs'
     layout is a function of that input's shape and strides, and the cache key leaves them out: a cheaper
@@ -211,16 +212,16 @@ def run(inputs, outputs, launch, logical: bool = False, shape=None, like=None) -
     if first.is_cuda and first.get_device() != torch.cuda.current_device():
         with device_guard(first.device):
             if hit is None:
-                _run(inputs, outputs, launch, logical, shape, key)
+                _run(inputs, outputs, launch, logical, shape, key, args)
             else:
-                launch(inputs, outputs, *hit)
+                launch(inputs, outputs, *hit, *args)
         return
     if hit is None:  # planned on first use (or each time while tracing)
-        _run(inputs, outputs, launch, logical, shape, key)
+        _run(inputs, outputs, launch, logical, shape, key, args)
     else:
         if CHECK_LIKE and like is not None:
             _check_like(hit, inputs, outputs, logical, shape)
-        launch(inputs, outputs, *hit)
+        launch(inputs, outputs, *hit, *args)
 
 
 CHECK_LIKE = False  # tests: check each cached plan run() finds by ``like`` against the outputs' own layouts
@@ -234,7 +235,7 @@ def _check_like(hit, inputs, outputs, logical, shape):
         raise AssertionError(f"run(like=...): cached plan {hit} != the operands' {want}")
 
 
-def _run(inputs, outputs, launch, logical, shape, key):
+def _run(inputs, outputs, launch, logical, shape, key, args):
     """run's launch on a plan made now and kept under run's key (None while tracing: not kept)."""
     try:
         p, c = _plan_and_keep(key, [*inputs, *outputs], logical, shape)
@@ -242,8 +243,8 @@ def _run(inputs, outputs, launch, logical, shape, key):
         ci = [x.contiguous() if shape is None or _holds(x, shape) else x.expand(shape).contiguous() for x in inputs]
         co = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
         p, c = planned(ci + co, logical, shape)
-        launch(ci, co, p, c)
+        launch(ci, co, p, c, *args)
         for o, copy in zip(outputs, co):
             o.copy_(copy)
         return
-    launch(inputs, outputs, p, c)
+    launch(inputs, outputs, p, c, *args)

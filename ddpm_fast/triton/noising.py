@@ -85,7 +85,7 @@ def finish_mean(wrap, part: torch.Tensor, scale: float) -> torch.Tensor:
     B, n_chunks = part.shape
     out = torch.empty(B, dtype=part.dtype, device=part.device)
     if B:
-        wrap(_finish_mean_kernel)[(B,)](part, out, n_chunks, scale, CBLOCK=64)
+        wrap(_finish_mean_kernel)[(B,)](part, out, n_chunks, scale, 64)  # CBLOCK 64
     return out
 
 
@@ -94,14 +94,15 @@ def _q_sample(wrap, x0, t, noise, table_, velocity=False):
     """x_t (velocity: v) [B, ...] like x0 (t: int64 [B]; table_: the packed schedule table in the compute dtype)."""
     out = torch.empty_like(x0)
     if out.numel():
-        def launch(ins, outs, p, c):
-            wrap(_q_sample_kernel)[c.grid](
-                *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
-                FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype), VELOCITY=velocity,
-                num_warps=c.warps)
-
-        run((x0, noise), (out,), launch, like=0)
+        run((x0, noise), (out,), _launch_q_sample, like=0, args=(wrap, t, table_, velocity))
     return out
+
+
+def _launch_q_sample(ins, outs, p, c, wrap, t, table_, velocity):
+    """_q_sample's launch on plan p and config c."""
+    wrap(_q_sample_kernel)[c.grid](  # the constexprs by position: FLAT, BLOCK, IDX64, CDT, VELOCITY
+        *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks, p.flat, c.block,
+        c.idx64, tl_dtype(table_.dtype), velocity, num_warps=c.warps)
 
 
 def _linear2_backward(wrap, grad, t, table_, a_like, b_like, column_a, column_b, mean_type=-1):
@@ -110,14 +111,15 @@ def _linear2_backward(wrap, grad, t, table_, a_like, b_like, column_a, column_b,
     grad_a = torch.empty_like(a_like)
     grad_b = torch.empty_like(b_like)
     if grad.numel():
-        def launch(ins, outs, p, c):
-            wrap(linear2_bwd_kernel)[c.grid](
-                *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,
-                CA=column_a, CB=column_b, MEAN=mean_type, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
-                CDT=tl_dtype(table_.dtype), num_warps=c.warps)
-
-        run((grad,), (grad_a, grad_b), launch)
+        run((grad,), (grad_a, grad_b), _launch_linear2_backward, args=(wrap, t, table_, column_a, column_b, mean_type))
     return grad_a, grad_b
+
+
+def _launch_linear2_backward(ins, outs, p, c, wrap, t, table_, column_a, column_b, mean_type):
+    """_linear2_backward's launch on plan p and config c."""
+    wrap(linear2_bwd_kernel)[c.grid](  # the constexprs by position: CA, CB, FLAT, BLOCK, IDX64, CDT, MEAN
+        *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks, column_a,
+        column_b, p.flat, c.block, c.idx64, tl_dtype(table_.dtype), mean_type, num_warps=c.warps)
 
 
 def _prior_bpd(wrap, x0, abar_last, const):
@@ -132,8 +134,8 @@ def _prior_bpd(wrap, x0, abar_last, const):
     def launch(ins, outs, p, c):
         part = torch.empty((B, c.n_chunks), dtype=cdt, device=x0.device)
         wrap(_prior_kernel)[c.grid](ins[0], part, *p.args, p.n, p.sizes[1], p.sizes[2], c.n_chunks,
-                                    math.sqrt(abar_last), const, FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64,
-                                    CDT=tl_dtype(cdt), num_warps=c.warps)
+                                    math.sqrt(abar_last), const, p.flat, c.block, c.idx64, tl_dtype(cdt),
+                                    num_warps=c.warps)  # the constexprs by position: FLAT, BLOCK, IDX64, CDT
         result.append(finish_mean(wrap, part, 1.0 / (p.n * math.log(2.0))))
 
     run((x0,), (), launch)

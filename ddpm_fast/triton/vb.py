@@ -4,7 +4,9 @@ Forward (grid: chunks of a sample x samples): per element, x_t (given, or q_samp
 the model's x0 / mean / log variance, the posterior, the KL (t > 0) or the decoder NLL (t = 0; a
 per-sample branch, so only those samples compute it) and the squared error on the target; each
 program writes its partial sums to a [B, 2, n_chunks] buffer. A finishing kernel (one program per
-sample) sums them in a fixed order and applies the weighting: deterministic, batch-independent.
+sample) sums them in a fixed order and applies the weighting: deterministic, batch-independent. It writes
+only the [B] terms the mode returns (loss always; mse for mse losses; vb for the vb, kl and hybrid losses):
+the others are not allocated.
 Backward: one pass recomputing what it needs from (model_output, x0, x_t or noise, t), writing the
 gradient of model_output (both halves for a learned variance; under the hybrid loss the vb term sees
 the mean half through a stop-gradient). Gradients flow to model_output only.
@@ -13,6 +15,7 @@ Modes: "vb" (vb_terms_bpd: x_t given), "mse", "rescaled_mse", "kl", "rescaled_kl
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -70,8 +73,10 @@ def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_c
     else:
         loss = vb * loss_scale
     tl.store(loss_ptr + b, loss)
-    tl.store(mse_ptr + b, mse)
-    tl.store(vb_ptr + b, vb)
+    if DO_MSE:  # the launcher allocates mse only where it is a term (its pointer otherwise stands in, unwritten)
+        tl.store(mse_ptr + b, mse)
+    if DO_VB:  # likewise vb
+        tl.store(vb_ptr + b, vb)
 
 
 @triton.jit
@@ -130,49 +135,77 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, x0_ptr, xn_ptr, gmo_ptr, t_pt
 
 
 # -- launch configuration --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Flags:
+    """What the loss launches take from their options alone, made once per combination (_flags): the terms the
+    mode computes, and runs of each kernel's arguments in its signature's order (the launchers pass constexprs by
+    position, like the other arguments: a keyword dict per launch costs more than all its positional arguments).
+    scales: (vb_scale, loss_scale): vb output = vb term * vb_scale; loss = weighted mse + vb output (hybrid) or
+    vb output * loss_scale."""
+
+    do_mse: bool
+    do_vb: bool
+    cdt: object  # CDT: the Triton compute dtype of the table's dtype
+    scales: tuple
+    fwd_options: tuple  # _vb_fwd_kernel's MEAN, VAR, CLIP, FROM_NOISE, DO_VB, DO_MSE
+    finish_args: tuple  # _vb_finish_kernel's arguments after gamma: the scales, MEAN, VAR, WEIGHTING, DO_VB, DO_MSE,
+    #                     CBLOCK
+    bwd_options: tuple  # _vb_bwd_kernel's MEAN, VAR, CLIP, FROM_NOISE, DO_VB, DO_MSE, VB_MEAN_GRAD, WEIGHTING
+
+
 @functools.lru_cache(maxsize=256)
-def _flags(mode: str, var_type: int, num_timesteps: int, weighting: int) -> dict:
-    """The launch flags and scales of a loss mode, checked and made once per combination (the launchers only read
-    them); ValueError for an unknown mode or weighting id (not cached: raised on every such call)."""
+def _flags(mode: str, mean_type: int, var_type: int, clip: bool, num_timesteps: int, weighting: int,
+           dtype: torch.dtype) -> _Flags:
+    """The _Flags of a loss mode, its options and the table's dtype; ValueError for an unknown mode or
+    weighting id (not cached: raised on every such call)."""
     if mode not in MODES:
         raise ValueError(f"mode: unknown {mode!r}; expected one of {MODES}")
     if weighting not in (0, 1, 2):
         raise ValueError(f"weighting: unknown id {weighting!r}")
-    learned = var_type in LEARNED
     do_mse = mode in ("mse", "rescaled_mse")
-    return dict(
-        FROM_NOISE=mode != "vb",
-        DO_MSE=do_mse,
-        DO_VB=(not do_mse) or learned,
-        VB_MEAN_GRAD=not do_mse,
-        # vb output = vb term * vb_scale; loss = weighted mse + vb output (hybrid) or vb output * loss_scale
-        vb_scale=num_timesteps / 1000.0 if mode == "rescaled_mse" else 1.0,
-        loss_scale=float(num_timesteps) if mode == "rescaled_kl" else 1.0,
+    do_vb = (not do_mse) or var_type in LEARNED
+    from_noise = mode != "vb"
+    scales = (num_timesteps / 1000.0 if mode == "rescaled_mse" else 1.0,
+              float(num_timesteps) if mode == "rescaled_kl" else 1.0)
+    return _Flags(
+        do_mse=do_mse,
+        do_vb=do_vb,
+        cdt=tl_dtype(dtype),
+        scales=scales,
+        fwd_options=(mean_type, var_type, clip, from_noise, do_vb, do_mse),
+        finish_args=(*scales, mean_type, var_type, weighting, do_vb, do_mse, 64),  # CBLOCK 64
+        bwd_options=(mean_type, var_type, clip, from_noise, do_vb, do_mse, not do_mse, weighting),
     )
 
 
 # -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
 def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
-    """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
-    B, T = x0.shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
-    f = _flags(mode, var_type, T, weighting)
-    outs = [table_.new_empty(B) for _ in range(3)]  # the table's dtype, on x0's device (no kwargs to parse)
+    """(loss, mse, vb), each [B] in the table's dtype, or None where the mode has no such term (mse without a
+    learned variance: no vb; vb and kl modes: no mse). xn is x_t for mode "vb", else the noise."""
+    shape = x0.shape
+    B, T = shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
+    f = _flags(mode, mean_type, var_type, clip, T, weighting, table_.dtype)
+    # the table's dtype, on x0's device (no kwargs to parse)
+    loss = table_.new_empty(B)
+    mse = table_.new_empty(B) if f.do_mse else None
+    vb = table_.new_empty(B) if f.do_vb else None
     if B == 0 or x0.numel() == 0:
-        return tuple(o.fill_(float("nan")) for o in outs)
+        return tuple(None if o is None else o.fill_(float("nan")) for o in (loss, mse, vb))
+    run((model_output, x0, xn), (), _launch_losses, shape=shape,
+        args=(wrap, t, table_, B, T, var_type, f, loss, mse, vb, min_snr_gamma))
+    return loss, mse, vb
 
-    def launch(ins, _, p, c):
-        part = table_.new_empty(2 * B * c.n_chunks)  # [B, 2, n_chunks] partial sums, flat
-        wrap(_vb_fwd_kernel)[c.grid](
-            *ins, part, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(ins[0], var_type),
-            MEAN=mean_type, VAR=var_type, CLIP=clip, FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"],
-            DO_MSE=f["DO_MSE"], FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
-            num_warps=c.warps)
-        wrap(_vb_finish_kernel)[(B,)](
-            part, *outs, t, table_, c.n_chunks, p.n, T, min_snr_gamma, f["vb_scale"], f["loss_scale"],
-            MEAN=mean_type, VAR=var_type, WEIGHTING=weighting, DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], CBLOCK=64)
 
-    run((model_output, x0, xn), (), launch, shape=x0.shape)
-    return tuple(outs)
+def _launch_losses(ins, _, p, c, wrap, t, table_, B, T, var_type, f, loss, mse, vb, min_snr_gamma):
+    """_vb_losses' launches on plan p and config c: the forward kernel's partial sums, then the finishing kernel
+    (loss stands in for an absent term's pointer, not written: DO_* false)."""
+    part = table_.new_empty(2 * B * c.n_chunks)  # [B, 2, n_chunks] partial sums, flat
+    wrap(_vb_fwd_kernel)[c.grid](  # the constexprs by position: fwd_options, FLAT, BLOCK, IDX64, CDT
+        *ins, part, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(ins[0], var_type),
+        *f.fwd_options, p.flat, c.block, c.idx64, f.cdt, num_warps=c.warps)
+    wrap(_vb_finish_kernel)[(B,)](
+        part, loss, loss if mse is None else mse, loss if vb is None else vb, t, table_, c.n_chunks, p.n, T,
+        min_snr_gamma, *f.finish_args)
 
 
 def bwd_warps(warps: int, do_vb: bool) -> int:
@@ -186,25 +219,24 @@ def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, tabl
                         weighting, min_snr_gamma):
     """Gradient of sum(g_loss * loss + g_mse * mse + g_vb * vb) with respect to model_output."""
     T = int(table_.shape[0])  # T specialised: a schedule has one table
-    f = _flags(mode, var_type, T, weighting)
+    f = _flags(mode, mean_type, var_type, clip, T, weighting, table_.dtype)
     grad = torch.empty_like(model_output)
     if grad.numel() == 0:
         return grad
-
-    def launch(ins, outs, p, c):
-        mo = ins[0]  # stands in for an absent gradient's pointer (never read: G_* false), not a None argument
-        wrap(_vb_bwd_kernel)[c.grid](
-            mo if g_loss is None else g_loss, mo if g_mse is None else g_mse, mo if g_vb is None else g_vb, *ins, *outs,
-            t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(mo, var_type),
-            var_offset(outs[0], var_type), _stride0(g_loss), _stride0(g_mse), _stride0(g_vb), min_snr_gamma,
-            f["vb_scale"], f["loss_scale"], MEAN=mean_type, VAR=var_type, CLIP=clip,
-            FROM_NOISE=f["FROM_NOISE"], DO_VB=f["DO_VB"], DO_MSE=f["DO_MSE"], VB_MEAN_GRAD=f["VB_MEAN_GRAD"],
-            WEIGHTING=weighting, G_LOSS=g_loss is not None, G_MSE=g_mse is not None, G_VB=g_vb is not None,
-            FLAT=p.flat, BLOCK=c.block, IDX64=c.idx64, CDT=tl_dtype(table_.dtype),
-            num_warps=bwd_warps(c.warps, f["DO_VB"]))
-
-    run((model_output, x0, xn), (grad,), launch, shape=x0.shape, like=0)
+    run((model_output, x0, xn), (grad,), _launch_losses_backward, shape=x0.shape, like=0,
+        args=(wrap, g_loss, g_mse, g_vb, t, table_, T, var_type, f, min_snr_gamma))
     return grad
+
+
+def _launch_losses_backward(ins, outs, p, c, wrap, g_loss, g_mse, g_vb, t, table_, T, var_type, f, min_snr_gamma):
+    """_vb_losses_backward's launch on plan p and config c."""
+    mo = ins[0]  # stands in for an absent gradient's pointer (never read: G_* false), not a None argument
+    wrap(_vb_bwd_kernel)[c.grid](  # the constexprs by position: bwd_options, G_LOSS, G_MSE, G_VB, FLAT, ... CDT
+        mo if g_loss is None else g_loss, mo if g_mse is None else g_mse, mo if g_vb is None else g_vb, *ins, *outs,
+        t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(mo, var_type),
+        var_offset(outs[0], var_type), _stride0(g_loss), _stride0(g_mse), _stride0(g_vb), min_snr_gamma,
+        *f.scales, *f.bwd_options, g_loss is not None, g_mse is not None, g_vb is not None, p.flat, c.block,
+        c.idx64, f.cdt, num_warps=bwd_warps(c.warps, f.do_vb))
 
 
 def _stride0(g) -> int:
@@ -218,9 +250,11 @@ def _stride0(g) -> int:
 def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor,
                  table_: torch.Tensor, mean_type: int, var_type: int, mode: str, clip: bool, weighting: int,
                  min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mse, vb), each [B] in the table's dtype. xn is x_t for mode "vb", else the noise."""
-    return _vb_losses(wrap_triton, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting,
-                      min_snr_gamma)
+    """(loss, mse, vb), each [B] in the table's dtype (zeros for a term the mode does not compute: an op returns
+    the tensors of its schema). xn is x_t for mode "vb", else the noise."""
+    loss, mse, vb = _vb_losses(wrap_triton, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip,
+                               weighting, min_snr_gamma)
+    return loss, loss.new_zeros(loss.shape) if mse is None else mse, loss.new_zeros(loss.shape) if vb is None else vb
 
 
 @define("vb_losses_backward", lambda g_loss, g_mse, g_vb, model_output, *rest: torch.empty_like(model_output))
@@ -255,26 +289,20 @@ vb_losses_op.register_autograd(_backward, setup_context=_setup)
 _VbLosses = autograd_function("VbLosses", _vb_losses, _setup, _backward)
 
 
-def _vb_call(*args):
-    """vb_losses on (model_output, x0, xn, t, table_, *options) by the cheapest route (_dispatch.call)."""
-    return call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])
-
-
-# -- backend functions -------------------------------------------------------------------------
+# -- backend functions (vb_losses by the cheapest route: _dispatch.call) ---------------------------------------
 def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False):
     """[B] bits/dim (float32, float64 for float64 inputs)."""
     check_device(model_output, x0, x_t)
-    tab = table(schedule, x0.device, torch.float32)
-    return _vb_call(model_output, x0, x_t, t, tab, MEAN_IDS[mean_type], VAR_IDS[var_type], "vb",
-                    bool(clip_denoised), 0, 5.0)[2]
+    args = (model_output, x0, x_t, t, table(schedule, x0.device, torch.float32), MEAN_IDS[mean_type],
+            VAR_IDS[var_type], "vb", bool(clip_denoised), 0, 5.0)
+    return call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])[2]
 
 
 def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
                     min_snr_gamma=5.0):
     """dict of [B] tensors: loss, and mse (mse losses) / vb (kl losses, or a learned variance)."""
     check_device(model_output, x0, noise)
-    tab = table(schedule, x0.device, torch.float32)
-    var_id = VAR_IDS[var_type]
-    loss, mse, vb = _vb_call(model_output, x0, noise, t, tab, MEAN_IDS[mean_type], var_id, loss_type, False,
-                             WEIGHTING_IDS[weighting], float(min_snr_gamma))
+    args = (model_output, x0, noise, t, table(schedule, x0.device, torch.float32), MEAN_IDS[mean_type],
+            VAR_IDS[var_type], loss_type, False, WEIGHTING_IDS[weighting], float(min_snr_gamma))
+    loss, mse, vb = call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])
     return loss_terms(loss_type, var_type, loss, mse, vb)
