@@ -235,6 +235,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<F>()) body_kernel(
           const uint64_t first = uint64_t(b * a.N + e);  // the counter of element e when row-major
           if (a.row_major && cnt == kVec && (first & 3) == 0) {
             // whole Philox blocks: one per four draws
+            static_assert(kVec % 4 == 0, "a vector of whole Philox blocks");
 #pragma unroll
             for (int j = 0; j < kVec; j += 4) {
               float z0, z1, z2, z3;

@@ -82,11 +82,7 @@ def like(ref_name, ref, **others):
 
 def x_args(x_name, x, t, sched, validate, **others):
     """Shared checks of (x, t, ...) ops: like(x_name, x, **others), then t by timesteps (sched checked first).
-    Returns (t, device). One pass over plain tensors when every check passes (x's attributes read once)."""
-    if type(x) in _PLAIN_TYPES and isinstance(sched, NoiseSchedule):
-        dtype, shape, device = x.dtype, x.shape, x.device
-        if dtype in _FLOAT_SET and shape and _all_like(others, dtype, shape, device):
-            return timesteps(t, shape[0], sched, device, validate), device
+    Returns (t, device)."""
     device = like(x_name, x, **others)
     return timesteps(t, x.shape[0], schedule(sched), device, validate), device
 

@@ -484,3 +484,15 @@ def _philox_normal_rows(seed, first_counter, BLOCK: tl.constexpr):
     n0, n1, n2, n3 = tl.randn4x(seed, (first_counter >> 2) + tl.arange(0, BLOCK // 4))
     # join(join(n0, n2), join(n1, n3))[k, i, s] is n_(2 i + s)[k], at 4 k + 2 i + s in row-major order
     return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+
+
+@triton.jit
+def _philox_draws(seed, b, chunk, n, sb, s1, s2, s3, D2, D3, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+                  WHOLE_BLOCKS: tl.constexpr):
+    """The in-kernel noise of elements n (chunk ``chunk``) of sample b: philox_normal at their logical counters
+    (the row-major stride set sb, s1, s2, s3); WHOLE_BLOCKS (a flat plan with N % 4 == 0:
+    _layout.philox_blocks_whole) by whole Philox blocks, the same values."""
+    if WHOLE_BLOCKS:
+        return _philox_normal_rows(seed, b * sb + chunk * BLOCK, BLOCK)
+    else:
+        return philox_normal(seed, _offsets(b, n, sb, s1, s2, s3, D2, D3, FLAT))

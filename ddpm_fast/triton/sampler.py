@@ -66,12 +66,8 @@ def _sampler_kernel(mo_ptr, xt_ptr, nz_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, seed
     if NOISE == 1:
         z = M._load(nz_ptr, b, n, m, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
-        if NOISE_BLOCKS:
-            z = M._philox_normal_rows(M._seed(seed_ptr, seed, SEED_FROM_PTR), b * l_sb + chunk * BLOCK, BLOCK)
-        else:
-            z = M.philox_normal(M._seed(seed_ptr, seed, SEED_FROM_PTR),
-                                M._offsets(b, n, l_sb, l_s1, l_s2, l_s3, D2, D3, FLAT))
-        z = z.to(CDT)
+        z = M._philox_draws(M._seed(seed_ptr, seed, SEED_FROM_PTR), b, chunk, n, l_sb, l_s1, l_s2, l_s3, D2, D3,
+                            FLAT, BLOCK, NOISE_BLOCKS).to(CDT)
     if MODE == 2:
         sigma, sqrt_abar_prev, eps_coef = M.ddim_coefs(eta, table_ptr, t)
         res = M.ddim_sample(px, xt, M._col(table_ptr, t, M.SQRT_ABAR), M._col(table_ptr, t, M.SQRT_1M_ABAR),

@@ -79,10 +79,8 @@ def _solver_update_kernel(x_ptr, u_ptr, c_ptr, h1_ptr, h2_ptr, h3_ptr, last_ptr,
     if NOISE == 1:
         noise = M._load(nz_ptr, b, n, mask, z_sb, z_s1, z_s2, z_s3, D2, D3, FLAT, CDT)
     elif NOISE == 2:
-        if NOISE_BLOCKS:
-            noise = M._philox_normal_rows(tl.load(seed_ptr), b * r_sb + chunk * BLOCK, BLOCK).to(CDT)
-        else:
-            noise = M.philox_normal(tl.load(seed_ptr), M._offsets(b, n, r_sb, r_s1, r_s2, r_s3, D2, D3, FLAT)).to(CDT)
+        noise = M._philox_draws(tl.load(seed_ptr), b, chunk, n, r_sb, r_s1, r_s2, r_s3, D2, D3, FLAT, BLOCK,
+                                NOISE_BLOCKS).to(CDT)
     # -- the step --
     x_s = x
     if NOISE != 0:
