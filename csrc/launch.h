@@ -35,7 +35,7 @@ struct Launch {
   uint64_t seed = 0;
   const int64_t* seed_key = nullptr;         // [1] int64 on the kernel's device holding the seed, or nullptr:
                                              // seed (a device-side draw: CUDA-graph capture safe)
-  std::array<void*, 4> finals{};             // F::NF per-sample results [B] in the compute dtype
+  std::array<void*, 4> finals{};             // F::NF per-sample results [B] in the compute dtype (null: not made)
 };
 
 // A body's options (Body<S>::Options) in both compute dtypes; the driver passes the one of L.dbl to make().

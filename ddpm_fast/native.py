@@ -93,7 +93,7 @@ def _ops():
 
 
 _OVERLOADS: dict = {}
-_is_compiling = torch.compiler.is_compiling
+_is_compiling = torch.compiler.is_dynamo_compiling  # as ops._checks._is_compiling
 
 
 def _op(name):
@@ -105,8 +105,9 @@ def _op(name):
 
 
 def _table(schedule, x):
-    if x.is_cpu:
-        return schedule.cpu_table(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if x.is_cpu:  # schedule.cpu_table, its lookup inline
+        table = schedule._cpu_tables.get(x.dtype)
+        return table if table is not None else schedule.cpu_table(x.dtype)
     return schedule.table(x.device, compute_dtype(x.dtype))
 
 

@@ -108,7 +108,7 @@ class NoiseSchedule:
         if self.timestep_map.shape != (T,):
             raise ValueError(f"timestep_map: expected shape ({T},), got {tuple(self.timestep_map.shape)}")
         self._device_tables: dict = {}
-        self._cpu_tables: dict = {}  # compute dtype -> the CPU table (cpu_table)
+        self._cpu_tables: dict = {}  # input dtype -> the CPU table (cpu_table)
 
     def __getstate__(self):
         # Device tables are rebuilt on demand (e.g. after pickling to a DDP worker).
@@ -205,11 +205,13 @@ class NoiseSchedule:
         return cached
 
     def cpu_table(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """table("cpu", dtype) from a dict keyed by dtype alone: the compiled CPU ops' per-call lookup (no
-        torch.device to build and hash)."""
+        """The CPU table for inputs of ``dtype``: table("cpu", float64) for float64, else table("cpu", float32)
+        (the compute dtype), from a dict keyed by the input dtype alone: the compiled CPU ops' per-call lookup
+        (no torch.device to build and hash, no compute dtype to work out)."""
         table = self._cpu_tables.get(dtype)
         if table is None:
-            table = self._cpu_tables[dtype] = self.table(torch.device("cpu"), dtype)
+            compute = torch.float64 if dtype == torch.float64 else torch.float32
+            table = self._cpu_tables[dtype] = self.table(torch.device("cpu"), compute)
         return table
 
     # -- respacing ------------------------------------------------------------------------

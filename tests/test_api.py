@@ -82,6 +82,7 @@ def test_empty_batch_gives_empty_results():
         (lambda x: F.q_sample(x, 1, x[:, :1], S), ValueError, "noise"),
         (lambda x: F.q_sample(x, 1, x.half(), S), TypeError, "noise"),
         (lambda x: F.q_sample(x, 1, x, "linear"), TypeError, "schedule"),
+        (lambda x: F.training_losses(x, x, torch.tensor([1, 2]), x, "linear"), TypeError, "schedule"),
         (lambda x: F.q_sample(x, 1, x.to("meta"), S), ValueError, "noise"),
         (lambda x: F.q_sample(x[0, 0, 0], 1, x[0, 0, 0], S), ValueError, "x0"),
         (lambda x: F.q_sample(x, 1, x, S, backend="tpu"), ValueError, "backend"),

@@ -114,6 +114,43 @@ def test_training_losses_grad_of_one_output(loss_type, used):
     assert_close(*grads, f"{kw} d{used}")
 
 
+@pytest.mark.parametrize("var_type", ["fixed_small", "learned_range"])
+@pytest.mark.parametrize("need_grad", [False, True])
+def test_training_losses_makes_only_the_results_its_options_define(var_type, need_grad):
+    """The op makes no result its options leave undefined (None; its fake agrees: test_opcheck): mse for KL losses
+    and where it is the loss (a fixed variance, "simple" weighting: the public "mse" is then the loss tensor
+    itself, as in improved-diffusion's training_losses), vb without a vb term, the weight w for "simple" weighting
+    and KL losses, d_out without need_grad, d_v without need_grad and a learned variance. The public terms and
+    the gradient through each are still the reference's."""
+    learned = var_type in R.LEARNED_VAR_TYPES
+    mo, x0, noise, t = inputs(learned=learned)  # the inputs of test_training_losses
+    table = SCHEDULE.cpu_table(torch.float32)
+    ids = F.options.LOSS_IDS, F.options.WEIGHTING_IDS
+    for loss_type in R.LOSS_TYPES:
+        for weighting in R.WEIGHTINGS if loss_type not in R.KL_LOSS_TYPES else ("simple",):
+            kl, weighted = loss_type in R.KL_LOSS_TYPES, weighting != "simple"
+            results = torch.ops.ddpm_fast.training_losses.default(
+                mo, x0, t, noise, table, 0, F.options.VAR_IDS[var_type], ids[0][loss_type], ids[1][weighting], 5.0,
+                need_grad)
+            made = [r is not None for r in results]
+            assert made == [True, not kl and (learned or weighted), learned or kl, weighted, need_grad,
+                            need_grad and learned], (loss_type, weighting, made)
+            kw = dict(mean_type="epsilon", var_type=var_type, loss_type=loss_type, weighting=weighting)
+            for term in ("loss", "mse", "vb"):
+                m, m_ref, m64 = mo.clone().requires_grad_(), mo.clone().requires_grad_(), up(mo).requires_grad_()
+                ours = native.training_losses(m, x0, t, noise, SCHEDULE, **kw)
+                refs = R.training_losses(m_ref, x0, t, noise, SCHEDULE, **kw)
+                ref64 = R.training_losses(m64, up(x0), t, up(noise), SCHEDULE, **kw)
+                assert ours.keys() == refs.keys()
+                if term not in ours:
+                    continue
+                if term == "mse" and not made[1]:
+                    assert ours["mse"] is ours["loss"]
+                compare_dicts(ours, refs, ref64, f"{kw}")
+                grads = [torch.autograd.grad(d[term].sum(), x)[0] for d, x in ((ours, m), (refs, m_ref), (ref64, m64))]
+                assert_close(*grads, f"{kw} d{term}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_training_losses_dtypes(dtype):
     mo, x0, noise, t = inputs(learned=True, dtype=dtype)
@@ -708,9 +745,11 @@ def test_direct_bindings_dispatch_as_the_overloads(namespace):
     mo = torch.randn(2, 3, 4, 4, requires_grad=True)
     args = (mo, x0, t, noise, table, 0, 0, 0, 0, 5.0, True)
     ours, theirs = direct.training_losses(*args), ops.training_losses.default(*args)
-    # DDPM_DIRECT_RESULTS: the binding gives Python (loss, mse, vb), not the node's saved w, d_out, d_v
-    assert len(ours) == 3 and len(theirs) == 6 and all(type(x) is torch.Tensor for x in ours)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs[:3]))
+    # DDPM_DIRECT_RESULTS: the binding gives Python (loss, mse, vb), not the node's saved w, d_out, d_v; the
+    # simple MSE loss with a fixed variance makes neither mse (it is the loss) nor vb nor w
+    assert len(ours) == 3 and len(theirs) == 6 and type(ours[0]) is torch.Tensor
+    assert ours[1:] == (None, None) and theirs[1:4] == (None, None, None) and theirs[4].shape == x0.shape
+    assert torch.equal(ours[0], theirs[0])
     vb_args = (mo, x0, x0, t, table, 0, 0, False, True)
     assert len(direct.vb_terms_bpd(*vb_args)) == 1 and len(ops.vb_terms_bpd.default(*vb_args)) == 3
     assert torch.equal(direct.vb_terms_bpd(*vb_args)[0], ops.vb_terms_bpd.default(*vb_args)[0])

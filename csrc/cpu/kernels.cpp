@@ -286,7 +286,8 @@ template <class S, class F> void drive(const Launch& L, const typename F::Option
       const S* row = table ? table + tb * L.ncols : nullptr;
       S outs[F::NF];
       F::finish(row, options, tb, sums, outs);
-      for (int k = 0; k < F::NF; ++k) static_cast<S*>(L.finals[k])[b] = outs[k];
+      for (int k = 0; k < F::NF; ++k)
+        if (L.finals[k]) static_cast<S*>(L.finals[k])[b] = outs[k];  // an unwanted result is not made
     }
   }
 }

@@ -314,7 +314,8 @@ template <class S, class F> __global__ void finish_kernel(const KArgs<S, typenam
     const S* row = a.table ? a.table + tb * a.ncols : nullptr;
     S outs[F::NF];
     F::finish(row, a.p, tb, sums, outs);
-    for (int k = 0; k < F::NF; ++k) a.finals[k][b] = outs[k];
+    for (int k = 0; k < F::NF; ++k)
+      if (a.finals[k]) a.finals[k][b] = outs[k];  // an unwanted result is not made (Runner::finals)
   }
 }
 

@@ -42,9 +42,15 @@ std::vector<DirectFunction>& direct_functions();
 PyObject* boxed_op(const char* name);
 
 // Whether the argument may have a __torch_function__: a torch.Tensor subclass (nn.Parameter's is disabled, but
-// it goes to torch.ops too); plain tensors and Python scalars have none.
+// it goes to torch.ops too); plain tensors, None and Python's int / float / bool have none, and are told by their
+// exact type first (THPVariable_Check's isinstance costs ~450 instructions on an int: the metaclass's
+// __instancecheck__).
 inline bool maybe_torch_function(PyObject* object) {
-  return Py_TYPE(object) != reinterpret_cast<PyTypeObject*>(THPVariableClass) && THPVariable_Check(object);
+  PyTypeObject* type = Py_TYPE(object);
+  if (type == reinterpret_cast<PyTypeObject*>(THPVariableClass) || type == &PyLong_Type || type == &PyFloat_Type ||
+      type == &PyBool_Type || object == Py_None)
+    return false;
+  return THPVariable_Check(object);
 }
 
 // The Python value of an op's results: all of them (python_results < 0), or a tuple of the first python_results

@@ -149,6 +149,7 @@ template <template <class> class Body> struct Runner {
     L.dbl = dbl;
     L.in.resize(Slots::NI);
     L.out.resize(Slots::NO);
+    keep.reserve(Slots::NI + Slots::NO);  // one allocation, not one per doubling
   }
   // over ref's plan, in ref's compute dtype
   explicit Runner(const Tensor& ref) : Runner(make_plan(ref), ref, ref.scalar_type() == at::kDouble) {}
@@ -205,14 +206,16 @@ template <template <class> class Body> struct Runner {
     fn(options.f);
     fn(options.d);
   }
-  // Slots::NF per-sample results [B] in x's compute dtype, registered as the launch's finals
-  std::vector<Tensor> finals(const Tensor& x) {
-    std::vector<Tensor> f;
+  // Slots::NF per-sample results [B] in x's compute dtype, registered as the launch's finals; a result whose bit
+  // in `wanted` is clear is not made (an undefined tensor, and the launch writes no such result)
+  std::vector<Tensor> finals(const Tensor& x, unsigned wanted = ~0u) {
+    std::vector<Tensor> f(Slots::NF);
+    const auto opts = x.options().dtype(compute_type(x.scalar_type()));
     for (int k = 0; k < Slots::NF; ++k) {
-      auto opts = x.options().dtype(compute_type(x.scalar_type()));
+      if (!(wanted >> k & 1u)) continue;
       // a mean over zero elements is NaN (the kernels do not run when a sample has no elements)
-      f.push_back(x.numel() == 0 ? at::full({x.size(0)}, std::nan(""), opts) : new_tensor({x.size(0)}, {1}, opts));
-      L.finals[k] = f.back().data_ptr();
+      f[k] = x.numel() == 0 ? at::full({x.size(0)}, std::nan(""), opts) : new_tensor({x.size(0)}, {1}, opts);
+      L.finals[k] = f[k].data_ptr();
     }
     return f;
   }

@@ -12,12 +12,10 @@ namespace op {
 namespace {
 
 // The losses' saved unit gradients w.r.t. the mean and the variance half (plan layout, compute dtype);
-// an absent one is an empty [0] tensor.
+// an absent one is an undefined tensor (None in Python).
 std::pair<Tensor, Tensor> saved_grads(const Plan& p, const Tensor& x0, at::ScalarType ct, bool need_grad,
                                       bool learned) {
-  auto buf = [&](bool want) {
-    return want ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : empty0(x0, ct);
-  };
+  auto buf = [&](bool want) { return want ? alloc_like_plan(p, x0.sizes(), x0.options().dtype(ct)) : Tensor(); };
   return {buf(need_grad), buf(need_grad && learned)};
 }
 
@@ -62,8 +60,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
   auto ct = compute_type(x0.scalar_type());
   auto [d_mean_out, d_var_out] = saved_grads(p, x0, ct, need_grad, learned);
   const int64_t T = table.size(0);
+  // the results these options define: loss always; mse for MSE losses where it differs from loss (a learned
+  // variance or a weighting other than "simple": else loss is the mse, one tensor, as in improved-diffusion);
+  // vb for KL losses and a learned variance; the MSE weight w (saved for the backward) for a weighting other
+  // than "simple". The others are not made.
+  const bool kl = loss_type == kKl || loss_type == kRescaledKl;
+  const bool weighted = !kl && weighting != kSimple;
+  const unsigned wanted = 1u << Body::final_loss | unsigned(!kl && (learned || weighted)) << Body::final_mse |
+                          unsigned(learned || kl) << Body::final_vb | unsigned(weighted) << Body::final_mse_weight;
   auto run = [&]<template <class> class Elem>(Runner<Elem>& r, bool mse_only) {
-    auto finals = r.finals(x0);
+    auto finals = r.finals(x0, wanted);
     r.in(Body::in_mean_out, mean_out);
     if (learned) r.in(Body::in_var_out, var_out);
     // the MSE alone (no vb term) on an eps target reads no x0, on an x0 target no noise (absent inputs read 0)
@@ -90,13 +96,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> training_losses(
         finals[Body::final_mse_weight], d_mean_out, d_var_out};
   };
   // an MSE loss with a fixed variance has no vb term: TrainMseElem's loop carries none of its code
-  if (!learned && loss_type != kKl && loss_type != kRescaledKl) {
+  if (!learned && !kl) {
     Runner<TrainMseElem> r(p, x0, ct == at::kDouble);
     return run(r, true);
   }
   Runner<TrainElem> r(p, x0, ct == at::kDouble);
   return run(r, false);
 }
+// Results (loss, mse, vb, w, d_out, d_v): a result the options do not define is undefined (None in Python), not
+// made: mse for KL losses and where it equals loss (an MSE loss with a fixed variance and "simple" weighting), vb
+// for an MSE loss with a fixed variance, w for "simple" weighting and KL losses, d_out without need_grad, d_v
+// without need_grad and a learned variance. need_grad: save d_out (and d_v) for a backward;
+// the autograd kernel sets it when it builds a node.
 DDPM_DEVICE_OP(training_losses, "(Tensor model_output, Tensor x0, Tensor t, Tensor noise, Tensor table, "
                                 "int mean_type, int var_type, int loss_type, int weighting, float min_snr_gamma, "
                                 "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
@@ -119,7 +130,7 @@ Tensor scale_halves(const Tensor& d_out, const c10::optional<Tensor>& d_v, const
     if (!used || !g.has_value() || !g->defined()) return Tensor();
     TORCH_CHECK(g->dim() == 1 && g->size(0) == B && g->device() == d_out.device(), name, ": expected ", B,
                 " per-sample values on ", d_out.device(), ", got shape ", g->sizes(), " on ", g->device());
-    return g->to(ct);
+    return g->scalar_type() == ct ? *g : g->to(ct);  // (to() returns g itself then, through the dispatcher)
   };
   const Tensor gl = per_sample(g_loss, "g_loss", loss_mean != 0 || loss_var != 0);
   const Tensor gm = per_sample(g_mse, "g_mse", mse_mean != 0);
@@ -274,7 +285,7 @@ TrainingLossesResult training_losses_below_autograd(const Tensor& mo, const Tens
 // training_losses' node, built by hand (autograd_common.h's new_node): the loss runs once per training step, and
 // on 2x3x8x8 this node costs ~29,000 fewer instructions per forward + backward than the torch::autograd::Function
 // it replaced (~283,000 a call in all; callgrind). It is the grad_fn of the three differentiable outputs (loss, mse,
-// vb); the op's w, d_out and d_v are plain tensors it saves.
+// vb; those not made are undefined inputs of it); the op's w, d_out and d_v are plain tensors it saves.
 struct TrainingLossesBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable w, d_out, d_v, mo;  // w unless unit_weight, d_v when learned
   int64_t loss_type = 0;
@@ -300,13 +311,12 @@ struct TrainingLossesBackward : public torch::autograd::Node {
     saved.after(w), saved.after(d_out), saved.after(d_v), saved.after(mo);
     return result;
   }
-  // grads: d / d (loss, mse, vb), undefined where none flows; returns one gradient per input (mo, x0, t, noise,
-  // table), d / d model_output only
+  // grads: d / d (loss, mse, vb), undefined where none flows; returns d / d model_output, the node's one input
+  // (the op is differentiable in model_output alone: its other inputs get no edge)
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(5);
-    const Tensor no_grad;  // vb's gradient when vb is no output of the node (an MSE loss with a fixed variance)
-    const Tensor &g_loss = grads[0], &g_mse = grads[1], &g_vb = grads.size() > 2 ? grads[2] : no_grad;
+    variable_list out(1);
+    const Tensor &g_loss = grads[0], &g_mse = grads[1], &g_vb = grads[2];
     if (!should_compute_output(0) || (!g_loss.defined() && !g_mse.defined() && !g_vb.defined())) return out;
     out[0] = scale_unit_grads(d_out.unpack(), learned ? d_v.unpack() : Tensor(), learned, mo.unpack(), g_loss, g_mse,
                               g_vb, unit_weight ? Tensor() : w.unpack(), loss_scales(loss_type, T));
@@ -320,10 +330,10 @@ TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0
                                               bool need_grad) {
   const bool with_node = builds_node(mo, x0, t, noise, table);
   auto result = training_losses_below_autograd(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting,
-                                               min_snr_gamma, need_grad);
+                                               min_snr_gamma, need_grad || with_node);
   if (!with_node) return result;
   auto& [loss, mse, vb, w, d_out, d_v] = result;
-  auto node = new_node<TrainingLossesBackward>(mo, x0, t, noise, table);
+  auto node = new_node<TrainingLossesBackward>(mo);
   node->loss_type = loss_type;
   node->T = static_cast<double>(table.size(0));
   node->learned = is_learned(var_type);
@@ -333,9 +343,7 @@ TrainingLossesResult training_losses_autograd(const Tensor& mo, const Tensor& x0
   node->d_out = torch::autograd::SavedVariable(d_out, false);
   if (node->learned) node->d_v = torch::autograd::SavedVariable(d_v, false);
   node->mo = torch::autograd::SavedVariable(mo, false);
-  // an MSE loss with a fixed variance has no vb term (vb is zeros): no gradient flows from it
-  if (node->learned || kl) attach(node, {loss, mse, vb});
-  else attach(node, {loss, mse});
+  attach(node, {loss, mse, vb});  // an output not made (undefined) gets no gradient
   return result;
 }
 DDPM_AUTOGRAD_OP(training_losses, training_losses_autograd)
@@ -364,7 +372,8 @@ std::tuple<Tensor, Tensor, Tensor> vb_terms_bpd_autograd(const Tensor& mo, const
   if (!needs_autograd_node(mo, x0, x_t, t, table))
     return VbTermsBpd::below_autograd(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad);
   std::pair<Tensor, Tensor> unit_grads;
-  Tensor vb = VbTermsBpd::apply(mo, x0, x_t, t, table, mean_type, var_type, clip, need_grad, &unit_grads);
+  // the node's backward needs the saved unit gradients, whatever the caller's need_grad
+  Tensor vb = VbTermsBpd::apply(mo, x0, x_t, t, table, mean_type, var_type, clip, true, &unit_grads);
   return {vb, unit_grads.first, unit_grads.second};
 }
 DDPM_AUTOGRAD_OP(vb_terms_bpd, vb_terms_bpd_autograd)

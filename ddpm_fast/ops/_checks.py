@@ -293,7 +293,9 @@ def cpu_native(op, backend, *tensors):
     return fn if _is_compiling() else eager_fn
 
 
-_is_compiling = torch.compiler.is_compiling
+# whether torch.compile's dynamo traces this call, where the direct binding would break the graph: a plain
+# `return False` in eager (torch.compiler.is_compiling calls torch.jit.is_scripting first, one more frame)
+_is_compiling = torch.compiler.is_dynamo_compiling
 _grad_enabled = torch.is_grad_enabled
 # (op, dtype) -> (the compiled op or None, the same for plain-eager calls (native.eager_kernels: the op's
 # direct binding, csrc/ops/direct.h), the inputs whose requires_grad needs the reference)
@@ -316,21 +318,24 @@ def _cpu_plan(op, backend, dtype):
 
 
 def cpu_timesteps(t, x, sched):
-    """t for the compiled CPU op: an int range-checked here and broadcast; an int64 [B] CPU tensor as is
-    (the C++ checks its shape and range, reading it on the host anyway); anything else via timesteps."""
+    """t for the compiled CPU op, once ``sched`` is checked to be a NoiseSchedule (schedule's TypeError): an
+    int64 [B] CPU tensor as is (the C++ checks its shape and range, reading it on the host anyway); an int
+    range-checked here and broadcast; anything else via timesteps."""
+    if not isinstance(sched, NoiseSchedule):
+        schedule(sched)  # raises
+    if isinstance(t, _Tensor) and t.dtype is _INT64 and t.ndim == 1 and t.is_cpu and t.is_contiguous():
+        return t
     if type(t) is int:
         if not 0 <= t < sched.num_timesteps:
             raise ValueError(f"t: expected timesteps in [0, {sched.num_timesteps}), got {t}")
         return torch.full((x.shape[0],), t, dtype=torch.int64)
-    if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.ndim == 1 and t.is_cpu and t.is_contiguous():
-        return t
     return timesteps(t, x.shape[0], sched, x.device, False)
 
 
 def cpu_model_args(t, x, sched, mean_type, var_type):
     """model_args on the compiled CPU path: the options and t here, the tensors in C++."""
     options.check("mean_type", mean_type), options.check("var_type", var_type)
-    t = cpu_timesteps(t, x, schedule(sched))
+    t = cpu_timesteps(t, x, sched)
     xstart_defined(mean_type, sched)
     return t
 

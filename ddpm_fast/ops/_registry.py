@@ -154,8 +154,8 @@ def per_sample(x, dtype):
 
 
 def saved_grad(need, x, compute):
-    """The forward's saved gradient buffer: plan-shaped when needed, else an empty [0] tensor."""
-    return like_plan(x, compute) if need else x.new_empty((0,), dtype=compute)
+    """The forward's saved gradient buffer: plan-shaped when needed, else None (the op does not make it)."""
+    return like_plan(x, compute) if need else None
 
 
 def broadcast_outputs(n, xs, dtype):

@@ -158,9 +158,10 @@ def _scale_halves_fake(d_out, d_v, mo, g_loss, g_mse, g_vb, w, *coefficients):
 
 def _vb_terms_bpd_compiled(kernel, model_output, x0, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False):
     """The compiled op: the bound's term at t per sample in bits/dim, [B] in the compute dtype (the op's first
-    result: its direct binding gives only that one, its OpOverload its node's saved gradients too)."""
+    result: its direct binding gives only that one, its OpOverload its node's saved gradients too). need_grad is
+    False: the op's autograd kernel saves the gradients when it builds a node."""
     return kernel.op(model_output, x0, x_t, t, kernel.table(schedule, x0), MEAN_IDS[mean_type], VAR_IDS[var_type],
-                     bool(clip_denoised), kernel.grad_needed(model_output))[0]
+                     bool(clip_denoised), False)[0]
 
 
 @register(

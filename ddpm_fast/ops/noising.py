@@ -62,7 +62,7 @@ def _linear_in_x0_and_noise(op, x0, t, noise, schedule, backend, validate):
     """Checks, then ``op`` (q_sample or velocity: a linear map of x0 and noise at t) on its backend."""
     native = check.cpu_native(op, backend, x0, noise)
     if native is not None:
-        return native(x0, check.cpu_timesteps(t, x0, check.schedule(schedule)), noise, schedule)
+        return native(x0, check.cpu_timesteps(t, x0, schedule), noise, schedule)
     t, device = check.x_args("x0", x0, t, schedule, validate, noise=noise)
     return backends.route(backend, device.type, op, x0.dtype, x0, noise)[0](x0, t, noise, schedule)
 
@@ -159,6 +159,6 @@ def q_posterior(x0, x_t, t, schedule, *, backend="auto", validate=None):
     """
     native = check.cpu_native("q_posterior", backend, x0, x_t)
     if native is not None:
-        return native(x0, x_t, check.cpu_timesteps(t, x0, check.schedule(schedule)), schedule)
+        return native(x0, x_t, check.cpu_timesteps(t, x0, schedule), schedule)
     t, device = check.x_args("x0", x0, t, schedule, validate, x_t=x_t)
     return backends.route(backend, device.type, "q_posterior", x0.dtype, x0, x_t)[0](x0, x_t, t, schedule)

@@ -4,6 +4,9 @@ from __future__ import annotations
 from .. import backends, options
 from ..options import (KL_LOSS_TYPES, LEARNED_VAR_IDS, LEARNED_VAR_TYPES, LOSS_IDS, MEAN_IDS, VAR_IDS,
                        WEIGHTING_IDS)
+
+KL_LOSS_IDS = tuple(LOSS_IDS[k] for k in KL_LOSS_TYPES)
+SIMPLE_ID = WEIGHTING_IDS["simple"]
 from ..reference import compute_dtype
 from . import _checks as check
 from ._registry import (Traffic, check_shape, element_bytes, model_output_factor, numel, per_sample,
@@ -37,10 +40,18 @@ def _training_losses_traffic(shape, dtype, *, mean_type, var_type, loss_type, ba
 
 
 def _fake(mo, x0, t, noise, table, mean_type, var_type, loss_type, weighting, gamma, need_grad):
+    """(loss, mse, vb, w, d_out, d_v) as the op makes them: None for a result these options do not define
+    (csrc/ops/losses.cpp)."""
     ct = compute_dtype(x0.dtype)
     learned = var_type in LEARNED_VAR_IDS
-    return (*(per_sample(x0, ct) for _ in range(4)), saved_grad(need_grad, x0, ct),
-            saved_grad(need_grad and learned, x0, ct))
+    kl = loss_type in KL_LOSS_IDS
+
+    def made(want):
+        return per_sample(x0, ct) if want else None
+
+    weighted = not kl and weighting != SIMPLE_ID
+    return (per_sample(x0, ct), made(not kl and (learned or weighted)), made(learned or kl), made(weighted),
+            saved_grad(need_grad, x0, ct), saved_grad(need_grad and learned, x0, ct))
 
 
 # (mean_type, var_type, loss_type, weighting) -> whether the loss reads x_0, for the combinations checked once
@@ -76,11 +87,13 @@ def _bench(name, label, var_type, backward):
 def _training_losses_compiled(kernel, model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type,
                               weighting="simple", min_snr_gamma=5.0):
     """The compiled op: dict of [B] terms ("loss", "mse" and / or "vb") in the compute dtype (the op's first three
-    results: its direct binding gives only those, its OpOverload its node's saved tensors too)."""
+    results: its direct binding gives only those, its OpOverload its node's saved tensors too; mse is None where
+    it equals loss: "mse" is then the loss tensor, as in improved-diffusion). need_grad is False: the op's autograd
+    kernel saves the gradient when it builds a node."""
     loss, mse, vb = kernel.op(
         model_output, x0, t, noise, kernel.table(schedule, x0), MEAN_IDS[mean_type], VAR_IDS[var_type],
-        LOSS_IDS[loss_type], WEIGHTING_IDS[weighting], float(min_snr_gamma), kernel.grad_needed(model_output))[:3]
-    return options.loss_terms(loss_type, var_type, loss, mse, vb)
+        LOSS_IDS[loss_type], WEIGHTING_IDS[weighting], float(min_snr_gamma), False)[:3]
+    return options.loss_terms(loss_type, var_type, loss, loss if mse is None else mse, vb)
 
 
 @register(
@@ -140,12 +153,15 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type="epsilon"
         >>> sorted(hybrid)
         ['loss', 'mse', 'vb']
     """
-    reads_x0 = _checked_options(mean_type, var_type, loss_type, weighting)
+    try:  # _checked_options, its lookup inline
+        reads_x0 = _CHECKED_OPTIONS[(mean_type, var_type, loss_type, weighting)]
+    except (KeyError, TypeError):
+        reads_x0 = _checked_options(mean_type, var_type, loss_type, weighting)
     if weighting == "min_snr":
         check.number("min_snr_gamma", min_snr_gamma, 0.0, float("inf"), lo_open=True)
     fn = check.cpu_native("training_losses", backend, x0, model_output, noise)
     if fn is not None:
-        t = check.cpu_timesteps(t, x0, check.schedule(schedule))
+        t = check.cpu_timesteps(t, x0, schedule)
     else:
         t, device = check.model_args(model_output, x0, t, schedule, mean_type, var_type, validate, x_name="x0",
                                      noise=noise)
