@@ -42,9 +42,12 @@ def capture(gm, example_inputs):
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=None, partition_fn=partition)
 
-def step(mo, x0, noise, t, ls):
+def step(mo, x0, noise, t, ls, mo_big, x0_big):
     x_t = noising.q_sample_op(x0, t, noise, tab)
     loss = vb.vb_losses_op(mo, x0.detach(), noise.detach(), t, tab, 0, 3, "rescaled_mse", False, 0, 5.0)[0].sum()
+    # a sample in two chunks (3 x 24 x 24 > BLOCK 1024): partial sums and the finishing kernel (one chunk: neither)
+    loss = loss + vb.vb_losses_op(mo_big, x0_big.detach(), x0_big.detach(), t, tab, 0, 3, "mse", False, 0,
+                                  5.0)[0].sum()
     loss = loss + posterior.q_posterior_op(x0, x_t, t, tab)[0].sum()
     loss = loss + posterior.predict_xstart_op(mo[:, :3], x_t, t, tab, 0).sum()
     loss = loss + posterior.normal_kl_op(x0, ls, x_t, ls).sum()
@@ -62,7 +65,8 @@ for dynamic in (False, True):  # dynamic: symbolic sizes through the host launch
     torch._dynamo.reset()
     try:
         torch.compile(step, backend=capture, fullgraph=True, dynamic=dynamic)(
-            g(2, 6, 4, 4), g(2, 3, 4, 4), g(2, 3, 4, 4), torch.tensor([3, 50]), g(2, 1, 1, 1))
+            g(2, 6, 4, 4), g(2, 3, 4, 4), g(2, 3, 4, 4), torch.tensor([3, 50]), g(2, 1, 1, 1), g(2, 6, 24, 24),
+            g(2, 3, 24, 24))
     except Exception as exc:
         if "joint graph captured" not in str(exc):
             raise

@@ -616,6 +616,89 @@ def test_loss_terms_agree_across_routes_and_only_returned_terms_are_made():
     assert made[1] is None and made[2] is not None  # vb_terms_bpd's mode: the vb term, no mse
 
 
+def test_an_mse_that_is_the_loss_is_the_loss_tensor():
+    """mse / rescaled_mse with a fixed variance and "simple" weighting: loss = 1 * mse exactly, so the launcher makes
+    no mse and the plain-eager routes return the loss tensor itself as "mse" (as the compiled CPU path does, and
+    improved-diffusion's terms["loss"] = terms["mse"]); the library op returns an equal copy (an op's outputs alias
+    none of each other). Gradients through "mse" are those of the reference on every route. Another weighting or a
+    learned variance keeps an mse of its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ddpm_fast.triton import _dispatch, vb
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    d = data(seed=13)
+    f = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV)) for k, v in d.items()}
+    for loss_type in ("mse", "rescaled_mse"):
+        kw = dict(mean_type="epsilon", var_type="fixed_small", loss_type=loss_type)
+        ref_mo = d["mo"].clone().requires_grad_()
+        ref = R.training_losses(ref_mo, d["x0"], d["t"], d["noise"], SCHED, **kw)
+        ref_grad, = torch.autograd.grad(ref["mse"].sum(), [ref_mo])
+        direct = F.training_losses(f["mo"], f["x0"], f["t"], f["noise"], SCHED, backend="triton", **kw)
+        assert direct["mse"] is direct["loss"]
+        torch.testing.assert_close(direct["mse"].double().cpu(), ref["mse"].detach(), rtol=1e-5, atol=1e-6)
+        mo = f["mo"].clone().requires_grad_()
+        function = F.training_losses(mo, f["x0"], f["t"], f["noise"], SCHED, backend="triton", **kw)
+        assert function["mse"] is function["loss"]
+        grad, = torch.autograd.grad(function["mse"].sum(), [mo])
+        with Passthrough():
+            mo_op = f["mo"].clone().requires_grad_()
+            library = F.training_losses(mo_op, f["x0"], f["t"], f["noise"], SCHED, backend="triton", **kw)
+            assert library["mse"] is not library["loss"] and torch.equal(library["mse"], library["loss"])
+            grad_op, = torch.autograd.grad(library["mse"].sum(), [mo_op])
+        assert torch.equal(library["loss"].detach(), direct["loss"]) and torch.equal(grad_op, grad)
+        torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-5, atol=1e-7)
+        tab = SCHED.table(DEV)
+        args = (f["mo"], f["x0"], f["noise"], f["t"], tab, 0, VAR_IDS["fixed_small"], loss_type, False, 0, 5.0)
+        assert vb._vb_losses(_dispatch.direct, *args)[1] is None  # not made
+    for var_type, weighting in (("fixed_small", "elbo"), ("fixed_small", "min_snr"), ("learned_range", "simple")):
+        g = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV))
+             for k, v in data(seed=13, learned=var_type == "learned_range").items()}
+        terms = F.training_losses(g["mo"], g["x0"], g["t"], g["noise"], SCHED, var_type=var_type,
+                                  weighting=weighting, backend="triton")
+        assert terms["mse"] is not terms["loss"], (var_type, weighting)
+
+
+def test_loss_terms_one_chunk_and_partial_sums_agree(monkeypatch, fresh_plans):
+    """A sample in one program: the forward kernel writes the terms itself (one launch, no partial sums); in
+    several chunks, its partial sums go through the finishing kernel (two launches). The same terms up to the
+    summation order, for every loss type, variance kind and weighting."""
+    from ddpm_fast.triton import _dispatch, _layout, _runtime as rt
+
+    cases = list(itertools.product(("mse", "rescaled_mse", "kl", "rescaled_kl"), ("fixed_large", "learned_range"),
+                                   ("simple", "elbo", "min_snr")))
+    inputs = {v: {k: (x.float().to(DEV) if x.is_floating_point() else x.to(DEV))
+                  for k, x in data(seed=14, learned=v == "learned_range").items()} for v in ("fixed_large",
+                                                                                            "learned_range")}
+
+    def run_all():
+        out, launches = [], []
+        for loss_type, var_type, weighting in cases:
+            f = inputs[var_type]
+            call = lambda: F.training_losses(f["mo"], f["x0"], f["t"], f["noise"], SCHED, mean_type="v",  # noqa: E731
+                                             var_type=var_type, loss_type=loss_type, weighting=weighting,
+                                             backend="triton")
+            out.append(call())
+            with _dispatch.stubbed_launches() as stub:
+                call()
+            launches.append(stub.launches)
+        return out, launches
+
+    one, launches = run_all()
+    assert set(launches) == {1}
+    monkeypatch.setattr(rt, "block_for", lambda n: (16, 4))  # 7 chunks per sample
+    _layout.clear_cache()
+    many, launches = run_all()
+    assert set(launches) == {2}
+    for case, a, b in zip(cases, one, many):
+        assert sorted(a) == sorted(b), case
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=2e-6, atol=1e-6, msg=f"{case} {key}")
+        assert (a["loss"] is a.get("mse")) == (b["loss"] is b.get("mse")), case
+
+
 def test_stubbed_launches_count_and_skip_every_eager_launch():
     """The host benchmark's stub (bench/host.py's Triton section): each eager launch is counted, none runs (the
     outputs keep what was written into them before), the library ops still launch, and the real wrap returns."""
@@ -631,12 +714,12 @@ def test_stubbed_launches_count_and_skip_every_eager_launch():
         assert stub.launches == 1
         loss = F.training_losses(mo, f["x0"], f["t"], f["noise"], SCHED, var_type="learned_range",
                                  backend="triton")["loss"]
-        assert stub.launches == 3  # the forward and its finishing kernel
+        assert stub.launches == 2  # the forward kernel alone (one chunk a sample: it finishes the terms itself)
         torch.autograd.grad(loss.sum(), [mo])
-        assert stub.launches == 4  # one backward kernel
+        assert stub.launches == 3  # one backward kernel
         tab = SCHED.table(DEV)
         out = noising.q_sample_op(f["x0"], f["t"], f["noise"], tab)  # the library op: wrap_triton, not stubbed
-        assert stub.launches == 4
+        assert stub.launches == 3
     assert _dispatch.direct is real
     ref = R.q_sample(f["x0"], f["t"], f["noise"], SCHED)
     torch.testing.assert_close(out, ref)

@@ -84,7 +84,10 @@ def define(name: str, fake, mutates_args=()):
     return register
 
 
-_is_compiling = torch.compiler.is_compiling
+# whether torch.compile's dynamo traces this call: a plain `return False` in eager that dynamo treats as True
+# (torch.compiler.is_compiling calls torch.jit.is_scripting first, one more frame); export and fake / functional
+# tracing run under a dispatch mode, which the other tests of call catch
+_is_compiling = torch.compiler.is_dynamo_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_level = torch._C._functorch.maybe_current_level
 _grad_enabled = torch.is_grad_enabled
@@ -124,7 +127,7 @@ def call(op, impl, fn, args, tensors, diff=()):
     if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:  # _plain_eager, inline
         return op(*args)
     for x in tensors:
-        if x is not None and type(x) not in _PLAIN_TYPES:
+        if type(x) not in _PLAIN_TYPES and x is not None:  # (the common case, a plain tensor, tested first)
             return op(*args)
     if fn is not None and _grad_enabled():
         for x in diff:

@@ -423,6 +423,28 @@ def loss_weight(table_ptr, t, gamma, MEAN: tl.constexpr, VAR: tl.constexpr, WEIG
 
 
 @triton.jit
+def _finish_loss_terms(vb_sum, mse_sum, loss_ptr, mse_ptr, vb_ptr, b, t, table_ptr, N, gamma, vb_scale,
+                       loss_scale, MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr,
+                       DO_VB: tl.constexpr, DO_MSE: tl.constexpr, MSE_OUT: tl.constexpr):
+    """training_losses / vb_terms_bpd: sample b's [B] terms from its sums over its N elements of the vb term (nats)
+    and the squared error: loss, mse (MSE_OUT: an mse term that is not the loss itself) and vb (DO_VB). The
+    launcher allocates only those; an absent term's pointer stands in, unwritten."""
+    vb = vb_sum / N / 0.6931471805599453 * vb_scale
+    mse = mse_sum / N
+    if DO_MSE:
+        loss = loss_weight(table_ptr, t, gamma, MEAN, VAR, WEIGHTING) * mse
+        if DO_VB:
+            loss = loss + vb
+    else:
+        loss = vb * loss_scale
+    tl.store(loss_ptr + b, loss)
+    if MSE_OUT:
+        tl.store(mse_ptr + b, mse)
+    if DO_VB:
+        tl.store(vb_ptr + b, vb)
+
+
+@triton.jit
 def ddim_coefs(eta, table_ptr, t):
     """(sigma, sqrt(abar_prev), eps weight) of a DDIM step: with r = beta / (1 - abar), sigma = eta
     sqrt(1 - abar_prev) sqrt(r) and the eps weight sqrt(1 - abar_prev) sqrt(1 - eta^2 r) (no cancellation

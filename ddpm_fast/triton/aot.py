@@ -25,6 +25,7 @@ def _variants():
     solver = dict(fp, **{flag: False for flag in ("HAS_COND", "HAS_CFG", "HAS_THRESH", "HAS_H1", "HAS_H2", "HAS_H3",
                                                   "HAS_LAST")}, NOISE=0, NOISE_BLOCKS=False)
     g_loss_only = dict(G_LOSS=True, G_MSE=False, G_VB=False)  # vb_bwd from loss.mean().backward()
+    vb_fwd = dict(WEIGHTING=1, MSE_OUT=True, FINISH=False)  # vb_fwd: elbo weighting, partial sums
     return [
         ("q_sample", noising._q_sample_kernel, fp, True),
         ("q_sample int64 index", noising._q_sample_kernel, big, True),
@@ -40,15 +41,18 @@ def _variants():
         ("dgll", posterior._dgll_kernel, dict(fp, GRAD=False), True),
         ("dgll_bwd", posterior._dgll_kernel, dict(fp, GRAD=True), True),
         ("vb_fwd hybrid eps/learned_range", vb._vb_fwd_kernel,
-         dict(fp, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True), True),
+         dict(fp, **vb_fwd, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True), True),
         ("vb_fwd vb x_prev/learned clip", vb._vb_fwd_kernel,
-         dict(fp, MEAN=2, VAR=2, CLIP=True, FROM_NOISE=False, DO_VB=True, DO_MSE=False), True),
+         dict(fp, **vb_fwd, MEAN=2, VAR=2, CLIP=True, FROM_NOISE=False, DO_VB=True, DO_MSE=False), True),
         ("vb_fwd mse v/fixed_small", vb._vb_fwd_kernel,
-         dict(fp, MEAN=3, VAR=0, CLIP=False, FROM_NOISE=True, DO_VB=False, DO_MSE=True), True),
+         dict(fp, **vb_fwd, MEAN=3, VAR=0, CLIP=False, FROM_NOISE=True, DO_VB=False, DO_MSE=True), True),
         ("vb_fwd hybrid strided", vb._vb_fwd_kernel,
-         dict(fp, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True, FLAT=False), False),
+         dict(fp, **vb_fwd, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True, FLAT=False), False),
+        ("vb_fwd hybrid one chunk (finish)", vb._vb_fwd_kernel,
+         dict(fp, **dict(vb_fwd, FINISH=True), MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True),
+         True),
         ("vb_finish", vb._vb_finish_kernel,
-         dict(MEAN=0, VAR=3, WEIGHTING=1, DO_VB=True, DO_MSE=True, CBLOCK=64), False),
+         dict(MEAN=0, VAR=3, WEIGHTING=1, DO_VB=True, DO_MSE=True, MSE_OUT=True, CBLOCK=64), False),
         ("vb_bwd hybrid eps/learned_range", vb._vb_bwd_kernel,
          dict(fp, MEAN=0, VAR=3, CLIP=False, FROM_NOISE=True, DO_VB=True, DO_MSE=True, VB_MEAN_GRAD=False,
               WEIGHTING=2, **g_loss_only), True),

@@ -4,9 +4,11 @@ Forward (grid: chunks of a sample x samples): per element, x_t (given, or q_samp
 the model's x0 / mean / log variance, the posterior, the KL (t > 0) or the decoder NLL (t = 0; a
 per-sample branch, so only those samples compute it) and the squared error on the target; each
 program writes its partial sums to a [B, 2, n_chunks] buffer. A finishing kernel (one program per
-sample) sums them in a fixed order and applies the weighting: deterministic, batch-independent. It writes
-only the [B] terms the mode returns (loss always; mse for mse losses; vb for the vb, kl and hybrid losses):
-the others are not allocated.
+sample) sums them in a fixed order and applies the weighting: deterministic, batch-independent. A sample
+that fits one program (n_chunks == 1) needs neither: the forward kernel applies the weighting to its own
+sums (FINISH; the same values, one launch and no buffer). Only the [B] terms the mode returns are written
+(loss always; mse for mse losses unless it is the loss itself; vb for the vb, kl and hybrid losses): the
+others are not allocated.
 Backward: one pass recomputing what it needs from (model_output, x0, x_t or noise, t), writing the
 gradient of model_output (both halves for a learned variance; under the hybrid loss the vb term sees
 the mean half through a stop-gradient). Gradients flow to model_output only.
@@ -30,12 +32,15 @@ MODES = ("vb",) + LOSS_TYPES  # "vb": vb_terms_bpd (x_t given); a loss type: tra
 
 
 @triton.jit
-def _vb_fwd_kernel(mo_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
+def _vb_fwd_kernel(mo_ptr, x0_ptr, xn_ptr, part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr,
                    m_sb, m_s1, m_s2, m_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3,
-                   N, T, D2, D3, n_chunks, var_offset,
+                   N, T, D2, D3, n_chunks, var_offset, gamma, vb_scale, loss_scale,
                    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, FROM_NOISE: tl.constexpr,
-                   DO_VB: tl.constexpr, DO_MSE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
-                   IDX64: tl.constexpr, CDT: tl.constexpr):
+                   DO_VB: tl.constexpr, DO_MSE: tl.constexpr, WEIGHTING: tl.constexpr, MSE_OUT: tl.constexpr,
+                   FINISH: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr,
+                   CDT: tl.constexpr):
+    """Sample b's sums of the vb term and the squared error over one chunk: to part_ptr's [B, 2, n_chunks], or with
+    FINISH (n_chunks == 1: the chunk is the sample) its terms themselves (_math._finish_loss_terms)."""
     b, chunk, n, m, t = M._program_block_t(t_ptr, T, N, n_chunks, BLOCK, IDX64)
     out, x0, xn, xt = M._load_training_operands(mo_ptr, x0_ptr, xn_ptr, table_ptr, b, n, m, t, m_sb, m_s1, m_s2,
                                                 m_s3, a_sb, a_s1, a_s2, a_s3, x_sb, x_s1, x_s2, x_s3, D2, D3,
@@ -54,29 +59,25 @@ def _vb_fwd_kernel(mo_ptr, x0_ptr, xn_ptr, part_ptr, t_ptr, table_ptr,
         else:
             term = -M.discretized_gaussian_loglik(x0, mean, 0.5 * lv)
         vb_part = tl.sum(tl.where(m, term, 0.0), axis=0)
-    tl.store(part_ptr + (2 * b) * n_chunks + chunk, vb_part)
-    tl.store(part_ptr + (2 * b + 1) * n_chunks + chunk, mse_part)
+    if FINISH:
+        M._finish_loss_terms(vb_part, mse_part, loss_ptr, mse_ptr, vb_ptr, b, t, table_ptr, N, gamma, vb_scale,
+                             loss_scale, MEAN, VAR, WEIGHTING, DO_VB, DO_MSE, MSE_OUT)
+    else:
+        tl.store(part_ptr + (2 * b) * n_chunks + chunk, vb_part)
+        tl.store(part_ptr + (2 * b + 1) * n_chunks + chunk, mse_part)
 
 
 @triton.jit
 def _vb_finish_kernel(part_ptr, loss_ptr, mse_ptr, vb_ptr, t_ptr, table_ptr, n_chunks, N, T, gamma, vb_scale,
                       loss_scale, MEAN: tl.constexpr, VAR: tl.constexpr, WEIGHTING: tl.constexpr,
-                      DO_VB: tl.constexpr, DO_MSE: tl.constexpr, CBLOCK: tl.constexpr):
+                      DO_VB: tl.constexpr, DO_MSE: tl.constexpr, MSE_OUT: tl.constexpr, CBLOCK: tl.constexpr):
+    """One program per sample: the fixed-order sums of its partials [B, 2, n_chunks], then
+    _math._finish_loss_terms."""
     b = tl.program_id(0).to(tl.int64)
     t = M._load_t(t_ptr, b, T)
-    vb = M._row_sum(part_ptr, 2 * b, n_chunks, CBLOCK) / N / 0.6931471805599453 * vb_scale
-    mse = M._row_sum(part_ptr, 2 * b + 1, n_chunks, CBLOCK) / N
-    if DO_MSE:
-        loss = M.loss_weight(table_ptr, t, gamma, MEAN, VAR, WEIGHTING) * mse
-        if DO_VB:
-            loss = loss + vb
-    else:
-        loss = vb * loss_scale
-    tl.store(loss_ptr + b, loss)
-    if DO_MSE:  # the launcher allocates mse only where it is a term (its pointer otherwise stands in, unwritten)
-        tl.store(mse_ptr + b, mse)
-    if DO_VB:  # likewise vb
-        tl.store(vb_ptr + b, vb)
+    M._finish_loss_terms(M._row_sum(part_ptr, 2 * b, n_chunks, CBLOCK),
+                         M._row_sum(part_ptr, 2 * b + 1, n_chunks, CBLOCK), loss_ptr, mse_ptr, vb_ptr, b, t,
+                         table_ptr, N, gamma, vb_scale, loss_scale, MEAN, VAR, WEIGHTING, DO_VB, DO_MSE, MSE_OUT)
 
 
 @triton.jit
@@ -145,11 +146,13 @@ class _Flags:
 
     do_mse: bool
     do_vb: bool
+    mse_out: bool  # an mse term that is not the loss itself (that is 1 * mse without a vb term or a weighting)
     cdt: object  # CDT: the Triton compute dtype of the table's dtype
     scales: tuple
-    fwd_options: tuple  # _vb_fwd_kernel's MEAN, VAR, CLIP, FROM_NOISE, DO_VB, DO_MSE
+    fwd_args: tuple  # _vb_fwd_kernel's arguments after gamma up to FINISH: the scales, MEAN, VAR, CLIP, FROM_NOISE,
+    #                  DO_VB, DO_MSE, WEIGHTING, MSE_OUT
     finish_args: tuple  # _vb_finish_kernel's arguments after gamma: the scales, MEAN, VAR, WEIGHTING, DO_VB, DO_MSE,
-    #                     CBLOCK
+    #                     MSE_OUT, CBLOCK
     bwd_options: tuple  # _vb_bwd_kernel's MEAN, VAR, CLIP, FROM_NOISE, DO_VB, DO_MSE, VB_MEAN_GRAD, WEIGHTING
 
 
@@ -167,13 +170,15 @@ def _flags(mode: str, mean_type: int, var_type: int, clip: bool, num_timesteps: 
     from_noise = mode != "vb"
     scales = (num_timesteps / 1000.0 if mode == "rescaled_mse" else 1.0,
               float(num_timesteps) if mode == "rescaled_kl" else 1.0)
+    mse_out = do_mse and (do_vb or weighting != WEIGHTING_IDS["simple"])  # (the simple weight: exactly 1)
     return _Flags(
         do_mse=do_mse,
         do_vb=do_vb,
+        mse_out=mse_out,
         cdt=tl_dtype(dtype),
         scales=scales,
-        fwd_options=(mean_type, var_type, clip, from_noise, do_vb, do_mse),
-        finish_args=(*scales, mean_type, var_type, weighting, do_vb, do_mse, 64),  # CBLOCK 64
+        fwd_args=(*scales, mean_type, var_type, clip, from_noise, do_vb, do_mse, weighting, mse_out),
+        finish_args=(*scales, mean_type, var_type, weighting, do_vb, do_mse, mse_out, 64),  # CBLOCK 64
         bwd_options=(mean_type, var_type, clip, from_noise, do_vb, do_mse, not do_mse, weighting),
     )
 
@@ -181,13 +186,14 @@ def _flags(mode: str, mean_type: int, var_type: int, clip: bool, num_timesteps: 
 # -- launchers (see _dispatch: wrap is wrap_triton in the library ops, direct in eager) -------------------
 def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip, weighting, min_snr_gamma):
     """(loss, mse, vb), each [B] in the table's dtype, or None where the mode has no such term (mse without a
-    learned variance: no vb; vb and kl modes: no mse). xn is x_t for mode "vb", else the noise."""
+    learned variance: no vb; vb and kl modes: no mse) and for an mse that is the loss itself (_Flags.mse_out
+    false: the caller returns the loss tensor as mse). xn is x_t for mode "vb", else the noise."""
     shape = x0.shape
     B, T = shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
     f = _flags(mode, mean_type, var_type, clip, T, weighting, table_.dtype)
     # the table's dtype, on x0's device (no kwargs to parse)
     loss = table_.new_empty(B)
-    mse = table_.new_empty(B) if f.do_mse else None
+    mse = table_.new_empty(B) if f.mse_out else None
     vb = table_.new_empty(B) if f.do_vb else None
     if B == 0 or x0.numel() == 0:
         return tuple(None if o is None else o.fill_(float("nan")) for o in (loss, mse, vb))
@@ -197,15 +203,19 @@ def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode,
 
 
 def _launch_losses(ins, _, p, c, wrap, t, table_, B, T, var_type, f, loss, mse, vb, min_snr_gamma):
-    """_vb_losses' launches on plan p and config c: the forward kernel's partial sums, then the finishing kernel
-    (loss stands in for an absent term's pointer, not written: DO_* false)."""
-    part = table_.new_empty(2 * B * c.n_chunks)  # [B, 2, n_chunks] partial sums, flat
-    wrap(_vb_fwd_kernel)[c.grid](  # the constexprs by position: fwd_options, FLAT, BLOCK, IDX64, CDT
-        *ins, part, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(ins[0], var_type),
-        *f.fwd_options, p.flat, c.block, c.idx64, f.cdt, num_warps=c.warps)
-    wrap(_vb_finish_kernel)[(B,)](
-        part, loss, loss if mse is None else mse, loss if vb is None else vb, t, table_, c.n_chunks, p.n, T,
-        min_snr_gamma, *f.finish_args)
+    """_vb_losses' launches on plan p and config c: one program per sample (n_chunks 1), the forward kernel
+    writing the terms itself; else its partial sums, then the finishing kernel. loss stands in for the pointer of
+    an absent term (not written) and of the partial sums where there are none (not read)."""
+    mse_ptr, vb_ptr = loss if mse is None else mse, loss if vb is None else vb
+    finish = c.n_chunks == 1
+    part = loss if finish else table_.new_empty(2 * B * c.n_chunks)  # [B, 2, n_chunks] partial sums, flat
+    wrap(_vb_fwd_kernel)[c.grid](  # the constexprs by position: those of fwd_args, FINISH, FLAT, BLOCK, IDX64, CDT
+        *ins, part, loss, mse_ptr, vb_ptr, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
+        var_offset(ins[0], var_type), min_snr_gamma, *f.fwd_args, finish, p.flat, c.block, c.idx64, f.cdt,
+        num_warps=c.warps)
+    if not finish:
+        wrap(_vb_finish_kernel)[(B,)](part, loss, mse_ptr, vb_ptr, t, table_, c.n_chunks, p.n, T, min_snr_gamma,
+                                      *f.finish_args)
 
 
 def bwd_warps(warps: int, do_vb: bool) -> int:
@@ -250,11 +260,14 @@ def _stride0(g) -> int:
 def vb_losses_op(model_output: torch.Tensor, x0: torch.Tensor, xn: torch.Tensor, t: torch.Tensor,
                  table_: torch.Tensor, mean_type: int, var_type: int, mode: str, clip: bool, weighting: int,
                  min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mse, vb), each [B] in the table's dtype (zeros for a term the mode does not compute: an op returns
-    the tensors of its schema). xn is x_t for mode "vb", else the noise."""
+    """(loss, mse, vb), each [B] in the table's dtype (zeros for a term the mode does not compute, a copy of the
+    loss for an mse that is the loss itself: an op returns the tensors of its schema, none an alias of another).
+    xn is x_t for mode "vb", else the noise."""
     loss, mse, vb = _vb_losses(wrap_triton, model_output, x0, xn, t, table_, mean_type, var_type, mode, clip,
                                weighting, min_snr_gamma)
-    return loss, loss.new_zeros(loss.shape) if mse is None else mse, loss.new_zeros(loss.shape) if vb is None else vb
+    if mse is None:
+        mse = loss.clone() if mode in ("mse", "rescaled_mse") else loss.new_zeros(loss.shape)
+    return loss, mse, loss.new_zeros(loss.shape) if vb is None else vb
 
 
 @define("vb_losses_backward", lambda g_loss, g_mse, g_vb, model_output, *rest: torch.empty_like(model_output))
@@ -300,9 +313,10 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, cli
 
 def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
                     min_snr_gamma=5.0):
-    """dict of [B] tensors: loss, and mse (mse losses) / vb (kl losses, or a learned variance)."""
+    """dict of [B] tensors: loss, and mse (mse losses; the loss tensor itself where they are equal: a fixed
+    variance and "simple" weighting) / vb (kl losses, or a learned variance)."""
     check_device(model_output, x0, noise)
     args = (model_output, x0, noise, t, table(schedule, x0.device, torch.float32), MEAN_IDS[mean_type],
             VAR_IDS[var_type], loss_type, False, WEIGHTING_IDS[weighting], float(min_snr_gamma))
     loss, mse, vb = call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])
-    return loss_terms(loss_type, var_type, loss, mse, vb)
+    return loss_terms(loss_type, var_type, loss, loss if mse is None else mse, vb)  # (None: the loss, or no term)
