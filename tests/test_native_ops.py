@@ -457,6 +457,26 @@ def test_opcheck(name, args, namespace):
     torch.library.opcheck(getattr(getattr(torch.ops, namespace), name).default, args)
 
 
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_raw_ops_check_the_table(namespace):
+    """A raw torch.ops call with a schedule table of another dtype than the inputs' compute dtype raises naming the
+    table, instead of reading it as the compute dtype (garbage, or past its end). (The device check beside it needs
+    two devices: a meta table sends the call to the fake, and this machine has no GPU.)"""
+    ops = getattr(torch.ops, namespace)
+    x64 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    t = torch.tensor([999, 998])
+    table32, table64 = SCHEDULE.cpu_table(torch.float32), SCHEDULE.cpu_table(torch.float64)
+    if namespace == "ddpm_fast":  # (the CUDA kernels take no float64 inputs: they raise before the table)
+        with pytest.raises(TypeError, match="table: expected dtype Double"):
+            ops.q_sample.default(x64, t, x64, table32)
+        torch.testing.assert_close(ops.q_sample.default(x64, t, x64, table64), R.q_sample(x64, t, x64, SCHEDULE))
+    for x in (x64.float(), x64.half()):
+        with pytest.raises(TypeError, match="table: expected dtype Float"):
+            ops.q_sample.default(x, t, x, table64)
+        with pytest.raises(TypeError, match="table: expected dtype Float"):
+            ops.training_losses.default(x, x, t, x, table64, 0, 0, 0, 0, 5.0, False)
+
+
 DIFFERENTIABLE = ("q_sample", "q_posterior", "predict_xstart", "vb_terms_bpd", "training_losses", "prior_bpd",
                   "normal_kl", "discretized_gaussian_log_likelihood")
 

@@ -189,8 +189,14 @@ template <template <class> class Body> struct Runner {
     if (given.has_value() && given->defined()) in(slot, *given);
     else philox_noise(slot, seed, seed_key);
   }
-  // the schedule table, each sample at its timestep t[b] (or, t undefined, at L.fixed_t)
+  // the schedule table, each sample at its timestep t[b] (or, t undefined, at L.fixed_t); the drivers read it in
+  // the compute dtype on the inputs' device, so both are checked here (a raw torch.ops call may pass another)
   void table(const Tensor& table, const Tensor& t) {
+    const auto compute = L.dbl ? at::kDouble : at::kFloat;
+    TORCH_CHECK_TYPE(table.scalar_type() == compute, "table: expected dtype ", compute,
+                     " (the compute dtype of the inputs), got ", table.scalar_type());
+    TORCH_CHECK_VALUE(table.device() == device_ref.device(), "table: expected device ", device_ref.device(),
+                      " (that of the inputs), got ", table.device());
     L.table = table.data_ptr();
     L.ncols = table.size(1);
     L.nrows = table.size(0);
