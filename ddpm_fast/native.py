@@ -105,9 +105,8 @@ def _op(name):
 
 
 def _table(schedule, x):
-    if x.is_cpu:  # schedule.cpu_table, its lookup inline
-        table = schedule._cpu_tables.get(x.dtype)
-        return table if table is not None else schedule.cpu_table(x.dtype)
+    if x.is_cpu:
+        return schedule.cpu_table(x.dtype)
     return schedule.table(x.device, compute_dtype(x.dtype))
 
 

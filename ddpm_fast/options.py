@@ -109,10 +109,11 @@ def cpp_enumerator(value: str) -> str:
 
 def loss_terms(loss_type: str, var_type: str, loss, mse, vb) -> dict:
     """The terms training_losses returns for these options: "loss" and "vb" for kl losses; "mse" and "loss",
-    plus "vb" with a learned variance, for mse losses (each a [B] tensor)."""
+    plus "vb" with a learned variance, for mse losses (each a [B] tensor). mse None: the mse is the loss itself
+    (a fixed variance and "simple" weighting; the backends then make no separate tensor), returned as "mse"."""
     if loss_type in KL_LOSS_TYPES:
         return {"loss": loss, "vb": vb}
-    terms = {"mse": mse, "loss": loss}
+    terms = {"mse": loss if mse is None else mse, "loss": loss}
     if var_type in LEARNED_VAR_TYPES:
         terms["vb"] = vb
     return terms

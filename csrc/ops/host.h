@@ -252,7 +252,6 @@ inline Tensor gather_col(const Tensor& table, const Tensor& t, int64_t col) {
   return table.select(1, col).index_select(0, t);
 }
 
-inline Tensor empty0(const Tensor& like, at::ScalarType dtype) { return new_tensor({0}, {1}, like.options().dtype(dtype)); }
 
 // model_output's mean and variance halves (the variance half undefined without a learned variance)
 inline std::pair<Tensor, Tensor> halves(const Tensor& mo, bool learned) {

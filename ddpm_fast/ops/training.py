@@ -93,7 +93,7 @@ def _training_losses_compiled(kernel, model_output, x0, t, noise, schedule, *, m
     loss, mse, vb = kernel.op(
         model_output, x0, t, noise, kernel.table(schedule, x0), MEAN_IDS[mean_type], VAR_IDS[var_type],
         LOSS_IDS[loss_type], WEIGHTING_IDS[weighting], float(min_snr_gamma), False)[:3]
-    return options.loss_terms(loss_type, var_type, loss, loss if mse is None else mse, vb)
+    return options.loss_terms(loss_type, var_type, loss, mse, vb)
 
 
 @register(
@@ -153,10 +153,7 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type="epsilon"
         >>> sorted(hybrid)
         ['loss', 'mse', 'vb']
     """
-    try:  # _checked_options, its lookup inline
-        reads_x0 = _CHECKED_OPTIONS[(mean_type, var_type, loss_type, weighting)]
-    except (KeyError, TypeError):
-        reads_x0 = _checked_options(mean_type, var_type, loss_type, weighting)
+    reads_x0 = _checked_options(mean_type, var_type, loss_type, weighting)
     if weighting == "min_snr":
         check.number("min_snr_gamma", min_snr_gamma, 0.0, float("inf"), lo_open=True)
     fn = check.cpu_native("training_losses", backend, x0, model_output, noise)

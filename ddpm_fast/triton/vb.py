@@ -319,4 +319,4 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
     args = (model_output, x0, noise, t, table(schedule, x0.device, torch.float32), MEAN_IDS[mean_type],
             VAR_IDS[var_type], loss_type, False, WEIGHTING_IDS[weighting], float(min_snr_gamma))
     loss, mse, vb = call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])
-    return loss_terms(loss_type, var_type, loss, loss if mse is None else mse, vb)  # (None: the loss, or no term)
+    return loss_terms(loss_type, var_type, loss, mse, vb)
