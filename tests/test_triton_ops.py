@@ -5,6 +5,7 @@ Comparisons follow the flash-attention rule (docs/design.md): |kernel - ref64| <
 + floor, with ref64 the reference in float64 and a small per-dtype floor. On a machine without a GPU the
 kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1): shapes are tiny.
 """
+import contextlib
 import itertools
 import os
 import subprocess
@@ -659,6 +660,79 @@ def test_an_mse_that_is_the_loss_is_the_loss_tensor():
         terms = F.training_losses(g["mo"], g["x0"], g["t"], g["noise"], SCHED, var_type=var_type,
                                   weighting=weighting, backend="triton")
         assert terms["mse"] is not terms["loss"], (var_type, weighting)
+
+
+def _odd_size1_strides(x):
+    """x (contiguous, a size-1 dim 1) as a view whose size-1 dim has a stride no contiguous tensor has: torch still
+    calls it contiguous (size-1 strides are free), and the plans never read it."""
+    y = x.as_strided(x.shape, (x.stride(0), 999, *x.stride()[2:]))
+    assert y.is_contiguous() and y.stride() != x.stride() and torch.equal(y, x)
+    return y
+
+
+def test_prepared_launches_follow_schedule_layouts_and_options(fresh_plans):
+    """q_sample and training_losses keep a prepared launch per schedule, options and operand layouts
+    (_layout.PREPARED): every call below, in an order that would expose a stale entry (two schedules of one T,
+    layouts of one shape, options of one layout, a size-1 dim with an odd stride), is identical to the same call
+    through the torch.library op (under a dispatch mode: no prepared launch), forward and, through the prepared
+    autograd node, backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ddpm_fast.triton import _layout
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    schedules = (SCHED, F.NoiseSchedule.named("linear", T))
+    d = data(learned=True, seed=21)
+    d1 = data(B=3, C=1, learned=False, seed=22)
+    cases = []
+    for kind in ("contiguous", "channels_last", "sliced", "contiguous"):
+        cases.append((d, kind, lambda x: x))
+    cases.append((d1, "contiguous", lambda x: x))
+    cases.append((d1, "contiguous", _odd_size1_strides))
+
+    def calls(x0, noise, mo, t, schedule):
+        half = mo[:, : x0.shape[1]]
+        out = [F.q_sample(x0, t, noise, schedule, backend="triton")]
+        for var_type, m in (("fixed_small", half), ("learned_range", mo)):
+            if var_type == "learned_range" and mo.shape[1] != 2 * x0.shape[1]:
+                continue
+            for loss_type, weighting in (("mse", "simple"), ("mse", "min_snr"), ("rescaled_kl", "simple")):
+                out += list(F.training_losses(m, x0, t, noise, schedule, var_type=var_type, loss_type=loss_type,
+                                              weighting=weighting, backend="triton").values())
+        return out
+
+    for schedule in schedules:
+        for data_, kind, view in cases:
+            x0, noise = (view(to(data_[k], torch.float32, kind)) for k in ("x0", "noise"))
+            t = data_["t"].to(DEV)
+            for grad in (False, True):
+                results = []
+                for mode in (False, True):
+                    mo = view(to(data_["mo"], torch.float32, kind))
+                    mo.requires_grad_(grad)
+                    with Passthrough() if mode else contextlib.nullcontext():
+                        outs = calls(x0, noise, mo, t, schedule)
+                        grads = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(outs)), mo) if grad \
+                            else ()
+                    results.append([o.detach() for o in outs] + list(grads))
+                assert len(results[0]) == len(results[1])
+                for i, (a, b) in enumerate(zip(*results)):
+                    assert torch.equal(a, b), (schedule is SCHED, kind, view.__name__, grad, i)
+    assert _layout.PREPARED  # the plain-eager calls above took prepared launches
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter is only used without a GPU")
+def test_a_call_that_cannot_run_draws_no_noise():
+    """In-kernel noise from a generator is drawn on the device once the inputs are known to run there: a call that
+    raises BackendUnavailableError (bfloat16 under the interpreter) leaves the generator as it was."""
+    x = torch.zeros(2, 3, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    with pytest.raises(BackendUnavailableError, match="bfloat16"):
+        F.p_sample_step(x, x, torch.zeros(2, dtype=torch.int64), SCHED, generator=g, backend="triton")
+    assert torch.equal(g.get_state(), state)
 
 
 def test_loss_terms_one_chunk_and_partial_sums_agree(monkeypatch, fresh_plans):

@@ -83,6 +83,10 @@ def like(ref_name, ref, **others):
 def x_args(x_name, x, t, sched, validate, **others):
     """Shared checks of (x, t, ...) ops: like(x_name, x, **others), then t by timesteps (sched checked first).
     Returns (t, device)."""
+    if type(x) in _PLAIN_TYPES:  # like's one pass, inline (its frame and the kwargs' repacking are a fifth of this)
+        dtype, shape, device = x.dtype, x.shape, x.device
+        if dtype in _FLOAT_SET and shape and _all_like(others, dtype, shape, device):
+            return timesteps(t, shape[0], schedule(sched), device, validate), device
     device = like(x_name, x, **others)
     return timesteps(t, x.shape[0], schedule(sched), device, validate), device
 

@@ -9,6 +9,11 @@ It is reached three ways, all running the same launcher:
 - anything else (torch.compile, fake / functional tracing, dispatch modes, functorch transforms, tensor
   subclasses): the registered torch.library op, whose body calls ``impl(wrap_triton, *args)``.
 
+The hottest backend functions (q_sample, training_losses) go one step further in plain eager: a launch prepared
+once per schedule, options and operand layouts (its plan, config, table and argument tail, kept in
+_layout.PREPARED) is launched straight from the backend function, with training_losses' own lean autograd node
+when model_output requires grad: no table lookup, no layout-cache key, no launcher frames per call.
+
 On a GPU the op is a ``torch.library.triton_op``: torch.compile traces through its body, sees each
 kernel via ``wrap_triton`` and inlines it into its graph; the body is also its fake implementation.
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) wrap_triton cannot capture interpreted
@@ -21,10 +26,11 @@ import contextlib
 import torch
 from torch.library import wrap_triton  # noqa: F401  (the op bodies' wrap)
 
-from ._runtime import INTERPRET
+from ._runtime import INTERPRET, check_device
 
 NS = "ddpm_fast_triton"
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # tensors whose kernels launch directly
+_BF16 = torch.bfloat16
 
 
 def direct(kernel):
@@ -103,7 +109,7 @@ def _plain_eager(tensors) -> bool:
     if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:
         return False
     for x in tensors:
-        if x is not None and type(x) not in _PLAIN_TYPES:
+        if x is not None and type(x) not in PLAIN_TYPES:
             return False
     return True
 
@@ -121,16 +127,42 @@ def autograd_function(name: str, impl, setup_context, backward):
                                                      "backward": staticmethod(backward)})
 
 
-def call(op, impl, fn, args, tensors, diff=()):
-    """Run one op on ``args``: its launcher directly, its autograd.Function ``fn`` when an input in ``diff``
-    requires grad, or the library ``op`` when not plain eager (``tensors``: every tensor argument)."""
+def launchable(tensors) -> bool:
+    """Whether plain eager may launch the kernels on ``tensors`` (None: absent) itself: not under torch.compile,
+    no dispatch mode, no functorch transform, and each a plain tensor Triton runs here (check_device's test,
+    inline). Otherwise call takes the library op (and check_device raises for a tensor Triton cannot run)."""
     if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:  # _plain_eager, inline
-        return op(*args)
-    for x in tensors:
-        if type(x) not in _PLAIN_TYPES and x is not None:  # (the common case, a plain tensor, tested first)
-            return op(*args)
-    if fn is not None and _grad_enabled():
+        return False
+    if INTERPRET:  # CPU or CUDA tensors, not bfloat16
+        for x in tensors:
+            if x is not None and (type(x) not in PLAIN_TYPES or x.dtype is _BF16 or not (x.is_cpu or x.is_cuda)):
+                return False
+    else:
+        for x in tensors:
+            if x is not None and (type(x) not in PLAIN_TYPES or not x.is_cuda):
+                return False
+    return True
+
+
+def needs_grad(diff) -> bool:
+    """Whether autograd is on and a tensor of ``diff`` (None: absent) requires grad."""
+    if _grad_enabled():
         for x in diff:
             if x is not None and x.requires_grad:
-                return fn.apply(*args)
+                return True
+    return False
+
+
+def call(op, impl, fn, args, tensors, diff=(), inner=False):
+    """Run one op on ``args``: its launcher directly, its autograd.Function ``fn`` when an input in ``diff``
+    requires grad, or the library ``op`` when not launchable. ``tensors``: every tensor argument a caller gave
+    (None: absent; the schedule table, made here, may be left out). Raises BackendUnavailableError
+    (_runtime.check_device) if one of them cannot run on Triton here, except for an ``inner`` call (a backward
+    of an op already called: a GPU-less torch.compile traces those with CPU tensors)."""
+    if not launchable(tensors):
+        if not inner:
+            check_device(*tensors)  # raises, unless the call is only not plain eager
+        return op(*args)
+    if fn is not None and needs_grad(diff):
+        return fn.apply(*args)
     return impl(direct, *args)

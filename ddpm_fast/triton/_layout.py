@@ -25,6 +25,8 @@ from ._runtime import device_guard, launch_config
 MAX_DIMS = 3
 CACHE_SIZE = 1024  # cached (plan, launch config) pairs, keyed by operand shapes and strides
 _CACHE: dict = {}
+# the backend functions' prepared launches (see keep_prepared), kept and cleared with the plans
+PREPARED: dict = {}
 
 
 class LayoutError(ValueError):
@@ -151,8 +153,32 @@ def flat_strides(p: Plan) -> tuple:
 
 
 def clear_cache() -> None:
-    """Forget every cached plan (after changing the launch constants in _runtime, e.g. in tests)."""
+    """Forget every cached plan and prepared launch (after changing the launch constants in _runtime, e.g. in
+    tests)."""
     _CACHE.clear()
+    PREPARED.clear()
+
+
+# plan_key: the plan of contiguous operands (torch's is_contiguous) is a function of their shapes alone: plan drops
+# size-1 dims, the only ones whose strides is_contiguous leaves free; a prepared launch's key then leaves the
+# strides out
+
+
+def keep_prepared(key, value):
+    """Keep a backend function's prepared launch (what a launch needs besides the call's own tensors: the table,
+    the plan and config, options) under ``key`` (what it was made from: the kernel, the schedule itself, so
+    that its identity stays its own, the options and every operand's shape and strides) in PREPARED, which
+    holds at most CACHE_SIZE; returns value."""
+    if len(PREPARED) >= CACHE_SIZE:
+        PREPARED.clear()
+    PREPARED[key] = value
+    return value
+
+
+def current_device(x) -> bool:
+    """Whether x is a CPU tensor or on the current CUDA device (where Triton launches: run switches to the
+    inputs' device otherwise; a prepared launch does not)."""
+    return not x.is_cuda or x.get_device() == torch.cuda.current_device()
 
 
 def _lookup(operands, logical: bool, shape=None, like=None) -> tuple:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton.language as tl
@@ -108,6 +108,9 @@ class LaunchConfig:
     warps: int
     n_chunks: int
     idx64: bool
+    # the launchers' argument tails on this plan (a config is made per cached plan, _layout), each kept under the
+    # key of what else it depends on (kernel, table, options): a repeated launch reads one dict entry
+    tails: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def launch_config(n: int, batch: int) -> LaunchConfig:

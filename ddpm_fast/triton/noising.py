@@ -16,10 +16,11 @@ import triton
 import triton.language as tl
 
 from . import _math as M
-from ._dispatch import autograd_function, call, define, wrap_triton
-from ._layout import run
+from . import _dispatch
+from ._dispatch import PLAIN_TYPES, autograd_function, call, define, launchable, needs_grad, wrap_triton
+from ._layout import PREPARED, LayoutError, current_device, keep_prepared, planned, run
 from ..schedule import COLUMN
-from ._runtime import check_device, compute_dtype, table, tl_dtype
+from ._runtime import compute_dtype, table, tl_dtype
 
 
 # -- kernels -----------------------------------------------------------------------------------
@@ -100,9 +101,17 @@ def _q_sample(wrap, x0, t, noise, table_, velocity=False):
 
 def _launch_q_sample(ins, outs, p, c, wrap, t, table_, velocity):
     """_q_sample's launch on plan p and config c."""
-    wrap(_q_sample_kernel)[c.grid](  # the constexprs by position: FLAT, BLOCK, IDX64, CDT, VELOCITY
-        *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks, p.flat, c.block,
-        c.idx64, tl_dtype(table_.dtype), velocity, num_warps=c.warps)
+    key = (_q_sample_kernel, id(table_), velocity)  # (the tail holds table_: its id stays its own)
+    tail = c.tails.get(key)
+    if tail is None:
+        tail = c.tails[key] = _q_sample_tail(p, c, table_, velocity)
+    wrap(_q_sample_kernel)[c.grid](*ins, *outs, t, *tail, num_warps=c.warps)
+
+
+def _q_sample_tail(p, c, table_, velocity) -> tuple:
+    """_q_sample_kernel's arguments after t on plan p and config c."""
+    return (table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks,  # then the constexprs
+            p.flat, c.block, c.idx64, tl_dtype(table_.dtype), velocity)  # FLAT, BLOCK, IDX64, CDT, VELOCITY
 
 
 def _linear2_backward(wrap, grad, t, table_, a_like, b_like, column_a, column_b, mean_type=-1):
@@ -116,10 +125,13 @@ def _linear2_backward(wrap, grad, t, table_, a_like, b_like, column_a, column_b,
 
 
 def _launch_linear2_backward(ins, outs, p, c, wrap, t, table_, column_a, column_b, mean_type):
-    """_linear2_backward's launch on plan p and config c."""
-    wrap(linear2_bwd_kernel)[c.grid](  # the constexprs by position: CA, CB, FLAT, BLOCK, IDX64, CDT, MEAN
-        *ins, *outs, t, table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks, column_a,
-        column_b, p.flat, c.block, c.idx64, tl_dtype(table_.dtype), mean_type, num_warps=c.warps)
+    """_linear2_backward's launch on plan p and config c (the arguments after t kept in c.tails)."""
+    key = (linear2_bwd_kernel, id(table_), column_a, column_b, mean_type)
+    tail = c.tails.get(key)
+    if tail is None:  # the constexprs by position: CA, CB, FLAT, BLOCK, IDX64, CDT, MEAN
+        tail = c.tails[key] = (table_, *p.args, p.n, table_.shape[0], p.sizes[1], p.sizes[2], c.n_chunks, column_a,
+                               column_b, p.flat, c.block, c.idx64, tl_dtype(table_.dtype), mean_type)
+    wrap(linear2_bwd_kernel)[c.grid](*ins, *outs, t, *tail, num_warps=c.warps)
 
 
 def _prior_bpd(wrap, x0, abar_last, const):
@@ -172,7 +184,7 @@ def linear2_autograd(name, op, impl, a_at, b_at, t_at, column_a=0, column_b=0):
         t, table_, a, b = ctx.saved_tensors
         args = (grad, t, table_, a, b, column_a, column_b, ctx.mean_type)
         grads = [None] * ctx.n_inputs
-        grads[a_at], grads[b_at] = call(linear2_backward_op, _linear2_backward, None, args, args[:5])
+        grads[a_at], grads[b_at] = call(linear2_backward_op, _linear2_backward, None, args, args[:5], inner=True)
         return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup)
@@ -230,20 +242,46 @@ def prior_constants(schedule) -> tuple:
 # -- backend functions -------------------------------------------------------------------------
 def q_sample(x0, t, noise, schedule):
     """x_t [B, ...] in x0's dtype."""
-    check_device(x0, noise)
+    if launchable((x0, noise)) and type(t) in PLAIN_TYPES and not needs_grad((x0, noise)):  # the common call
+        prepared = _prepared_q_sample(x0, noise, schedule)
+        if prepared is not None:
+            grid, tail, warps = prepared
+            out = torch.empty_like(x0)
+            _dispatch.direct(_q_sample_kernel)[grid](x0, noise, out, t, *tail, num_warps=warps)
+            return out
     args = (x0, t, noise, table(schedule, x0.device, torch.float32))
-    return call(q_sample_op, _q_sample, _QSample, args, args, diff=(x0, noise))
+    return call(q_sample_op, _q_sample, _QSample, args, args[:3], diff=(x0, noise))
+
+
+def _prepared_q_sample(x0, noise, schedule):
+    """(grid, the arguments after t, num_warps) of q_sample's launch on these operands (an output made by
+    empty_like(x0)), prepared once per schedule and layouts (_layout.keep_prepared); None where the call takes
+    _q_sample (no elements, more than three unmergeable dims, a CUDA device other than the current one)."""
+    if x0.is_contiguous() and noise.is_contiguous():  # their plan is one of the shapes alone (_layout.plan_key)
+        key = (_q_sample_kernel, schedule, x0.device, x0.shape, noise.shape)
+    else:
+        key = (_q_sample_kernel, schedule, x0.device, x0.shape, x0.stride(), noise.shape, noise.stride())
+    prepared = PREPARED.get(key)
+    if prepared is None:
+        if not x0.numel():
+            return None
+        out = torch.empty_like(x0)
+        try:
+            p, c = planned([x0, noise, out])
+        except LayoutError:
+            return None
+        table_ = table(schedule, x0.device, torch.float32)
+        prepared = keep_prepared(key, (c.grid, _q_sample_tail(p, c, table_, False), c.warps))
+    return prepared if current_device(x0) else None
 
 
 def velocity(x0, t, noise, schedule):
     """v [B, ...] in x0's dtype (no gradient kernel: the router runs the reference for inputs that need one)."""
-    check_device(x0, noise)
     args = (x0, t, noise, table(schedule, x0.device, torch.float32))
-    return call(velocity_op, _velocity, None, args, args)
+    return call(velocity_op, _velocity, None, args, args[:3])
 
 
 def prior_bpd(x0, schedule):
     """[B] bits/dim in float32 (float64 for float64 x0)."""
-    check_device(x0)
     args = (x0, *prior_constants(schedule))
     return call(prior_bpd_op, _prior_bpd, _PriorBpd, args, (x0,), diff=(x0,))

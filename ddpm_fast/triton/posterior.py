@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _math as M
 from ._dispatch import autograd_function, call, define, wrap_triton
 from ._layout import run
-from ._runtime import MEAN_IDS, check_device, compute_dtype, table, tl_dtype
+from ._runtime import MEAN_IDS, compute_dtype, table, tl_dtype
 from ..ops._checks import broadcast_shape
 from ..schedule import COLUMN
 from .noising import linear2_autograd
@@ -273,7 +273,7 @@ def _save_inputs(ctx, inputs, output):
 
 def _kl_bwd(ctx, grad):
     args = (grad, *ctx.saved_tensors)
-    grads = call(normal_kl_backward_op, _normal_kl_backward, None, args, args)
+    grads = call(normal_kl_backward_op, _normal_kl_backward, None, args, args, inner=True)
     return tuple(_reduce_to(g, a) if need else None for g, a, need in zip(grads, args[1:], ctx.needs_input_grad))
 
 
@@ -302,7 +302,7 @@ def dgll_backward_op(grad: torch.Tensor, x: torch.Tensor, means: torch.Tensor,
 def _dgll_bwd(ctx, grad):
     x, means, log_scales = ctx.saved_tensors
     args = (grad, x, means, log_scales)
-    gmu, gls = call(dgll_backward_op, _dgll_backward, None, args, args)
+    gmu, gls = call(dgll_backward_op, _dgll_backward, None, args, args, inner=True)
     gx = (-gmu).to(x.dtype) if ctx.needs_input_grad[0] else None  # centred = x - means (piecewise in x)
     return gx, _reduce_to(gmu, means), _reduce_to(gls, log_scales)
 
@@ -314,27 +314,23 @@ _Dgll = autograd_function("Dgll", _dgll, _save_inputs, _dgll_bwd)
 # -- backend functions -------------------------------------------------------------------------
 def q_posterior(x0, x_t, t, schedule):
     """(mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]) in x0's dtype."""
-    check_device(x0, x_t)
     args = (x0, x_t, t, table(schedule, x0.device, torch.float32))
-    return call(q_posterior_op, _q_posterior, _QPosterior, args, args, diff=(x0, x_t))
+    return call(q_posterior_op, _q_posterior, _QPosterior, args, args[:3], diff=(x0, x_t))
 
 
 def predict_xstart(model_output, x_t, t, schedule, *, mean_type):
     """x0 from the model's mean output, unclipped, in x_t's dtype."""
-    check_device(model_output, x_t)
     args = (model_output, x_t, t, table(schedule, x_t.device, torch.float32), MEAN_IDS[mean_type])
-    return call(predict_xstart_op, _predict_xstart, _PredictXstart, args, args[:4], diff=(model_output, x_t))
+    return call(predict_xstart_op, _predict_xstart, _PredictXstart, args, args[:3], diff=(model_output, x_t))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """Elementwise KL in nats at the broadcast shape."""
-    check_device(mean1, logvar1, mean2, logvar2)
     args = (mean1, logvar1, mean2, logvar2)
     return call(normal_kl_op, _normal_kl, _NormalKl, args, args, diff=args)
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """Elementwise log-likelihood in nats, x's shape."""
-    check_device(x, means, log_scales)
     args = (x, means, log_scales)
     return call(dgll_op, _dgll, _Dgll, args, args, diff=args)

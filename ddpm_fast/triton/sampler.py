@@ -233,44 +233,43 @@ def _table(schedule, x_t):
 def p_mean_variance(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False,
                     dynamic_threshold=None, sample_max_value=1.0):
     """dict mean, variance, log_variance, pred_xstart in x_t's dtype (not differentiable on this backend)."""
-    check_device(model_output, x_t)
     args = (model_output, x_t, t, _table(schedule, x_t), MEAN_IDS[mean_type], VAR_IDS[var_type], bool(clip_denoised),
             -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value))
-    mean, px, var, logvar = call(p_mean_variance_op, _p_mean_variance, None, args, args[:4])
+    mean, px, var, logvar = call(p_mean_variance_op, _p_mean_variance, None, args, args[:3])
     return {"mean": mean, "variance": var, "log_variance": logvar, "pred_xstart": px}
 
 
-def _noise_args(noise, generator, seed, device, wanted):
+def _noise_args(noise, generator, seed, x_t, wanted):
     """(noise tensor, seed tensor, int seed), at most one given: an int seed is passed to the kernel as is (as
-    on the compiled path); a generator's draw stays a device tensor (no host read)."""
+    on the compiled path); a generator's draw stays a device tensor (no host read), drawn once x_t is known to
+    run here (no generator state used by a call that raises)."""
     if not wanted:
         return None, None, None
     if noise is not None:
         return noise, None, None
     if seed is not None:
         return None, None, int(seed)
-    return None, seed_tensor(None, generator, device), None
+    check_device(x_t)
+    return None, seed_tensor(None, generator, x_t.device), None
 
 
 def p_sample_step(model_output, x_t, t, schedule, *, mean_type, var_type, clip_denoised=True, dynamic_threshold=None,
                   sample_max_value=1.0, noise=None, generator=None, seed=None):
     """dict sample, pred_xstart (x_t's dtype). Noise: the tensor, else Philox in-kernel from seed / generator."""
-    check_device(model_output, x_t, noise)
-    nz, sd, seed_value = _noise_args(noise, generator, seed, x_t.device, True)
+    nz, sd, seed_value = _noise_args(noise, generator, seed, x_t, True)
     args = (model_output, x_t, t, _table(schedule, x_t), nz, sd, False, MEAN_IDS[mean_type], VAR_IDS[var_type],
             bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold),
             float(sample_max_value), 0.0, seed_value)
-    sample, px = call(sampler_step_op, _sampler_step, None, args, args[:6])
+    sample, px = call(sampler_step_op, _sampler_step, None, args, (*args[:3], nz))
     return {"sample": sample, "pred_xstart": px}
 
 
 def ddim_step(model_output, x_t, t, schedule, *, eta=0.0, clip_denoised=True, dynamic_threshold=None,
               sample_max_value=1.0, mean_type="epsilon", var_type="fixed_small", noise=None, generator=None, seed=None):
     """dict sample, pred_xstart (x_t's dtype); noise only when eta != 0."""
-    check_device(model_output, x_t, noise)
-    nz, sd, seed_value = _noise_args(noise, generator, seed, x_t.device, eta != 0.0)
+    nz, sd, seed_value = _noise_args(noise, generator, seed, x_t, eta != 0.0)
     args = (model_output, x_t, t, _table(schedule, x_t), nz, sd, True, MEAN_IDS[mean_type], VAR_IDS[var_type],
             bool(clip_denoised), -1.0 if dynamic_threshold is None else float(dynamic_threshold),
             float(sample_max_value), float(eta), seed_value)
-    sample, px = call(sampler_step_op, _sampler_step, None, args, args[:6])
+    sample, px = call(sampler_step_op, _sampler_step, None, args, (*args[:3], nz))
     return {"sample": sample, "pred_xstart": px}

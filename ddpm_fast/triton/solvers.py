@@ -176,8 +176,10 @@ def solver_update(x, model_output, rows, row_index, m_out, *, model_cond=None, g
     tensor, else with draw_noise Philox in-kernel from seed / generator (no host sync), else none."""
     h1, h2, h3 = history
     tensors = (x, model_output, model_cond, rows, row_index, cfg_factor, thresh, h1, h2, h3, last_sample, noise, m_out)
-    check_device(*tensors)
-    seed_key = seed_tensor(seed, generator, x.device) if draw_noise and noise is None else None
+    seed_key = None
+    if draw_noise and noise is None:
+        check_device(x)  # before the draw: no generator state used by a call that raises
+        seed_key = seed_tensor(seed, generator, x.device)
     args = (x, model_output, model_cond, rows, row_index, float(guidance_scale), cfg_factor, thresh, h1, h2, h3,
             last_sample, noise, seed_key, m_out)
     return call(solver_update_op, _solver_update, None, args, (*tensors, seed_key))

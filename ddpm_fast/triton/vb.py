@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _math as M
-from ._dispatch import autograd_function, call, define, wrap_triton
-from ._layout import run
+from . import _dispatch
+from ._dispatch import PLAIN_TYPES, autograd_function, call, define, launchable, needs_grad, wrap_triton
+from ._layout import PREPARED, LayoutError, current_device, keep_prepared, planned, run
 from ..options import LOSS_TYPES, WEIGHTING_IDS, loss_terms
-from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, check_device, table, tl_dtype, var_offset
+from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, table, tl_dtype, var_offset
 MODES = ("vb",) + LOSS_TYPES  # "vb": vb_terms_bpd (x_t given); a loss type: training_losses
 
 
@@ -136,7 +138,7 @@ def _vb_bwd_kernel(gl_ptr, gm_ptr, gv_ptr, mo_ptr, x0_ptr, xn_ptr, gmo_ptr, t_pt
 
 
 # -- launch configuration --------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per option set (_flags)
 class _Flags:
     """What the loss launches take from their options alone, made once per combination (_flags): the terms the
     mode computes, and runs of each kernel's arguments in its signature's order (the launchers pass constexprs by
@@ -191,15 +193,18 @@ def _vb_losses(wrap, model_output, x0, xn, t, table_, mean_type, var_type, mode,
     shape = x0.shape
     B, T = shape[0], int(table_.shape[0])  # T specialised: a schedule has one table
     f = _flags(mode, mean_type, var_type, clip, T, weighting, table_.dtype)
-    # the table's dtype, on x0's device (no kwargs to parse)
-    loss = table_.new_empty(B)
-    mse = table_.new_empty(B) if f.mse_out else None
-    vb = table_.new_empty(B) if f.do_vb else None
+    loss, mse, vb = _loss_outputs(table_, B, f)
     if B == 0 or x0.numel() == 0:
         return tuple(None if o is None else o.fill_(float("nan")) for o in (loss, mse, vb))
     run((model_output, x0, xn), (), _launch_losses, shape=shape,
         args=(wrap, t, table_, B, T, var_type, f, loss, mse, vb, min_snr_gamma))
     return loss, mse, vb
+
+
+def _loss_outputs(table_, B, f):
+    """(loss, mse, vb) [B] in the table's dtype on its device (no kwargs to parse), None where the options (f)
+    make no such term."""
+    return table_.new_empty(B), table_.new_empty(B) if f.mse_out else None, table_.new_empty(B) if f.do_vb else None
 
 
 def _launch_losses(ins, _, p, c, wrap, t, table_, B, T, var_type, f, loss, mse, vb, min_snr_gamma):
@@ -209,13 +214,20 @@ def _launch_losses(ins, _, p, c, wrap, t, table_, B, T, var_type, f, loss, mse, 
     mse_ptr, vb_ptr = loss if mse is None else mse, loss if vb is None else vb
     finish = c.n_chunks == 1
     part = loss if finish else table_.new_empty(2 * B * c.n_chunks)  # [B, 2, n_chunks] partial sums, flat
-    wrap(_vb_fwd_kernel)[c.grid](  # the constexprs by position: those of fwd_args, FINISH, FLAT, BLOCK, IDX64, CDT
-        *ins, part, loss, mse_ptr, vb_ptr, t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks,
-        var_offset(ins[0], var_type), min_snr_gamma, *f.fwd_args, finish, p.flat, c.block, c.idx64, f.cdt,
-        num_warps=c.warps)
+    key = (_vb_fwd_kernel, id(table_), f, var_type, min_snr_gamma)  # (f: one object per option set, _flags)
+    tail = c.tails.get(key)
+    if tail is None:
+        tail = c.tails[key] = _losses_tail(p, c, table_, T, var_offset(ins[0], var_type), min_snr_gamma, f)
+    wrap(_vb_fwd_kernel)[c.grid](*ins, part, loss, mse_ptr, vb_ptr, t, *tail, num_warps=c.warps)
     if not finish:
         wrap(_vb_finish_kernel)[(B,)](part, loss, mse_ptr, vb_ptr, t, table_, c.n_chunks, p.n, T, min_snr_gamma,
                                       *f.finish_args)
+
+
+def _losses_tail(p, c, table_, T, var_offset_, min_snr_gamma, f) -> tuple:
+    """_vb_fwd_kernel's arguments after t on plan p and config c (FINISH: c.n_chunks == 1)."""
+    return (table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset_, min_snr_gamma,
+            *f.fwd_args, c.n_chunks == 1, p.flat, c.block, c.idx64, f.cdt)  # fwd_args' constexprs, FINISH, FLAT, ...
 
 
 def bwd_warps(warps: int, do_vb: bool) -> int:
@@ -241,12 +253,16 @@ def _vb_losses_backward(wrap, g_loss, g_mse, g_vb, model_output, x0, xn, t, tabl
 def _launch_losses_backward(ins, outs, p, c, wrap, g_loss, g_mse, g_vb, t, table_, T, var_type, f, min_snr_gamma):
     """_vb_losses_backward's launch on plan p and config c."""
     mo = ins[0]  # stands in for an absent gradient's pointer (never read: G_* false), not a None argument
-    wrap(_vb_bwd_kernel)[c.grid](  # the constexprs by position: bwd_options, G_LOSS, G_MSE, G_VB, FLAT, ... CDT
-        mo if g_loss is None else g_loss, mo if g_mse is None else g_mse, mo if g_vb is None else g_vb, *ins, *outs,
-        t, table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(mo, var_type),
-        var_offset(outs[0], var_type), _stride0(g_loss), _stride0(g_mse), _stride0(g_vb), min_snr_gamma,
-        *f.scales, *f.bwd_options, g_loss is not None, g_mse is not None, g_vb is not None, p.flat, c.block,
-        c.idx64, f.cdt, num_warps=bwd_warps(c.warps, f.do_vb))
+    key = (_vb_bwd_kernel, id(table_), f, var_type, min_snr_gamma, _stride0(g_loss), _stride0(g_mse), _stride0(g_vb),
+           g_loss is not None, g_mse is not None, g_vb is not None)
+    tail = c.tails.get(key)
+    if tail is None:  # the arguments after t; the constexprs by position: bwd_options, G_LOSS, G_MSE, G_VB, FLAT, ...
+        tail = c.tails[key] = (table_, *p.args, p.n, T, p.sizes[1], p.sizes[2], c.n_chunks, var_offset(mo, var_type),
+                               var_offset(outs[0], var_type), *key[5:8], min_snr_gamma, *f.scales, *f.bwd_options,
+                               *key[8:], p.flat, c.block, c.idx64, f.cdt)
+    wrap(_vb_bwd_kernel)[c.grid](mo if g_loss is None else g_loss, mo if g_mse is None else g_mse,
+                                 mo if g_vb is None else g_vb, *ins, *outs, t, *tail,
+                                 num_warps=bwd_warps(c.warps, f.do_vb))
 
 
 def _stride0(g) -> int:
@@ -294,7 +310,7 @@ def _backward(ctx, g_loss, g_mse, g_vb):
         raise NotImplementedError("ddpm_fast.triton's loss kernels differentiate w.r.t. model_output only; "
                                   "ddpm_fast.vb_terms_bpd / training_losses route such calls to the reference")
     tensors = (g_loss, g_mse, g_vb, *ctx.saved_tensors)  # the gradients as given: strided, or None (zero)
-    grad = call(vb_losses_backward_op, _vb_losses_backward, None, (*tensors, *ctx.flags), tensors)
+    grad = call(vb_losses_backward_op, _vb_losses_backward, None, (*tensors, *ctx.flags), tensors, inner=True)
     return (grad,) + (None,) * 10
 
 
@@ -305,18 +321,114 @@ _VbLosses = autograd_function("VbLosses", _vb_losses, _setup, _backward)
 # -- backend functions (vb_losses by the cheapest route: _dispatch.call) ---------------------------------------
 def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, clip_denoised=False):
     """[B] bits/dim (float32, float64 for float64 inputs)."""
-    check_device(model_output, x0, x_t)
     args = (model_output, x0, x_t, t, table(schedule, x0.device, torch.float32), MEAN_IDS[mean_type],
             VAR_IDS[var_type], "vb", bool(clip_denoised), 0, 5.0)
-    return call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])[2]
+    return call(vb_losses_op, _vb_losses, _VbLosses, args, args[:4], diff=args[:3])[2]
 
 
 def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
                     min_snr_gamma=5.0):
     """dict of [B] tensors: loss, and mse (mse losses; the loss tensor itself where they are equal: a fixed
     variance and "simple" weighting) / vb (kl losses, or a learned variance)."""
-    check_device(model_output, x0, noise)
+    grad = needs_grad((model_output, x0, noise))
+    if launchable((model_output, x0, noise)) and type(t) in PLAIN_TYPES and not (grad and needs_grad((x0, noise))):
+        prepared = _prepared_losses(model_output, x0, noise, schedule, mean_type, var_type, loss_type, weighting,
+                                    min_snr_gamma)
+        if prepared is not None:
+            if grad:  # (model_output's)
+                terms = _PreparedLossesFunction.apply(model_output, x0, noise, t, prepared)
+                loss, mse, vb = _terms_by_name(prepared.f, terms)
+            else:
+                loss, mse, vb = _run_prepared_losses(prepared, model_output, x0, noise, t)
+            return loss_terms(loss_type, var_type, loss, mse, vb)
     args = (model_output, x0, noise, t, table(schedule, x0.device, torch.float32), MEAN_IDS[mean_type],
             VAR_IDS[var_type], loss_type, False, WEIGHTING_IDS[weighting], float(min_snr_gamma))
-    loss, mse, vb = call(vb_losses_op, _vb_losses, _VbLosses, args, args[:5], diff=args[:3])
+    loss, mse, vb = call(vb_losses_op, _vb_losses, _VbLosses, args, args[:4], diff=args[:3])
     return loss_terms(loss_type, var_type, loss, mse, vb)
+
+
+class _PreparedLosses(NamedTuple):
+    """What training_losses' launches take besides the call's tensors, prepared once (_prepared_losses): the
+    forward's plan and config (p, c), table, B, T, flags f, and the vb_losses arguments of the options."""
+
+    p: object
+    c: object
+    table: torch.Tensor
+    B: int
+    T: int
+    f: _Flags
+    mean_id: int
+    var_id: int
+    mode: str
+    weighting_id: int
+    gamma: float
+    tail: tuple  # the forward kernel's arguments after t (_losses_tail), for the one-launch case (c.n_chunks 1)
+
+
+def _prepared_losses(model_output, x0, noise, schedule, mean_type, var_type, loss_type, weighting, min_snr_gamma):
+    """training_losses' _PreparedLosses on these operands, prepared once per schedule, options and layouts
+    (_layout.keep_prepared); None where the call takes _vb_losses (no elements, more than three unmergeable dims,
+    a CUDA device other than the current one)."""
+    key = (_vb_fwd_kernel, schedule, mean_type, var_type, loss_type, weighting, min_snr_gamma, x0.device,
+           model_output.shape, x0.shape, noise.shape)
+    if not (model_output.is_contiguous() and x0.is_contiguous() and noise.is_contiguous()):  # (_layout.plan_key)
+        key += (model_output.stride(), x0.stride(), noise.stride())
+    prepared = PREPARED.get(key)
+    if prepared is None:
+        shape = x0.shape
+        if not x0.numel():
+            return None
+        try:
+            p, c = planned((model_output, x0, noise), shape=shape)
+        except LayoutError:
+            return None
+        table_ = table(schedule, x0.device, torch.float32)
+        T, mean_id, var_id, weighting_id = int(table_.shape[0]), MEAN_IDS[mean_type], VAR_IDS[var_type], WEIGHTING_IDS[
+            weighting]
+        f = _flags(loss_type, mean_id, var_id, False, T, weighting_id, table_.dtype)
+        gamma = float(min_snr_gamma)
+        prepared = keep_prepared(key, _PreparedLosses(p, c, table_, shape[0], T, f, mean_id, var_id, loss_type,
+                                                      weighting_id, gamma, _losses_tail(
+                                                          p, c, table_, T, var_offset(model_output, var_id), gamma, f)))
+    return prepared if current_device(x0) else None
+
+
+def _run_prepared_losses(prepared, model_output, x0, xn, t):
+    """(loss, mse, vb) of _vb_losses (None for a term not made), launched on a prepared plan."""
+    p, c, table_, B, T, f, _, var_id, _, _, gamma, tail = prepared
+    loss, mse, vb = _loss_outputs(table_, B, f)
+    if c.n_chunks == 1:  # _launch_losses' one launch, its arguments prepared
+        _dispatch.direct(_vb_fwd_kernel)[c.grid](model_output, x0, xn, loss, loss, loss if mse is None else mse,
+                                                 loss if vb is None else vb, t, *tail, num_warps=c.warps)
+    else:
+        _launch_losses((model_output, x0, xn), (), p, c, _dispatch.direct, t, table_, B, T, var_id, f, loss, mse, vb,
+                       gamma)
+    return loss, mse, vb
+
+
+def _terms_by_name(f, terms):
+    """(loss, mse, vb) from the made terms in that order (a tuple; None for a term f does not make)."""
+    return terms[0], terms[1] if f.mse_out else None, terms[-1] if f.do_vb else None
+
+
+class _PreparedLossesFunction(torch.autograd.Function):
+    """training_losses' autograd node on a prepared plan (plain eager; model_output requires grad, x0 and noise do
+    not): forward as _run_prepared_losses, returning only the terms made (an output per term: none is None);
+    backward the kernel _backward launches, the options taken from the prepared tuple."""
+
+    @staticmethod
+    def forward(ctx, model_output, x0, xn, t, prepared):
+        ctx.set_materialize_grads(False)  # a term not differentiated comes as None: the kernel skips it
+        ctx.save_for_backward(model_output, x0, xn, t)
+        ctx.prepared = prepared
+        return tuple(term for term in _run_prepared_losses(prepared, model_output, x0, xn, t) if term is not None)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        prepared = ctx.prepared
+        g_loss, g_mse, g_vb = _terms_by_name(prepared.f, grads)
+        mo, x0, xn, t = ctx.saved_tensors
+        args = (g_loss, g_mse, g_vb, mo, x0, xn, t, prepared.table, prepared.mean_id, prepared.var_id, prepared.mode,
+                False, prepared.weighting_id, prepared.gamma)
+        grad = call(vb_losses_backward_op, _vb_losses_backward, None, args, args[:7], inner=True)
+        return grad, None, None, None, None
