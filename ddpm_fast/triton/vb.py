@@ -383,13 +383,12 @@ def _prepared_losses(model_output, x0, noise, schedule, mean_type, var_type, los
         except LayoutError:
             return None
         table_ = table(schedule, x0.device, torch.float32)
-        T, mean_id, var_id, weighting_id = int(table_.shape[0]), MEAN_IDS[mean_type], VAR_IDS[var_type], WEIGHTING_IDS[
-            weighting]
+        T, gamma = int(table_.shape[0]), float(min_snr_gamma)
+        mean_id, var_id, weighting_id = MEAN_IDS[mean_type], VAR_IDS[var_type], WEIGHTING_IDS[weighting]
         f = _flags(loss_type, mean_id, var_id, False, T, weighting_id, table_.dtype)
-        gamma = float(min_snr_gamma)
+        tail = _losses_tail(p, c, table_, T, var_offset(model_output, var_id), gamma, f)
         prepared = keep_prepared(key, _PreparedLosses(p, c, table_, shape[0], T, f, mean_id, var_id, loss_type,
-                                                      weighting_id, gamma, _losses_tail(
-                                                          p, c, table_, T, var_offset(model_output, var_id), gamma, f)))
+                                                      weighting_id, gamma, tail))
     return prepared if current_device(x0) else None
 
 
