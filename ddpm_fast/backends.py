@@ -108,9 +108,12 @@ def _find(name: str):
 
 
 def _clear_caches() -> None:
-    """Forget what _load found, and route's plans (made from it)."""
+    """Forget what _load found, and route's plans and the ops' bound calls (made from it)."""
+    from .ops import _bound  # (ddpm_fast.ops imports this module)
+
     _LOADED.clear()
     _PLANS.clear()
+    _bound.clear()
 
 
 _load.cache_clear = _clear_caches

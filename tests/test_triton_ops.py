@@ -694,7 +694,8 @@ def test_prepared_launches_follow_schedule_layouts_and_options(fresh_plans):
 
     def calls(x0, noise, mo, t, schedule):
         half = mo[:, : x0.shape[1]]
-        out = [F.q_sample(x0, t, noise, schedule, backend="triton")]
+        out = [F.q_sample(x0, t, noise, schedule, backend="triton"), F.velocity(x0, t, noise, schedule,
+                                                                             backend="triton")]
         for var_type, m in (("fixed_small", half), ("learned_range", mo)):
             if var_type == "learned_range" and mo.shape[1] != 2 * x0.shape[1]:
                 continue
@@ -721,6 +722,78 @@ def test_prepared_launches_follow_schedule_layouts_and_options(fresh_plans):
                 for i, (a, b) in enumerate(zip(*results)):
                     assert torch.equal(a, b), (schedule is SCHED, kind, view.__name__, grad, i)
     assert _layout.PREPARED  # the plain-eager calls above took prepared launches
+
+
+def test_bound_calls_skip_no_check_that_could_fail(fresh_plans):
+    """ddpm_fast.ops._bound: once a training_losses (q_sample, velocity) call bound (its key: options, schedule,
+    every tensor's dtype, device, shape and layout), a call that differs in anything its checks read raises exactly
+    what it raises with nothing bound, t is checked on every call, and a gradient w.r.t. x0 still runs on the
+    reference."""
+    from ddpm_fast.ops import _bound
+
+    d = data(seed=23)
+    f = {k: (v.float().to(DEV) if v.is_floating_point() else v.to(DEV)) for k, v in d.items()}
+    good = dict(model_output=f["mo"], x0=f["x0"], t=f["t"], noise=f["noise"], schedule=SCHED)
+
+    def bad_calls():
+        yield dict(good, noise=f["noise"].half())
+        yield dict(good, noise=f["noise"][:2])
+        yield dict(good, model_output=f["mo"][..., :3])
+        yield dict(good, t=f["t"] + T)
+        yield dict(good, t=f["t"].float())
+        yield dict(good, t=f["t"][:2])
+        yield dict(good, schedule="linear")
+        yield dict(good, mean_type="eps")
+        yield dict(good, var_type="learned_range")  # model_output then needs 2C channels
+        yield dict(good, weighting="min_snr", min_snr_gamma=-1.0)
+        yield dict(good, mean_type="epsilon", schedule=F.NoiseSchedule.named("linear", T,
+                                                                            rescale_zero_terminal_snr=True),
+                   loss_type="kl")
+
+    def error(kw):
+        kw = {"backend": "triton", **kw}
+        with pytest.raises(Exception) as info:
+            F.training_losses(**kw)
+        return type(info.value), str(info.value)
+
+    _bound.clear()
+    for backend in ("reference", "cpu", "cuda_emu"):  # backends that bind nothing build no key
+        if F.backends.available(backend):
+            F.training_losses(**good, backend=backend)
+    assert not _bound.BOUND
+    cold = [error(kw) for kw in bad_calls()]
+    want = F.training_losses(**good, backend="triton")
+    assert _bound.BOUND  # the good call bound
+    warm = [error(kw) for kw in bad_calls()]
+    assert warm == cold
+    assert len({c[0] for c in cold}) > 1  # TypeErrors and ValueErrors both among them
+    again = F.training_losses(**good, backend="triton")
+    assert all(torch.equal(again[k], want[k]) for k in want)
+    for op in (F.q_sample, F.velocity):  # the same for the q_sample family's bound calls
+        _bound.clear()
+        linear = dict(x0=f["x0"], t=f["t"], noise=f["noise"], schedule=SCHED)
+        bad = [dict(linear, noise=f["noise"].half()), dict(linear, noise=f["noise"][:2]), dict(linear, t=f["t"] + T),
+               dict(linear, t=f["t"].float()), dict(linear, schedule="linear")]
+
+        def linear_error(kw):
+            with pytest.raises(Exception) as info:
+                op(**kw, backend="triton")
+            return type(info.value), str(info.value)
+
+        cold = [linear_error(kw) for kw in bad]
+        want = op(**linear, backend="triton")
+        assert _bound.BOUND
+        assert [linear_error(kw) for kw in bad] == cold
+        assert torch.equal(op(**linear, backend="triton"), want)
+    F.training_losses(f["mo"], f["x0"], f["t"], f["noise"], SCHED, mean_type="x0", backend="triton")  # binds
+    x0 = f["x0"].clone().requires_grad_()  # no kernel for this gradient: the reference's, as with nothing bound
+    terms = F.training_losses(f["mo"], x0, f["t"], f["noise"], SCHED, mean_type="x0", backend="triton")
+    grad, = torch.autograd.grad(terms["loss"].sum(), [x0])
+    x0_64 = d["x0"].clone().requires_grad_()
+    ref = R.training_losses(d["mo"], x0_64, d["t"], d["noise"], SCHED, mean_type="x0", var_type="fixed_small",
+                            loss_type="mse")
+    ref_grad, = torch.autograd.grad(ref["loss"].sum(), [x0_64])
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(DEV != "cpu", reason="the interpreter is only used without a GPU")

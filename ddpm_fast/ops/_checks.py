@@ -299,7 +299,8 @@ def cpu_native(op, backend, *tensors):
 
 # whether torch.compile's dynamo traces this call, where the direct binding would break the graph: a plain
 # `return False` in eager (torch.compiler.is_compiling calls torch.jit.is_scripting first, one more frame)
-_is_compiling = torch.compiler.is_dynamo_compiling
+is_compiling = _is_compiling = torch.compiler.is_dynamo_compiling
+PLAIN_TYPES = _PLAIN_TYPES  # (ops._bound's)
 _grad_enabled = torch.is_grad_enabled
 # (op, dtype) -> (the compiled op or None, the same for plain-eager calls (native.eager_kernels: the op's
 # direct binding, csrc/ops/direct.h), the inputs whose requires_grad needs the reference)

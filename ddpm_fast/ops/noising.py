@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import backends
+from . import _bound
 from . import _checks as check
 from ._registry import (Traffic, check_shape, element_bytes, like_plan, numel, per_sample, register,
                         t_and_rows)
@@ -59,12 +60,25 @@ def q_sample(x0, t, noise, schedule, *, backend="auto", validate=None):
 
 
 def _linear_in_x0_and_noise(op, x0, t, noise, schedule, backend, validate):
-    """Checks, then ``op`` (q_sample or velocity: a linear map of x0 and noise at t) on its backend."""
+    """Checks, then ``op`` (q_sample or velocity: a linear map of x0 and noise at t) on its backend (a call bound
+    for these tensors' metadata: only t checked, ops._bound)."""
     native = check.cpu_native(op, backend, x0, noise)
     if native is not None:
         return native(x0, check.cpu_timesteps(t, x0, schedule), noise, schedule)
+    key = _bound.key(op, backend, (schedule,), x0, noise)
+    hit = _bound.lookup(key)
+    if hit is not None:
+        bound, batch, device = hit
+        out = bound(x0, check.timesteps(t, batch, schedule, device, validate), noise)
+        if out is not None:
+            return out
     t, device = check.x_args("x0", x0, t, schedule, validate, noise=noise)
-    return backends.route(backend, device.type, op, x0.dtype, x0, noise)[0](x0, t, noise, schedule)
+    fn = backends.route(backend, device.type, op, x0.dtype, x0, noise)[0]
+    out = fn(x0, t, noise, schedule)
+    bind = getattr(fn, "bind", None)
+    if bind is not None and key is not None and hit is None:  # a call with this key passed: keep its bound call
+        _bound.keep(key, bind(x0, noise, schedule), x0.shape[0], device)
+    return out
 
 
 @register(

@@ -12,7 +12,10 @@ It is reached three ways, all running the same launcher:
 The hottest backend functions (q_sample, training_losses) go one step further in plain eager: a launch prepared
 once per schedule, options and operand layouts (its plan, config, table and argument tail, kept in
 _layout.PREPARED) is launched straight from the backend function, with training_losses' own lean autograd node
-when model_output requires grad: no table lookup, no layout-cache key, no launcher frames per call.
+when model_output requires grad: no table lookup, no layout-cache key, no launcher frames per call. And
+training_losses binds (``training_losses.bind``): ddpm_fast.ops keeps the bound call under the key of what its
+checks read and later calls with that key skip the checks' reads, the router and the layout lookup alike
+(ddpm_fast.ops._bound).
 
 On a GPU the op is a ``torch.library.triton_op``: torch.compile traces through its body, sees each
 kernel via ``wrap_triton`` and inlines it into its graph; the body is also its fake implementation.
@@ -127,11 +130,16 @@ def autograd_function(name: str, impl, setup_context, backward):
                                                      "backward": staticmethod(backward)})
 
 
+def eager_mode() -> bool:
+    """Not under torch.compile, no dispatch mode, no functorch transform."""
+    return not (_is_compiling() or _dispatch_modes() or _functorch_level() is not None)
+
+
 def launchable(tensors) -> bool:
     """Whether plain eager may launch the kernels on ``tensors`` (None: absent) itself: not under torch.compile,
     no dispatch mode, no functorch transform, and each a plain tensor Triton runs here (check_device's test,
     inline). Otherwise call takes the library op (and check_device raises for a tensor Triton cannot run)."""
-    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:  # _plain_eager, inline
+    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None:  # eager_mode, inline
         return False
     if INTERPRET:  # CPU or CUDA tensors, not bfloat16
         for x in tensors:

@@ -153,10 +153,13 @@ def flat_strides(p: Plan) -> tuple:
 
 
 def clear_cache() -> None:
-    """Forget every cached plan and prepared launch (after changing the launch constants in _runtime, e.g. in
-    tests)."""
+    """Forget every cached plan and prepared launch, and the ops' bound calls made from them (after changing the
+    launch constants in _runtime, e.g. in tests)."""
+    from ..ops import _bound  # (the ops' bound calls hold prepared launches)
+
     _CACHE.clear()
     PREPARED.clear()
+    _bound.clear()
 
 
 # plan_key: the plan of contiguous operands (torch's is_contiguous) is a function of their shapes alone: plan drops

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from . import _math as M
 from . import _dispatch
-from ._dispatch import PLAIN_TYPES, autograd_function, call, define, launchable, needs_grad, wrap_triton
+from ._dispatch import (PLAIN_TYPES, autograd_function, call, define, eager_mode, launchable, needs_grad,
+                        wrap_triton)
 from ._layout import PREPARED, LayoutError, current_device, keep_prepared, planned, run
 from ..schedule import COLUMN
 from ._runtime import compute_dtype, table, tl_dtype
@@ -245,22 +246,48 @@ def q_sample(x0, t, noise, schedule):
     if launchable((x0, noise)) and type(t) in PLAIN_TYPES and not needs_grad((x0, noise)):  # the common call
         prepared = _prepared_q_sample(x0, noise, schedule)
         if prepared is not None:
-            grid, tail, warps = prepared
-            out = torch.empty_like(x0)
-            _dispatch.direct(_q_sample_kernel)[grid](x0, noise, out, t, *tail, num_warps=warps)
-            return out
+            return _run_prepared_q_sample(prepared, x0, t, noise)
     args = (x0, t, noise, table(schedule, x0.device, torch.float32))
     return call(q_sample_op, _q_sample, _QSample, args, args[:3], diff=(x0, noise))
 
 
-def _prepared_q_sample(x0, noise, schedule):
-    """(grid, the arguments after t, num_warps) of q_sample's launch on these operands (an output made by
-    empty_like(x0)), prepared once per schedule and layouts (_layout.keep_prepared); None where the call takes
-    _q_sample (no elements, more than three unmergeable dims, a CUDA device other than the current one)."""
+def _bind_q_sample(x0, noise, schedule, velocity=False):
+    """q_sample (velocity: the v target) bound to its arguments' metadata (ddpm_fast.ops._bound): ``bound(x0, t,
+    noise)`` with t checked, giving its result (through q_sample's autograd node where an input requires grad), or
+    None where the call must take the backend function (not plain eager, a CUDA device other than the current one,
+    a gradient of the velocity, which has no kernel); None where it cannot bind."""
+    prepared = _prepared_q_sample(x0, noise, schedule, velocity)
+    if prepared is None:
+        return None
+    table_ = prepared[1][0]  # (the tail's first argument)
+
+    def bound(x0, t, noise):
+        if not eager_mode() or type(t) not in PLAIN_TYPES or not current_device(x0):
+            return None
+        if needs_grad((x0, noise)):
+            return None if velocity else _QSample.apply(x0, t, noise, table_)
+        return _run_prepared_q_sample(prepared, x0, t, noise)
+
+    return bound
+
+
+def _run_prepared_q_sample(prepared, x0, t, noise):
+    """_q_sample's result, launched with a prepared launch."""
+    grid, tail, warps = prepared
+    out = torch.empty_like(x0)
+    _dispatch.direct(_q_sample_kernel)[grid](x0, noise, out, t, *tail, num_warps=warps)
+    return out
+
+
+def _prepared_q_sample(x0, noise, schedule, velocity=False):
+    """(grid, the arguments after t, num_warps) of _q_sample's launch on these operands (an output made by
+    empty_like(x0)), prepared once per schedule, velocity flag and layouts (_layout.keep_prepared); None where the
+    call takes _q_sample (no elements, more than three unmergeable dims, a CUDA device other than the current
+    one)."""
     if x0.is_contiguous() and noise.is_contiguous():  # their plan is one of the shapes alone (_layout.plan_key)
-        key = (_q_sample_kernel, schedule, x0.device, x0.shape, noise.shape)
+        key = (_q_sample_kernel, velocity, schedule, x0.device, x0.shape, noise.shape)
     else:
-        key = (_q_sample_kernel, schedule, x0.device, x0.shape, x0.stride(), noise.shape, noise.stride())
+        key = (_q_sample_kernel, velocity, schedule, x0.device, x0.shape, x0.stride(), noise.shape, noise.stride())
     prepared = PREPARED.get(key)
     if prepared is None:
         if not x0.numel():
@@ -271,7 +298,7 @@ def _prepared_q_sample(x0, noise, schedule):
         except LayoutError:
             return None
         table_ = table(schedule, x0.device, torch.float32)
-        prepared = keep_prepared(key, (c.grid, _q_sample_tail(p, c, table_, False), c.warps))
+        prepared = keep_prepared(key, (c.grid, _q_sample_tail(p, c, table_, velocity), c.warps))
     return prepared if current_device(x0) else None
 
 
@@ -279,6 +306,10 @@ def velocity(x0, t, noise, schedule):
     """v [B, ...] in x0's dtype (no gradient kernel: the router runs the reference for inputs that need one)."""
     args = (x0, t, noise, table(schedule, x0.device, torch.float32))
     return call(velocity_op, _velocity, None, args, args[:3])
+
+
+q_sample.bind = _bind_q_sample  # (read by ddpm_fast.ops.q_sample / velocity)
+velocity.bind = functools.partial(_bind_q_sample, velocity=True)
 
 
 def prior_bpd(x0, schedule):

@@ -26,7 +26,8 @@ import triton.language as tl
 
 from . import _math as M
 from . import _dispatch
-from ._dispatch import PLAIN_TYPES, autograd_function, call, define, launchable, needs_grad, wrap_triton
+from ._dispatch import (PLAIN_TYPES, autograd_function, call, define, eager_mode, launchable, needs_grad,
+                        wrap_triton)
 from ._layout import PREPARED, LayoutError, current_device, keep_prepared, planned, run
 from ..options import LOSS_TYPES, WEIGHTING_IDS, loss_terms
 from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, table, tl_dtype, var_offset
@@ -345,6 +346,36 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
             VAR_IDS[var_type], loss_type, False, WEIGHTING_IDS[weighting], float(min_snr_gamma))
     loss, mse, vb = call(vb_losses_op, _vb_losses, _VbLosses, args, args[:4], diff=args[:3])
     return loss_terms(loss_type, var_type, loss, mse, vb)
+
+
+def _bind_losses(model_output, x0, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
+                 min_snr_gamma=5.0):
+    """training_losses bound to its arguments' metadata (ddpm_fast.ops._bound: a call with these options, schedule
+    and tensor dtypes, devices, shapes and layouts passed the checks and ran here): ``bound(model_output, x0, t,
+    noise)`` with t checked, giving the terms, or None where the call must take training_losses itself (not plain
+    eager, a gradient w.r.t. x0 or noise, a CUDA device other than the current one); None where it cannot bind."""
+    prepared = _prepared_losses(model_output, x0, noise, schedule, mean_type, var_type, loss_type, weighting,
+                                min_snr_gamma)
+    if prepared is None:
+        return None
+
+    def bound(model_output, x0, t, noise):
+        if not eager_mode() or type(t) not in PLAIN_TYPES or not current_device(x0):
+            return None
+        grad = needs_grad((model_output, x0, noise))
+        if grad and needs_grad((x0, noise)):
+            return None
+        if grad:  # (model_output's)
+            loss, mse, vb = _terms_by_name(prepared.f, _PreparedLossesFunction.apply(model_output, x0, noise, t,
+                                                                                       prepared))
+        else:
+            loss, mse, vb = _run_prepared_losses(prepared, model_output, x0, noise, t)
+        return loss_terms(loss_type, var_type, loss, mse, vb)
+
+    return bound
+
+
+training_losses.bind = _bind_losses  # (read by ddpm_fast.ops.training_losses)
 
 
 class _PreparedLosses(NamedTuple):
