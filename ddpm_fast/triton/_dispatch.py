@@ -12,10 +12,10 @@ It is reached three ways, all running the same launcher:
 The hottest backend functions (q_sample, training_losses) go one step further in plain eager: a launch prepared
 once per schedule, options and operand layouts (its plan, config, table and argument tail, kept in
 _layout.PREPARED) is launched straight from the backend function, with training_losses' own lean autograd node
-when model_output requires grad: no table lookup, no layout-cache key, no launcher frames per call. And
-training_losses binds (``training_losses.bind``): ddpm_fast.ops keeps the bound call under the key of what its
-checks read and later calls with that key skip the checks' reads, the router and the layout lookup alike
-(ddpm_fast.ops._bound).
+when model_output requires grad: no table lookup, no layout-cache key, no launcher frames per call. And they
+bind (``q_sample.bind``, ``velocity.bind``, ``training_losses.bind``): ddpm_fast.ops keeps the bound call under
+the key of what its checks read, and later calls with that key skip the checks' reads, the router and the layout
+lookup alike (ddpm_fast.ops._bound).
 
 On a GPU the op is a ``torch.library.triton_op``: torch.compile traces through its body, sees each
 kernel via ``wrap_triton`` and inlines it into its graph; the body is also its fake implementation.
