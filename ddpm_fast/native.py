@@ -93,7 +93,7 @@ def _ops():
 
 
 _OVERLOADS: dict = {}
-_is_compiling = torch.compiler.is_dynamo_compiling  # as ops._checks._is_compiling
+_is_compiling = torch.compiler.is_dynamo_compiling  # as ops._checks.is_compiling
 
 
 def _op(name):

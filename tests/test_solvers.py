@@ -712,7 +712,7 @@ def test_solver_update_checked_takes_the_compiled_op_where_solver_update_routes_
     monkeypatch.setattr(backends, "plan", lambda *key: asked.append(key) or ((fn, ""), (), None))
     assert solver_ops._compiled_kernel("cuda", torch.float16) is (eager if compiled else None)
     assert asked == [("auto", "cuda", "solver_update", torch.float16)]
-    monkeypatch.setattr(check_module, "_is_compiling", lambda: True)  # under torch.compile: the traceable Kernel
+    monkeypatch.setattr(check_module, "is_compiling", lambda: True)  # under torch.compile: the traceable Kernel
     assert solver_ops._compiled_kernel("cpu", torch.float32) is (fn.args[0] if compiled else None)
 
 

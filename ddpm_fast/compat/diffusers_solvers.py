@@ -90,7 +90,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 
 from ..native import Kernel
 from ..ops import solvers as solvers_ops
-from ..ops._checks import _is_compiling as check_compiling
+from ..ops._checks import is_compiling as check_compiling
 from ..reference import compute_dtype
 from ..solvers import steps, tables
 

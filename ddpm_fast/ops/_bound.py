@@ -5,19 +5,20 @@ An op's argument checks read its tensors' types, dtypes, shapes and devices, its
 nothing else but t's values and the tensors' requires_grad. So once a call with some metadata has passed the
 checks and reached a backend function that can bind (a ``bind`` attribute: ``fn.bind(*args) -> bound or None``),
 every later call with the same metadata passes them too: the op keeps the bound call under a key of exactly what
-its checks read, and a call that finds it checks t (timesteps, as ever) and hands over. The bound call itself
+its checks read (key), and a call that finds it (lookup) checks t (timesteps, as ever) and hands over (run);
+after a checked call, bind keeps the backend's bound call. The bound call itself
 returns None where the call must take the checked path after all (torch.compile, a dispatch mode, a gradient the
 backend has no kernel for, another current CUDA device): nothing is ever skipped that could fail.
 
 One lookup replaces the checks' reads, the router and the backend's own layout lookup, which read the same
-metadata again: a Triton training_losses mse call 8.1-8.4 -> ~6.2 us of Python, q_sample 6.0-6.2 -> ~4.7 (kernels
+metadata again: a Triton training_losses mse call 8.1-8.4 -> 6.1-6.4 us of Python, q_sample 6.0-6.2 -> 4.6-5.0 (kernels
 stubbed, ddpm_fast.bench.host). The compiled backends do not bind: CPU tensors skip the Python checks for their
 C++ ones (check.cpu_native); CUDA tensors on the compiled kernels are checked in Python, then in C++ again.
 """
 from __future__ import annotations
 
 from .. import backends
-from ._checks import PLAIN_TYPES, is_compiling
+from ._checks import PLAIN_TYPES, is_compiling, timesteps
 
 BOUND_SIZE = 1024  # bound calls kept (the key: options, schedule, each tensor's dtype, device, shape and layout)
 BOUND: dict = {}  # key -> (the bound call, B, device)
@@ -62,6 +63,21 @@ def lookup(key):
         return BOUND.get(key)
     except TypeError:
         return None
+
+
+def run(hit, t, schedule, validate, *tensors):
+    """The result of the bound call ``hit`` (from lookup) on t, checked here as the checks would (timesteps), and
+    the key's tensors in its order; None where the call must take the checked path after all."""
+    bound, batch, device = hit
+    return bound(timesteps(t, batch, schedule, device, validate), *tensors)
+
+
+def bind(fn, key, batch: int, device, *args, **kwargs) -> None:
+    """After a checked call of the backend function ``fn`` passed with ``key``: keep ``fn.bind(*args, **kwargs)``
+    under it (nothing when fn does not bind or the key is None)."""
+    binder = getattr(fn, "bind", None)
+    if binder is not None and key is not None:
+        keep(key, binder(*args, **kwargs), batch, device)
 
 
 def keep(key, bound, batch: int, device) -> None:

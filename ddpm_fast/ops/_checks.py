@@ -15,7 +15,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_SET = frozenset(_FLOAT_DTYPES)
 # tensor types whose shape, dtype and device are read directly by the one-pass checks (subclasses take the
 # separate checks: their attributes may be overridden)
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 # up to this many timesteps are range-checked in Python (t.tolist(): ~0.3 us for a few on the CPU, against ~2.5 us
 # for torch.aminmax and two scalar reads; one device-to-host copy for CUDA tensors, not two); more through aminmax
 _LIST_RANGE_MAX = 64
@@ -58,7 +58,7 @@ def same_dtype(ref_name, ref, **tensors):
 def _all_like(tensors: dict, dtype, shape, device) -> bool:
     """Whether every tensor of ``tensors`` (None: absent) is a plain tensor of this dtype, shape and device."""
     for x in tensors.values():
-        if x is not None and not (type(x) in _PLAIN_TYPES and x.dtype == dtype and x.shape == shape
+        if x is not None and not (type(x) in PLAIN_TYPES and x.dtype == dtype and x.shape == shape
                                   and x.device == device):
             return False
     return True
@@ -68,7 +68,7 @@ def like(ref_name, ref, **others):
     """tensor(ref_name, ref) and each of ``others`` (None: absent), then same_shape, same_dtype and
     same_device of ``others`` against ``ref``, in that order; returns the device. One pass over plain tensors
     when every check passes; otherwise the separate checks, which raise their errors."""
-    if type(ref) in _PLAIN_TYPES:
+    if type(ref) in PLAIN_TYPES:
         dtype, shape, device = ref.dtype, ref.shape, ref.device
         if dtype in _FLOAT_SET and shape and _all_like(others, dtype, shape, device):
             return device
@@ -83,10 +83,6 @@ def like(ref_name, ref, **others):
 def x_args(x_name, x, t, sched, validate, **others):
     """Shared checks of (x, t, ...) ops: like(x_name, x, **others), then t by timesteps (sched checked first).
     Returns (t, device)."""
-    if type(x) in _PLAIN_TYPES:  # like's one pass, inline (its frame and the kwargs' repacking are a fifth of this)
-        dtype, shape, device = x.dtype, x.shape, x.device
-        if dtype in _FLOAT_SET and shape and _all_like(others, dtype, shape, device):
-            return timesteps(t, shape[0], schedule(sched), device, validate), device
     device = like(x_name, x, **others)
     return timesteps(t, x.shape[0], schedule(sched), device, validate), device
 
@@ -250,7 +246,7 @@ def model_args(model_output, x_t, t, sched, mean_type, var_type, validate, x_nam
     """Shared checks of (model_output, x_t, t, ...) ops; x_name names x_t. Returns (t, device)."""
     if mean_type not in _MEAN_TYPES or var_type not in _VAR_TYPES:  # options.check's test; it raises
         options.check("mean_type", mean_type), options.check("var_type", var_type)
-    if type(model_output) in _PLAIN_TYPES and type(x_t) in _PLAIN_TYPES:  # one pass when the checks below pass
+    if type(model_output) in PLAIN_TYPES and type(x_t) in PLAIN_TYPES:  # one pass when the checks below pass
         dtype, shape, device = x_t.dtype, x_t.shape, x_t.device
         if (dtype in _FLOAT_SET and shape and model_output.dtype == dtype and model_output.device == device
                 and (not others or _all_like(others, dtype, shape, device))):
@@ -294,13 +290,12 @@ def cpu_native(op, backend, *tensors):
             x = tensors[i]
             if x is not None and x.requires_grad:
                 return None
-    return fn if _is_compiling() else eager_fn
+    return fn if is_compiling() else eager_fn
 
 
 # whether torch.compile's dynamo traces this call, where the direct binding would break the graph: a plain
 # `return False` in eager (torch.compiler.is_compiling calls torch.jit.is_scripting first, one more frame)
-is_compiling = _is_compiling = torch.compiler.is_dynamo_compiling
-PLAIN_TYPES = _PLAIN_TYPES  # (ops._bound's)
+is_compiling = torch.compiler.is_dynamo_compiling
 _grad_enabled = torch.is_grad_enabled
 # (op, dtype) -> (the compiled op or None, the same for plain-eager calls (native.eager_kernels: the op's
 # direct binding, csrc/ops/direct.h), the inputs whose requires_grad needs the reference)

@@ -68,16 +68,14 @@ def _linear_in_x0_and_noise(op, x0, t, noise, schedule, backend, validate):
     key = _bound.key(op, backend, (schedule,), x0, noise)
     hit = _bound.lookup(key)
     if hit is not None:
-        bound, batch, device = hit
-        out = bound(x0, check.timesteps(t, batch, schedule, device, validate), noise)
+        out = _bound.run(hit, t, schedule, validate, x0, noise)
         if out is not None:
             return out
     t, device = check.x_args("x0", x0, t, schedule, validate, noise=noise)
     fn = backends.route(backend, device.type, op, x0.dtype, x0, noise)[0]
     out = fn(x0, t, noise, schedule)
-    bind = getattr(fn, "bind", None)
-    if bind is not None and key is not None and hit is None:  # a call with this key passed: keep its bound call
-        _bound.keep(key, bind(x0, noise, schedule), x0.shape[0], device)
+    if hit is None:  # a call with this key passed: keep its bound call
+        _bound.bind(fn, key, x0.shape[0], device, x0, noise, schedule)
     return out
 
 

@@ -226,7 +226,7 @@ def _compiled_kernel(device_type, dtype):
     fn, reason = backends.plan("auto", device_type, "solver_update", dtype)[0]
     if reason or getattr(fn, "func", None) is not _solver_update_compiled:
         return None
-    return fn.args[0] if check._is_compiling() else fn.args[0].eager
+    return fn.args[0] if check.is_compiling() else fn.args[0].eager
 
 
 _ALL_POSITIONS = tuple(range(12))  # every tensor argument of solver_update_checked's grad test

@@ -166,8 +166,7 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type="epsilon"
                                                       min_snr_gamma), model_output, x0, noise)
         hit = _bound.lookup(key)
         if hit is not None:  # these checks passed for this key before: only t's are left (ops._bound)
-            bound, batch, device = hit
-            terms = bound(model_output, x0, check.timesteps(t, batch, schedule, device, validate), noise)
+            terms = _bound.run(hit, t, schedule, validate, model_output, x0, noise)
             if terms is not None:
                 return terms
         t, device = check.model_args(model_output, x0, t, schedule, mean_type, var_type, validate, x_name="x0",
@@ -178,9 +177,7 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type="epsilon"
         fn = backends.route(backend, device.type, "training_losses", x0.dtype, x0, model_output, noise)[0]
     terms = fn(model_output, x0, t, noise, schedule, mean_type=mean_type, var_type=var_type, loss_type=loss_type,
                weighting=weighting, min_snr_gamma=float(min_snr_gamma))
-    bind = getattr(fn, "bind", None)
-    if bind is not None and key is not None and hit is None:  # a call with this key passed: keep its bound call
-        _bound.keep(key, bind(model_output, x0, noise, schedule, mean_type=mean_type, var_type=var_type,
-                              loss_type=loss_type, weighting=weighting, min_snr_gamma=float(min_snr_gamma)),
-                    x0.shape[0], device)
+    if key is not None and hit is None:  # a call with this key passed: keep its bound call (device: model_args')
+        _bound.bind(fn, key, x0.shape[0], device, model_output, x0, noise, schedule, mean_type=mean_type,
+                    var_type=var_type, loss_type=loss_type, weighting=weighting, min_snr_gamma=float(min_snr_gamma))
     return terms

@@ -238,7 +238,7 @@ def run(inputs, outputs, launch, logical: bool = False, shape=None, like=None, a
     first = inputs[0]
     # Triton launches on the current CUDA device: switch only when the inputs are on another one (the context
     # manager costs a few microseconds); CPU tensors (the interpreter) have no current device
-    if first.is_cuda and first.get_device() != torch.cuda.current_device():
+    if not current_device(first):
         with device_guard(first.device):
             if hit is None:
                 _run(inputs, outputs, launch, logical, shape, key, args)

@@ -17,8 +17,7 @@ import triton.language as tl
 
 from . import _math as M
 from . import _dispatch
-from ._dispatch import (PLAIN_TYPES, autograd_function, call, define, eager_mode, launchable, needs_grad,
-                        wrap_triton)
+from ._dispatch import PLAIN_TYPES, autograd_function, call, define, eager_mode, needs_grad, wrap_triton
 from ._layout import PREPARED, LayoutError, current_device, keep_prepared, planned, run
 from ..schedule import COLUMN
 from ._runtime import compute_dtype, table, tl_dtype
@@ -242,17 +241,13 @@ def prior_constants(schedule) -> tuple:
 
 # -- backend functions -------------------------------------------------------------------------
 def q_sample(x0, t, noise, schedule):
-    """x_t [B, ...] in x0's dtype."""
-    if launchable((x0, noise)) and type(t) in PLAIN_TYPES and not needs_grad((x0, noise)):  # the common call
-        prepared = _prepared_q_sample(x0, noise, schedule)
-        if prepared is not None:
-            return _run_prepared_q_sample(prepared, x0, t, noise)
+    """x_t [B, ...] in x0's dtype (a call ddpm_fast.ops has bound takes _bind_q_sample's bound call instead)."""
     args = (x0, t, noise, table(schedule, x0.device, torch.float32))
     return call(q_sample_op, _q_sample, _QSample, args, args[:3], diff=(x0, noise))
 
 
 def _bind_q_sample(x0, noise, schedule, velocity=False):
-    """q_sample (velocity: the v target) bound to its arguments' metadata (ddpm_fast.ops._bound): ``bound(x0, t,
+    """q_sample (velocity: the v target) bound to its arguments' metadata (ddpm_fast.ops._bound): ``bound(t, x0,
     noise)`` with t checked, giving its result (through q_sample's autograd node where an input requires grad), or
     None where the call must take the backend function (not plain eager, a CUDA device other than the current one,
     a gradient of the velocity, which has no kernel); None where it cannot bind."""
@@ -261,7 +256,7 @@ def _bind_q_sample(x0, noise, schedule, velocity=False):
         return None
     table_ = prepared[1][0]  # (the tail's first argument)
 
-    def bound(x0, t, noise):
+    def bound(t, x0, noise):
         if not eager_mode() or type(t) not in PLAIN_TYPES or not current_device(x0):
             return None
         if needs_grad((x0, noise)):

@@ -26,8 +26,7 @@ import triton.language as tl
 
 from . import _math as M
 from . import _dispatch
-from ._dispatch import (PLAIN_TYPES, autograd_function, call, define, eager_mode, launchable, needs_grad,
-                        wrap_triton)
+from ._dispatch import PLAIN_TYPES, autograd_function, call, define, eager_mode, needs_grad, wrap_triton
 from ._layout import PREPARED, LayoutError, current_device, keep_prepared, planned, run
 from ..options import LOSS_TYPES, WEIGHTING_IDS, loss_terms
 from ._runtime import LEARNED, MEAN_IDS, VAR_IDS, table, tl_dtype, var_offset
@@ -330,18 +329,8 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, mean_type, var_type, cli
 def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
                     min_snr_gamma=5.0):
     """dict of [B] tensors: loss, and mse (mse losses; the loss tensor itself where they are equal: a fixed
-    variance and "simple" weighting) / vb (kl losses, or a learned variance)."""
-    grad = needs_grad((model_output, x0, noise))
-    if launchable((model_output, x0, noise)) and type(t) in PLAIN_TYPES and not (grad and needs_grad((x0, noise))):
-        prepared = _prepared_losses(model_output, x0, noise, schedule, mean_type, var_type, loss_type, weighting,
-                                    min_snr_gamma)
-        if prepared is not None:
-            if grad:  # (model_output's)
-                terms = _PreparedLossesFunction.apply(model_output, x0, noise, t, prepared)
-                loss, mse, vb = _terms_by_name(prepared.f, terms)
-            else:
-                loss, mse, vb = _run_prepared_losses(prepared, model_output, x0, noise, t)
-            return loss_terms(loss_type, var_type, loss, mse, vb)
+    variance and "simple" weighting) / vb (kl losses, or a learned variance). A call ddpm_fast.ops has bound takes
+    _bind_losses' bound call instead."""
     args = (model_output, x0, noise, t, table(schedule, x0.device, torch.float32), MEAN_IDS[mean_type],
             VAR_IDS[var_type], loss_type, False, WEIGHTING_IDS[weighting], float(min_snr_gamma))
     loss, mse, vb = call(vb_losses_op, _vb_losses, _VbLosses, args, args[:4], diff=args[:3])
@@ -351,7 +340,7 @@ def training_losses(model_output, x0, t, noise, schedule, *, mean_type, var_type
 def _bind_losses(model_output, x0, noise, schedule, *, mean_type, var_type, loss_type, weighting="simple",
                  min_snr_gamma=5.0):
     """training_losses bound to its arguments' metadata (ddpm_fast.ops._bound: a call with these options, schedule
-    and tensor dtypes, devices, shapes and layouts passed the checks and ran here): ``bound(model_output, x0, t,
+    and tensor dtypes, devices, shapes and layouts passed the checks and ran here): ``bound(t, model_output, x0,
     noise)`` with t checked, giving the terms, or None where the call must take training_losses itself (not plain
     eager, a gradient w.r.t. x0 or noise, a CUDA device other than the current one); None where it cannot bind."""
     prepared = _prepared_losses(model_output, x0, noise, schedule, mean_type, var_type, loss_type, weighting,
@@ -359,7 +348,7 @@ def _bind_losses(model_output, x0, noise, schedule, *, mean_type, var_type, loss
     if prepared is None:
         return None
 
-    def bound(model_output, x0, t, noise):
+    def bound(t, model_output, x0, noise):
         if not eager_mode() or type(t) not in PLAIN_TYPES or not current_device(x0):
             return None
         grad = needs_grad((model_output, x0, noise))
